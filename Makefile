@@ -1,0 +1,56 @@
+# milterd: `make run` and `make test` do all the set-up on a fresh Debian machine (as root).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+CONFIG ?= etc/milterd.toml
+# Debian packages: libmilter-dev to build pymilter; Postfix, OpenDKIM, Redis for the tests.
+APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv postfix opendkim opendkim-tools \
+                redis-server swaks
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint unit integration deps venv bench clean
+
+run: deps $(STAMP)
+	$(VENV)/bin/milterd -c $(CONFIG) run
+
+test: deps $(STAMP) lint
+	$(PY) -m pytest -q -ra --durations=10
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+integration: deps $(STAMP)
+	$(PY) -m pytest -q -m integration
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check milterd plugins tests bench examples
+	$(VENV)/bin/mypy
+
+# Installs only what is missing. Postfix is installed unconfigured: tests run private
+# instances, never the system one.
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "run as root (or install: $$missing)"; exit 1; fi; \
+		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml examples/milterd-example-header/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' -e examples/milterd-example-header
+	touch $@
+
+venv: $(STAMP)
+
+bench: deps $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,198 @@
+"""The ``milterd`` command line: run, plugins, config check, check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = os.environ.get("MILTERD_CONFIG", "/etc/milterd/milterd.toml")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from milterd.daemon import run
+
+    return run(args.config)
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from milterd.config import ConfigError, load
+    from milterd.pipeline import Runtime
+
+    try:
+        config = load(args.config)
+        rt = Runtime(config)
+    except ConfigError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK")
+    print(f"  socket {config.milterd.socket}, {config.milterd.worker_count()} worker(s)")
+    print("  pipeline: " + (" -> ".join(p.name for p in rt.plugins) or "(no plugins enabled)"))
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from milterd import hookspecs
+    from milterd.config import Config, ConfigError, load
+    from milterd.registry import installed, load_entry_point
+
+    try:
+        config = load(args.config) if Path(args.config).exists() else Config()
+    except ConfigError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return 2
+    enabled = config.enabled_plugins()
+    rows: list[dict[str, Any]] = []
+    for p in installed():
+        row: dict[str, Any] = {
+            "name": p.name, "distribution": p.dist, "version": p.version, "entry_point": p.value,
+            "enabled": p.name in enabled,
+            "order": enabled.index(p.name) + 1 if p.name in enabled else None,
+        }
+        try:
+            obj = load_entry_point(p.name)
+            row["hooks"] = [h for h in (*hookspecs.STAGES, *hookspecs.LIFECYCLE)
+                            if callable(getattr(obj, h, None))
+                            and hasattr(getattr(obj, h), "milterd_impl")]
+        except ConfigError as e:
+            row["error"] = str(e)
+        rows.append(row)
+    missing = [n for n in enabled if n not in {r["name"] for r in rows}]
+    for n in missing:
+        rows.append({"name": n, "enabled": True, "error": "enabled in config but not installed"})
+    if args.hook:
+        rows = [r for r in rows if args.hook in r.get("hooks", [])]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in sorted(rows, key=lambda r: (r.get("order") or 999, r["name"])):
+        state = f"enabled #{r['order']}" if r.get("enabled") and r.get("order") else (
+            "ENABLED" if r.get("enabled") else "installed")
+        print(f"{r['name']:<16} {state:<12} {r.get('distribution', '-')} {r.get('version', '')}")
+        if "hooks" in r:
+            print(f"{'':16} hooks: {', '.join(r['hooks']) or '-'}")
+        if "error" in r:
+            print(f"{'':16} ERROR: {r['error']}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from milterd.config import ConfigError, load
+    from milterd.dns import StubResolver
+    from milterd.logs import setup_logging
+    from milterd.testing import Harness
+
+    try:
+        raw = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
+    except OSError as e:
+        print(f"milterd: {args.file}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        config = load(args.config)
+        setup_logging("warning" if not args.verbose else "debug", "text")
+        harness = Harness(config, resolver=StubResolver(config.dns))
+    except ConfigError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return 2
+    with harness:
+        out = harness.send(raw, sender=args.sender, recipients=args.rcpt or ["postmaster@localhost"],
+                           client_ip=args.client_ip, helo=args.helo, auth=args.auth,
+                           client_name=args.client_name)
+    if args.output and out.delivered is not None:
+        Path(args.output).write_bytes(out.delivered)
+    report = {
+        "verdict": out.verdict,
+        "stage": out.stage,
+        "decided_by": out.decision.plugin,
+        "reasons": [{"plugin": p, "verdict": v.word, "reason": v.reason,
+                     **({"reply": f"{v.code} {v.xcode or ''} {v.text}".replace("  ", " ")}
+                        if hasattr(v, "code") else {})}
+                    for p, v in out.decision.reasons] + (
+            [{"plugin": "", "verdict": out.early.word, "reason": out.early.reason}]
+            if out.early is not None and not out.decision.reasons else []),
+        "refused_recipients": {r: v.word for r, v in out.refused.items()},
+        "changes": [{k: v for k, v in (("op", o.kind), ("plugin", o.plugin), ("name", o.name),
+                                       ("index", o.index), ("value", o.value),
+                                       ("address", o.address)) if v not in ("", None)}
+                    for o in out.ops],
+        "results": [{"method": r.method, "result": r.result, "reason": r.reason,
+                     "properties": dict(r.properties)} for r in out.results],
+        "symbols": [{"name": s.name, "score": s.score, "description": s.description}
+                    for s in out.symbols],
+        "score": out.score,
+        "errors": [{"plugin": p, "stage": s, "error": d} for p, s, d in out.errors],
+        "conflicts": out.decision.conflicts,
+        "plugin_ms": {k: round(v * 1000, 3) for k, v in out.timings.items()},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"verdict: {report['verdict']}" + (f" (by {report['decided_by']})" if report["decided_by"] else ""))
+        for r in report["reasons"]:
+            print(f"  {r['plugin'] or 'milterd'}: {r['verdict']} {r.get('reply', '')} {r['reason']}".rstrip())
+        for rcpt, word in report["refused_recipients"].items():
+            print(f"  recipient {rcpt}: {word}")
+        print("changes:" + ("" if report["changes"] else " none"))
+        for c in report["changes"]:
+            print("  " + " ".join(f"{k}={v!r}" if k == "value" else f"{k}={v}" for k, v in c.items()))
+        print("results:" + ("" if report["results"] else " none"))
+        for r in out.results:
+            props = " ".join(f"{k}={v}" for k, v in r.properties)
+            print(f"  {r.method}={r.result} {props}".rstrip())
+        print(f"score: {report['score']:g}")
+        for s in out.symbols:
+            print(f"  {s.name} {s.score:+g} {s.description}".rstrip())
+        for e in report["errors"]:
+            print(f"error: {e['plugin']} at {e['stage']}: {e['error']}")
+        for c in report["conflicts"]:
+            print(f"conflict: {c}")
+        print("time: " + (", ".join(f"{k} {v:.2f} ms" for k, v in report["plugin_ms"].items()) or "-"))
+        if args.output:
+            print(f"written: {args.output}" if out.delivered is not None
+                  else "not written: the message would not be delivered")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="milterd", description=__doc__)
+    ap.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                    help=f"config file (default {DEFAULT_CONFIG}; env MILTERD_CONFIG)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="run the daemon in the foreground").set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("plugins", help="installed plugins: version, enabled, order, hooks")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--hook", help="only plugins implementing this hook")
+    p.set_defaults(fn=_cmd_plugins)
+
+    cfg = sub.add_parser("config", help="configuration commands")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    cfg_sub.add_parser("check", help="validate the config file and every enabled plugin's "
+                       "section").set_defaults(fn=_cmd_config_check)
+
+    p = sub.add_parser("check", help="run one message through the pipeline in process")
+    p.add_argument("file", help="the message (RFC 5322), or - for standard input")
+    p.add_argument("--from", dest="sender", default="", help="envelope sender ('' = <>)")
+    p.add_argument("--rcpt", action="append", help="envelope recipient (repeatable)")
+    p.add_argument("--client-ip", default="127.0.0.1")
+    p.add_argument("--client-name", default=None)
+    p.add_argument("--helo", default="localhost")
+    p.add_argument("--auth", default=None, help="SASL login name, as {auth_authen}")
+    p.add_argument("--output", help="write the message as it would be delivered")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=_cmd_check)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The configuration file: TOML, validated with pydantic, errors that name file/section/key.
+
+The file has three kinds of section: ``[milterd]`` (the daemon), ``[dns]`` (the one
+resolver), and ``[plugins.NAME]`` (one per plugin: the core keys below plus the plugin's
+own keys, validated against the schema the plugin declares in ``config_schema``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket as _socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "CORE_PLUGIN_KEYS",
+    "Config",
+    "ConfigError",
+    "DnsSettings",
+    "PluginConfig",
+    "PluginSettings",
+    "Settings",
+    "load",
+    "parse_socket",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem. ``str()`` names the file, the section and the key."""
+
+
+class PluginConfig(BaseModel):
+    """Base for plugin config schemas: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_SOCKET_UNIX = re.compile(r"(?:unix|local):(/.+)")
+_SOCKET_INET = re.compile(r"inet6?:(\d+)@(.+)")
+
+
+def parse_socket(spec: str) -> tuple[str, str, int]:
+    """Parse ``unix:/path``, ``inet:PORT@HOST``, ``inet6:PORT@HOST`` (HOST may be ``[::1]``).
+
+    Returns (family, host-or-path, port). Raises ValueError with a readable message.
+    """
+    m = _SOCKET_UNIX.fullmatch(spec)
+    if m:
+        return ("unix", m.group(1), 0)
+    m = _SOCKET_INET.fullmatch(spec)
+    if m:
+        port = int(m.group(1))
+        host = m.group(2).strip("[]")
+        if not 0 < port < 65536:
+            raise ValueError(f"port out of range in {spec!r}")
+        family = "inet6" if spec.startswith("inet6:") or ":" in host else "inet"
+        return (family, host, port)
+    raise ValueError(f"socket must be unix:/PATH, inet:PORT@HOST or inet6:PORT@HOST, got {spec!r}")
+
+
+class Settings(BaseModel):
+    """``[milterd]``: the daemon itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket: str = "unix:/run/milterd/milterd.sock"
+    socket_mode: str = "0660"
+    socket_group: str | None = None
+    user: str | None = None
+    group: str | None = None
+    workers: int = Field(default=0, ge=0, le=64, description="0 = one per core")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    authserv_id: str = Field(default_factory=_socket.getfqdn)
+    internal_networks: list[str] = ["127.0.0.0/8", "::1/128"]
+    spool_memory: int = Field(default=1 << 20, ge=0, description="body bytes kept in memory")
+    spool_dir: str | None = None
+    max_message_size: int = Field(default=50 << 20, gt=0)
+    max_header_bytes: int = Field(default=1 << 20, gt=0)
+    max_headers: int = Field(default=2000, gt=0)
+    max_recipients: int = Field(default=1000, gt=0)
+    command_timeout: float = Field(default=8.0, gt=0, le=25, description="per stage, seconds")
+    eom_timeout: float = Field(default=120.0, gt=0, le=280)
+    progress_interval: float = Field(default=5.0, gt=0)
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    metrics_listen: str | None = None
+    milter_timeout: int = Field(default=600, gt=0, description="libmilter I/O timeout")
+
+    @field_validator("socket")
+    @classmethod
+    def _socket(cls, v: str) -> str:
+        parse_socket(v)
+        return v
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", v):
+            raise ValueError("an octal mode such as 0660")
+        return v
+
+    @field_validator("internal_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            ipaddress.ip_network(net, strict=False)
+        return v
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _, port = v.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("HOST:PORT, e.g. 127.0.0.1:9899")
+        return v
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.internal_networks]
+
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+class DnsSettings(BaseModel):
+    """``[dns]``: the resolver every plugin shares."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nameservers: list[str] = Field(
+        default_factory=list, description="HOST or HOST:PORT ([v6]:PORT); empty = resolv.conf"
+    )
+    timeout: float = Field(default=3.0, gt=0, le=25)
+    cache_size: int = Field(default=10000, ge=0)
+
+    @field_validator("nameservers")
+    @classmethod
+    def _servers(cls, v: list[str]) -> list[str]:
+        for s in v:
+            split_hostport(s)
+        return v
+
+
+def split_hostport(spec: str, default_port: int = 53) -> tuple[str, int]:
+    """``1.2.3.4``, ``1.2.3.4:5353``, ``::1``, ``[::1]:5353`` -> (address, port)."""
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+    elif spec.count(":") == 1:
+        host, _, p = spec.partition(":")
+        port = int(p)
+    else:
+        host, port = spec, default_port
+    ipaddress.ip_address(host)
+    return host, port
+
+
+class PluginSettings(BaseModel):
+    """The core keys of every ``[plugins.NAME]`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    order: int | None = None
+    on_error: Literal["continue", "tempfail", "reject"] = "tempfail"
+    timeout: Annotated[float, Field(gt=0, le=280)] = 5.0
+    isolation: Literal["thread", "inline"] | None = None
+
+
+CORE_PLUGIN_KEYS = frozenset(PluginSettings.model_fields)
+
+
+class Config(BaseModel):
+    """The whole file, validated except for each plugin's own keys (see registry)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    milterd: Settings = Settings()
+    dns: DnsSettings = DnsSettings()
+    plugins: dict[str, dict[str, Any]] = {}
+    path: str = "<memory>"
+
+    def plugin_settings(self, name: str) -> PluginSettings:
+        section = self.plugins.get(name, {})
+        return PluginSettings(**{k: v for k, v in section.items() if k in CORE_PLUGIN_KEYS})
+
+    def plugin_options(self, name: str) -> dict[str, Any]:
+        section = self.plugins.get(name, {})
+        return {k: v for k, v in section.items() if k not in CORE_PLUGIN_KEYS}
+
+    def enabled_plugins(self) -> list[str]:
+        """Enabled plugin names in pipeline order: ``order`` first, then file order."""
+        names = [n for n in self.plugins if self.plugin_settings(n).enabled]
+        position = {n: i for i, n in enumerate(self.plugins)}
+
+        def key(n: str) -> tuple[int, int]:
+            order = self.plugin_settings(n).order
+            return (order if order is not None else 10_000, position[n])
+
+        return sorted(names, key=key)
+
+
+def describe(err: ValidationError, path: str, section: str) -> str:
+    """Turn pydantic's errors into lines naming the file, the section and the key."""
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        sect = section
+        if not section and loc and loc[0] in ("milterd", "dns"):
+            sect, loc = loc[0], loc[1:]
+        elif not section and len(loc) >= 2 and loc[0] == "plugins":
+            sect, loc = f"plugins.{loc[1]}", loc[2:]
+        key = ".".join(loc) or "(section)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: [{sect}] {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file. Raises ConfigError naming file, section and key."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    return loads(text, str(p))
+
+
+def loads(text: str, path: str = "<memory>") -> Config:
+    """Validate config text. ``path`` is only used in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(data, path)
+
+
+def from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
+    plugins = data.get("plugins", {})
+    if not isinstance(plugins, dict) or not all(isinstance(v, dict) for v in plugins.values()):
+        raise ConfigError(f"{path}: [plugins] must hold one table per plugin: [plugins.NAME]")
+    for name, section in plugins.items():
+        try:
+            PluginSettings(**{k: v for k, v in section.items() if k in CORE_PLUGIN_KEYS})
+        except ValidationError as e:
+            raise ConfigError(describe(e, path, f"plugins.{name}")) from None
+    try:
+        return Config(**data, path=path)
+    except ValidationError as e:
+        raise ConfigError(describe(e, path, "")) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None

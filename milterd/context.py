@@ -1,0 +1,248 @@
+"""Per-connection and per-message state, and the :class:`Context` each plugin call receives.
+
+libmilter runs one thread per connection, and one plugin object serves every connection:
+whatever a plugin must remember lives here (``ctx.connection_state``,
+``ctx.message_state``), never on the plugin object.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from milterd.actions import Change, Result, Symbol, Verdict
+from milterd.events import Client, Header
+
+if TYPE_CHECKING:
+    from milterd.config import Settings
+    from milterd.dns import Resolver
+
+__all__ = [
+    "ConnectionInfo",
+    "Context",
+    "Entry",
+    "Ledger",
+    "MessageInfo",
+    "Recipient",
+    "Services",
+]
+
+
+@dataclass(slots=True)
+class Services:
+    """Shared services handed to every plugin at :func:`~milterd.hookspecs.startup`."""
+
+    resolver: Resolver
+    settings: Settings
+    logger: logging.Logger
+
+
+@dataclass(slots=True)
+class ConnectionInfo:
+    """What is known about the SMTP session. Read-only for plugins."""
+
+    client: Client | None = None
+    helo: str = ""
+    macros: dict[str, str] = field(default_factory=dict)
+    internal: bool = False  # client address in [milterd] internal_networks
+    id: int = 0  # connection serial number in this process, for the log
+
+    @property
+    def auth_user(self) -> str:
+        """The SASL login name (``{auth_authen}``), or ``""``."""
+        return self.macros.get("{auth_authen}", "")
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.auth_user)
+
+    @property
+    def trusted(self) -> bool:
+        """Authenticated, or from an internal network: mail we may sign, not check."""
+        return self.authenticated or self.internal
+
+    @property
+    def daemon_name(self) -> str:
+        """The MTA service name (``{daemon_name}``), e.g. Postfix's submission service."""
+        return self.macros.get("{daemon_name}", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class MessageInfo:
+    """The message so far: envelope, headers in order, sizes. Read-only for plugins."""
+
+    sender: str = ""
+    sender_params: dict[str, str | None] = field(default_factory=dict)
+    recipients: list[Recipient] = field(default_factory=list)
+    headers: list[Header] = field(default_factory=list)
+    header_bytes: int = 0
+    body_size: int = 0
+    queue_id: str = ""
+    started: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One ledger line: who contributed what, at which stage."""
+
+    plugin: str
+    stage: str
+    value: Verdict | Change | Result | Symbol
+
+
+class Ledger:
+    """Everything the plugins contributed to one message, in the order they did it."""
+
+    __slots__ = ("entries", "errors", "timings")
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.errors: list[tuple[str, str, str]] = []  # plugin, stage, description
+        self.timings: dict[str, float] = {}  # plugin -> seconds spent, all stages
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e.value for e in self.entries if isinstance(e.value, kind)]
+
+    @property
+    def results(self) -> list[Result]:
+        return self.of(Result)
+
+    @property
+    def symbols(self) -> list[Symbol]:
+        return self.of(Symbol)
+
+    @property
+    def changes(self) -> list[Change]:
+        return self.of(Change)
+
+    @property
+    def score(self) -> float:
+        return round(sum(s.score for s in self.symbols), 3)
+
+
+class ContributionRefused(RuntimeError):
+    """A plugin recorded something it may not record at this stage, or after its deadline."""
+
+
+class Context:
+    """What one plugin call receives as ``ctx``.
+
+    A fresh context is made for every call, so a call that overran its deadline (and is
+    still running somewhere) can no longer write to the ledger: its contributions after the
+    deadline are refused.
+    """
+
+    __slots__ = (
+        "_actions",
+        "_ledger",
+        "_live",
+        "_stage",
+        "config",
+        "connection",
+        "connection_state",
+        "deadline",
+        "log",
+        "message",
+        "message_state",
+        "name",
+        "resolver",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        stage: str,
+        config: Any,
+        log: logging.LoggerAdapter[logging.Logger],
+        connection: ConnectionInfo,
+        message: MessageInfo | None,
+        ledger: Ledger | None,
+        resolver: Resolver,
+        connection_state: dict[str, Any],
+        message_state: dict[str, Any] | None,
+        deadline: float,
+        actions: frozenset[str],
+    ) -> None:
+        self.name = name
+        self._stage = stage
+        self.config = config
+        self.log = log
+        self.connection = connection
+        self.message = message
+        self._ledger = ledger
+        self.resolver = resolver
+        self.connection_state = connection_state
+        self.message_state = message_state if message_state is not None else {}
+        self.deadline = deadline
+        self._actions = actions
+        self._live = True
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def time_left(self) -> float:
+        """Seconds until this call's deadline (never negative). Pass it to slow I/O."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def results(self) -> list[Result]:
+        """Every result recorded so far on this message, by any plugin, in order."""
+        return self._ledger.results if self._ledger is not None else []
+
+    def results_for(self, method: str) -> list[Result]:
+        """The results recorded so far for one RFC 8601 method (``"spf"``, ``"dkim"``...)."""
+        return [r for r in self.results if r.method == method]
+
+    @property
+    def symbols(self) -> list[Symbol]:
+        return self._ledger.symbols if self._ledger is not None else []
+
+    @property
+    def score(self) -> float:
+        """The sum of every symbol's score so far."""
+        return self._ledger.score if self._ledger is not None else 0.0
+
+    @property
+    def changes(self) -> list[Change]:
+        return self._ledger.changes if self._ledger is not None else []
+
+    # --- recording -------------------------------------------------------------------------
+
+    def _record(self, value: Change | Result | Symbol) -> None:
+        if not self._live:
+            raise ContributionRefused(f"plugin {self.name}: recorded after its deadline")
+        if self._ledger is None:
+            raise ContributionRefused(
+                f"plugin {self.name}: nothing can be recorded at {self._stage} (no message)"
+            )
+        self._ledger.entries.append(Entry(self.name, self._stage, value))
+
+    def add_change(self, change: Change) -> None:
+        """Record a change (header, recipient, sender, body); applied once at end of message.
+
+        Raises ContributionRefused at connect/helo/abort/close, and when the plugin did not
+        declare the change's action in its ``actions`` class attribute.
+        """
+        if change.action not in self._actions:
+            raise ContributionRefused(
+                f"plugin {self.name}: {type(change).__name__} needs action "
+                f"{change.action!r}, which the plugin did not declare"
+            )
+        self._record(change)
+
+    def add_result(self, result: Result) -> None:
+        """Record an authentication result (RFC 8601 shape) for later plugins and A-R."""
+        self._record(result)
+
+    def add_symbol(
+        self, name: str, score: float, description: str = "", options: tuple[str, ...] = ()
+    ) -> None:
+        """Record a score symbol."""
+        self._record(Symbol(name, float(score), description, tuple(options)))

@@ -1,0 +1,331 @@
+"""The daemon: a supervisor process that owns the signals, and workers that run libmilter.
+
+Why a supervisor even for one worker: libmilter's own signal thread takes SIGHUP, SIGTERM
+and SIGINT in whatever process runs its accept loop, and stops on all three, so that
+process can never reload on SIGHUP. The supervisor (pure Python, no libmilter loop) handles
+the signals and talks to each worker over a pipe:
+
+* start-up: the supervisor validates the config (plugins imported and their schemas
+  checked), opens libmilter's socket once, drops privileges and forks ``workers``
+  processes that accept on that one socket (the kernel spreads connections);
+* SIGHUP: the supervisor validates the new file once; if it is bad, it logs why and keeps
+  the old one; if it is good, it sends its text to every worker, which builds a new
+  generation (plugins' ``startup``) for new connections while open connections finish on
+  theirs. A worker whose ``startup`` fails keeps its old generation and logs why;
+* SIGTERM/SIGINT: every worker stops accepting, lets open sessions finish for up to
+  ``shutdown_timeout`` seconds and exits; the supervisor exits 0 when all are gone;
+* a worker that dies is logged and restarted, at most 5 times a minute (more means the
+  configuration itself crashes: the supervisor stops with exit status 1);
+* the supervisor's death closes the pipes, and a worker seeing EOF stops the same way, so
+  no worker outlives it (``PR_SET_PDEATHSIG`` backs this up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from milterd.config import Config, ConfigError, load, loads
+from milterd.logs import setup_logging
+
+log = logging.getLogger("milterd")
+RESTARTS_PER_MINUTE = 5
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int
+    pipe: int  # write end, supervisor -> worker
+    started: float
+
+
+def _send(fd: int, data: bytes) -> bool:
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        return True
+    except OSError:
+        return False
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            raise EOFError
+        out += chunk
+    return out
+
+
+def _read_line(fd: int) -> bytes:
+    out = b""
+    while not out.endswith(b"\n"):
+        c = os.read(fd, 1)
+        if not c:
+            raise EOFError
+        out += c
+    return out[:-1]
+
+
+def _pdeathsig() -> None:
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _drop_privileges(user: str | None, group: str | None) -> None:
+    if user is None and group is None:
+        return
+    import grp
+    import pwd
+
+    gid = grp.getgrnam(group).gr_gid if group else (pwd.getpwnam(user).pw_gid if user else None)
+    if gid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+    if user:
+        os.setuid(pwd.getpwnam(user).pw_uid)
+    log.info("running as uid=%d gid=%d", os.getuid(), os.getgid())
+
+
+def _worker_main(index: int, config: Config, control: int) -> None:
+    """Body of one worker process. Never returns (os._exit)."""
+    from milterd import bridge
+    from milterd.pipeline import Runtime
+
+    _pdeathsig()
+    os.environ["MILTERD_WORKER"] = str(index)
+    try:
+        rt = Runtime(config)
+        rt.start()
+    except ConfigError as e:
+        log.error("worker %d: %s", index, e)
+        os._exit(3)
+    bridge.set_runtime(rt)
+
+    def control_loop() -> None:
+        while True:
+            try:
+                line = _read_line(control)
+            except (EOFError, OSError):
+                log.warning("worker %d: supervisor gone; stopping", index)
+                bridge.stop()
+                return
+            if line == b"stop":
+                bridge.stop()
+                return
+            if line.startswith(b"reload "):
+                text = _read_exact(control, int(line.split()[1])).decode()
+                path = line.split(maxsplit=2)[2].decode() if line.count(b" ") >= 2 else "<reload>"
+                try:
+                    new_rt = Runtime(loads(text, path))
+                    new_rt.start()
+                except ConfigError as e:
+                    log.error("worker %d: reload refused, old config kept: %s", index, e)
+                    continue
+                old = bridge.set_runtime(new_rt)
+                if old is not None:
+                    old.retire()
+                log.info("worker %d: reloaded %s", index, path)
+
+    threading.Thread(target=control_loop, name="control", daemon=True).start()
+    log.info("worker %d ready (pid %d), plugins: %s", index, os.getpid(),
+             ", ".join(p.name for p in rt.plugins) or "none")
+    try:
+        bridge.run()
+    except Exception:
+        log.exception("worker %d: libmilter main loop failed", index)
+        os._exit(4)
+    timeout = rt.settings.shutdown_timeout
+    if bridge.open_connections():
+        log.info("worker %d: waiting up to %gs for %d open connection(s)", index, timeout,
+                 bridge.open_connections())
+    if not bridge.drain(timeout):
+        log.warning("worker %d: %d connection(s) still open after %gs; exiting", index,
+                    bridge.open_connections(), timeout)
+    current = bridge.current_runtime()
+    if current is not None:
+        current.retire()
+    logging.shutdown()
+    os._exit(0)
+
+
+class Supervisor:
+    """Owns the socket, the workers and the signals. :meth:`run` returns the exit status."""
+
+    def __init__(self, path: str, config: Config) -> None:
+        self.path = path
+        self.config = config
+        self.workers: dict[int, _Worker] = {}
+        self.restarts: list[float] = []
+        self.stopping = False
+        self.reload_requested = False
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+
+    def _signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"x")
+
+    def spawn(self, index: int) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # worker
+            try:
+                os.close(w)
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                for other in self.workers.values():
+                    with contextlib.suppress(OSError):
+                        os.close(other.pipe)
+                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                _worker_main(index, self.config, r)
+            finally:
+                os._exit(5)
+        os.close(r)
+        self.workers[pid] = _Worker(index, pid, w, time.monotonic())
+        log.info("started worker %d (pid %d)", index, pid)
+
+    def reload(self) -> None:
+        self.reload_requested = False
+        try:
+            new = load(self.path)
+            from milterd.pipeline import Runtime
+
+            Runtime(new)  # validates plugins and their config sections; no startup here
+        except ConfigError as e:
+            log.error("reload refused, old config kept:\n%s", e)
+            return
+        self.config = new
+        text = open(self.path, "rb").read()
+        msg = b"reload %d %s\n" % (len(text), self.path.encode()) + text
+        for w in self.workers.values():
+            _send(w.pipe, msg)
+        log.info("config %s validated and sent to %d worker(s)", self.path, len(self.workers))
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            os.close(w.pipe)
+            if self.stopping:
+                log.info("worker %d (pid %d) exited", w.index, pid)
+                continue
+            log.error("worker %d (pid %d) died: %s", w.index, pid, _status(status))
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+            if len(self.restarts) > RESTARTS_PER_MINUTE:
+                log.critical("workers died %d times in a minute; giving up", len(self.restarts))
+                self.stopping = True
+                self.failed = True
+                continue
+            self.spawn(w.index)
+
+    failed = False
+
+    def run(self) -> int:
+        from milterd import bridge
+
+        settings = self.config.milterd
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._signal)
+        bridge.open_socket(settings)
+        _drop_privileges(settings.user, settings.group)
+        if settings.metrics_listen:
+            from milterd.metrics import serve_metrics
+
+            serve_metrics(settings.metrics_listen)
+        n = settings.worker_count()
+        log.info("milterd listening on %s with %d worker(s)", settings.socket, n)
+        for i in range(n):
+            self.spawn(i)
+        stop_sent: float | None = None
+        while self.workers:
+            with contextlib.suppress(InterruptedError):
+                select.select([self.wake_r], [], [], 1.0)
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.read(self.wake_r, 4096)
+            self.reap()
+            if self.stopping and stop_sent is None:
+                log.info("stopping: %d worker(s) finish their open sessions", len(self.workers))
+                for w in self.workers.values():
+                    _send(w.pipe, b"stop\n")
+                stop_sent = time.monotonic()
+            if stop_sent is not None and time.monotonic() - stop_sent > settings.shutdown_timeout + 5:
+                for w in list(self.workers.values()):
+                    log.warning("worker %d (pid %d) did not stop; killing it", w.index, w.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.pid, signal.SIGKILL)
+                stop_sent = time.monotonic()
+            if self.reload_requested and not self.stopping:
+                self.reload()
+        family_path = settings.socket.split(":", 1)
+        if family_path[0] in ("unix", "local"):
+            with contextlib.suppress(OSError):
+                os.unlink(family_path[1])
+        log.info("milterd stopped")
+        return 1 if self.failed else 0
+
+
+def _status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def run(path: str) -> int:
+    """``milterd run``: validate, then supervise. Returns the process exit status."""
+    try:
+        config = load(path)
+    except ConfigError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config.milterd.log_level, config.milterd.log_format)
+    if config.milterd.metrics_listen and config.milterd.worker_count() > 1:
+        _multiprocess_metrics()
+    try:
+        from milterd.pipeline import Runtime
+
+        Runtime(config)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    try:
+        return Supervisor(path, config).run()
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            log.error("cannot open socket %s: %s", config.milterd.socket, e)
+            return 2
+        raise
+
+
+def _multiprocess_metrics() -> None:
+    import tempfile
+
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="milterd-metrics-")

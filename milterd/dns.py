@@ -1,0 +1,89 @@
+"""The one DNS resolver every plugin shares: configured servers (with ports), a timeout
+that never outlives the caller's deadline, and a TTL-honouring LRU cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from milterd.config import DnsSettings, split_hostport
+
+__all__ = ["DNSTempError", "NXDomain", "Resolver", "StubResolver", "text_of"]
+
+
+class NXDomain(LookupError):
+    """The name does not exist (RCODE 3). A permanent answer."""
+
+
+class DNSTempError(OSError):
+    """No usable answer in time: timeout, SERVFAIL, refused. Retrying later may help."""
+
+
+class Resolver(Protocol):
+    """What plugins call. ``lookup`` returns record texts; NODATA is an empty list."""
+
+    def lookup(self, name: str, rdtype: str, timeout: float | None = None) -> list[str]:
+        """Records of ``rdtype`` at ``name`` as text.
+
+        TXT records come back with their character-strings joined (as DKIM and SPF want);
+        MX as ``"PREF HOST."``. Raises NXDomain or DNSTempError.
+        ``timeout`` caps this lookup (pass ``ctx.time_left()``).
+        """
+        ...
+
+
+def text_of(rdata: object) -> str:
+    """One record as text; TXT strings joined without separators (RFC 7208 3.3, RFC 6376)."""
+    strings = getattr(rdata, "strings", None)
+    if strings is not None:
+        return b"".join(strings).decode("utf-8", "replace")
+    return str(rdata)
+
+
+class StubResolver:
+    """dnspython underneath, configured from ``[dns]``."""
+
+    def __init__(self, settings: DnsSettings) -> None:
+        self.settings = settings
+        self._local = threading.local()  # dnspython resolvers are not shared across threads
+        self.cache = dns.resolver.LRUCache(settings.cache_size) if settings.cache_size else None
+
+    def _resolver(self) -> dns.resolver.Resolver:
+        r: dns.resolver.Resolver | None = getattr(self._local, "r", None)
+        if r is None:
+            if self.settings.nameservers:
+                r = dns.resolver.Resolver(configure=False)
+                servers = [split_hostport(s) for s in self.settings.nameservers]
+                r.nameservers = [h for h, _ in servers]
+                r.nameserver_ports = {h: p for h, p in servers}
+            else:
+                r = dns.resolver.Resolver()
+            r.cache = self.cache
+            r.lifetime = self.settings.timeout
+            r.timeout = self.settings.timeout
+            self._local.r = r
+        return r
+
+    def lookup(self, name: str, rdtype: str, timeout: float | None = None) -> list[str]:
+        r = self._resolver()
+        lifetime = self.settings.timeout if timeout is None else min(timeout, self.settings.timeout)
+        if lifetime <= 0:
+            raise DNSTempError(f"{name}/{rdtype}: no time left")
+        try:
+            answer = r.resolve(name, rdtype, lifetime=lifetime, raise_on_no_answer=False, search=False)
+        except dns.resolver.NXDOMAIN:
+            raise NXDomain(name) from None
+        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as e:
+            raise DNSTempError(f"{name}/{rdtype}: {e}") from None
+        except dns.exception.DNSException as e:
+            raise DNSTempError(f"{name}/{rdtype}: {e}") from None
+        if answer.rrset is None:
+            return []
+        return [text_of(rd) for rd in answer.rrset]

@@ -1,0 +1,277 @@
+"""Every hook a milterd plugin can implement, with its contract.
+
+A plugin implements only the hooks it needs, and each implementation takes only the
+arguments it needs (pluggy's opt-in arguments): ``def eom(self, ctx)`` is as valid as
+``def eom(self, ctx, event, message)``. Mark implementations with :data:`milterd.hookimpl`.
+
+Stage hooks are called once per plugin, in pipeline order, by the core itself (not by
+pluggy's call loop): each call is guarded (``timeout``, ``on_error``) and attributed to its
+plugin. A stage hook returns ``None`` to continue or a :class:`milterd.Verdict`.
+
+Lifecycle of one connection::
+
+    negotiate (core) -> connect -> helo* -> { envfrom -> envrcpt+ -> data -> header*
+        -> eoh -> body* -> eom -> finalize | abort }* -> close
+
+``*`` may repeat or be absent; a connection may carry several messages, and ``abort``
+replaces the rest of a message when the MTA abandons it. Changes may be recorded from
+``envfrom`` up to ``finalize``; the core applies them once, after ``finalize``.
+
+Negotiation: a stage that no enabled plugin hooks is still needed by the core for
+connect/helo/envfrom/envrcpt (envelope, logging), which are then requested with no reply
+(``SMFIP_NR_*``: the MTA does not wait for us). data, header, eoh and body are not
+requested at all (``SMFIP_NO*``) when nobody needs them; the body is also requested when a
+plugin's ``eom``/``finalize`` takes the ``message`` argument.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from milterd.actions import Verdict
+    from milterd.context import Context, Services
+    from milterd.events import (
+        Abort,
+        Body,
+        Close,
+        Connect,
+        Data,
+        EnvFrom,
+        EnvRcpt,
+        Eoh,
+        Eom,
+        Header,
+        Helo,
+    )
+    from milterd.spool import Message
+
+PROJECT = "milterd"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: Stage hooks in the order the MTA drives them. ``finalize`` is ours, not the MTA's.
+STAGES: tuple[str, ...] = (
+    "connect",
+    "helo",
+    "envfrom",
+    "envrcpt",
+    "data",
+    "header",
+    "eoh",
+    "body",
+    "eom",
+    "finalize",
+    "abort",
+    "close",
+)
+#: Lifecycle hooks: called once per configuration generation, not per message.
+LIFECYCLE: tuple[str, ...] = ("config_schema", "startup", "shutdown")
+#: Stages at which a plugin may record changes (a message exists and is not over).
+CHANGE_STAGES = frozenset(("envfrom", "envrcpt", "data", "header", "eoh", "body", "eom", "finalize"))
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def config_schema() -> type[BaseModel] | None:
+    """Declare the typed schema of this plugin's config section ``[plugins.NAME]``.
+
+    When it fires: once per configuration load (start-up, ``config check``, SIGHUP), before
+    :func:`startup`, only for enabled plugins.
+
+    Returns: a pydantic model class (subclass :class:`milterd.PluginConfig` to forbid unknown
+    keys), or None for a plugin without settings of its own. The core keys ``enabled``,
+    ``order``, ``on_error``, ``timeout`` and ``isolation`` are handled by the core and never
+    reach the model. Unknown keys and wrong types are configuration errors naming the file,
+    section and key.
+
+    Changes: none (no message exists). Negotiation: not applicable.
+    Since: 0.1.
+    """
+
+
+@hookspec
+def startup(config: Any, services: Services) -> None:
+    """Prepare a new configuration generation: compile rules, load keys, open stores.
+
+    When it fires: once per plugin instance, after the whole config validated, in pipeline
+    order; again on a fresh instance at every successful reload (SIGHUP). With several
+    worker processes it runs in each worker after the fork.
+
+    Arguments:
+        config: this plugin's validated config (an instance of the model from
+            :func:`config_schema`, or None).
+        services: shared services: ``services.resolver`` (the one DNS resolver),
+            ``services.settings`` (the validated ``[milterd]`` section),
+            ``services.logger``.
+
+    Returns: nothing. An exception here refuses the configuration: at start-up the daemon
+    does not start, at reload the old configuration stays in force.
+
+    Changes: none. Negotiation: not applicable. Since: 0.1.
+    """
+
+
+@hookspec
+def shutdown() -> None:
+    """Release what :func:`startup` opened.
+
+    When it fires: when the daemon stops, and for the old generation after a reload once
+    its last connection has closed. Exceptions are logged and ignored.
+
+    Changes: none. Negotiation: not applicable. Since: 0.1.
+    """
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+
+@hookspec
+def connect(ctx: Context, event: Connect) -> Verdict | None:
+    """The SMTP client connected.
+
+    When it fires: once per connection, first (xxfi_connect).
+    Arguments: ``event.client`` (hostname, family, address, port), ``event.macros``.
+    Returns: None to continue; a Reject/TempFail refuses the whole session; Accept stops
+    calling this plugin for the connection's first message only.
+    Changes: may not be recorded (no message yet).
+    Negotiation: unhooked by every plugin → requested with SMFIP_NR_CONN (no reply).
+    Since: 0.1.
+    """
+
+
+@hookspec
+def helo(ctx: Context, event: Helo) -> Verdict | None:
+    """The client said HELO/EHLO (may fire more than once per connection).
+
+    Arguments: ``event.name``, the HELO argument as given. Also in ``ctx.connection.helo``.
+    Returns: None, or a verdict for the session (as :func:`connect`).
+    Changes: may not be recorded.
+    Negotiation: unhooked → SMFIP_NR_HELO. Since: 0.1.
+    """
+
+
+@hookspec
+def envfrom(ctx: Context, event: EnvFrom) -> Verdict | None:
+    """MAIL FROM: a new message begins.
+
+    Arguments: ``event.sender`` (without brackets, ``""`` for the null sender),
+    ``event.params`` (ESMTP parameters, upper-case names), ``event.macros`` (Postfix sends
+    ``{auth_authen}`` here).
+    Returns: None, or a verdict for the whole message.
+    Changes: may be recorded.
+    Negotiation: unhooked → SMFIP_NR_MAIL. Since: 0.1.
+    """
+
+
+@hookspec
+def envrcpt(ctx: Context, event: EnvRcpt) -> Verdict | None:
+    """RCPT TO, once per recipient.
+
+    Arguments: ``event.recipient``, ``event.params``, ``event.macros``.
+    Returns: None, or a verdict for *this recipient only*: Reject answers 5xx to that RCPT
+    and the others go on; the recipient is not in ``ctx.message.recipients``.
+    Changes: may be recorded.
+    Negotiation: unhooked → SMFIP_NR_RCPT. Since: 0.1.
+    """
+
+
+@hookspec
+def data(ctx: Context, event: Data) -> Verdict | None:
+    """DATA: the envelope is complete, content follows.
+
+    Returns: None, or a verdict for the whole message (before its content is sent).
+    Changes: may be recorded.
+    Negotiation: unhooked → SMFIP_NODATA (not sent at all). Since: 0.1.
+    """
+
+
+@hookspec
+def header(ctx: Context, event: Header) -> Verdict | None:
+    """One header field, in order.
+
+    Arguments: ``event.name``, ``event.value`` (decoded, invalid UTF-8 as surrogate
+    escapes), ``event.raw`` (exact bytes). Every field so far is in ``ctx.message.headers``.
+    Returns: None, or a verdict for the whole message. The MTA waits for a reply to every
+    field while any plugin hooks this stage: prefer reading ``message.headers`` at
+    :func:`eom`.
+    Changes: may be recorded.
+    Negotiation: unhooked and nobody reads the message → SMFIP_NOHDRS. Since: 0.1.
+    """
+
+
+@hookspec
+def eoh(ctx: Context, event: Eoh) -> Verdict | None:
+    """End of the header block.
+
+    Returns: None, or a verdict for the whole message (before the body is sent).
+    Changes: may be recorded.
+    Negotiation: unhooked → SMFIP_NOEOH. Since: 0.1.
+    """
+
+
+@hookspec
+def body(ctx: Context, event: Body) -> Verdict | None:
+    """One chunk of the body (at most 64 KiB; CRLF line ends as sent by the MTA).
+
+    The core spools every chunk once; a plugin that needs the whole body should take
+    ``message`` at :func:`eom` instead of buffering chunks itself.
+    Returns: None, or a verdict for the whole message.
+    Changes: may be recorded.
+    Negotiation: unhooked and no eom/finalize takes ``message`` → SMFIP_NOBODY. Since: 0.1.
+    """
+
+
+@hookspec
+def eom(ctx: Context, event: Eom, message: Message) -> Verdict | None:
+    """End of message: the whole message is available. Decide, record results and changes.
+
+    When it fires: once per message, in pipeline order; plugins later in the order see the
+    results, symbols and changes of earlier ones on the ledger (``ctx.results``,
+    ``ctx.symbols``, ``ctx.changes``).
+    Arguments: ``message``, the message as received (headers with raw bytes, spooled body).
+    Returns: None, or a verdict. Unlike other stages every plugin runs even after a reject
+    verdict, so that archiving and reporting plugins see the outcome.
+    Changes: may be recorded. They are merged with all others and applied after
+    :func:`finalize`.
+    Negotiation: always requested. Since: 0.1.
+    """
+
+
+@hookspec
+def finalize(ctx: Context, message: Message) -> Verdict | None:
+    """The message as it will be delivered: for signing, sealing and archiving.
+
+    When it fires: after every plugin's :func:`eom`, when the merged verdict delivers the
+    message (continue, accept, quarantine), in pipeline order. ``message`` has every change
+    recorded so far applied, including earlier ``finalize`` plugins' changes.
+    Returns: None, or a verdict (a TempFail here, e.g. an archive that cannot write, holds
+    the message back).
+    Changes: may be recorded; headers added here go on top (signatures cover what follows).
+    Negotiation: not an MTA stage; body requested if ``message`` is taken. Since: 0.1.
+    """
+
+
+@hookspec
+def abort(ctx: Context, event: Abort) -> None:
+    """The MTA abandoned the current message (RSET, lost client, another filter's reject).
+
+    Release per-message resources. The ledger of the message is discarded.
+    Returns: ignored. Changes: may not be recorded.
+    Negotiation: always sent by the MTA; costs nothing when unhooked. Since: 0.1.
+    """
+
+
+@hookspec
+def close(ctx: Context, event: Close) -> None:
+    """The connection ends. Always the last event of a connection, even after errors.
+
+    Returns: ignored. Changes: may not be recorded.
+    Negotiation: always sent by the MTA. Since: 0.1.
+    """

@@ -1,0 +1,57 @@
+"""Logging set-up: text or JSON lines on stderr (journald adds time and unit)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+__all__ = ["JsonFormatter", "setup_logging"]
+
+
+class _Worker(logging.Filter):
+    """Adds ``worker`` (the worker index, ``-`` in the supervisor) to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = os.environ.get("MILTERD_WORKER", "-")
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line. The per-message summary's fields are top-level keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "worker": getattr(record, "worker", "-"),
+            "message": record.getMessage(),
+        }
+        summary = getattr(record, "summary", None)
+        if isinstance(summary, dict):
+            out.update(summary)
+        for key in ("plugin", "queue_id"):
+            if hasattr(record, key) and key not in out:
+                out[key] = getattr(record, key)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Worker())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s milterd[%(process)d/w%(worker)s] %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("milterd")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,621 @@
+"""The pipeline: one configuration generation (:class:`Runtime`) and the per-connection
+engine (:class:`Session`) that turns milter events into guarded plugin calls.
+
+The bridge (libmilter) and the test harness drive the same :class:`Session`: what
+``milterd check`` prints is what the daemon does.
+
+Isolation: every plugin call is guarded. An exception, a wrong return value or an overrun
+deadline never leaves the guard: the plugin's ``on_error`` policy is applied (continue,
+tempfail or reject), its contributions from that call are dropped, and the failure is
+logged with plugin, stage and queue id, and counted. With ``isolation = "thread"`` (the
+default) the call runs on a helper thread and the connection thread stops waiting at the
+deadline, so even a plugin stuck in a C call or a sleep cannot hold the MTA past it; with
+``"inline"`` the call runs on the connection thread (no hop, about 100 µs cheaper) and an
+overrun is only detected when the call returns.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from milterd import events as ev
+from milterd import hookspecs
+from milterd.actions import Accept, Reject, TempFail, Verdict
+from milterd.config import Config
+from milterd.context import (
+    ConnectionInfo,
+    Context,
+    Entry,
+    Ledger,
+    MessageInfo,
+    Recipient,
+    Services,
+)
+from milterd.dns import Resolver, StubResolver
+from milterd.merge import Decision, merge, render
+from milterd.metrics import METRICS
+from milterd.registry import LoadedPlugin, load_plugins
+from milterd.spool import Message, Spool
+
+__all__ = ["Negotiation", "Runtime", "Session"]
+
+log = logging.getLogger("milterd")
+CORE = "milterd"  # the name the core uses on the ledger (limits, errors)
+
+# Stages the core itself needs for the envelope and the log: requested without reply when
+# no plugin hooks them.
+_ENVELOPE = ("connect", "helo", "envfrom", "envrcpt")
+_CONTENT = ("data", "header", "eoh", "body")
+#: Macros the core reads, per stage.
+CORE_MACROS: dict[str, tuple[str, ...]] = {
+    "connect": ("j", "{daemon_name}", "{client_addr}"),
+    "envfrom": ("i", "{auth_authen}", "{auth_type}"),
+    "envrcpt": ("i",),
+    "eom": ("i",),
+}
+
+_executor: cf.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def executor() -> cf.ThreadPoolExecutor:
+    """The helper threads for ``isolation = "thread"`` calls, created on first use (so a
+    forked worker makes its own)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            # Generous: a plugin stuck past its deadline keeps its thread until it returns.
+            _executor = cf.ThreadPoolExecutor(max_workers=256, thread_name_prefix="plugin")
+        return _executor
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiation:
+    """What to ask of the MTA, derived from the enabled plugins.
+
+    ``skip``: stages not to send at all. ``noreply``: stages sent without waiting for a
+    reply. ``actions``: the change kinds some plugin declared. ``macros``: per stage, the
+    macro names the core and the plugins read. ``leading_space``: header values with their
+    leading white space (exact bytes, needed to verify ``simple`` DKIM canonicalization).
+    """
+
+    skip: frozenset[str]
+    noreply: frozenset[str]
+    actions: frozenset[str]
+    macros: Mapping[str, tuple[str, ...]]
+    needs_headers: bool
+    needs_body: bool
+    leading_space: bool = True
+
+
+@dataclass(slots=True)
+class _Failure:
+    kind: str  # "exception", "timeout", "bad-return", "refused"
+    detail: str
+
+
+class Runtime:
+    """One configuration generation: validated config, plugin objects, call plans.
+
+    A reload builds a new Runtime; connections keep the one they started with, and the old
+    one is shut down when its last connection closes.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        sources: Mapping[str, object] | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = config.milterd
+        self.pm, self.plugins = load_plugins(config, sources)
+        self.resolver: Resolver = resolver or StubResolver(config.dns)
+        self.networks = self.settings.networks()
+        self.plan: dict[str, list[tuple[LoadedPlugin, Any]]] = {
+            stage: [(p, p.impls[stage]) for p in self.plugins if stage in p.impls]
+            for stage in hookspecs.STAGES
+        }
+        self.negotiation = self._negotiate()
+        self._connections = 0
+        self._retired = False
+        self._lock = threading.Lock()
+        self.started = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Call every plugin's ``startup``. Raises (naming the plugin) to refuse the config."""
+        services = Services(self.resolver, self.settings, log)
+        for p in self.plugins:
+            impl = p.impls.get("startup")
+            if impl is None:
+                continue
+            args = {"config": p.config, "services": services}
+            try:
+                impl.function(**{a: args[a] for a in impl.argnames})
+            except Exception as e:
+                from milterd.config import ConfigError
+
+                raise ConfigError(f"plugin {p.name!r}: startup failed: {type(e).__name__}: {e}") from e
+        self.started = True
+
+    def stop(self) -> None:
+        """Call every plugin's ``shutdown`` (errors logged, never raised)."""
+        if not self.started:
+            return
+        self.started = False
+        for p in self.plugins:
+            impl = p.impls.get("shutdown")
+            if impl is not None:
+                try:
+                    impl.function()
+                except Exception:
+                    log.exception("plugin %s: shutdown failed", p.name)
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._connections += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._connections -= 1
+            done = self._retired and self._connections == 0
+        if done:
+            self.stop()
+
+    def retire(self) -> None:
+        """This generation was replaced: shut it down once its last connection closes."""
+        with self._lock:
+            self._retired = True
+            done = self._connections == 0
+        if done:
+            self.stop()
+
+    @property
+    def connections(self) -> int:
+        return self._connections
+
+    # --- negotiation --------------------------------------------------------------------
+
+    def _negotiate(self) -> Negotiation:
+        hooked = {s for s, plan in self.plan.items() if plan}
+        readers = [p for stage in ("eom", "finalize") for p, impl in self.plan[stage]
+                   if "message" in impl.argnames]
+        needs_body = "body" in hooked or any(p.reads_body for p in readers)
+        needs_headers = "header" in hooked or bool(readers)
+        skip = set()
+        for stage in _CONTENT:
+            if stage in hooked:
+                continue
+            if stage == "header" and needs_headers:
+                continue
+            if stage == "body" and needs_body:
+                continue
+            skip.add(stage)
+        noreply = {s for s in (*_ENVELOPE, *_CONTENT) if s not in hooked and s not in skip}
+        actions = frozenset().union(*(p.actions for p in self.plugins)) if self.plugins else frozenset()
+        macros: dict[str, tuple[str, ...]] = {}
+        for stage in ("connect", "helo", "envfrom", "envrcpt", "data", "eoh", "eom"):
+            names = list(CORE_MACROS.get(stage, ()))
+            for p in self.plugins:
+                names += [m for m in p.macros.get(stage, ()) if m not in names]
+            if names:
+                macros[stage] = tuple(names)
+        return Negotiation(
+            skip=frozenset(skip),
+            noreply=frozenset(noreply),
+            actions=actions,
+            macros=macros,
+            needs_headers=needs_headers,
+            needs_body=needs_body,
+        )
+
+    # --- the guarded call ---------------------------------------------------------------
+
+    def call(
+        self,
+        p: LoadedPlugin,
+        impl: Any,
+        stage: str,
+        ctx: Context,
+        args: dict[str, Any],
+        budget: float,
+        progress: Callable[[], None] | None,
+        ledger: Ledger | None,
+    ) -> Verdict | None:
+        """Call one plugin hook under its guard. Returns the verdict to use (the plugin's,
+        or its ``on_error`` policy's), never raises."""
+        timeout = min(p.settings.timeout, budget)
+        mark = len(ledger.entries) if ledger is not None else 0
+        kwargs = {a: args[a] for a in impl.argnames}
+        t0 = time.perf_counter()
+        failure: _Failure | None = None
+        rv: Any = None
+        if p.isolation == "inline":
+            try:
+                rv = impl.function(**kwargs)
+            except Exception as e:
+                failure = _Failure("exception", f"{type(e).__name__}: {e}")
+                log.debug("plugin %s failed at %s", p.name, stage, exc_info=True)
+            if failure is None and time.perf_counter() - t0 > timeout:
+                failure = _Failure("timeout", f"returned after {time.perf_counter() - t0:.3f}s, "
+                                   f"past its {timeout:g}s deadline")
+        else:
+            fut = executor().submit(impl.function, **kwargs)
+            end = t0 + timeout
+            interval = self.settings.progress_interval
+            while True:
+                left = end - time.perf_counter()
+                try:
+                    rv = fut.result(timeout=min(left, interval) if progress else left)
+                    break
+                except cf.TimeoutError:
+                    if time.perf_counter() >= end:
+                        failure = _Failure("timeout", f"no answer within {timeout:g}s")
+                        METRICS.abandoned.labels(p.name).inc()
+                        break
+                    if progress is not None:
+                        progress()
+                except Exception as e:
+                    failure = _Failure("exception", f"{type(e).__name__}: {e}")
+                    log.debug("plugin %s failed at %s", p.name, stage, exc_info=True)
+                    break
+        elapsed = time.perf_counter() - t0
+        if ledger is not None:
+            ledger.timings[p.name] = ledger.timings.get(p.name, 0.0) + elapsed
+        METRICS.plugin_seconds.labels(p.name, stage).observe(elapsed)
+        if failure is None and rv is not None and not isinstance(rv, Verdict):
+            failure = _Failure("bad-return", f"returned {type(rv).__name__}, not a Verdict or None")
+        if failure is None:
+            return rv  # type: ignore[no-any-return]
+        # The call is over for us: anything it records from now on is refused, and what it
+        # recorded during the call is dropped, so a failed call contributes nothing.
+        ctx._live = False
+        if ledger is not None:
+            ledger.entries[mark:] = [e for e in ledger.entries[mark:] if e.plugin != p.name]
+            ledger.errors.append((p.name, stage, f"{failure.kind}: {failure.detail}"))
+        METRICS.plugin_errors.labels(p.name, stage, failure.kind).inc()
+        qid = ctx.message.queue_id if ctx.message is not None else ""
+        policy = p.settings.on_error
+        log.error(
+            "plugin %s failed at %s (queue id %s): %s: %s; on_error=%s",
+            p.name, stage, qid or "-", failure.kind, failure.detail, policy,
+        )
+        if policy == "tempfail":
+            return TempFail("451", "4.3.0", "Temporary filter failure, try again later",
+                            reason=f"{p.name} {failure.kind}")
+        if policy == "reject":
+            return Reject("550", "5.3.0", "Message refused by filter policy",
+                          reason=f"{p.name} {failure.kind}")
+        return None
+
+
+@dataclass(slots=True)
+class _MessageState:
+    info: MessageInfo
+    ledger: Ledger = field(default_factory=Ledger)
+    spool: Spool | None = None
+    accepted: set[str] = field(default_factory=set)  # plugins that said Accept
+    plugin_state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    over: bool = False  # an early verdict ended it
+    rcpt_verdicts: list[tuple[str, str, Verdict]] = field(default_factory=list)
+
+
+class Session:
+    """One MTA connection: turns its events into guarded plugin calls, in order.
+
+    Every ``on_*`` method returns None (continue) or the Verdict to answer the MTA with at
+    that stage; :meth:`on_eom` returns the merged :class:`Decision`. None of them raise.
+    """
+
+    _serial = 0
+    _serial_lock = threading.Lock()
+
+    def __init__(self, runtime: Runtime, progress: Callable[[], None] | None = None,
+                 capture: bool = False) -> None:
+        """``capture``: keep the last message as it would be delivered in ``delivered``
+        (the harness and ``milterd check --output``; the daemon never does)."""
+        self.rt = runtime
+        self.progress = progress
+        self.capture = capture
+        self.delivered: bytes | None = None
+        with Session._serial_lock:
+            Session._serial += 1
+            serial = Session._serial
+        self.conn = ConnectionInfo(id=serial)
+        self.msg: _MessageState | None = None
+        self.conn_state: dict[str, dict[str, Any]] = {p.name: {} for p in runtime.plugins}
+        self.conn_accepted: set[str] = set()
+        self.closed = False
+        self.last_decision: Decision | None = None
+        self.last_ledger = Ledger()  # the ledger of the last message that ended
+        self.message_count = 0
+        runtime.acquire()
+        METRICS.connections.inc()
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _ctx(self, p: LoadedPlugin, stage: str, deadline: float) -> Context:
+        m = self.msg
+        qid = m.info.queue_id if m is not None else ""
+        adapter = logging.LoggerAdapter(log.getChild(p.name), {"plugin": p.name, "queue_id": qid})
+        return Context(
+            p.name, stage, p.config, adapter, self.conn,
+            m.info if m is not None else None,
+            m.ledger if m is not None and stage in hookspecs.CHANGE_STAGES else None,
+            self.rt.resolver, self.conn_state[p.name],
+            m.plugin_state.setdefault(p.name, {}) if m is not None else None,
+            deadline, p.actions,
+        )
+
+    def _run(self, stage: str, args: dict[str, Any], budget: float,
+             all_plugins: bool = False) -> Verdict | None:
+        """Call every plugin hooking ``stage``. Returns the strongest verdict, stopping at
+        the first that ends the stage unless ``all_plugins``."""
+        m = self.msg
+        accepted = m.accepted if m is not None else self.conn_accepted
+        strongest: Verdict | None = None
+        end = time.monotonic() + budget
+        progress = self.progress if stage in ("eom", "finalize") else None
+        for p, impl in self.rt.plan[stage]:
+            if p.name in accepted:
+                continue
+            left = end - time.monotonic()
+            if left <= 0:
+                log.error("stage %s out of time before plugin %s (queue id %s)",
+                          stage, p.name, m.info.queue_id if m else "-")
+                return TempFail("451", "4.3.0", "Temporary filter failure, try again later",
+                                reason=f"{stage} deadline")
+            ctx = self._ctx(p, stage, time.monotonic() + min(left, p.settings.timeout))
+            args["ctx"] = ctx
+            v = self.rt.call(p, impl, stage, ctx, args, left, progress,
+                             m.ledger if m is not None else None)
+            if v is None:
+                continue
+            if m is not None and stage != "envrcpt":
+                m.ledger.entries.append(Entry(p.name, stage, v))
+            if isinstance(v, Accept):
+                accepted.add(p.name)
+            if strongest is None or v.severity > strongest.severity:
+                strongest = v
+            if v.ends_stage and not all_plugins:
+                break
+        return strongest
+
+    @staticmethod
+    def _for_mta(v: Verdict | None) -> Verdict | None:
+        """Only verdicts that end something go to the MTA before end of message."""
+        return v if v is not None and v.ends_stage else None
+
+    # --- connection stages ----------------------------------------------------------------
+
+    def on_connect(self, hostname: str, client: ev.Client, macros: dict[str, str]) -> Verdict | None:
+        self.conn.client = client
+        self.conn.macros.update(macros)
+        self.conn.internal = trusted_network(client.address, self.rt.networks)
+        return self._for_mta(self._run("connect", {"event": ev.Connect(client, macros)},
+                                       self.rt.settings.command_timeout))
+
+    def on_helo(self, name: str, macros: dict[str, str]) -> Verdict | None:
+        self.conn.helo = name
+        self.conn.macros.update(macros)
+        return self._for_mta(self._run("helo", {"event": ev.Helo(name, macros)},
+                                       self.rt.settings.command_timeout))
+
+    def on_envfrom(self, sender: str, params: dict[str, str | None],
+                   macros: dict[str, str]) -> Verdict | None:
+        self._end_message("abort")  # a new MAIL FROM without EOM/abort: drop the old one
+        self.conn.macros.update(macros)
+        info = MessageInfo(sender=sender, sender_params=params,
+                           queue_id=macros.get("i", self.conn.macros.get("i", "")))
+        self.msg = _MessageState(info)
+        if self.rt.negotiation.needs_body or self.capture:
+            self.msg.spool = Spool(self.rt.settings.spool_memory, self.rt.settings.spool_dir)
+        v = self._run("envfrom", {"event": ev.EnvFrom(sender, params, macros)},
+                      self.rt.settings.command_timeout)
+        return self._early(v, "envfrom")
+
+    def on_envrcpt(self, recipient: str, params: dict[str, str | None],
+                   macros: dict[str, str]) -> Verdict | None:
+        m = self.msg
+        if m is None:
+            return None
+        self.conn.macros.update(macros)
+        if not m.info.queue_id and macros.get("i"):
+            m.info.queue_id = macros["i"]
+        if len(m.info.recipients) >= self.rt.settings.max_recipients:
+            v: Verdict | None = TempFail("452", "4.5.3", "Too many recipients",
+                                         reason="max_recipients")
+            m.rcpt_verdicts.append((CORE, recipient, v))  # type: ignore[arg-type]
+            return v
+        v = self._run("envrcpt", {"event": ev.EnvRcpt(recipient, params, macros)},
+                      self.rt.settings.command_timeout)
+        if v is not None and v.ends_stage:
+            m.rcpt_verdicts.append(("", recipient, v))
+            return v
+        m.info.recipients.append(Recipient(recipient, params))
+        return None
+
+    def on_data(self, macros: dict[str, str]) -> Verdict | None:
+        if self.msg is None:
+            return None
+        self.conn.macros.update(macros)
+        return self._early(self._run("data", {"event": ev.Data(macros)},
+                                     self.rt.settings.command_timeout), "data")
+
+    def on_header(self, name: str, raw: bytes) -> Verdict | None:
+        m = self.msg
+        if m is None or m.over:
+            return None
+        info = m.info
+        info.header_bytes += len(name) + len(raw) + 3
+        value = raw.decode("utf-8", "surrogateescape")
+        if value[:1] == " ":
+            value = value[1:]
+        header = ev.Header(name, value, raw)
+        info.headers.append(header)
+        s = self.rt.settings
+        if len(info.headers) > s.max_headers or info.header_bytes > s.max_header_bytes:
+            which = "max_headers" if len(info.headers) > s.max_headers else "max_header_bytes"
+            v = Reject("552", "5.3.4", "Message header too large", reason=which)
+            m.ledger.entries.append(Entry(CORE, "header", v))
+            return self._early(v, "header")
+        if not self.rt.plan["header"]:
+            return None
+        return self._early(self._run("header", {"event": header}, s.command_timeout), "header")
+
+    def on_eoh(self, macros: dict[str, str]) -> Verdict | None:
+        if self.msg is None or self.msg.over:
+            return None
+        return self._early(self._run("eoh", {"event": ev.Eoh(macros)},
+                                     self.rt.settings.command_timeout), "eoh")
+
+    def on_body(self, chunk: bytes) -> Verdict | None:
+        m = self.msg
+        if m is None or m.over:
+            return None
+        m.info.body_size += len(chunk)
+        if m.info.body_size + m.info.header_bytes > self.rt.settings.max_message_size:
+            v = Reject("552", "5.3.4", "Message too big", reason="max_message_size")
+            m.ledger.entries.append(Entry(CORE, "body", v))
+            return self._early(v, "body")
+        if m.spool is not None:
+            m.spool.write(chunk)
+        if not self.rt.plan["body"]:
+            return None
+        return self._early(self._run("body", {"event": ev.Body(chunk)},
+                                     self.rt.settings.command_timeout), "body")
+
+    def _early(self, v: Verdict | None, stage: str) -> Verdict | None:
+        """A verdict before end of message: if it ends the message, log it and end it."""
+        v = self._for_mta(v)
+        if v is not None and self.msg is not None:
+            self.msg.over = True
+            decision = merge([e for e in self.msg.ledger.entries if e.stage != "envrcpt"])
+            self._summary(decision, stage)
+            self._end_message(None)
+        return v
+
+    # --- end of message -----------------------------------------------------------------
+
+    def on_eom(self, macros: dict[str, str]) -> Decision:
+        """Run eom for every plugin, merge, run finalize on the message as delivered, merge
+        again. Returns the Decision the bridge applies."""
+        m = self.msg
+        if m is None:
+            return Decision(None)
+        self.conn.macros.update(macros)
+        if not m.info.queue_id and macros.get("i"):
+            m.info.queue_id = macros["i"]
+        message = Message(m.info.headers, m.spool)
+        budget = self.rt.settings.eom_timeout
+        end = time.monotonic() + budget
+        self._run("eom", {"event": ev.Eom(macros), "message": message}, budget, all_plugins=True)
+        headers = m.info.headers if self.rt.negotiation.needs_headers else None
+        entries = [e for e in m.ledger.entries if e.stage != "envrcpt"]
+        decision = merge(entries, headers)
+        if decision.delivers and self.rt.plan["finalize"]:
+            for p, impl in self.rt.plan["finalize"]:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                delivered_headers, body = render(m.info.headers, decision.ops)
+                delivered = Message(delivered_headers, m.spool, body)
+                ctx = self._ctx(p, "finalize", time.monotonic() + min(left, p.settings.timeout))
+                v = self.rt.call(p, impl, "finalize", ctx, {"ctx": ctx, "message": delivered},
+                                 left, self.progress, m.ledger)
+                if v is not None:
+                    m.ledger.entries.append(Entry(p.name, "finalize", v))
+                entries = [e for e in m.ledger.entries if e.stage != "envrcpt"]
+                decision = merge(entries, headers)
+                if not decision.delivers:
+                    break
+        self.last_decision = decision
+        if self.capture:
+            delivered_headers, body = render(m.info.headers, decision.ops)
+            self.delivered = Message(delivered_headers, m.spool, body).as_bytes()
+        self._summary(decision, "eom")
+        self._end_message(None)
+        return decision
+
+    def on_abort(self) -> None:
+        self._end_message("abort")
+
+    def on_close(self) -> None:
+        if self.closed:
+            return
+        self._end_message("abort")
+        self._run("close", {"event": ev.Close()}, self.rt.settings.command_timeout)
+        self.closed = True
+        METRICS.connections.dec()
+        self.rt.release()
+
+    def _end_message(self, event: str | None) -> None:
+        m = self.msg
+        if m is None:
+            return
+        if event == "abort":
+            self._run("abort", {"event": ev.Abort()}, self.rt.settings.command_timeout)
+        if m.spool is not None:
+            m.spool.close()
+        self.last_ledger = m.ledger
+        self.msg = None
+
+    # --- observability ------------------------------------------------------------------
+
+    def _summary(self, decision: Decision, stage: str) -> None:
+        m = self.msg
+        if m is None:
+            return
+        self.message_count += 1
+        METRICS.messages.labels(decision.word).inc()
+        info = m.info
+        results = ", ".join(f"{r.method}={r.result}" for r in m.ledger.results)
+        times = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in m.ledger.timings.items())
+        reasons = "; ".join(
+            f"{p}: {v.word}" + (f" ({v.reason})" if v.reason else "") for p, v in decision.reasons
+        )
+        client = self.conn.client
+        rejected = ", ".join(f"{r}={v.word}" for _, r, v in m.rcpt_verdicts)
+        extra = {
+            "queue_id": info.queue_id,
+            "client": client.ip if client else "",
+            "client_name": client.hostname if client else "",
+            "helo": self.conn.helo,
+            "sender": info.sender,
+            "recipients": [r.address for r in info.recipients],
+            "verdict": decision.word,
+            "decided_by": decision.plugin,
+            "stage": stage,
+            "score": m.ledger.score,
+            "results": [f"{r.method}={r.result}" for r in m.ledger.results],
+            "plugin_ms": {k: round(v * 1000, 2) for k, v in m.ledger.timings.items()},
+            "errors": [f"{p}@{s}: {d}" for p, s, d in m.ledger.errors],
+            "conflicts": decision.conflicts,
+            "size": info.body_size + info.header_bytes,
+        }
+        log.info(
+            "%s: client=%s[%s] from=<%s> to=%s%s verdict=%s%s score=%g results=[%s] time=[%s]%s",
+            info.queue_id or "NOQUEUE",
+            extra["client_name"], extra["client"], info.sender,
+            ",".join(f"<{r.address}>" for r in info.recipients),
+            f" refused=[{rejected}]" if rejected else "",
+            decision.word,
+            f" ({reasons})" if reasons else "",
+            m.ledger.score, results, times,
+            f" errors={extra['errors']}" if m.ledger.errors else "",
+            extra={"summary": extra},
+        )
+
+
+def trusted_network(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+                    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    return addr is not None and any(addr in n for n in networks if n.version == addr.version)

@@ -1,0 +1,217 @@
+"""Finding, loading, validating and ordering plugins.
+
+Plugins are found through the entry-point group ``milterd.plugins``; the entry-point name
+is the plugin's name and its config section ``[plugins.NAME]``. Entry points are loaded one
+at a time, and only for enabled plugins: a broken plugin that is not enabled never stops
+the daemon, a broken enabled one stops start-up with a message naming it.
+
+An entry point names a class (instantiated once per configuration generation, so a reload
+gets fresh objects) or any other object (a module with hook functions, used as is).
+A plugin may declare, as class or module attributes:
+
+``actions``  the changes it may record (:data:`ACTIONS`); default: all of them.
+``macros``   MTA macros it reads, per stage: ``{"envfrom": ["{auth_authen}"]}``.
+``after``    plugin names that must run before it when enabled (checked at start-up).
+``isolation`` ``"thread"`` (default: hard deadline) or ``"inline"`` (no thread hop).
+``reads_body`` False when the plugin takes ``message`` only for its headers, so that the
+           body is not requested from the MTA for it (default True).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from milterd import hookspecs
+from milterd.config import Config, ConfigError, PluginSettings, describe
+
+__all__ = [
+    "ACTIONS",
+    "GROUP",
+    "Impl",
+    "Installed",
+    "LoadedPlugin",
+    "installed",
+    "load_plugins",
+]
+
+GROUP = "milterd.plugins"
+#: Every change kind a plugin may declare in ``actions``.
+ACTIONS = frozenset(
+    {
+        "add_header",
+        "change_header",
+        "add_recipient",
+        "delete_recipient",
+        "change_sender",
+        "replace_body",
+        "quarantine",
+    }
+)
+MACRO_STAGES = ("connect", "helo", "envfrom", "envrcpt", "data", "eoh", "eom")
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """An installed plugin, from package metadata alone (nothing imported)."""
+
+    name: str
+    value: str
+    dist: str
+    version: str
+
+
+def installed() -> list[Installed]:
+    """Every plugin installed in this environment, sorted by name."""
+    out = []
+    for ep in md.entry_points(group=GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        out.append(Installed(ep.name, ep.value, dist, version))
+    return sorted(out, key=lambda p: p.name)
+
+
+def load_entry_point(name: str) -> object:
+    """Import one plugin's entry point. Raises ConfigError naming it on any failure."""
+    eps = [ep for ep in md.entry_points(group=GROUP) if ep.name == name]
+    if not eps:
+        raise ConfigError(f"plugin {name!r} is enabled but not installed (no entry point "
+                          f"{name!r} in group {GROUP!r})")
+    try:
+        return eps[0].load()
+    except Exception as e:  # any import error must name the plugin, not crash start-up
+        raise ConfigError(f"plugin {name!r} failed to load ({eps[0].value}): "
+                          f"{type(e).__name__}: {e}") from e
+
+
+@dataclass(frozen=True, slots=True)
+class Impl:
+    """One plugin's implementation of one stage hook."""
+
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class LoadedPlugin:
+    name: str
+    obj: object
+    settings: PluginSettings
+    config: Any
+    impls: dict[str, Impl] = field(default_factory=dict)
+    actions: frozenset[str] = ACTIONS
+    macros: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    isolation: str = "thread"
+    after: tuple[str, ...] = ()
+    reads_body: bool = True
+
+    def hooks(self) -> list[str]:
+        return [s for s in hookspecs.STAGES if s in self.impls]
+
+
+def _instantiate(name: str, source: object) -> object:
+    if isinstance(source, type):
+        try:
+            return source()
+        except Exception as e:
+            raise ConfigError(f"plugin {name!r}: creating {source.__name__}() failed: "
+                              f"{type(e).__name__}: {e}") from e
+    return source
+
+
+def new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def load_plugins(
+    config: Config, sources: Mapping[str, object] | None = None
+) -> tuple[pluggy.PluginManager, list[LoadedPlugin]]:
+    """Load, validate and configure the enabled plugins, in pipeline order.
+
+    ``sources`` maps plugin names to classes or objects used instead of entry points (the
+    test harness and ``milterd check --plugin`` use it). Raises ConfigError naming the
+    plugin, and for config problems the file, section and key.
+    """
+    sources = sources or {}
+    pm = new_manager()
+    loaded: list[LoadedPlugin] = []
+    for name in config.enabled_plugins():
+        source = sources[name] if name in sources else load_entry_point(name)
+        obj = _instantiate(name, source)
+        try:
+            pm.register(obj, name=name)
+        except (pluggy.PluginValidationError, ValueError) as e:
+            raise ConfigError(f"plugin {name!r}: {e}") from e
+        loaded.append(_describe(name, obj, config, pm))
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise ConfigError(f"plugin {e.plugin!r}: {e} (a misspelt hook name?)") from e
+    _check_order(loaded)
+    return pm, loaded
+
+
+def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) -> LoadedPlugin:
+    settings = config.plugin_settings(name)
+    impls: dict[str, Impl] = {}
+    for stage in (*hookspecs.STAGES, *hookspecs.LIFECYCLE):
+        for hi in getattr(pm.hook, stage).get_hookimpls():
+            if hi.plugin_name == name:
+                impls[stage] = Impl(name, hi.function, tuple(hi.argnames))
+    section = f"plugins.{name}"
+    options = config.plugin_options(name)
+    schema: type[BaseModel] | None = None
+    if "config_schema" in impls:
+        schema = impls.pop("config_schema").function()
+    if schema is None:
+        if options:
+            raise ConfigError(f"{config.path}: [{section}] {next(iter(options))}: unknown key "
+                              f"(plugin {name!r} takes no settings of its own)")
+        plugin_config = None
+    else:
+        try:
+            plugin_config = schema(**options)
+        except ValidationError as e:
+            raise ConfigError(describe(e, config.path, section)) from None
+    actions = frozenset(getattr(obj, "actions", ACTIONS))
+    unknown = actions - ACTIONS
+    if unknown:
+        raise ConfigError(f"plugin {name!r} declares unknown actions {sorted(unknown)}")
+    raw_macros: dict[str, Any] = dict(getattr(obj, "macros", {}) or {})
+    bad = set(raw_macros) - set(MACRO_STAGES)
+    if bad:
+        raise ConfigError(f"plugin {name!r} declares macros for unknown stages {sorted(bad)}")
+    isolation = settings.isolation or getattr(obj, "isolation", "thread")
+    if isolation not in ("thread", "inline"):
+        raise ConfigError(f"plugin {name!r}: isolation must be 'thread' or 'inline'")
+    return LoadedPlugin(
+        name=name,
+        obj=obj,
+        settings=settings,
+        config=plugin_config,
+        impls={k: v for k, v in impls.items() if k in hookspecs.STAGES or k in ("startup", "shutdown")},
+        actions=actions,
+        macros={k: tuple(v) for k, v in raw_macros.items()},
+        isolation=isolation,
+        after=tuple(getattr(obj, "after", ())),
+        reads_body=bool(getattr(obj, "reads_body", True)),
+    )
+
+
+def _check_order(loaded: list[LoadedPlugin]) -> None:
+    position = {p.name: i for i, p in enumerate(loaded)}
+    for p in loaded:
+        for dep in p.after:
+            if dep in position and position[dep] > position[p.name]:
+                raise ConfigError(
+                    f"plugin {p.name!r} must run after {dep!r}: give [plugins.{dep}] a lower "
+                    f"'order' than [plugins.{p.name}] (or list it first)"
+                )

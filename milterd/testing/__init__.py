@@ -1,0 +1,272 @@
+"""The harness plugin authors test with: a message through the real pipeline, in process.
+
+No libmilter and no MTA: :class:`Harness` drives the same :class:`~milterd.pipeline.Session`
+the daemon's bridge drives, stage by stage, as Postfix would (connect, helo, MAIL, RCPT...,
+DATA, headers, end of headers, body chunks, end of message). DNS comes from a
+:class:`FakeResolver` built from a dictionary of zones.
+
+Example::
+
+    from milterd.testing import Harness
+
+    def test_adds_header():
+        with Harness({"example": {"greeting": "hi"}}, plugins={"example": MyPlugin}) as h:
+            out = h.send(b"Subject: x\\r\\n\\r\\nbody\\r\\n", sender="a@example.org",
+                         recipients=["b@example.com"])
+        assert out.verdict == "continue"
+        assert out.header("X-Greeting") == "hi"
+
+pytest fixtures (``milterd_harness``, ``fake_resolver``) come with the opt-in pytest plugin:
+``pytest -p milterd.testing.pytest_plugin`` or ``pytest_plugins = ["milterd.testing.pytest_plugin"]``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from milterd.actions import Result, Symbol, Verdict
+from milterd.config import Config, from_dict, loads
+from milterd.dns import DNSTempError, NXDomain
+from milterd.events import Client, parse_address
+from milterd.merge import Decision, Op
+from milterd.pipeline import Runtime, Session
+
+__all__ = ["FakeResolver", "Harness", "Outcome", "split_message"]
+
+
+class FakeResolver:
+    """A resolver answering from a dictionary: ``{name: {rdtype: [text, ...]}}``.
+
+    Names are case-insensitive, with or without the trailing dot. A name absent from the
+    dictionary is NXDOMAIN; a present name without the type is NODATA (``[]``). A value of
+    ``"TIMEOUT"`` instead of a list raises DNSTempError, as a silent server would. Every
+    query is appended to :attr:`queries`.
+    """
+
+    def __init__(self, zones: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.zones: dict[str, dict[str, Any]] = {}
+        self.queries: list[tuple[str, str]] = []
+        for name, records in (zones or {}).items():
+            self.zones[name.lower().rstrip(".")] = {k.upper(): v for k, v in records.items()}
+
+    def lookup(self, name: str, rdtype: str, timeout: float | None = None) -> list[str]:
+        key = name.lower().rstrip(".")
+        self.queries.append((key, rdtype.upper()))
+        if key not in self.zones:
+            raise NXDomain(name)
+        value = self.zones[key].get(rdtype.upper(), [])
+        if value == "TIMEOUT":
+            raise DNSTempError(f"{name}/{rdtype}: timeout (fake)")
+        return [str(v) for v in value]
+
+
+def split_message(raw: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
+    """Split a message into header fields (name, raw value as an MTA sends it with
+    leading space kept) and the body with CRLF line ends. Never raises."""
+    data = raw.replace(b"\r\n", b"\n")
+    head, sep, body = data.partition(b"\n\n")
+    if not sep and not head.rstrip(b"\n").count(b":"):
+        head, body = b"", data
+    fields: list[tuple[str, bytes]] = []
+    for line in head.split(b"\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + b"\r\n" + line)
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue  # not a header field: an MTA would have ended the header block
+        fields.append((name.decode("ascii", "surrogateescape").strip(), value))
+    return fields, body.replace(b"\n", b"\r\n")
+
+
+@dataclass
+class Outcome:
+    """What the pipeline decided for one message."""
+
+    decision: Decision
+    delivered: bytes | None  # the message exactly as it would be delivered, or None
+    results: list[Result]
+    symbols: list[Symbol]
+    score: float
+    errors: list[tuple[str, str, str]]
+    timings: dict[str, float]
+    stage: str  # the stage that decided: "eom", or an earlier one
+    early: Verdict | None = None  # the verdict given before end of message, if any
+    refused: dict[str, Verdict] = field(default_factory=dict)  # per recipient at RCPT
+
+    @property
+    def verdict(self) -> str:
+        """``continue``, ``accept``, ``quarantine``, ``tempfail``, ``reject``, ``discard``."""
+        if self.early is not None:
+            return self.early.word
+        return self.decision.word
+
+    @property
+    def ops(self) -> list[Op]:
+        return self.decision.ops
+
+    def header(self, name: str) -> str | None:
+        """The first header ``name`` of the delivered message, or None."""
+        if self.delivered is None:
+            return None
+        for field_name, value in split_message(self.delivered)[0]:
+            if field_name.lower() == name.lower():
+                return value.decode("utf-8", "surrogateescape").strip()
+        return None
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The delivered message's header fields in order (name, value without indent)."""
+        if self.delivered is None:
+            return []
+        return [(n, v.decode("utf-8", "surrogateescape").strip())
+                for n, v in split_message(self.delivered)[0]]
+
+
+def _config(config: str | Mapping[str, Any] | Config | None, plugins: Mapping[str, object]) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, str):
+        return loads(config)
+    data: dict[str, Any] = {"milterd": {"authserv_id": "mx.test.example"}, "plugins": {}}
+    if config:
+        sections = dict(config)
+        if "milterd" in sections or "dns" in sections or "plugins" in sections:
+            data.update({k: v for k, v in sections.items() if k != "plugins"})
+            data["plugins"] = dict(sections.get("plugins", {}))
+        else:  # shorthand: {plugin name: its section}
+            data["plugins"] = {k: dict(v) for k, v in sections.items()}
+    for name in plugins:
+        data["plugins"].setdefault(name, {})
+    return from_dict(data)
+
+
+class Harness:
+    """A configured pipeline that messages can be sent through, in process.
+
+    ``config``: TOML text, a dict shaped like the file, a shorthand dict of plugin sections
+    (``{"example": {"greeting": "hi"}}``), or a :class:`Config`. ``plugins`` maps plugin
+    names to classes or objects used instead of installed entry points (names not given
+    here are loaded from entry points). ``zones`` builds a FakeResolver.
+    """
+
+    def __init__(
+        self,
+        config: str | Mapping[str, Any] | Config | None = None,
+        *,
+        plugins: Mapping[str, object] | None = None,
+        zones: Mapping[str, Mapping[str, Any]] | None = None,
+        resolver: Any = None,
+    ) -> None:
+        self.plugins = dict(plugins or {})
+        self.resolver = resolver if resolver is not None else FakeResolver(zones)
+        self.config = _config(config, self.plugins)
+        self.runtime = Runtime(self.config, self.plugins, self.resolver)
+        self.runtime.start()
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.runtime.stop()
+
+    def send(
+        self,
+        message: bytes | str,
+        *,
+        sender: str = "sender@example.org",
+        recipients: Iterable[str] = ("rcpt@example.com",),
+        client_ip: str = "192.0.2.1",
+        client_name: str | None = None,
+        helo: str = "client.example.org",
+        auth: str | None = None,
+        queue_id: str = "4TESTQID",
+        macros: Mapping[str, str] | None = None,
+        chunk_size: int = 65535,
+    ) -> Outcome:
+        """Send one message through the pipeline on a new connection, as an MTA would."""
+        raw = message.encode("utf-8", "surrogateescape") if isinstance(message, str) else message
+        session = Session(self.runtime, capture=True)
+        extra = dict(macros or {})
+        addr = parse_address(client_ip) if client_ip else None
+        family = "unknown" if addr is None else ("inet6" if addr.version == 6 else "inet")
+        name = client_name or (f"[{client_ip}]" if client_ip else "localhost")
+        client = Client(name, family, addr, 25000 if addr else None)  # type: ignore[arg-type]
+        conn_macros = {"j": "mx.test.example", "{daemon_name}": "smtpd",
+                       "{client_addr}": client_ip, **extra}
+        mail_macros = {"i": queue_id, **({"{auth_authen}": auth, "{auth_type}": "PLAIN"} if auth else {})}
+        outcome_stage = "eom"
+        refused: dict[str, Verdict] = {}
+        early: Verdict | None = None
+        try:
+            for step in ("connect", "helo", "envfrom"):
+                if step == "connect":
+                    early = session.on_connect(name, client, conn_macros)
+                elif step == "helo":
+                    early = session.on_helo(helo, {})
+                else:
+                    early = session.on_envfrom(_strip(sender), {}, mail_macros)
+                if early is not None:
+                    outcome_stage = step
+                    return self._early(session, early, step, refused)
+            accepted = 0
+            for rcpt in recipients:
+                v = session.on_envrcpt(_strip(rcpt), {}, {"i": queue_id})
+                if v is not None:
+                    refused[rcpt] = v
+                else:
+                    accepted += 1
+            if not accepted:
+                session.on_abort()
+                return self._early(session, None, "envrcpt", refused)
+            # Every stage is fed, even those negotiation would skip: plugins are only called
+            # for the stages they hook, and the delivered copy needs the whole message.
+            fields, body = split_message(raw)
+            for stage, call in (
+                ("data", lambda: session.on_data({})),
+                *(("header", (lambda f=f: session.on_header(f[0], f[1])))
+                  for f in fields),
+                ("eoh", lambda: session.on_eoh({})),
+                *(("body", (lambda i=i: session.on_body(body[i:i + chunk_size])))
+                  for i in range(0, len(body), chunk_size)),
+            ):
+                early = call()
+                if early is not None:
+                    outcome_stage = stage
+                    return self._early(session, early, stage, refused)
+            decision = session.on_eom({"i": queue_id})
+            ledger_view = session.last_ledger
+            return Outcome(
+                decision=decision,
+                delivered=session.delivered if decision.delivers else None,
+                results=ledger_view.results,
+                symbols=ledger_view.symbols,
+                score=ledger_view.score,
+                errors=list(ledger_view.errors),
+                timings=dict(ledger_view.timings),
+                stage=outcome_stage,
+                refused=refused,
+            )
+        finally:
+            session.on_close()
+
+    def _early(self, session: Session, v: Verdict | None, stage: str,
+               refused: dict[str, Verdict]) -> Outcome:
+        ledger = session.last_ledger
+        return Outcome(Decision(v), None, ledger.results, ledger.symbols, ledger.score,
+                       list(ledger.errors), dict(ledger.timings), stage, early=v, refused=refused)
+
+
+def _strip(addr: str) -> str:
+    addr = addr.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        return addr[1:-1]
+    return email.utils.parseaddr(addr)[1] or addr

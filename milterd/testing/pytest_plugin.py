@@ -1,0 +1,35 @@
+"""Opt-in pytest fixtures for plugin authors: ``pytest -p milterd.testing.pytest_plugin``
+or ``pytest_plugins = ["milterd.testing.pytest_plugin"]`` in a conftest.py.
+
+``milterd_harness(config=None, plugins=None, zones=None)`` builds a :class:`Harness` and
+closes it after the test; ``fake_resolver`` is an empty :class:`FakeResolver` to fill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from milterd.testing import FakeResolver, Harness
+
+
+@pytest.fixture
+def fake_resolver() -> FakeResolver:
+    return FakeResolver()
+
+
+@pytest.fixture
+def milterd_harness() -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(config: Any = None, *, plugins: Any = None, zones: Any = None,
+             resolver: Any = None) -> Harness:
+        h = Harness(config, plugins=plugins, zones=zones, resolver=resolver)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()

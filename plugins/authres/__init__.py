@@ -1,0 +1,121 @@
+"""Built-in ``authres``: one Authentication-Results header (RFC 8601) for every message.
+
+* At end of message, every incoming Authentication-Results and ARC-Authentication-Results
+  field that claims our authserv-id is deleted (RFC 8601 section 5: a receiver must not
+  trust results it did not produce, and such fields are forgeries), wherever it stands;
+  fields of other authserv-ids stay untouched and in order.
+* At ``finalize``, after every plugin's ``eom``, one header is added on top with every
+  result on the ledger (SPF, DKIM, ARC, DMARC, third-party methods), in pipeline order,
+  or ``none`` when no plugin produced any. It is built with the ``authres`` library and
+  parses back with it.
+
+Mail from trusted senders (authenticated or internal) gets no header unless
+``trusted = true``: there is nothing we verified.
+"""
+
+from __future__ import annotations
+
+import re
+
+import authres
+from authres import core as ar
+
+from milterd import (
+    AddHeader,
+    Context,
+    DeleteHeader,
+    Message,
+    PluginConfig,
+    Result,
+    Services,
+    hookimpl,
+)
+
+__all__ = ["AuthenticationResults", "AuthResConfig", "authserv_id_of", "build_header"]
+
+_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
+_INSTANCE = re.compile(r"^\s*i\s*=\s*\d+\s*;", re.IGNORECASE)
+CHECKED = ("authentication-results", "arc-authentication-results")
+
+
+class AuthResConfig(PluginConfig):
+    authserv_id: str | None = None  # default: [milterd] authserv_id
+    remove_forged: bool = True
+    trusted: bool = False  # also stamp mail from authenticated/internal senders
+
+
+def authserv_id_of(field_name: str, value: str) -> str:
+    """The authserv-id an (ARC-)Authentication-Results value claims, lower-cased.
+
+    Comments are ignored; ARC's ``i=N;`` prefix is skipped. Returns ``""`` when there is
+    none. Never raises: forged headers are often malformed on purpose.
+    """
+    text = value
+    for _ in range(5):  # nested comments
+        stripped = _COMMENT.sub(" ", text)
+        if stripped == text:
+            break
+        text = stripped
+    if field_name.lower() == "arc-authentication-results":
+        text = _INSTANCE.sub("", text)
+    token = text.strip().split(";", 1)[0].strip()
+    return token.split()[0].lower() if token.split() else ""
+
+
+def build_header(authserv_id: str, results: list[Result]) -> str:
+    """The field body (without ``Authentication-Results:``) for these results."""
+    entries = [
+        ar.AuthenticationResult(
+            method=r.method,
+            version=r.version,
+            result=r.result,
+            reason=r.reason or None,
+            properties=[
+                ar.AuthenticationResultProperty(k.split(".", 1)[0], k.split(".", 1)[1], v)
+                for k, v in r.properties
+            ],
+        )
+        for r in results
+    ]
+    text = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=entries))
+    return text.split(":", 1)[1].strip()
+
+
+class AuthenticationResults:
+    """Stamps Authentication-Results and removes forged ones."""
+
+    actions = frozenset({"add_header", "change_header"})
+    isolation = "inline"
+    reads_body = False  # headers only: the body is not requested for us
+
+    def __init__(self) -> None:
+        self.authserv_id = ""
+
+    @hookimpl
+    def config_schema(self) -> type[AuthResConfig]:
+        return AuthResConfig
+
+    @hookimpl
+    def startup(self, config: AuthResConfig, services: Services) -> None:
+        self.authserv_id = config.authserv_id or services.settings.authserv_id
+
+    @hookimpl
+    def eom(self, ctx: Context, message: Message) -> None:
+        if not ctx.config.remove_forged:
+            return
+        ours = self.authserv_id.lower()
+        seen: dict[str, int] = {}
+        for h in message.headers:
+            lname = h.name.lower()
+            if lname not in CHECKED:
+                continue
+            seen[lname] = seen.get(lname, 0) + 1
+            if authserv_id_of(lname, h.value) == ours:
+                ctx.add_change(DeleteHeader(h.name, seen[lname]))
+                ctx.log.info("removing forged %s #%d claiming %s", h.name, seen[lname], ours)
+
+    @hookimpl
+    def finalize(self, ctx: Context) -> None:
+        if ctx.connection.trusted and not ctx.config.trusted:
+            return
+        ctx.add_change(AddHeader("Authentication-Results", build_header(self.authserv_id, ctx.results)))
