@@ -9,10 +9,12 @@ delivering it unfiltered.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import Milter
@@ -27,6 +29,16 @@ from milterd.pipeline import Negotiation, Runtime, Session
 __all__ = ["drain", "open_connections", "open_socket", "protocol_flags", "run", "set_runtime"]
 
 log = logging.getLogger("milterd")
+
+# libmilter's reply codes, typed (pymilter exports them untyped).
+CONTINUE: int = int(Milter.CONTINUE)
+NOREPLY: int = int(Milter.NOREPLY)
+REJECT: int = int(Milter.REJECT)
+TEMPFAIL: int = int(Milter.TEMPFAIL)
+DISCARD: int = int(Milter.DISCARD)
+ACCEPT: int = int(Milter.ACCEPT)
+SKIP: int = int(Milter.SKIP)
+Callback = Callable[..., int]
 
 # stage -> (flag to skip it entirely, flag to send it without waiting for a reply)
 STAGE_FLAGS: dict[str, tuple[int, int]] = {
@@ -150,16 +162,16 @@ class _Conn:
     def answer(self, v: Verdict | None, stage: str) -> int:
         if v is None:
             nr = STAGE_FLAGS.get(stage, (0, 0))[1]
-            return Milter.NOREPLY if self.proto & nr else Milter.CONTINUE
+            return NOREPLY if self.proto & nr else CONTINUE
         if isinstance(v, Reject | TempFail):
             try:
                 self.ctx.setreply(v.code, v.xcode, v.text.replace("%", "%%"))
             except Exception:
                 log.warning("MTA refused reply text %r", v.text)
-            return Milter.REJECT if isinstance(v, Reject) else Milter.TEMPFAIL
+            return REJECT if isinstance(v, Reject) else TEMPFAIL
         if isinstance(v, Discard):
-            return Milter.DISCARD
-        return Milter.CONTINUE
+            return DISCARD
+        return CONTINUE
 
     def value(self, text: str | None) -> str | None:
         if text is None or not self.leadspc or text[:1] in (" ", "\t"):
@@ -196,31 +208,33 @@ class _Conn:
         except Exception as e:
             # A change we cannot apply means the message would be delivered other than
             # decided: tempfail rather than deliver it half-filtered.
-            log.error("applying %s from plugin %s failed: %s; tempfailing",
-                      op.kind if op else "?", op.plugin if op else "?", e)
+            log.error(
+                "applying %s from plugin %s failed: %s; tempfailing",
+                op.kind if op else "?",
+                op.plugin if op else "?",
+                e,
+            )
             self.ctx.setreply("451", "4.3.0", "Temporary filter failure, try again later")
-            return Milter.TEMPFAIL
-        return Milter.ACCEPT
+            return TEMPFAIL
+        return ACCEPT
 
 
 def _bracket(a: str) -> str:
     return a if a.startswith("<") else f"<{a}>"
 
 
-def _guard(stage: str) -> Any:
+def _guard(stage: str) -> Callable[[Callback], Callback]:
     """Wrap a callback: a core bug tempfails the message, never reaches libmilter."""
 
-    def deco(fn: Any) -> Any:
+    def deco(fn: Callback) -> Callback:
         def wrapper(ctx: Any, *args: Any) -> int:
             try:
-                return int(fn(ctx, *args))
+                return fn(ctx, *args)
             except Exception:
                 log.exception("internal error at %s; tempfailing", stage)
-                try:
+                with contextlib.suppress(Exception):
                     ctx.setreply("451", "4.3.0", "Temporary filter failure, try again later")
-                except Exception:
-                    pass
-                return int(Milter.TEMPFAIL)
+                return TEMPFAIL
 
         wrapper.__name__ = fn.__name__
         return wrapper
@@ -234,7 +248,7 @@ def _negotiate(ctx: Any, opts: list[int]) -> int:
     with _runtime_lock:
         rt = _runtime
     if rt is None:
-        return int(Milter.TEMPFAIL)
+        return TEMPFAIL
     conn = _Conn(ctx, rt)
     ctx.setpriv(conn)
     with _open_cond:
@@ -248,7 +262,7 @@ def _negotiate(ctx: Any, opts: list[int]) -> int:
         for stage, names in rt.negotiation.macros.items():
             ctx.setsymlist(MACRO_STAGES[stage], " ".join(names))
     opts[0], opts[1], opts[2], opts[3] = conn.actions, proto, 0, 0
-    return int(Milter.CONTINUE)
+    return CONTINUE
 
 
 def _client(hostname: str, family: int, hostaddr: Any) -> Client:
@@ -316,7 +330,7 @@ def _body(ctx: Any, chunk: bytes) -> int:
     c: _Conn = ctx.getpriv()
     v = c.session.on_body(chunk)
     if v is None and not c.rt.negotiation.needs_body and c.proto & Milter.P_SKIP:
-        return int(Milter.SKIP)
+        return SKIP
     return c.answer(v, "body")
 
 
@@ -331,7 +345,7 @@ def _abort(ctx: Any) -> int:
     c: _Conn | None = ctx.getpriv()
     if c is not None:
         c.session.on_abort()
-    return int(Milter.CONTINUE)
+    return CONTINUE
 
 
 @_guard("close")
@@ -339,7 +353,7 @@ def _close(ctx: Any) -> int:
     global _open
     c: _Conn | None = ctx.getpriv()
     if c is None:
-        return int(Milter.CONTINUE)
+        return CONTINUE
     try:
         c.session.on_close()
     finally:
@@ -347,11 +361,11 @@ def _close(ctx: Any) -> int:
         with _open_cond:
             _open -= 1
             _open_cond.notify_all()
-    return int(Milter.CONTINUE)
+    return CONTINUE
 
 
 def _unknown(ctx: Any, cmd: Any) -> int:
-    return int(Milter.CONTINUE)
+    return CONTINUE
 
 
 def open_socket(settings: Settings) -> None:
@@ -398,8 +412,11 @@ def _nodelay() -> None:
         except OSError:
             continue
         try:
-            if (s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6)
-                    and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            if (
+                s.type == socket.SOCK_STREAM
+                and s.family in (socket.AF_INET, socket.AF_INET6)
+                and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            ):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass

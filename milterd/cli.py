@@ -48,15 +48,20 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for p in installed():
         row: dict[str, Any] = {
-            "name": p.name, "distribution": p.dist, "version": p.version, "entry_point": p.value,
+            "name": p.name,
+            "distribution": p.dist,
+            "version": p.version,
+            "entry_point": p.value,
             "enabled": p.name in enabled,
             "order": enabled.index(p.name) + 1 if p.name in enabled else None,
         }
         try:
             obj = load_entry_point(p.name)
-            row["hooks"] = [h for h in (*hookspecs.STAGES, *hookspecs.LIFECYCLE)
-                            if callable(getattr(obj, h, None))
-                            and hasattr(getattr(obj, h), "milterd_impl")]
+            row["hooks"] = [
+                h
+                for h in (*hookspecs.STAGES, *hookspecs.LIFECYCLE)
+                if callable(getattr(obj, h, None)) and hasattr(getattr(obj, h), "milterd_impl")
+            ]
         except ConfigError as e:
             row["error"] = str(e)
         rows.append(row)
@@ -69,8 +74,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for r in sorted(rows, key=lambda r: (r.get("order") or 999, r["name"])):
-        state = f"enabled #{r['order']}" if r.get("enabled") and r.get("order") else (
-            "ENABLED" if r.get("enabled") else "installed")
+        state = (
+            f"enabled #{r['order']}"
+            if r.get("enabled") and r.get("order")
+            else ("ENABLED" if r.get("enabled") else "installed")
+        )
         print(f"{r['name']:<16} {state:<12} {r.get('distribution', '-')} {r.get('version', '')}")
         if "hooks" in r:
             print(f"{'':16} hooks: {', '.join(r['hooks']) or '-'}")
@@ -80,6 +88,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from milterd.actions import Reject, TempFail
     from milterd.config import ConfigError, load
     from milterd.dns import StubResolver
     from milterd.logs import setup_logging
@@ -98,30 +107,67 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"milterd: {e}", file=sys.stderr)
         return 2
     with harness:
-        out = harness.send(raw, sender=args.sender, recipients=args.rcpt or ["postmaster@localhost"],
-                           client_ip=args.client_ip, helo=args.helo, auth=args.auth,
-                           client_name=args.client_name)
+        out = harness.send(
+            raw,
+            sender=args.sender,
+            recipients=args.rcpt or ["postmaster@localhost"],
+            client_ip=args.client_ip,
+            helo=args.helo,
+            auth=args.auth,
+            client_name=args.client_name,
+        )
     if args.output and out.delivered is not None:
         Path(args.output).write_bytes(out.delivered)
-    report = {
+    report: dict[str, Any] = {
         "verdict": out.verdict,
         "stage": out.stage,
         "decided_by": out.decision.plugin,
-        "reasons": [{"plugin": p, "verdict": v.word, "reason": v.reason,
-                     **({"reply": f"{v.code} {v.xcode or ''} {v.text}".replace("  ", " ")}
-                        if hasattr(v, "code") else {})}
-                    for p, v in out.decision.reasons] + (
+        "reasons": [
+            {
+                "plugin": p,
+                "verdict": v.word,
+                "reason": v.reason,
+                **(
+                    {"reply": f"{v.code} {v.xcode or ''} {v.text}".replace("  ", " ")}
+                    if isinstance(v, Reject | TempFail)
+                    else {}
+                ),
+            }
+            for p, v in out.decision.reasons
+        ]
+        + (
             [{"plugin": "", "verdict": out.early.word, "reason": out.early.reason}]
-            if out.early is not None and not out.decision.reasons else []),
+            if out.early is not None and not out.decision.reasons
+            else []
+        ),
         "refused_recipients": {r: v.word for r, v in out.refused.items()},
-        "changes": [{k: v for k, v in (("op", o.kind), ("plugin", o.plugin), ("name", o.name),
-                                       ("index", o.index), ("value", o.value),
-                                       ("address", o.address)) if v not in ("", None)}
-                    for o in out.ops],
-        "results": [{"method": r.method, "result": r.result, "reason": r.reason,
-                     "properties": dict(r.properties)} for r in out.results],
-        "symbols": [{"name": s.name, "score": s.score, "description": s.description}
-                    for s in out.symbols],
+        "changes": [
+            {
+                k: v
+                for k, v in (
+                    ("op", o.kind),
+                    ("plugin", o.plugin),
+                    ("name", o.name),
+                    ("index", o.index),
+                    ("value", o.value),
+                    ("address", o.address),
+                )
+                if v not in ("", None)
+            }
+            for o in out.ops
+        ],
+        "results": [
+            {
+                "method": r.method,
+                "result": r.result,
+                "reason": r.reason,
+                "properties": dict(r.properties),
+            }
+            for r in out.results
+        ],
+        "symbols": [
+            {"name": s.name, "score": s.score, "description": s.description} for s in out.symbols
+        ],
         "score": out.score,
         "errors": [{"plugin": p, "stage": s, "error": d} for p, s, d in out.errors],
         "conflicts": out.decision.conflicts,
@@ -130,14 +176,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"verdict: {report['verdict']}" + (f" (by {report['decided_by']})" if report["decided_by"] else ""))
+        print(
+            f"verdict: {report['verdict']}"
+            + (f" (by {report['decided_by']})" if report["decided_by"] else "")
+        )
         for r in report["reasons"]:
-            print(f"  {r['plugin'] or 'milterd'}: {r['verdict']} {r.get('reply', '')} {r['reason']}".rstrip())
+            who = r["plugin"] or "milterd"
+            print(f"  {who}: {r['verdict']} {r.get('reply', '')} {r['reason']}".rstrip())
         for rcpt, word in report["refused_recipients"].items():
             print(f"  recipient {rcpt}: {word}")
         print("changes:" + ("" if report["changes"] else " none"))
         for c in report["changes"]:
-            print("  " + " ".join(f"{k}={v!r}" if k == "value" else f"{k}={v}" for k, v in c.items()))
+            print(
+                "  " + " ".join(f"{k}={v!r}" if k == "value" else f"{k}={v}" for k, v in c.items())
+            )
         print("results:" + ("" if report["results"] else " none"))
         for r in out.results:
             props = " ".join(f"{k}={v}" for k, v in r.properties)
@@ -145,21 +197,30 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"score: {report['score']:g}")
         for s in out.symbols:
             print(f"  {s.name} {s.score:+g} {s.description}".rstrip())
-        for e in report["errors"]:
-            print(f"error: {e['plugin']} at {e['stage']}: {e['error']}")
+        for err in report["errors"]:
+            print(f"error: {err['plugin']} at {err['stage']}: {err['error']}")
         for c in report["conflicts"]:
             print(f"conflict: {c}")
-        print("time: " + (", ".join(f"{k} {v:.2f} ms" for k, v in report["plugin_ms"].items()) or "-"))
+        print(
+            "time: " + (", ".join(f"{k} {v:.2f} ms" for k, v in report["plugin_ms"].items()) or "-")
+        )
         if args.output:
-            print(f"written: {args.output}" if out.delivered is not None
-                  else "not written: the message would not be delivered")
+            print(
+                f"written: {args.output}"
+                if out.delivered is not None
+                else "not written: the message would not be delivered"
+            )
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="milterd", description=__doc__)
-    ap.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                    help=f"config file (default {DEFAULT_CONFIG}; env MILTERD_CONFIG)")
+    ap.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"config file (default {DEFAULT_CONFIG}; env MILTERD_CONFIG)",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     sub.add_parser("run", help="run the daemon in the foreground").set_defaults(fn=_cmd_run)
@@ -171,8 +232,9 @@ def parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="configuration commands")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
-    cfg_sub.add_parser("check", help="validate the config file and every enabled plugin's "
-                       "section").set_defaults(fn=_cmd_config_check)
+    cfg_sub.add_parser(
+        "check", help="validate the config file and every enabled plugin's section"
+    ).set_defaults(fn=_cmd_config_check)
 
     p = sub.add_parser("check", help="run one message through the pipeline in process")
     p.add_argument("file", help="the message (RFC 5322), or - for standard input")

@@ -142,8 +142,12 @@ def _worker_main(index: int, config: Config, control: int) -> None:
                 log.info("worker %d: reloaded %s", index, path)
 
     threading.Thread(target=control_loop, name="control", daemon=True).start()
-    log.info("worker %d ready (pid %d), plugins: %s", index, os.getpid(),
-             ", ".join(p.name for p in rt.plugins) or "none")
+    log.info(
+        "worker %d ready (pid %d), plugins: %s",
+        index,
+        os.getpid(),
+        ", ".join(p.name for p in rt.plugins) or "none",
+    )
     try:
         bridge.run()
     except Exception:
@@ -151,11 +155,19 @@ def _worker_main(index: int, config: Config, control: int) -> None:
         os._exit(4)
     timeout = rt.settings.shutdown_timeout
     if bridge.open_connections():
-        log.info("worker %d: waiting up to %gs for %d open connection(s)", index, timeout,
-                 bridge.open_connections())
+        log.info(
+            "worker %d: waiting up to %gs for %d open connection(s)",
+            index,
+            timeout,
+            bridge.open_connections(),
+        )
     if not bridge.drain(timeout):
-        log.warning("worker %d: %d connection(s) still open after %gs; exiting", index,
-                    bridge.open_connections(), timeout)
+        log.warning(
+            "worker %d: %d connection(s) still open after %gs; exiting",
+            index,
+            bridge.open_connections(),
+            timeout,
+        )
     current = bridge.current_runtime()
     if current is not None:
         current.retire()
@@ -206,16 +218,23 @@ class Supervisor:
 
     def reload(self) -> None:
         self.reload_requested = False
+        # Read once: the bytes validated here are the bytes every worker gets, even if the
+        # file changes again meanwhile.
         try:
-            new = load(self.path)
+            with open(self.path, "rb") as f:
+                text = f.read()
+        except OSError as e:
+            log.error("reload refused, old config kept: %s: %s", self.path, e.strerror)
+            return
+        try:
+            new = loads(text.decode("utf-8"), self.path)
             from milterd.pipeline import Runtime
 
             Runtime(new)  # validates plugins and their config sections; no startup here
-        except ConfigError as e:
+        except (ConfigError, UnicodeDecodeError) as e:
             log.error("reload refused, old config kept:\n%s", e)
             return
         self.config = new
-        text = open(self.path, "rb").read()
         msg = b"reload %d %s\n" % (len(text), self.path.encode()) + text
         for w in self.workers.values():
             _send(w.pipe, msg)
@@ -276,7 +295,10 @@ class Supervisor:
                 for w in self.workers.values():
                     _send(w.pipe, b"stop\n")
                 stop_sent = time.monotonic()
-            if stop_sent is not None and time.monotonic() - stop_sent > settings.shutdown_timeout + 5:
+            if (
+                stop_sent is not None
+                and time.monotonic() - stop_sent > settings.shutdown_timeout + 5
+            ):
                 for w in list(self.workers.values()):
                     log.warning("worker %d (pid %d) did not stop; killing it", w.index, w.pid)
                     with contextlib.suppress(ProcessLookupError):

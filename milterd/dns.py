@@ -77,10 +77,16 @@ class StubResolver:
         if lifetime <= 0:
             raise DNSTempError(f"{name}/{rdtype}: no time left")
         try:
-            answer = r.resolve(name, rdtype, lifetime=lifetime, raise_on_no_answer=False, search=False)
+            answer = r.resolve(
+                name, rdtype, lifetime=lifetime, raise_on_no_answer=False, search=False
+            )
         except dns.resolver.NXDOMAIN:
             raise NXDomain(name) from None
-        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as e:
+        except (
+            dns.exception.Timeout,
+            dns.resolver.NoNameservers,
+            dns.resolver.LifetimeTimeout,
+        ) as e:
             raise DNSTempError(f"{name}/{rdtype}: {e}") from None
         except dns.exception.DNSException as e:
             raise DNSTempError(f"{name}/{rdtype}: {e}") from None

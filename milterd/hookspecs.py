@@ -72,7 +72,9 @@ STAGES: tuple[str, ...] = (
 #: Lifecycle hooks: called once per configuration generation, not per message.
 LIFECYCLE: tuple[str, ...] = ("config_schema", "startup", "shutdown")
 #: Stages at which a plugin may record changes (a message exists and is not over).
-CHANGE_STAGES = frozenset(("envfrom", "envrcpt", "data", "header", "eoh", "body", "eom", "finalize"))
+CHANGE_STAGES = frozenset(
+    ("envfrom", "envrcpt", "data", "header", "eoh", "body", "eom", "finalize")
+)
 
 
 # --- lifecycle ------------------------------------------------------------------------------
@@ -123,8 +125,9 @@ def shutdown() -> None:
     """Release what :func:`startup` opened.
 
     When it fires: when the daemon stops, and for the old generation after a reload once
-    its last connection has closed. Exceptions are logged and ignored.
+    its last connection has closed.
 
+    Returns: nothing. Exceptions are logged and ignored.
     Changes: none. Negotiation: not applicable. Since: 0.1.
     """
 

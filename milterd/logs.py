@@ -49,8 +49,11 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s milterd[%(process)d/w%(worker)s] %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s milterd[%(process)d/w%(worker)s] %(levelname)s %(name)s: %(message)s"
+            )
+        )
     root = logging.getLogger("milterd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

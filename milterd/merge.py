@@ -125,9 +125,7 @@ def merge(entries: list[Entry], headers: list[Header] | None = None) -> Decision
     decision.ops.extend(_envelope_ops(changes, decision.conflicts))
     if verdict is not None and isinstance(verdict, Quarantine):
         text = "; ".join(
-            f"{p}: {v.reason}" if v.reason else p
-            for p, v in reasons
-            if isinstance(v, Quarantine)
+            f"{p}: {v.reason}" if v.reason else p for p, v in reasons if isinstance(v, Quarantine)
         )
         decision.ops.append(Op("quarantine", value=text or "quarantined", plugin=who))
     return decision
@@ -160,9 +158,7 @@ def _header_ops(
                         f"{prev_plugin}'s deletion"
                     )
                     continue
-                conflicts.append(
-                    f"{plugin} overrides {prev_plugin} on {ch.name} #{ch.occurrence}"
-                )
+                conflicts.append(f"{plugin} overrides {prev_plugin} on {ch.name} #{ch.occurrence}")
             edits[key] = (plugin, ch.name, new)
         elif isinstance(ch, InsertHeader):
             inserts.append((plugin, ch.name, ch.value, ch.index))
@@ -174,7 +170,9 @@ def _header_ops(
 
     ops: list[Op] = []
     # Highest occurrence first: deleting #1 before #2 would make the old #2 the new #1.
-    for (_, occ), (plugin, name, value) in sorted(edits.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    for (_, occ), (plugin, name, value) in sorted(
+        edits.items(), key=lambda kv: (kv[0][0], -kv[0][1])
+    ):
         ops.append(Op("chgheader", name=name, index=occ, value=value, plugin=plugin))
 
     deleted_positions: list[int] = []
@@ -187,12 +185,13 @@ def _header_ops(
             if hit is not None and hit[2] is None:
                 deleted_positions.append(pos)
     placed: list[int] = []
-    for plugin, name, value, index in inserts:
-        if headers is not None:
-            index = min(index, len(headers))
+    for plugin, name, value, wanted in inserts:
+        index = min(wanted, len(headers)) if headers is not None else wanted
         shift = sum(1 for p in deleted_positions if p < index)
         before = sum(1 for q in placed if q < index)
-        ops.append(Op("insheader", name=name, value=value, index=index - shift + before, plugin=plugin))
+        ops.append(
+            Op("insheader", name=name, value=value, index=index - shift + before, plugin=plugin)
+        )
         placed.append(index)
     ops.extend(Op("addheader", name=n, value=v, plugin=p) for p, n, v in appends)
     return ops
@@ -223,7 +222,9 @@ def _envelope_ops(changes: list[tuple[str, Change]], conflicts: list[str]) -> li
             added.add(ch.address.lower())
             ops.append(Op("addrcpt", address=ch.address, params=ch.params, plugin=plugin))
     if sender is not None:
-        ops.append(Op("chgfrom", address=sender[1].address, params=sender[1].params, plugin=sender[0]))
+        ops.append(
+            Op("chgfrom", address=sender[1].address, params=sender[1].params, plugin=sender[0])
+        )
     if body is not None:
         ops.append(Op("replbody", body=body[1].body, plugin=body[0]))
     return ops

@@ -17,19 +17,26 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 class _Metrics:
     def __init__(self) -> None:
-        self.messages = Counter(
-            "milterd_messages", "Messages by final verdict", ["verdict"])
+        self.messages = Counter("milterd_messages", "Messages by final verdict", ["verdict"])
         self.plugin_seconds = Histogram(
-            "milterd_plugin_seconds", "Time spent in plugin hooks", ["plugin", "stage"],
-            buckets=_BUCKETS)
+            "milterd_plugin_seconds",
+            "Time spent in plugin hooks",
+            ["plugin", "stage"],
+            buckets=_BUCKETS,
+        )
         self.plugin_errors = Counter(
-            "milterd_plugin_errors", "Plugin failures (exception, timeout, bad-return)",
-            ["plugin", "stage", "kind"])
+            "milterd_plugin_errors",
+            "Plugin failures (exception, timeout, bad-return)",
+            ["plugin", "stage", "kind"],
+        )
         self.abandoned = Counter(
             "milterd_plugin_abandoned_calls",
-            "Calls still running after their deadline (their thread is held)", ["plugin"])
+            "Calls still running after their deadline (their thread is held)",
+            ["plugin"],
+        )
         self.connections = Gauge(
-            "milterd_connections_open", "Open MTA connections", multiprocess_mode="livesum")
+            "milterd_connections_open", "Open MTA connections", multiprocess_mode="livesum"
+        )
 
 
 METRICS = _Metrics()

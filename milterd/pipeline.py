@@ -144,7 +144,9 @@ class Runtime:
             except Exception as e:
                 from milterd.config import ConfigError
 
-                raise ConfigError(f"plugin {p.name!r}: startup failed: {type(e).__name__}: {e}") from e
+                raise ConfigError(
+                    f"plugin {p.name!r}: startup failed: {type(e).__name__}: {e}"
+                ) from e
         self.started = True
 
     def stop(self) -> None:
@@ -187,8 +189,12 @@ class Runtime:
 
     def _negotiate(self) -> Negotiation:
         hooked = {s for s, plan in self.plan.items() if plan}
-        readers = [p for stage in ("eom", "finalize") for p, impl in self.plan[stage]
-                   if "message" in impl.argnames]
+        readers = [
+            p
+            for stage in ("eom", "finalize")
+            for p, impl in self.plan[stage]
+            if "message" in impl.argnames
+        ]
         needs_body = "body" in hooked or any(p.reads_body for p in readers)
         needs_headers = "header" in hooked or bool(readers)
         skip = set()
@@ -201,7 +207,9 @@ class Runtime:
                 continue
             skip.add(stage)
         noreply = {s for s in (*_ENVELOPE, *_CONTENT) if s not in hooked and s not in skip}
-        actions = frozenset().union(*(p.actions for p in self.plugins)) if self.plugins else frozenset()
+        actions = (
+            frozenset().union(*(p.actions for p in self.plugins)) if self.plugins else frozenset()
+        )
         macros: dict[str, tuple[str, ...]] = {}
         for stage in ("connect", "helo", "envfrom", "envrcpt", "data", "eoh", "eom"):
             names = list(CORE_MACROS.get(stage, ()))
@@ -246,8 +254,11 @@ class Runtime:
                 failure = _Failure("exception", f"{type(e).__name__}: {e}")
                 log.debug("plugin %s failed at %s", p.name, stage, exc_info=True)
             if failure is None and time.perf_counter() - t0 > timeout:
-                failure = _Failure("timeout", f"returned after {time.perf_counter() - t0:.3f}s, "
-                                   f"past its {timeout:g}s deadline")
+                failure = _Failure(
+                    "timeout",
+                    f"returned after {time.perf_counter() - t0:.3f}s, "
+                    f"past its {timeout:g}s deadline",
+                )
         else:
             fut = executor().submit(impl.function, **kwargs)
             end = t0 + timeout
@@ -287,14 +298,27 @@ class Runtime:
         policy = p.settings.on_error
         log.error(
             "plugin %s failed at %s (queue id %s): %s: %s; on_error=%s",
-            p.name, stage, qid or "-", failure.kind, failure.detail, policy,
+            p.name,
+            stage,
+            qid or "-",
+            failure.kind,
+            failure.detail,
+            policy,
         )
         if policy == "tempfail":
-            return TempFail("451", "4.3.0", "Temporary filter failure, try again later",
-                            reason=f"{p.name} {failure.kind}")
+            return TempFail(
+                "451",
+                "4.3.0",
+                "Temporary filter failure, try again later",
+                reason=f"{p.name} {failure.kind}",
+            )
         if policy == "reject":
-            return Reject("550", "5.3.0", "Message refused by filter policy",
-                          reason=f"{p.name} {failure.kind}")
+            return Reject(
+                "550",
+                "5.3.0",
+                "Message refused by filter policy",
+                reason=f"{p.name} {failure.kind}",
+            )
         return None
 
 
@@ -319,8 +343,9 @@ class Session:
     _serial = 0
     _serial_lock = threading.Lock()
 
-    def __init__(self, runtime: Runtime, progress: Callable[[], None] | None = None,
-                 capture: bool = False) -> None:
+    def __init__(
+        self, runtime: Runtime, progress: Callable[[], None] | None = None, capture: bool = False
+    ) -> None:
         """``capture``: keep the last message as it would be delivered in ``delivered``
         (the harness and ``milterd check --output``; the daemon never does)."""
         self.rt = runtime
@@ -348,16 +373,23 @@ class Session:
         qid = m.info.queue_id if m is not None else ""
         adapter = logging.LoggerAdapter(log.getChild(p.name), {"plugin": p.name, "queue_id": qid})
         return Context(
-            p.name, stage, p.config, adapter, self.conn,
+            p.name,
+            stage,
+            p.config,
+            adapter,
+            self.conn,
             m.info if m is not None else None,
             m.ledger if m is not None and stage in hookspecs.CHANGE_STAGES else None,
-            self.rt.resolver, self.conn_state[p.name],
+            self.rt.resolver,
+            self.conn_state[p.name],
             m.plugin_state.setdefault(p.name, {}) if m is not None else None,
-            deadline, p.actions,
+            deadline,
+            p.actions,
         )
 
-    def _run(self, stage: str, args: dict[str, Any], budget: float,
-             all_plugins: bool = False) -> Verdict | None:
+    def _run(
+        self, stage: str, args: dict[str, Any], budget: float, all_plugins: bool = False
+    ) -> Verdict | None:
         """Call every plugin hooking ``stage``. Returns the strongest verdict, stopping at
         the first that ends the stage unless ``all_plugins``."""
         m = self.msg
@@ -370,14 +402,23 @@ class Session:
                 continue
             left = end - time.monotonic()
             if left <= 0:
-                log.error("stage %s out of time before plugin %s (queue id %s)",
-                          stage, p.name, m.info.queue_id if m else "-")
-                return TempFail("451", "4.3.0", "Temporary filter failure, try again later",
-                                reason=f"{stage} deadline")
+                log.error(
+                    "stage %s out of time before plugin %s (queue id %s)",
+                    stage,
+                    p.name,
+                    m.info.queue_id if m else "-",
+                )
+                return TempFail(
+                    "451",
+                    "4.3.0",
+                    "Temporary filter failure, try again later",
+                    reason=f"{stage} deadline",
+                )
             ctx = self._ctx(p, stage, time.monotonic() + min(left, p.settings.timeout))
             args["ctx"] = ctx
-            v = self.rt.call(p, impl, stage, ctx, args, left, progress,
-                             m.ledger if m is not None else None)
+            v = self.rt.call(
+                p, impl, stage, ctx, args, left, progress, m.ledger if m is not None else None
+            )
             if v is None:
                 continue
             if m is not None and stage != "envrcpt":
@@ -397,34 +438,48 @@ class Session:
 
     # --- connection stages ----------------------------------------------------------------
 
-    def on_connect(self, hostname: str, client: ev.Client, macros: dict[str, str]) -> Verdict | None:
+    def on_connect(
+        self, hostname: str, client: ev.Client, macros: dict[str, str]
+    ) -> Verdict | None:
         self.conn.client = client
         self.conn.macros.update(macros)
         self.conn.internal = trusted_network(client.address, self.rt.networks)
-        return self._for_mta(self._run("connect", {"event": ev.Connect(client, macros)},
-                                       self.rt.settings.command_timeout))
+        return self._for_mta(
+            self._run(
+                "connect", {"event": ev.Connect(client, macros)}, self.rt.settings.command_timeout
+            )
+        )
 
     def on_helo(self, name: str, macros: dict[str, str]) -> Verdict | None:
         self.conn.helo = name
         self.conn.macros.update(macros)
-        return self._for_mta(self._run("helo", {"event": ev.Helo(name, macros)},
-                                       self.rt.settings.command_timeout))
+        return self._for_mta(
+            self._run("helo", {"event": ev.Helo(name, macros)}, self.rt.settings.command_timeout)
+        )
 
-    def on_envfrom(self, sender: str, params: dict[str, str | None],
-                   macros: dict[str, str]) -> Verdict | None:
+    def on_envfrom(
+        self, sender: str, params: dict[str, str | None], macros: dict[str, str]
+    ) -> Verdict | None:
         self._end_message("abort")  # a new MAIL FROM without EOM/abort: drop the old one
         self.conn.macros.update(macros)
-        info = MessageInfo(sender=sender, sender_params=params,
-                           queue_id=macros.get("i", self.conn.macros.get("i", "")))
+        info = MessageInfo(
+            sender=sender,
+            sender_params=params,
+            queue_id=macros.get("i", self.conn.macros.get("i", "")),
+        )
         self.msg = _MessageState(info)
         if self.rt.negotiation.needs_body or self.capture:
             self.msg.spool = Spool(self.rt.settings.spool_memory, self.rt.settings.spool_dir)
-        v = self._run("envfrom", {"event": ev.EnvFrom(sender, params, macros)},
-                      self.rt.settings.command_timeout)
+        v = self._run(
+            "envfrom",
+            {"event": ev.EnvFrom(sender, params, macros)},
+            self.rt.settings.command_timeout,
+        )
         return self._early(v, "envfrom")
 
-    def on_envrcpt(self, recipient: str, params: dict[str, str | None],
-                   macros: dict[str, str]) -> Verdict | None:
+    def on_envrcpt(
+        self, recipient: str, params: dict[str, str | None], macros: dict[str, str]
+    ) -> Verdict | None:
         m = self.msg
         if m is None:
             return None
@@ -432,12 +487,16 @@ class Session:
         if not m.info.queue_id and macros.get("i"):
             m.info.queue_id = macros["i"]
         if len(m.info.recipients) >= self.rt.settings.max_recipients:
-            v: Verdict | None = TempFail("452", "4.5.3", "Too many recipients",
-                                         reason="max_recipients")
+            v: Verdict | None = TempFail(
+                "452", "4.5.3", "Too many recipients", reason="max_recipients"
+            )
             m.rcpt_verdicts.append((CORE, recipient, v))  # type: ignore[arg-type]
             return v
-        v = self._run("envrcpt", {"event": ev.EnvRcpt(recipient, params, macros)},
-                      self.rt.settings.command_timeout)
+        v = self._run(
+            "envrcpt",
+            {"event": ev.EnvRcpt(recipient, params, macros)},
+            self.rt.settings.command_timeout,
+        )
         if v is not None and v.ends_stage:
             m.rcpt_verdicts.append(("", recipient, v))
             return v
@@ -448,8 +507,9 @@ class Session:
         if self.msg is None:
             return None
         self.conn.macros.update(macros)
-        return self._early(self._run("data", {"event": ev.Data(macros)},
-                                     self.rt.settings.command_timeout), "data")
+        return self._early(
+            self._run("data", {"event": ev.Data(macros)}, self.rt.settings.command_timeout), "data"
+        )
 
     def on_header(self, name: str, raw: bytes) -> Verdict | None:
         m = self.msg
@@ -475,8 +535,9 @@ class Session:
     def on_eoh(self, macros: dict[str, str]) -> Verdict | None:
         if self.msg is None or self.msg.over:
             return None
-        return self._early(self._run("eoh", {"event": ev.Eoh(macros)},
-                                     self.rt.settings.command_timeout), "eoh")
+        return self._early(
+            self._run("eoh", {"event": ev.Eoh(macros)}, self.rt.settings.command_timeout), "eoh"
+        )
 
     def on_body(self, chunk: bytes) -> Verdict | None:
         m = self.msg
@@ -491,8 +552,9 @@ class Session:
             m.spool.write(chunk)
         if not self.rt.plan["body"]:
             return None
-        return self._early(self._run("body", {"event": ev.Body(chunk)},
-                                     self.rt.settings.command_timeout), "body")
+        return self._early(
+            self._run("body", {"event": ev.Body(chunk)}, self.rt.settings.command_timeout), "body"
+        )
 
     def _early(self, v: Verdict | None, stage: str) -> Verdict | None:
         """A verdict before end of message: if it ends the message, log it and end it."""
@@ -530,8 +592,16 @@ class Session:
                 delivered_headers, body = render(m.info.headers, decision.ops)
                 delivered = Message(delivered_headers, m.spool, body)
                 ctx = self._ctx(p, "finalize", time.monotonic() + min(left, p.settings.timeout))
-                v = self.rt.call(p, impl, "finalize", ctx, {"ctx": ctx, "message": delivered},
-                                 left, self.progress, m.ledger)
+                v = self.rt.call(
+                    p,
+                    impl,
+                    "finalize",
+                    ctx,
+                    {"ctx": ctx, "message": delivered},
+                    left,
+                    self.progress,
+                    m.ledger,
+                )
                 if v is not None:
                     m.ledger.entries.append(Entry(p.name, "finalize", v))
                 entries = [e for e in m.ledger.entries if e.stage != "envrcpt"]
@@ -605,17 +675,23 @@ class Session:
         log.info(
             "%s: client=%s[%s] from=<%s> to=%s%s verdict=%s%s score=%g results=[%s] time=[%s]%s",
             info.queue_id or "NOQUEUE",
-            extra["client_name"], extra["client"], info.sender,
+            extra["client_name"],
+            extra["client"],
+            info.sender,
             ",".join(f"<{r.address}>" for r in info.recipients),
             f" refused=[{rejected}]" if rejected else "",
             decision.word,
             f" ({reasons})" if reasons else "",
-            m.ledger.score, results, times,
+            m.ledger.score,
+            results,
+            times,
             f" errors={extra['errors']}" if m.ledger.errors else "",
             extra={"summary": extra},
         )
 
 
-def trusted_network(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
-                    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def trusted_network(
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> bool:
     return addr is not None and any(addr in n for n in networks if n.version == addr.version)

@@ -80,13 +80,16 @@ def load_entry_point(name: str) -> object:
     """Import one plugin's entry point. Raises ConfigError naming it on any failure."""
     eps = [ep for ep in md.entry_points(group=GROUP) if ep.name == name]
     if not eps:
-        raise ConfigError(f"plugin {name!r} is enabled but not installed (no entry point "
-                          f"{name!r} in group {GROUP!r})")
+        raise ConfigError(
+            f"plugin {name!r} is enabled but not installed (no entry point "
+            f"{name!r} in group {GROUP!r})"
+        )
     try:
         return eps[0].load()
     except Exception as e:  # any import error must name the plugin, not crash start-up
-        raise ConfigError(f"plugin {name!r} failed to load ({eps[0].value}): "
-                          f"{type(e).__name__}: {e}") from e
+        raise ConfigError(
+            f"plugin {name!r} failed to load ({eps[0].value}): {type(e).__name__}: {e}"
+        ) from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +123,9 @@ def _instantiate(name: str, source: object) -> object:
         try:
             return source()
         except Exception as e:
-            raise ConfigError(f"plugin {name!r}: creating {source.__name__}() failed: "
-                              f"{type(e).__name__}: {e}") from e
+            raise ConfigError(
+                f"plugin {name!r}: creating {source.__name__}() failed: {type(e).__name__}: {e}"
+            ) from e
     return source
 
 
@@ -154,7 +158,17 @@ def load_plugins(
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
-        raise ConfigError(f"plugin {e.plugin!r}: {e} (a misspelt hook name?)") from e
+        name = pm.get_name(e.plugin) or repr(e.plugin)
+        hooks = ", ".join(
+            h
+            for h in pm.hook.__dict__
+            if h not in hookspecs.STAGES + hookspecs.LIFECYCLE
+            and any(i.plugin_name == name for i in getattr(pm.hook, h).get_hookimpls())
+        )
+        raise ConfigError(
+            f"plugin {name!r}: unknown hook {hooks or '?'} (a misspelt hook name? "
+            f"hooks are: {', '.join(hookspecs.STAGES + hookspecs.LIFECYCLE)})"
+        ) from e
     _check_order(loaded)
     return pm, loaded
 
@@ -173,8 +187,10 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
         schema = impls.pop("config_schema").function()
     if schema is None:
         if options:
-            raise ConfigError(f"{config.path}: [{section}] {next(iter(options))}: unknown key "
-                              f"(plugin {name!r} takes no settings of its own)")
+            raise ConfigError(
+                f"{config.path}: [{section}] {next(iter(options))}: unknown key "
+                f"(plugin {name!r} takes no settings of its own)"
+            )
         plugin_config = None
     else:
         try:
@@ -197,7 +213,9 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
         obj=obj,
         settings=settings,
         config=plugin_config,
-        impls={k: v for k, v in impls.items() if k in hookspecs.STAGES or k in ("startup", "shutdown")},
+        impls={
+            k: v for k, v in impls.items() if k in hookspecs.STAGES or k in ("startup", "shutdown")
+        },
         actions=actions,
         macros={k: tuple(v) for k, v in raw_macros.items()},
         isolation=isolation,

@@ -36,7 +36,8 @@ class Spool:
     __slots__ = ("_file", "closed", "size")
 
     def __init__(self, limit: int, tmpdir: str | None = None) -> None:
-        self._file: BinaryIO = tempfile.SpooledTemporaryFile(  # type: ignore[assignment]
+        # Closed in close(), which the session calls when the message ends, whatever happens.
+        self._file: BinaryIO = tempfile.SpooledTemporaryFile(  # type: ignore[assignment]  # noqa: SIM115
             max_size=limit, dir=tmpdir
         )
         self.size = 0

@@ -17,14 +17,16 @@ Example::
         assert out.header("X-Greeting") == "hi"
 
 pytest fixtures (``milterd_harness``, ``fake_resolver``) come with the opt-in pytest plugin:
-``pytest -p milterd.testing.pytest_plugin`` or ``pytest_plugins = ["milterd.testing.pytest_plugin"]``.
+``pytest -p milterd.testing.pytest_plugin``, or in a conftest.py
+``pytest_plugins = ["milterd.testing.pytest_plugin"]``.
 """
 
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from milterd.actions import Result, Symbol, Verdict
@@ -75,13 +77,13 @@ def split_message(raw: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
         if not line:
             continue
         if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + b"\r\n" + line)
+            last_name, last_value = fields[-1]
+            fields[-1] = (last_name, last_value + b"\r\n" + line)
             continue
-        name, colon, value = line.partition(b":")
+        raw_name, colon, value = line.partition(b":")
         if not colon:
             continue  # not a header field: an MTA would have ended the header block
-        fields.append((name.decode("ascii", "surrogateescape").strip(), value))
+        fields.append((raw_name.decode("ascii", "surrogateescape").strip(), value))
     return fields, body.replace(b"\n", b"\r\n")
 
 
@@ -124,11 +126,15 @@ class Outcome:
         """The delivered message's header fields in order (name, value without indent)."""
         if self.delivered is None:
             return []
-        return [(n, v.decode("utf-8", "surrogateescape").strip())
-                for n, v in split_message(self.delivered)[0]]
+        return [
+            (n, v.decode("utf-8", "surrogateescape").strip())
+            for n, v in split_message(self.delivered)[0]
+        ]
 
 
-def _config(config: str | Mapping[str, Any] | Config | None, plugins: Mapping[str, object]) -> Config:
+def _config(
+    config: str | Mapping[str, Any] | Config | None, plugins: Mapping[str, object]
+) -> Config:
     if isinstance(config, Config):
         return config
     if isinstance(config, str):
@@ -200,23 +206,28 @@ class Harness:
         family = "unknown" if addr is None else ("inet6" if addr.version == 6 else "inet")
         name = client_name or (f"[{client_ip}]" if client_ip else "localhost")
         client = Client(name, family, addr, 25000 if addr else None)  # type: ignore[arg-type]
-        conn_macros = {"j": "mx.test.example", "{daemon_name}": "smtpd",
-                       "{client_addr}": client_ip, **extra}
-        mail_macros = {"i": queue_id, **({"{auth_authen}": auth, "{auth_type}": "PLAIN"} if auth else {})}
-        outcome_stage = "eom"
+        conn_macros = {
+            "j": "mx.test.example",
+            "{daemon_name}": "smtpd",
+            "{client_addr}": client_ip,
+            **extra,
+        }
+        mail_macros = {
+            "i": queue_id,
+            **({"{auth_authen}": auth, "{auth_type}": "PLAIN"} if auth else {}),
+        }
         refused: dict[str, Verdict] = {}
         early: Verdict | None = None
         try:
-            for step in ("connect", "helo", "envfrom"):
-                if step == "connect":
-                    early = session.on_connect(name, client, conn_macros)
-                elif step == "helo":
-                    early = session.on_helo(helo, {})
-                else:
-                    early = session.on_envfrom(_strip(sender), {}, mail_macros)
+            envelope: list[tuple[str, Callable[[], Verdict | None]]] = [
+                ("connect", partial(session.on_connect, name, client, conn_macros)),
+                ("helo", partial(session.on_helo, helo, {})),
+                ("envfrom", partial(session.on_envfrom, _strip(sender), {}, mail_macros)),
+            ]
+            for stage, step in envelope:
+                early = step()
                 if early is not None:
-                    outcome_stage = step
-                    return self._early(session, early, step, refused)
+                    return self._early(session, early, stage, refused)
             accepted = 0
             for rcpt in recipients:
                 v = session.on_envrcpt(_strip(rcpt), {}, {"i": queue_id})
@@ -230,17 +241,18 @@ class Harness:
             # Every stage is fed, even those negotiation would skip: plugins are only called
             # for the stages they hook, and the delivered copy needs the whole message.
             fields, body = split_message(raw)
-            for stage, call in (
-                ("data", lambda: session.on_data({})),
-                *(("header", (lambda f=f: session.on_header(f[0], f[1])))
-                  for f in fields),
-                ("eoh", lambda: session.on_eoh({})),
-                *(("body", (lambda i=i: session.on_body(body[i:i + chunk_size])))
-                  for i in range(0, len(body), chunk_size)),
-            ):
-                early = call()
+            steps: list[tuple[str, Callable[[], Verdict | None]]] = [
+                ("data", partial(session.on_data, {}))
+            ]
+            steps += [("header", partial(session.on_header, n, v)) for n, v in fields]
+            steps.append(("eoh", partial(session.on_eoh, {})))
+            steps += [
+                ("body", partial(session.on_body, body[i : i + chunk_size]))
+                for i in range(0, len(body), chunk_size)
+            ]
+            for stage, step in steps:
+                early = step()
                 if early is not None:
-                    outcome_stage = stage
                     return self._early(session, early, stage, refused)
             decision = session.on_eom({"i": queue_id})
             ledger_view = session.last_ledger
@@ -252,17 +264,28 @@ class Harness:
                 score=ledger_view.score,
                 errors=list(ledger_view.errors),
                 timings=dict(ledger_view.timings),
-                stage=outcome_stage,
+                stage="eom",
                 refused=refused,
             )
         finally:
             session.on_close()
 
-    def _early(self, session: Session, v: Verdict | None, stage: str,
-               refused: dict[str, Verdict]) -> Outcome:
+    def _early(
+        self, session: Session, v: Verdict | None, stage: str, refused: dict[str, Verdict]
+    ) -> Outcome:
         ledger = session.last_ledger
-        return Outcome(Decision(v), None, ledger.results, ledger.symbols, ledger.score,
-                       list(ledger.errors), dict(ledger.timings), stage, early=v, refused=refused)
+        return Outcome(
+            Decision(v),
+            None,
+            ledger.results,
+            ledger.symbols,
+            ledger.score,
+            list(ledger.errors),
+            dict(ledger.timings),
+            stage,
+            early=v,
+            refused=refused,
+        )
 
 
 def _strip(addr: str) -> str:

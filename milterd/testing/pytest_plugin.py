@@ -24,8 +24,9 @@ def fake_resolver() -> FakeResolver:
 def milterd_harness() -> Iterator[Callable[..., Harness]]:
     made: list[Harness] = []
 
-    def make(config: Any = None, *, plugins: Any = None, zones: Any = None,
-             resolver: Any = None) -> Harness:
+    def make(
+        config: Any = None, *, plugins: Any = None, zones: Any = None, resolver: Any = None
+    ) -> Harness:
         h = Harness(config, plugins=plugins, zones=zones, resolver=resolver)
         made.append(h)
         return h

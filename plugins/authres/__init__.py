@@ -31,7 +31,7 @@ from milterd import (
     hookimpl,
 )
 
-__all__ = ["AuthenticationResults", "AuthResConfig", "authserv_id_of", "build_header"]
+__all__ = ["AuthResConfig", "AuthenticationResults", "authserv_id_of", "build_header"]
 
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 _INSTANCE = re.compile(r"^\s*i\s*=\s*\d+\s*;", re.IGNORECASE)
@@ -118,4 +118,6 @@ class AuthenticationResults:
     def finalize(self, ctx: Context) -> None:
         if ctx.connection.trusted and not ctx.config.trusted:
             return
-        ctx.add_change(AddHeader("Authentication-Results", build_header(self.authserv_id, ctx.results)))
+        ctx.add_change(
+            AddHeader("Authentication-Results", build_header(self.authserv_id, ctx.results))
+        )

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from milterd.testing import Harness
 from milterd_example_header import ExampleHeader
+
+from milterd.testing import Harness
 
 MSG = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nHello.\r\n"
 
 
 def test_adds_the_configured_header_at_the_bottom() -> None:
-    with Harness({"example_header": {"greeting": "hi there"}},
-                 plugins={"example_header": ExampleHeader}) as h:
+    with Harness(
+        {"example_header": {"greeting": "hi there"}}, plugins={"example_header": ExampleHeader}
+    ) as h:
         out = h.send(MSG)
     assert out.verdict == "continue"
     assert out.headers()[-1] == ("X-Milterd-Example", "hi there")
@@ -18,8 +20,9 @@ def test_adds_the_configured_header_at_the_bottom() -> None:
 
 
 def test_skips_authenticated_senders_when_told() -> None:
-    with Harness({"example_header": {"skip_authenticated": True}},
-                 plugins={"example_header": ExampleHeader}) as h:
+    with Harness(
+        {"example_header": {"skip_authenticated": True}}, plugins={"example_header": ExampleHeader}
+    ) as h:
         authed = h.send(MSG, auth="alice")
         anonymous = h.send(MSG)
     assert authed.header("X-Milterd-Example") is None

@@ -1,0 +1,170 @@
+"""Per-plugin isolation: exceptions, hangs and bad return values never escape the guard."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from milterd import AddHeader, Context, Result, hookimpl
+from milterd.hookspecs import STAGES
+from milterd.pipeline import Runtime, Session
+from milterd.testing import Harness
+
+MSG = b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+HOOKED = list(STAGES)
+
+
+def make_raiser() -> type:
+    class Raiser:
+        pass
+
+    for stage in HOOKED:
+
+        def hook(self: object, ctx: Context, _stage: str = stage) -> None:
+            raise RuntimeError(f"boom at {_stage}")
+
+        hook.__name__ = stage
+        setattr(Raiser, stage, hookimpl(hook))
+    return Raiser
+
+
+@pytest.mark.parametrize(
+    ("policy", "verdict"),
+    [("continue", "continue"), ("tempfail", "tempfail"), ("reject", "reject")],
+)
+def test_exception_in_every_hook_applies_on_error(policy: str, verdict: str) -> None:
+    with Harness(
+        {"plugins": {"raiser": {"on_error": policy}}}, plugins={"raiser": make_raiser()}
+    ) as h:
+        out = h.send(MSG)
+    assert out.verdict == verdict
+    if policy == "continue":
+        stages = {s for _, s, _ in out.errors}
+        assert {"envfrom", "envrcpt", "data", "header", "eoh", "body", "eom", "finalize"} <= stages
+        assert out.delivered is not None
+    else:
+        code = getattr(out.early or out.decision.verdict, "code", "")
+        assert code == ("451" if policy == "tempfail" else "550")
+
+
+def test_a_failed_call_contributes_nothing() -> None:
+    class Half:
+        actions = frozenset({"add_header"})
+
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.add_change(AddHeader("X-Half", "1"))
+            ctx.add_result(Result("half", "pass"))
+            raise ValueError("then fails")
+
+    with Harness({"plugins": {"half": {"on_error": "continue"}}}, plugins={"half": Half}) as h:
+        out = h.send(MSG)
+    assert out.ops == [] and out.results == []
+    assert out.errors == [("half", "eom", "exception: ValueError: then fails")]
+
+
+def test_a_hanging_plugin_gets_its_policy_within_the_deadline() -> None:
+    release = threading.Event()
+    late: list[str] = []
+
+    class Hang:
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            release.wait(10)
+            try:
+                ctx.add_result(Result("late", "pass"))
+            except Exception as e:  # refused: the call is over for the pipeline
+                late.append(type(e).__name__)
+
+    with Harness(
+        {"plugins": {"hang": {"timeout": 0.3, "on_error": "tempfail"}}}, plugins={"hang": Hang}
+    ) as h:
+        t0 = time.monotonic()
+        out = h.send(MSG)
+        elapsed = time.monotonic() - t0
+        release.set()
+    assert out.verdict == "tempfail" and elapsed < 1.5
+    assert out.errors[0][2].startswith("timeout")
+    for _ in range(50):
+        if late:
+            break
+        time.sleep(0.02)
+    assert late == ["ContributionRefused"]
+
+
+def test_other_connections_are_served_while_one_plugin_hangs() -> None:
+    release = threading.Event()
+
+    class Slow:
+        @hookimpl
+        def envrcpt(self, ctx: Context) -> None:
+            if ctx.message is not None and ctx.message.sender == "slow@example.org":
+                release.wait(10)
+
+    with Harness({"plugins": {"slow": {"timeout": 5}}}, plugins={"slow": Slow}) as h:
+        results: dict[str, str] = {}
+        t = threading.Thread(
+            target=lambda: results.setdefault(
+                "slow", h.send(MSG, sender="slow@example.org").verdict
+            )
+        )
+        t.start()
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        results["fast"] = h.send(MSG, sender="fast@example.org").verdict
+        fast_elapsed = time.monotonic() - t0
+        release.set()
+        t.join(5)
+    assert results == {"fast": "continue", "slow": "continue"} and fast_elapsed < 0.5
+
+
+def test_inline_overrun_is_a_timeout_once_it_returns() -> None:
+    class Busy:
+        isolation = "inline"
+
+        @hookimpl
+        def eom(self) -> None:
+            time.sleep(0.3)
+
+    with Harness(
+        {"plugins": {"busy": {"timeout": 0.1, "on_error": "reject"}}}, plugins={"busy": Busy}
+    ) as h:
+        out = h.send(MSG)
+    assert out.verdict == "reject" and out.errors[0][2].startswith("timeout")
+
+
+def test_bad_return_values_are_plugin_errors() -> None:
+    class Odd:
+        @hookimpl
+        def envfrom(self) -> str:
+            return "REJECT"  # a string, not a Verdict
+
+    with Harness({"plugins": {"odd": {"on_error": "tempfail"}}}, plugins={"odd": Odd}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "tempfail" and out.stage == "envfrom"
+
+
+def test_long_eom_work_sends_progress() -> None:
+    class Slowish:
+        @hookimpl
+        def eom(self) -> None:
+            time.sleep(0.35)
+
+    h = Harness(
+        {"milterd": {"progress_interval": 0.1}, "plugins": {"slowish": {"timeout": 2}}},
+        plugins={"slowish": Slowish},
+    )
+    ticks: list[float] = []
+    rt: Runtime = h.runtime
+    s = Session(rt, progress=lambda: ticks.append(time.monotonic()))
+    from milterd.events import Client
+
+    s.on_connect("x", Client("x", "unknown", None), {})
+    s.on_envfrom("a@example.org", {}, {})
+    s.on_envrcpt("b@example.com", {}, {})
+    d = s.on_eom({})
+    s.on_close()
+    h.close()
+    assert d.word == "continue" and len(ticks) >= 2

@@ -1,0 +1,180 @@
+"""Every hook fires when its contract says, in order, with the arguments it promises."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from milterd import (
+    Abort,
+    Body,
+    Close,
+    Connect,
+    Context,
+    Data,
+    EnvFrom,
+    EnvRcpt,
+    Eoh,
+    Eom,
+    Header,
+    Helo,
+    Message,
+    PluginConfig,
+    Reject,
+    Services,
+    hookimpl,
+)
+from milterd.events import Client
+from milterd.pipeline import Session
+from milterd.testing import Harness
+
+MSG = b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+
+
+class Recorder:
+    """Implements every hook and records what it saw."""
+
+    class Config(PluginConfig):
+        tag: str = "t"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    @hookimpl
+    def config_schema(self) -> type[PluginConfig]:
+        return self.Config
+
+    @hookimpl
+    def startup(self, config: Any, services: Services) -> None:
+        self.calls.append(("startup", (config.tag, services.settings.authserv_id)))
+
+    @hookimpl
+    def shutdown(self) -> None:
+        self.calls.append(("shutdown", None))
+
+    @hookimpl
+    def connect(self, ctx: Context, event: Connect) -> None:
+        self.calls.append(("connect", (event.client.ip, ctx.connection.internal)))
+
+    @hookimpl
+    def helo(self, event: Helo) -> None:
+        self.calls.append(("helo", event.name))
+
+    @hookimpl
+    def envfrom(self, ctx: Context, event: EnvFrom) -> None:
+        self.calls.append(("envfrom", (event.sender, ctx.connection.auth_user)))
+
+    @hookimpl
+    def envrcpt(self, event: EnvRcpt) -> None:
+        self.calls.append(("envrcpt", event.recipient))
+
+    @hookimpl
+    def data(self, event: Data) -> None:
+        self.calls.append(("data", None))
+
+    @hookimpl
+    def header(self, ctx: Context, event: Header) -> None:
+        assert ctx.message is not None and ctx.message.headers[-1] == event
+        self.calls.append(("header", event.name))
+
+    @hookimpl
+    def eoh(self, event: Eoh) -> None:
+        self.calls.append(("eoh", None))
+
+    @hookimpl
+    def body(self, event: Body) -> None:
+        self.calls.append(("body", event.chunk))
+
+    @hookimpl
+    def eom(self, ctx: Context, event: Eom, message: Message) -> None:
+        assert ctx.message is not None
+        self.calls.append(("eom", (ctx.message.queue_id, message.get("subject"))))
+
+    @hookimpl
+    def finalize(self, ctx: Context, message: Message) -> None:
+        self.calls.append(("finalize", message.body()))
+
+    @hookimpl
+    def abort(self, event: Abort) -> None:
+        self.calls.append(("abort", None))
+
+    @hookimpl
+    def close(self, event: Close) -> None:
+        self.calls.append(("close", None))
+
+
+def test_every_hook_in_order() -> None:
+    h = Harness(
+        {"milterd": {"authserv_id": "mx.t"}, "plugins": {"rec": {"tag": "x"}}},
+        plugins={"rec": Recorder},
+    )
+    rec = h.runtime.plugins[0].obj
+    assert isinstance(rec, Recorder)
+    h.send(
+        MSG,
+        client_ip="10.1.2.3",
+        helo="c.example",
+        auth="alice",
+        queue_id="QID1",
+        sender="a@example.org",
+        recipients=["b@example.com", "c@example.com"],
+    )
+    h.close()
+    assert rec.calls == [
+        ("startup", ("x", "mx.t")),
+        ("connect", ("10.1.2.3", False)),
+        ("helo", "c.example"),
+        ("envfrom", ("a@example.org", "alice")),
+        ("envrcpt", "b@example.com"),
+        ("envrcpt", "c@example.com"),
+        ("data", None),
+        ("header", "From"),
+        ("header", "Subject"),
+        ("eoh", None),
+        ("body", b"body\r\n"),
+        ("eom", ("QID1", "s")),
+        ("finalize", b"body\r\n"),
+        ("close", None),
+        ("shutdown", None),
+    ]
+
+
+def test_abort_replaces_the_rest_of_an_abandoned_message_and_a_second_one_follows() -> None:
+    h = Harness({"plugins": {"rec": {}}}, plugins={"rec": Recorder})
+    rec = h.runtime.plugins[0].obj
+    assert isinstance(rec, Recorder)
+    s = Session(h.runtime)
+    s.on_connect("[::1]", Client("[::1]", "inet6", None), {})
+    s.on_envfrom("a@example.org", {}, {"i": "Q1"})
+    s.on_envrcpt("b@example.com", {}, {})
+    s.on_abort()
+    s.on_envfrom("a@example.org", {}, {"i": "Q2"})
+    s.on_envrcpt("b@example.com", {}, {})
+    d = s.on_eom({})
+    s.on_close()
+    h.close()
+    names = [c for c, _ in rec.calls]
+    assert names == [
+        "startup",
+        "connect",
+        "envfrom",
+        "envrcpt",
+        "abort",
+        "envfrom",
+        "envrcpt",
+        "eom",
+        "finalize",
+        "close",
+        "shutdown",
+    ]
+    assert d.word == "continue"
+
+
+def test_a_connect_reject_refuses_the_session() -> None:
+    class Door:
+        @hookimpl
+        def connect(self, event: Connect) -> Reject | None:
+            return Reject("554", "5.7.1", "go away") if event.client.ip == "192.0.2.66" else None
+
+    with Harness(plugins={"door": Door}) as h:
+        assert h.send(MSG, client_ip="192.0.2.66").verdict == "reject"
+        assert h.send(MSG, client_ip="192.0.2.67").verdict == "continue"
