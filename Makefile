@@ -41,10 +41,10 @@ deps:
 		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml examples/milterd-example-header/pyproject.toml
+$(STAMP): pyproject.toml examples/milterd-example-header/pyproject.toml tests/testplugins/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' -e examples/milterd-example-header
+	$(PY) -m pip install -q -e '.[test]' -e examples/milterd-example-header -e tests/testplugins
 	touch $@
 
 venv: $(STAMP)

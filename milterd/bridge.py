@@ -72,8 +72,9 @@ MACRO_STAGES: dict[str, int] = {
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
-_open = 0
+_open = 0  # connections being served (refused ones not counted)
 _open_cond = threading.Condition()
+_draining = False
 
 
 def set_runtime(rt: Runtime) -> Runtime | None:
@@ -90,6 +91,17 @@ def current_runtime() -> Runtime | None:
 
 def open_connections() -> int:
     return _open
+
+
+def begin_drain() -> None:
+    """Stop taking new sessions: from now on a new connection is answered 451 at CONNECT.
+
+    libmilter cannot do this itself: after smfi_stop it stops serving open sessions too
+    (measured: the session in progress never gets its next reply). So the worker drains
+    first, with new connections refused, and calls :func:`stop` once nothing is open.
+    """
+    global _draining
+    _draining = True
 
 
 def drain(timeout: float) -> bool:
@@ -140,11 +152,12 @@ def _addr(b: bytes) -> str:
 class _Conn:
     """libmilter's private data for one connection."""
 
-    __slots__ = ("actions", "ctx", "leadspc", "macros", "proto", "rt", "session")
+    __slots__ = ("actions", "ctx", "leadspc", "macros", "proto", "refuse", "rt", "session")
 
-    def __init__(self, ctx: Any, rt: Runtime) -> None:
+    def __init__(self, ctx: Any, rt: Runtime, refuse: bool = False) -> None:
         self.ctx = ctx
         self.rt = rt
+        self.refuse = refuse
         self.session = Session(rt, progress=ctx.progress)
         self.macros = rt.negotiation.macros
         self.actions = 0
@@ -249,12 +262,16 @@ def _negotiate(ctx: Any, opts: list[int]) -> int:
         rt = _runtime
     if rt is None:
         return TEMPFAIL
-    conn = _Conn(ctx, rt)
+    conn = _Conn(ctx, rt, refuse=_draining)
     ctx.setpriv(conn)
-    with _open_cond:
-        _open += 1
     offered_actions, offered_proto = opts[0], opts[1]
     actions, proto = protocol_flags(rt.negotiation, offered_proto)
+    if conn.refuse:
+        # Ask for CONNECT with a reply so that the refusal reaches the MTA at once.
+        proto &= ~(Milter.P_NOCONNECT | Milter.P_NR_CONN)
+    else:
+        with _open_cond:
+            _open += 1
     conn.actions = actions & offered_actions
     conn.proto = proto
     conn.leadspc = bool(proto & Milter.P_HDR_LEADSPC)
@@ -278,6 +295,9 @@ def _client(hostname: str, family: int, hostaddr: Any) -> Client:
 @_guard("connect")
 def _connect(ctx: Any, hostname: str, family: int, hostaddr: Any) -> int:
     c: _Conn = ctx.getpriv()
+    if c.refuse:
+        ctx.setreply("451", "4.3.2", "Filter shutting down, try again later")
+        return TEMPFAIL
     client = _client(hostname or "", family, hostaddr)
     return c.answer(c.session.on_connect(hostname, client, c.symvals("connect")), "connect")
 
@@ -358,9 +378,10 @@ def _close(ctx: Any) -> int:
         c.session.on_close()
     finally:
         ctx.setpriv(None)
-        with _open_cond:
-            _open -= 1
-            _open_cond.notify_all()
+        if not c.refuse:
+            with _open_cond:
+                _open -= 1
+                _open_cond.notify_all()
     return CONTINUE
 
 

@@ -83,7 +83,7 @@ class Settings(BaseModel):
     max_message_size: int = Field(default=50 << 20, gt=0)
     max_header_bytes: int = Field(default=1 << 20, gt=0)
     max_headers: int = Field(default=2000, gt=0)
-    max_recipients: int = Field(default=1000, gt=0)
+    max_recipients: int = Field(default=0, ge=0, description="0 = off: the MTA's own limit")
     command_timeout: float = Field(default=8.0, gt=0, le=25, description="per stage, seconds")
     eom_timeout: float = Field(default=120.0, gt=0, le=280)
     progress_interval: float = Field(default=5.0, gt=0)

@@ -116,16 +116,35 @@ def _worker_main(index: int, config: Config, control: int) -> None:
         os._exit(3)
     bridge.set_runtime(rt)
 
+    def drain_then_stop() -> None:
+        timeout = rt.settings.shutdown_timeout
+        bridge.begin_drain()
+        if bridge.open_connections():
+            log.info(
+                "worker %d: waiting up to %gs for %d open connection(s)",
+                index,
+                timeout,
+                bridge.open_connections(),
+            )
+        if not bridge.drain(timeout):
+            log.warning(
+                "worker %d: %d connection(s) still open after %gs; stopping anyway",
+                index,
+                bridge.open_connections(),
+                timeout,
+            )
+        bridge.stop()
+
     def control_loop() -> None:
         while True:
             try:
                 line = _read_line(control)
             except (EOFError, OSError):
                 log.warning("worker %d: supervisor gone; stopping", index)
-                bridge.stop()
+                drain_then_stop()
                 return
             if line == b"stop":
-                bridge.stop()
+                drain_then_stop()
                 return
             if line.startswith(b"reload "):
                 text = _read_exact(control, int(line.split()[1])).decode()
@@ -153,21 +172,6 @@ def _worker_main(index: int, config: Config, control: int) -> None:
     except Exception:
         log.exception("worker %d: libmilter main loop failed", index)
         os._exit(4)
-    timeout = rt.settings.shutdown_timeout
-    if bridge.open_connections():
-        log.info(
-            "worker %d: waiting up to %gs for %d open connection(s)",
-            index,
-            timeout,
-            bridge.open_connections(),
-        )
-    if not bridge.drain(timeout):
-        log.warning(
-            "worker %d: %d connection(s) still open after %gs; exiting",
-            index,
-            bridge.open_connections(),
-            timeout,
-        )
     current = bridge.current_runtime()
     if current is not None:
         current.retire()

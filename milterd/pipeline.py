@@ -206,6 +206,8 @@ class Runtime:
             if stage == "body" and needs_body:
                 continue
             skip.add(stage)
+        if self.settings.max_recipients:
+            hooked.add("envrcpt")  # the core answers RCPT itself (452 past the limit)
         noreply = {s for s in (*_ENVELOPE, *_CONTENT) if s not in hooked and s not in skip}
         actions = (
             frozenset().union(*(p.actions for p in self.plugins)) if self.plugins else frozenset()
@@ -486,7 +488,8 @@ class Session:
         self.conn.macros.update(macros)
         if not m.info.queue_id and macros.get("i"):
             m.info.queue_id = macros["i"]
-        if len(m.info.recipients) >= self.rt.settings.max_recipients:
+        limit = self.rt.settings.max_recipients
+        if limit and len(m.info.recipients) >= limit:
             v: Verdict | None = TempFail(
                 "452", "4.5.3", "Too many recipients", reason="max_recipients"
             )
@@ -557,10 +560,17 @@ class Session:
         )
 
     def _early(self, v: Verdict | None, stage: str) -> Verdict | None:
-        """A verdict before end of message: if it ends the message, log it and end it."""
+        """A verdict before end of message: if it ends the message, log it and end it.
+
+        At a stage negotiated without reply (only the core's limits can decide there) the
+        MTA is not waiting for an answer: the message stops being processed and the verdict,
+        already on the ledger, is given at end of message instead.
+        """
         v = self._for_mta(v)
         if v is not None and self.msg is not None:
             self.msg.over = True
+            if stage in self.rt.negotiation.noreply:
+                return None
             decision = merge([e for e in self.msg.ledger.entries if e.stage != "envrcpt"])
             self._summary(decision, stage)
             self._end_message(None)
@@ -580,7 +590,10 @@ class Session:
         message = Message(m.info.headers, m.spool)
         budget = self.rt.settings.eom_timeout
         end = time.monotonic() + budget
-        self._run("eom", {"event": ev.Eom(macros), "message": message}, budget, all_plugins=True)
+        if not m.over:  # over: a limit already decided, see _early
+            self._run(
+                "eom", {"event": ev.Eom(macros), "message": message}, budget, all_plugins=True
+            )
         headers = m.info.headers if self.rt.negotiation.needs_headers else None
         entries = [e for e in m.ledger.entries if e.stage != "envrcpt"]
         decision = merge(entries, headers)

@@ -1,0 +1,199 @@
+"""The real daemon on a socket, driven over the milter protocol (no MTA)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.daemon import Daemon
+from tests.support.milterclient import MilterClient, P, Transcript
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+HEADERS: list[tuple[str, str | bytes]] = [("From", "a@example.org"), ("Subject", "hi")]
+BODY = b"Hello\r\n"
+
+
+def send(
+    d: Daemon,
+    rcpts: list[str] | None = None,
+    headers: list[tuple[str, str | bytes]] | None = None,
+    ip: str = "192.0.2.1",
+    body: bytes = BODY,
+) -> Transcript:
+    with MilterClient(d.socket) as c:
+        c.negotiate()
+        t = Transcript()
+        c.connect(t, ip=ip)
+        return c.message("a@example.org", rcpts or ["b@example.com"], headers or HEADERS, body, t=t)
+
+
+@pytest.fixture(params=["unix", "inet"])
+def marked(request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    with Daemon('[plugins.t_mark]\nvalue = "first"\n', socket_kind=request.param) as d:
+        yield d
+
+
+def test_negotiates_only_what_the_plugins_use_and_adds_the_header(marked: Daemon) -> None:
+    with MilterClient(marked.socket) as c:
+        actions, proto = c.negotiate()
+        t = Transcript()
+        c.connect(t, ip="192.0.2.9")
+        c.message("a@example.org", ["b@example.com"], HEADERS, BODY, queue_id="QX1", t=t)
+    for flag in ("NOHDRS", "NOBODY", "NOEOH", "NODATA", "NR_CONN", "NR_HELO", "NR_MAIL", "NR_RCPT"):
+        assert proto & P[flag], flag
+    assert actions & 0x01 and not actions & 0x10  # ADDHDRS, not CHGHDRS
+    assert t.final is not None and t.final.verdict == "accept"
+    assert t.mods == [("addheader", ("X-Test-Mark", " first qid=QX1 client=192.0.2.9"))]
+
+
+def test_reject_at_rcpt_for_one_recipient_only() -> None:
+    with Daemon("[plugins.t_reject_rcpt]\n[plugins.t_mark]\n") as d:
+        t = send(d, ["ok@example.com", "reject-me@example.com", "fine@example.com"])
+    rcpt = t.replies["rcpt"]
+    assert [r.verdict for r in rcpt] == ["continue", "replycode", "continue"]
+    assert rcpt[1].text.startswith("550 5.1.1 Recipient refused")
+    assert t.final is not None and t.final.verdict == "accept"
+    assert "refused=[reject-me@example.com=reject]" in d.wait_log("refused=")
+
+
+@pytest.mark.parametrize(("policy", "verdict"), [("continue", "accept"), ("tempfail", "replycode")])
+def test_a_plugin_raising_everywhere_never_takes_the_daemon_down(policy: str, verdict: str) -> None:
+    with Daemon(f'[plugins.t_raise]\non_error = "{policy}"\n[plugins.t_mark]\n') as d:
+        workers = d.worker_pids()
+        for _ in range(3):
+            t = send(d)
+            assert t.final is not None and t.final.verdict == verdict
+            if policy == "tempfail":
+                assert t.final.text.startswith("451 4.3.0")
+        assert d.proc is not None and d.proc.poll() is None
+        assert d.worker_pids() == workers
+        log = d.log_text()
+    assert "plugin t_raise failed at connect (queue id -)" in log
+    if policy == "continue":  # with tempfail the session already ended at connect
+        assert "plugin t_raise failed at envfrom (queue id TESTQ1)" in log
+
+
+def test_a_hanging_plugin_gets_its_policy_within_its_timeout_with_progress() -> None:
+    body = (
+        '[plugins.t_sleep]\nseconds = 30\ntimeout = 1.0\non_error = "tempfail"\n[plugins.t_mark]\n'
+    )
+    with Daemon(body, milterd_extra="progress_interval = 0.3") as d:
+        t0 = time.monotonic()
+        t = send(d)
+        elapsed = time.monotonic() - t0
+        t_fast = send(d)  # and the next connection is served normally (another thread)
+    assert t.final is not None and t.final.verdict == "replycode" and t.final.text.startswith("451")
+    assert 0.9 < elapsed < 3.0
+    assert t.progress >= 2
+    assert t_fast.final is not None and t_fast.final.verdict == "replycode"
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one_and_a_good_one_applies() -> None:
+    with Daemon('[plugins.t_mark]\nvalue = "first"\n') as d:
+        d.write('[plugins.t_mark]\nvalue = "second"\nbogus_key = 1\n')
+        mark = len(d.log_text())
+        d.signal(signal.SIGHUP)
+        d.wait_log("reload refused, old config kept", after=mark)
+        assert "[plugins.t_mark] bogus_key: unknown key" in d.log_text()
+        assert ("addheader", ("X-Test-Mark", " first qid=TESTQ1 client=192.0.2.1")) in send(d).mods
+        d.write('[plugins.t_mark]\nvalue = "second"\n')
+        mark = len(d.log_text())
+        d.signal(signal.SIGHUP)
+        d.wait_log("reloaded", after=mark)
+        assert ("addheader", ("X-Test-Mark", " second qid=TESTQ1 client=192.0.2.1")) in send(d).mods
+
+
+def test_sigterm_lets_an_open_session_finish_then_exits_zero_with_no_process_left() -> None:
+    d = Daemon("[plugins.t_mark]\n").start()
+    workers = d.worker_pids()
+    c = MilterClient(d.socket)
+    c.negotiate()
+    t = Transcript()
+    c.connect(t)
+    d.signal(signal.SIGTERM)
+    d.wait_log("stopping")
+    time.sleep(0.5)
+    with MilterClient(d.socket) as late:  # a new session while draining: 451 at once
+        late.negotiate()
+        refused = late.connect(Transcript())
+    assert refused is not None and refused.text.startswith("451 4.3.2")
+    c.message("a@example.org", ["b@example.com"], HEADERS, BODY, t=t)  # the session goes on
+    c.close()
+    assert t.final is not None and t.final.verdict == "accept"
+    assert d.proc is not None and d.proc.wait(20) == 0
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}")
+    assert not os.path.exists(d.socket[5:])
+
+
+def test_a_killed_worker_is_restarted_and_others_keep_serving() -> None:
+    with Daemon("[plugins.t_mark]\n", workers=2) as d:
+        before = d.worker_pids()
+        assert len(before) == 2
+        os.kill(before[0], signal.SIGKILL)
+        d.wait_log("died: killed by signal 9")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(set(d.worker_pids()) - set(before)) < 1:
+            time.sleep(0.1)
+        after = d.worker_pids()
+        assert len(after) == 2 and before[1] in after and before[0] not in after
+        for _ in range(6):
+            t = send(d)
+            assert t.final is not None and t.final.verdict == "accept"
+
+
+def test_odd_input_gets_a_verdict_every_time() -> None:
+    body = "[plugins.authres]\n[plugins.t_mark]\n"
+    with Daemon(body, milterd_extra="max_header_bytes = 2000000") as d:
+        cases: list[list[tuple[str, str | bytes]]] = [
+            [("Subject", b"8-bit caf\xc3\xa9 and invalid \xff\xfe"), ("From", "a@example.org")],
+            [("Subject", b"nul \x00 inside"), ("X-Empty", b"")],
+            [(f"X-Filler-{i}", "x" * 990) for i in range(1060)],  # a 1 MB header block
+            [
+                ("Authentication-Results", "mx.test; spf=pass"),
+                ("From", b"\xe2\x98\x83@example.org"),
+            ],
+        ]
+        verdicts = []
+        for headers in cases:
+            t = send(d, headers=headers, ip="2001:db8::25")
+            verdicts.append(t.final.verdict if t.final else None)
+        pids = d.worker_pids()
+        t = send(d, body=b"\x00\xff" * 50000)
+        verdicts.append(t.final.verdict if t.final else None)
+        assert d.worker_pids() == pids
+        log = d.log_text()
+    assert verdicts == ["accept"] * 5
+    assert "Traceback" not in log and "internal error" not in log
+    assert "client=[192.0.2.1]" not in log and "[2001:db8::25]" in log
+
+
+def test_a_header_block_over_the_limit_is_rejected_with_552() -> None:
+    with Daemon("[plugins.authres]\n", milterd_extra="max_header_bytes = 10000") as d:
+        t = send(d, headers=[(f"X-F{i}", "y" * 500) for i in range(40)])
+    assert t.final is not None and t.final.text.startswith("552 5.3.4")
+
+
+def test_concurrent_connections_are_served_in_parallel() -> None:
+    body = "[plugins.t_sleep]\nseconds = 0.5\ntimeout = 5\n[plugins.t_mark]\n"
+    with Daemon(body) as d:
+        results: list[str] = []
+
+        def one() -> None:
+            t = send(d)
+            results.append(t.final.verdict if t.final else "none")
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        t0 = time.monotonic()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        elapsed = time.monotonic() - t0
+    assert results == ["accept"] * 8 and elapsed < 3.0

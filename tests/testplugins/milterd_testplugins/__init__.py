@@ -1,0 +1,91 @@
+"""Tiny plugins the integration tests enable in a real daemon, configured per test."""
+
+from __future__ import annotations
+
+import time
+
+from milterd import AddHeader, Context, EnvRcpt, PluginConfig, Reject, hookimpl
+from milterd.hookspecs import STAGES
+
+
+class MarkConfig(PluginConfig):
+    header: str = "X-Test-Mark"
+    value: str = "marked"
+
+
+class Mark:
+    """Adds one header at end of message; echoes the queue id and the client address."""
+
+    actions = frozenset({"add_header"})
+    isolation = "inline"
+
+    @hookimpl
+    def config_schema(self) -> type[MarkConfig]:
+        return MarkConfig
+
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        qid = ctx.message.queue_id if ctx.message else ""
+        client = ctx.connection.client.ip if ctx.connection.client else ""
+        ctx.add_change(
+            AddHeader(ctx.config.header, f"{ctx.config.value} qid={qid} client={client}")
+        )
+
+
+class RejectRcptConfig(PluginConfig):
+    prefix: str = "reject"
+
+
+class RejectRcpt:
+    """Rejects recipients whose local part starts with ``prefix``."""
+
+    isolation = "inline"
+
+    @hookimpl
+    def config_schema(self) -> type[RejectRcptConfig]:
+        return RejectRcptConfig
+
+    @hookimpl
+    def envrcpt(self, ctx: Context, event: EnvRcpt) -> Reject | None:
+        if event.recipient.startswith(ctx.config.prefix):
+            return Reject("550", "5.1.1", "Recipient refused by test plugin")
+        return None
+
+
+class RaiseEverywhere:
+    """Raises in every stage hook."""
+
+
+def _raiser(stage: str):  # type: ignore[no-untyped-def]
+    def hook(self: object) -> None:
+        raise RuntimeError(f"t_raise fails at {stage}")
+
+    hook.__name__ = stage
+    return hookimpl(hook)
+
+
+for _stage in STAGES:
+    setattr(RaiseEverywhere, _stage, _raiser(_stage))
+
+
+class SleepConfig(PluginConfig):
+    seconds: float = 30.0
+    stage: str = "eom"
+
+
+class Sleep:
+    """Sleeps in eom (or envrcpt): a plugin hanging past its timeout."""
+
+    @hookimpl
+    def config_schema(self) -> type[SleepConfig]:
+        return SleepConfig
+
+    @hookimpl
+    def envrcpt(self, ctx: Context) -> None:
+        if ctx.config.stage == "envrcpt":
+            time.sleep(ctx.config.seconds)
+
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        if ctx.config.stage == "eom":
+            time.sleep(ctx.config.seconds)
