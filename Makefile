@@ -6,7 +6,7 @@ PYTHON ?= python3
 CONFIG ?= etc/milterd.toml
 # Debian packages: libmilter-dev to build pymilter; Postfix, OpenDKIM, Redis for the tests.
 APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv postfix opendkim opendkim-tools \
-                redis-server swaks
+                redis-server swaks sasl2-bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint unit integration deps venv bench clean
@@ -15,7 +15,7 @@ run: deps $(STAMP)
 	$(VENV)/bin/milterd -c $(CONFIG) run
 
 test: deps $(STAMP) lint
-	$(PY) -m pytest -q -ra --durations=10
+	MILTERD_STRICT=1 $(PY) -m pytest -q -ra --durations=10
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
