@@ -26,7 +26,8 @@ from milterd.actions import (
     TempFail,
     Verdict,
 )
-from milterd.config import PluginConfig
+from milterd.config import ConfigError, PluginConfig
+from milterd.config import load as load_config
 from milterd.context import ConnectionInfo, Context, MessageInfo, Recipient, Services
 from milterd.dns import DNSTempError, NXDomain, Resolver
 from milterd.events import (
@@ -58,6 +59,7 @@ __all__ = [
     "ChangeSender",
     "Client",
     "Close",
+    "ConfigError",
     "Connect",
     "ConnectionInfo",
     "Context",
@@ -89,4 +91,5 @@ __all__ = [
     "Verdict",
     "__version__",
     "hookimpl",
+    "load_config",
 ]

@@ -213,7 +213,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> tuple[argparse.ArgumentParser, Any]:
     ap = argparse.ArgumentParser(prog="milterd", description=__doc__)
     ap.add_argument(
         "-c",
@@ -248,11 +248,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=_cmd_check)
-    return ap
+    return ap, sub
+
+
+def _plugin_commands(sub: Any) -> None:
+    """Let every installed plugin add its subcommands (``commands`` hook)."""
+    from milterd.config import ConfigError
+    from milterd.registry import installed, load_entry_point, new_manager
+
+    pm = new_manager()
+    for p in installed():
+        try:
+            obj = load_entry_point(p.name)
+            if not callable(getattr(obj, "commands", None)):
+                continue
+            pm.register(obj() if isinstance(obj, type) else obj, name=p.name)
+        except (ConfigError, Exception) as e:  # a broken plugin must not break the CLI
+            print(f"milterd: warning: plugin {p.name!r} skipped: {e}", file=sys.stderr)
+    pm.hook.commands(subparsers=sub)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap, sub = parser()
+    _plugin_commands(sub)
+    args = ap.parse_args(argv)
     return int(args.fn(args))
 
 

@@ -70,7 +70,7 @@ STAGES: tuple[str, ...] = (
     "close",
 )
 #: Lifecycle hooks: called once per configuration generation, not per message.
-LIFECYCLE: tuple[str, ...] = ("config_schema", "startup", "shutdown")
+LIFECYCLE: tuple[str, ...] = ("config_schema", "startup", "shutdown", "commands")
 #: Stages at which a plugin may record changes (a message exists and is not over).
 CHANGE_STAGES = frozenset(
     ("envfrom", "envrcpt", "data", "header", "eoh", "body", "eom", "finalize")
@@ -129,6 +129,23 @@ def shutdown() -> None:
 
     Returns: nothing. Exceptions are logged and ignored.
     Changes: none. Negotiation: not applicable. Since: 0.1.
+    """
+
+
+@hookspec
+def commands(subparsers: Any) -> None:
+    """Add subcommands to the ``milterd`` command line (``milterd dkim keygen ...``).
+
+    When it fires: once per ``milterd`` invocation, for every *installed* plugin (enabled or
+    not; one that fails to import is skipped with a warning), before arguments are parsed.
+
+    Arguments:
+        subparsers: the ``argparse`` sub-parsers object of ``milterd``. Add a parser and set
+            ``fn`` to a callable taking the parsed ``argparse.Namespace`` and returning the
+            exit status; ``args.config`` is the ``-c`` path. Load the config yourself with
+            ``milterd.load_config`` if the command needs it.
+
+    Returns: nothing. Changes: none. Negotiation: not applicable. Since: 0.1.
     """
 
 

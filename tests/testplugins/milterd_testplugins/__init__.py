@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from milterd import AddHeader, Context, EnvRcpt, PluginConfig, Reject, hookimpl
 from milterd.hookspecs import STAGES
@@ -30,6 +31,12 @@ class Mark:
         ctx.add_change(
             AddHeader(ctx.config.header, f"{ctx.config.value} qid={qid} client={client}")
         )
+
+    @hookimpl
+    def commands(self, subparsers: Any) -> None:
+        p = subparsers.add_parser("t-mark-echo", help="test command contributed by a plugin")
+        p.add_argument("word")
+        p.set_defaults(fn=lambda args: print(f"echo {args.word} {args.config}") or 0)
 
 
 class RejectRcptConfig(PluginConfig):

@@ -1,0 +1,89 @@
+"""The command line, run as a user would (a subprocess), on real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MSG = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+def milterd(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "milterd.cli"]
+    if config is not None:
+        cmd += ["-c", str(config)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    p = tmp_path / "milterd.toml"
+    p.write_text(
+        '[milterd]\nauthserv_id = "mx.cli"\n[plugins.t_reject_rcpt]\n'
+        '[plugins.example_header]\ngreeting = "from cli"\n[plugins.authres]\ntrusted = true\n'
+    )
+    return p
+
+
+def test_config_check_ok_and_broken(config: Path, tmp_path: Path) -> None:
+    ok = milterd("config", "check", config=config)
+    assert ok.returncode == 0 and "t_reject_rcpt -> example_header -> authres" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[plugins.example_header]\ngreeting = 3\n")
+    res = milterd("config", "check", config=bad)
+    assert res.returncode == 2 and f"{bad}: [plugins.example_header] greeting:" in res.stderr
+
+
+def test_plugins_lists_installed_enabled_order_hooks_and_broken_ones(config: Path) -> None:
+    res = milterd("plugins", "--json", config=config)
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert rows["example_header"]["enabled"] and rows["example_header"]["order"] == 2
+    assert rows["example_header"]["distribution"] == "milterd-example-header"
+    assert rows["authres"]["hooks"] == ["eom", "finalize", "config_schema", "startup"]
+    assert not rows["t_mark"]["enabled"]
+    assert "broken on purpose" in rows["t_broken"]["error"]
+    res = milterd("plugins", "--hook", "envrcpt", config=config)
+    assert "t_reject_rcpt" in res.stdout and "authres" not in res.stdout
+
+
+def test_check_prints_and_writes_what_the_daemon_would_do(config: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "in.eml"
+    eml.write_bytes(MSG)
+    out = tmp_path / "out.eml"
+    res = milterd(
+        "check",
+        str(eml),
+        "--from",
+        "a@example.org",
+        "--rcpt",
+        "b@example.com",
+        "--rcpt",
+        "reject-x@example.com",
+        "--client-ip",
+        "192.0.2.7",
+        "--json",
+        "--output",
+        str(out),
+        config=config,
+    )
+    report = json.loads(res.stdout)
+    assert report["verdict"] == "continue"
+    assert report["refused_recipients"] == {"reject-x@example.com": "reject"}
+    assert [c["op"] for c in report["changes"]] == ["insheader", "addheader"]
+    assert set(report["plugin_ms"]) == {"t_reject_rcpt", "example_header", "authres"}
+    delivered = out.read_bytes()
+    assert delivered.startswith(b"Authentication-Results: mx.cli; none\r\nFrom: a@example.org\r\n")
+    assert delivered.endswith(b"Subject: hi\r\nX-Milterd-Example: from cli\r\n\r\nHello.\r\n")
+    text = milterd(
+        "check", str(eml), "--from", "a@example.org", "--rcpt", "b@example.com", config=config
+    )
+    assert "verdict: continue" in text.stdout and "example_header" in text.stdout
+
+
+def test_plugins_contribute_commands() -> None:
+    res = milterd("t-mark-echo", "hello", config=Path("/x.toml"))
+    assert res.returncode == 0 and res.stdout.strip() == "echo hello /x.toml"
