@@ -256,6 +256,7 @@ class Supervisor:
             if w is None:
                 continue
             os.close(w.pipe)
+            _metrics_process_dead(pid)
             if self.stopping:
                 log.info("worker %d (pid %d) exited", w.index, pid)
                 continue
@@ -351,7 +352,28 @@ def run(path: str) -> int:
 
 
 def _multiprocess_metrics() -> None:
+    """Several workers: prometheus-client's multiprocess mode, one directory per daemon run.
+
+    Must run before anything imports prometheus_client (it reads the variable at import).
+    """
+    import atexit
+    import shutil
     import tempfile
 
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="milterd-metrics-")
+        path = tempfile.mkdtemp(prefix="milterd-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        owner = os.getpid()
+
+        def cleanup() -> None:
+            if os.getpid() == owner:  # workers leave via os._exit; only the supervisor cleans
+                shutil.rmtree(path, ignore_errors=True)
+
+        atexit.register(cleanup)
+
+
+def _metrics_process_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

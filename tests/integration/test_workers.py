@@ -1,0 +1,185 @@
+"""Several worker processes under one supervisor, under load (issue 8's guarantees)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.integration.daemon import Daemon, free_port
+from tests.support.milterclient import MilterClient, Transcript
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+HEADERS: list[tuple[str, str | bytes]] = [("From", "a@example.org"), ("Subject", "load")]
+
+
+def one(d: Daemon) -> str:
+    """One message over a new connection: its outcome as a word."""
+    try:
+        with MilterClient(d.socket, timeout=20) as c:
+            c.negotiate()
+            t = Transcript()
+            r = c.connect(t)
+            if r is not None and r.verdict == "replycode":
+                return "refused:" + r.text[:3]
+            c.message("a@example.org", ["b@example.com"], HEADERS, b"x\r\n", t=t)
+            if t.final is None:
+                return "none"
+            if t.final.verdict == "accept":
+                marks = [m for m in t.mods if m[0] == "addheader"]
+                return "accept:" + (str(marks[0][1][1]).split()[0] if marks else "-")
+            return t.final.verdict + ":" + t.final.text[:3]
+    except (ConnectionError, OSError) as e:
+        return "error:" + type(e).__name__
+
+
+@dataclass
+class Load:
+    """Threads sending messages back to back until stopped."""
+
+    d: Daemon
+    threads: int = 8
+    outcomes: list[tuple[float, str]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._threads = [
+            threading.Thread(target=self._run, daemon=True) for _ in range(self.threads)
+        ]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            outcome = one(self.d)
+            self.outcomes.append((time.monotonic(), outcome))
+            if outcome.startswith(("error", "refused")):
+                time.sleep(0.05)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def words(self, since: float = 0.0) -> Counter[str]:
+        return Counter(o for t, o in self.outcomes if t >= since)
+
+
+def test_metrics_from_all_workers_in_one_endpoint_and_the_log_names_the_worker() -> None:
+    port = free_port()
+    extra = f'metrics_listen = "127.0.0.1:{port}"\nlog_format = "json"'
+    with Daemon("[plugins.t_mark]\n", workers=2, milterd_extra=extra) as d:
+        with Load(d, threads=6) as load:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and len(load.outcomes) < 200:
+                time.sleep(0.05)
+        sent = Counter(o.split(":")[0] for _, o in load.outcomes)
+        assert sent == Counter({"accept": sent["accept"]}) and sent["accept"] >= 200
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        lines = [json.loads(x) for x in d.log_text().splitlines() if x.startswith("{")]
+    total = sum(
+        float(v)
+        for v in re.findall(
+            r'^milterd_messages_total\{verdict="continue"\} (\S+)$', text, re.MULTILINE
+        )
+    )
+    assert total == sent["accept"], text
+    calls = re.findall(
+        r'^milterd_plugin_seconds_count\{plugin="t_mark",stage="eom"\} (\S+)$', text, re.MULTILINE
+    )
+    assert sum(float(c) for c in calls) == sent["accept"]
+    assert re.search(r"^milterd_connections_open \d", text, re.MULTILINE)
+    summaries = [x for x in lines if "verdict" in x]
+    assert len(summaries) == sent["accept"]
+    assert {x["worker"] for x in summaries} <= {"0", "1"}
+    assert all(x["queue_id"] == "TESTQ1" and x["plugin_ms"].keys() == {"t_mark"} for x in summaries)
+
+
+def test_kill_9_of_one_worker_under_load() -> None:
+    with Daemon("[plugins.t_mark]\n", workers=2) as d, Load(d) as load:
+        time.sleep(1.0)
+        victim, survivor = d.worker_pids()
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        d.wait_log("died: killed by signal 9")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pids = d.worker_pids()
+            if len(pids) == 2 and victim not in pids:
+                break
+            time.sleep(0.05)
+        back_at = time.monotonic()
+        time.sleep(1.0)
+    pids = d.worker_pids() if d.proc and d.proc.poll() is None else []
+    words = load.words()
+    assert back_at - killed_at < 5.0
+    assert survivor in pids or not pids  # the other worker was never restarted
+    # Connections on the killed worker fail (the MTA applies its default action); every other
+    # message is accepted; nothing gets a wrong answer.
+    assert set(words) <= {
+        "accept:marked",
+        "error:ConnectionResetError",
+        "error:ConnectionError",
+        "error:BrokenPipeError",
+        "error:TimeoutError",
+    }, words
+    assert words["accept:marked"] > 100
+    after = load.words(since=back_at)
+    assert after["accept:marked"] > 20 and set(after) == {"accept:marked"}, after
+
+
+def test_sigterm_under_load_answers_every_message_and_leaves_no_process() -> None:
+    d = Daemon("[plugins.t_mark]\n", workers=2).start()
+    workers = d.worker_pids()
+    with Load(d) as load:
+        time.sleep(1.0)
+        d.signal(signal.SIGTERM)
+        assert d.proc is not None and d.proc.wait(30) == 0
+        time.sleep(0.3)
+    words = load.words()
+    # Sessions open at SIGTERM finish with accept; new ones are refused with 451 while
+    # draining, then the socket is gone: never a hang, never a wrong answer.
+    assert words["accept:marked"] > 50
+    assert set(words) <= {
+        "accept:marked",
+        "refused:451",
+        "error:FileNotFoundError",
+        "error:ConnectionRefusedError",
+        "error:ConnectionResetError",
+        "error:ConnectionError",
+    }, words
+    for pid in workers:  # gone, or a zombie waiting for a PID 1 that does not reap here
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text()
+
+
+def test_sighup_under_load_good_and_bad() -> None:
+    with Daemon('[plugins.t_mark]\nvalue = "one"\n', workers=2) as d, Load(d) as load:
+        time.sleep(0.5)
+        d.write('[plugins.t_mark]\nvalue = "two"\nnope = 1\n')
+        d.signal(signal.SIGHUP)
+        d.wait_log("reload refused")
+        time.sleep(0.5)
+        d.write('[plugins.t_mark]\nvalue = "three"\n')
+        d.signal(signal.SIGHUP)
+        d.wait_log("worker 1: reloaded")
+        d.wait_log("worker 0: reloaded")
+        switched = time.monotonic()
+        time.sleep(1.0)
+    words = load.words()
+    assert set(words) <= {"accept:one", "accept:three"}, words
+    assert words["accept:one"] > 10 and "accept:two" not in words
+    assert set(load.words(since=switched + 0.2)) == {"accept:three"}
