@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from milterd.actions import Change, Result, Symbol, Verdict
 from milterd.events import Client, Header
+from milterd.hookspecs import CHANGE_STAGES
 
 if TYPE_CHECKING:
     from milterd.config import Settings
@@ -218,9 +219,9 @@ class Context:
     def _record(self, value: Change | Result | Symbol) -> None:
         if not self._live:
             raise ContributionRefused(f"plugin {self.name}: recorded after its deadline")
-        if self._ledger is None:
+        if self._ledger is None or self._stage not in CHANGE_STAGES:
             raise ContributionRefused(
-                f"plugin {self.name}: nothing can be recorded at {self._stage} (no message)"
+                f"plugin {self.name}: nothing can be recorded at {self._stage}"
             )
         self._ledger.entries.append(Entry(self.name, self._stage, value))
 

@@ -66,6 +66,7 @@ STAGES: tuple[str, ...] = (
     "body",
     "eom",
     "finalize",
+    "outcome",
     "abort",
     "close",
 )
@@ -275,6 +276,23 @@ def finalize(ctx: Context, message: Message) -> Verdict | None:
     the message back).
     Changes: may be recorded; headers added here go on top (signatures cover what follows).
     Negotiation: not an MTA stage; body requested if ``message`` is taken. Since: 0.1.
+    """
+
+
+@hookspec
+def outcome(ctx: Context, verdict: Verdict | None, message: Message) -> None:
+    """The message's fate is sealed: observe it (archive rejected mail, report, learn).
+
+    When it fires: once per message that reached end of message, after the final merge,
+    whatever the verdict, in pipeline order; before the bridge answers the MTA.
+    Arguments: ``verdict``, the final verdict (None: delivered unchanged in kind, i.e.
+    continue); ``message``, the message as it will be delivered when it is delivered, as
+    received otherwise; ``ctx.results``, ``ctx.symbols`` and ``ctx.score`` are final.
+    Returns: ignored; exceptions are logged and counted, ``on_error`` does not apply (the
+    verdict is already decided).
+    Changes: may not be recorded.
+    Negotiation: body requested if ``message`` is taken (unless ``reads_body = False``).
+    Since: 0.1.
     """
 
 

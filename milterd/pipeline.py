@@ -191,7 +191,7 @@ class Runtime:
         hooked = {s for s, plan in self.plan.items() if plan}
         readers = [
             p
-            for stage in ("eom", "finalize")
+            for stage in ("eom", "finalize", "outcome")
             for p, impl in self.plan[stage]
             if "message" in impl.argnames
         ]
@@ -381,7 +381,7 @@ class Session:
             adapter,
             self.conn,
             m.info if m is not None else None,
-            m.ledger if m is not None and stage in hookspecs.CHANGE_STAGES else None,
+            m.ledger if m is not None else None,
             self.rt.resolver,
             self.conn_state[p.name],
             m.plugin_state.setdefault(p.name, {}) if m is not None else None,
@@ -622,12 +622,23 @@ class Session:
                 if not decision.delivers:
                     break
         self.last_decision = decision
-        if self.capture:
+        if self.capture or self.rt.plan["outcome"]:
             delivered_headers, body = render(m.info.headers, decision.ops)
-            self.delivered = Message(delivered_headers, m.spool, body).as_bytes()
+            final = Message(delivered_headers, m.spool, body) if decision.delivers else message
+            if self.capture:
+                self.delivered = final.as_bytes() if decision.delivers else None
+            self._observe(decision, final)
         self._summary(decision, "eom")
         self._end_message(None)
         return decision
+
+    def _observe(self, decision: Decision, message: Message) -> None:
+        """The ``outcome`` stage: observers only; failures are logged, never applied."""
+        budget = self.rt.settings.eom_timeout
+        for p, impl in self.rt.plan["outcome"]:
+            ctx = self._ctx(p, "outcome", time.monotonic() + p.settings.timeout)
+            args = {"ctx": ctx, "verdict": decision.verdict, "message": message}
+            self.rt.call(p, impl, "outcome", ctx, args, budget, self.progress, None)
 
     def on_abort(self) -> None:
         self._end_message("abort")

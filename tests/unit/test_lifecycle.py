@@ -6,6 +6,7 @@ from typing import Any
 
 from milterd import (
     Abort,
+    AddHeader,
     Body,
     Close,
     Connect,
@@ -21,6 +22,7 @@ from milterd import (
     PluginConfig,
     Reject,
     Services,
+    Verdict,
     hookimpl,
 )
 from milterd.events import Client
@@ -94,6 +96,10 @@ class Recorder:
         self.calls.append(("finalize", message.body()))
 
     @hookimpl
+    def outcome(self, ctx: Context, verdict: Verdict | None, message: Message) -> None:
+        self.calls.append(("outcome", (verdict.word if verdict else None, message.get("X-Added"))))
+
+    @hookimpl
     def abort(self, event: Abort) -> None:
         self.calls.append(("abort", None))
 
@@ -133,6 +139,7 @@ def test_every_hook_in_order() -> None:
         ("body", b"body\r\n"),
         ("eom", ("QID1", "s")),
         ("finalize", b"body\r\n"),
+        ("outcome", (None, None)),
         ("close", None),
         ("shutdown", None),
     ]
@@ -163,6 +170,7 @@ def test_abort_replaces_the_rest_of_an_abandoned_message_and_a_second_one_follow
         "envrcpt",
         "eom",
         "finalize",
+        "outcome",
         "close",
         "shutdown",
     ]
@@ -178,3 +186,30 @@ def test_a_connect_reject_refuses_the_session() -> None:
     with Harness(plugins={"door": Door}) as h:
         assert h.send(MSG, client_ip="192.0.2.66").verdict == "reject"
         assert h.send(MSG, client_ip="192.0.2.67").verdict == "continue"
+
+
+def test_outcome_sees_the_final_verdict_and_the_right_copy_and_cannot_record() -> None:
+    seen: list[tuple[str | None, str | None, str]] = []
+
+    class Tagger:
+        actions = frozenset({"add_header"})
+
+        @hookimpl
+        def eom(self, ctx: Context, message: Message) -> Reject | None:
+            ctx.add_change(AddHeader("X-Added", "yes"))
+            return Reject() if message.get("Subject") == "bad" else None
+
+    class Observer:
+        @hookimpl
+        def outcome(self, ctx: Context, verdict: Verdict | None, message: Message) -> None:
+            try:
+                ctx.add_symbol("LATE", 1.0)
+                refused = "recorded"
+            except Exception as e:
+                refused = type(e).__name__
+            seen.append((verdict.word if verdict else None, message.get("X-Added"), refused))
+
+    with Harness(plugins={"tagger": Tagger, "observer": Observer}) as h:
+        h.send(b"Subject: good\r\n\r\nx\r\n")
+        h.send(b"Subject: bad\r\n\r\nx\r\n")
+    assert seen == [(None, "yes", "ContributionRefused"), ("reject", None, "ContributionRefused")]
