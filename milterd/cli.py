@@ -265,7 +265,15 @@ def _plugin_commands(sub: Any) -> None:
             pm.register(obj() if isinstance(obj, type) else obj, name=p.name)
         except (ConfigError, Exception) as e:  # a broken plugin must not break the CLI
             print(f"milterd: warning: plugin {p.name!r} skipped: {e}", file=sys.stderr)
-    pm.hook.commands(subparsers=sub)
+    for impl in pm.hook.commands.get_hookimpls():
+        try:
+            impl.function(subparsers=sub)
+        except Exception as e:  # one plugin's broken command must not break `milterd run`
+            print(
+                f"milterd: warning: plugin {impl.plugin_name!r} commands skipped: "
+                f"{type(e).__name__}: {e}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

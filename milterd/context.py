@@ -145,12 +145,13 @@ class Context:
         "_actions",
         "_ledger",
         "_live",
+        "_log",
+        "_logger",
         "_stage",
         "config",
         "connection",
         "connection_state",
         "deadline",
-        "log",
         "message",
         "message_state",
         "name",
@@ -162,7 +163,7 @@ class Context:
         name: str,
         stage: str,
         config: Any,
-        log: logging.LoggerAdapter[logging.Logger],
+        logger: logging.Logger,
         connection: ConnectionInfo,
         message: MessageInfo | None,
         ledger: Ledger | None,
@@ -175,7 +176,8 @@ class Context:
         self.name = name
         self._stage = stage
         self.config = config
-        self.log = log
+        self._logger = logger
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self.connection = connection
         self.message = message
         self._ledger = ledger
@@ -187,6 +189,14 @@ class Context:
         self._live = True
 
     # --- reading ---------------------------------------------------------------------------
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """This plugin's logger (``milterd.NAME``); records carry the plugin and queue id."""
+        if self._log is None:  # built on first use: most calls never log
+            qid = self.message.queue_id if self.message is not None else ""
+            self._log = logging.LoggerAdapter(self._logger, {"plugin": self.name, "queue_id": qid})
+        return self._log
 
     def time_left(self) -> float:
         """Seconds until this call's deadline (never negative). Pass it to slow I/O."""

@@ -124,6 +124,9 @@ class Runtime:
             for stage in hookspecs.STAGES
         }
         self.negotiation = self._negotiate()
+        # Looked up once: logging.getLogger and metric .labels() take locks on every call.
+        self.loggers = {p.name: log.getChild(p.name) for p in self.plugins}
+        self._timers: dict[tuple[str, str], Any] = {}
         self._connections = 0
         self._retired = False
         self._lock = threading.Lock()
@@ -284,7 +287,10 @@ class Runtime:
         elapsed = time.perf_counter() - t0
         if ledger is not None:
             ledger.timings[p.name] = ledger.timings.get(p.name, 0.0) + elapsed
-        METRICS.plugin_seconds.labels(p.name, stage).observe(elapsed)
+        timer = self._timers.get((p.name, stage))
+        if timer is None:
+            timer = self._timers[(p.name, stage)] = METRICS.plugin_seconds.labels(p.name, stage)
+        timer.observe(elapsed)
         if failure is None and rv is not None and not isinstance(rv, Verdict):
             failure = _Failure("bad-return", f"returned {type(rv).__name__}, not a Verdict or None")
         if failure is None:
@@ -372,13 +378,11 @@ class Session:
 
     def _ctx(self, p: LoadedPlugin, stage: str, deadline: float) -> Context:
         m = self.msg
-        qid = m.info.queue_id if m is not None else ""
-        adapter = logging.LoggerAdapter(log.getChild(p.name), {"plugin": p.name, "queue_id": qid})
         return Context(
             p.name,
             stage,
             p.config,
-            adapter,
+            self.rt.loggers[p.name],
             self.conn,
             m.info if m is not None else None,
             m.ledger if m is not None else None,
@@ -671,6 +675,8 @@ class Session:
             return
         self.message_count += 1
         METRICS.messages.labels(decision.word).inc()
+        if not log.isEnabledFor(logging.INFO):
+            return
         info = m.info
         results = ", ".join(f"{r.method}={r.result}" for r in m.ledger.results)
         times = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in m.ledger.timings.items())

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from milterd_testplugins import Mark
+
+from milterd import cli, hookimpl
 
 MSG = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -87,3 +90,15 @@ def test_check_prints_and_writes_what_the_daemon_would_do(config: Path, tmp_path
 def test_plugins_contribute_commands() -> None:
     res = milterd("t-mark-echo", "hello", config=Path("/x.toml"))
     assert res.returncode == 0 and res.stdout.strip() == "echo hello /x.toml"
+
+
+def test_a_plugin_whose_commands_hook_raises_does_not_break_the_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(self: object, subparsers: object) -> None:
+        raise ModuleNotFoundError("No module named 'half_written'")
+
+    monkeypatch.setattr(Mark, "commands", hookimpl(broken))
+    assert cli.main(["-c", "/nonexistent.toml", "plugins", "--hook", "envrcpt"]) == 0
+    err = capsys.readouterr().err
+    assert "plugin 't_mark' commands skipped: ModuleNotFoundError" in err
