@@ -197,3 +197,20 @@ def test_concurrent_connections_are_served_in_parallel() -> None:
             th.join(30)
         elapsed = time.monotonic() - t0
     assert results == ["accept"] * 8 and elapsed < 3.0
+
+
+def test_an_open_connection_finishes_on_the_config_it_started_with() -> None:
+    with Daemon('[plugins.t_mark]\nvalue = "before"\n') as d:
+        old = MilterClient(d.socket)
+        old.negotiate()
+        t_old = Transcript()
+        old.connect(t_old)
+        d.write('[plugins.t_mark]\nvalue = "after"\n')
+        mark = len(d.log_text())
+        d.signal(signal.SIGHUP)
+        d.wait_log("reloaded", after=mark)
+        t_new = send(d)
+        old.message("a@example.org", ["b@example.com"], HEADERS, BODY, t=t_old)
+        old.close()
+    assert [m[1][1].split()[0] for m in t_old.mods] == ["before"]
+    assert [m[1][1].split()[0] for m in t_new.mods] == ["after"]
