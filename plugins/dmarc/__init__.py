@@ -1,0 +1,632 @@
+"""Built-in ``dmarc``: DMARC (RFC 7489) evaluation, policy, and aggregate reporting.
+
+At end of message, after ``spf`` and ``dkim`` (``after``), for the one RFC5322.From
+domain: policy discovery (``_dmarc.<from domain>``, then ``_dmarc.<organizational
+domain>`` from the Public Suffix List of the ``publicsuffixlist`` package), SPF and DKIM
+identifier alignment (relaxed or strict) against the results already on the ledger,
+``p`` / ``sp`` / ``pct``, local overrides, then the action. One result on the ledger:
+``dmarc=<pass|fail|none|temperror|permerror> header.from=<domain> policy.dmarc=<applied>``.
+
+Aggregate reporting: with ``history_db`` set, one row per evaluated message (policy found)
+goes into a SQLite file (WAL mode, safe for several worker processes), and
+``milterd dmarc report --since --until`` writes RFC 7489 aggregate XML per policy domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import email.utils
+import json
+import os
+import random
+import re
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from xml.sax.saxutils import escape
+
+from publicsuffixlist import PublicSuffixList
+
+from milterd import (
+    AddHeader,
+    Context,
+    DNSTempError,
+    Message,
+    NXDomain,
+    PluginConfig,
+    Quarantine,
+    Reject,
+    Result,
+    Services,
+    TempFail,
+    Verdict,
+    hookimpl,
+    load_config,
+)
+
+__all__ = [
+    "DMARCConfig",
+    "DMARCPlugin",
+    "DMARCRecord",
+    "Store",
+    "parse_record",
+    "write_reports",
+]
+
+Disposition = Literal["none", "quarantine", "reject"]
+_DISPOSITIONS = ("none", "quarantine", "reject")
+_DOWNGRADE: dict[str, Disposition] = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+_V = re.compile(r"^\s*v\s*=\s*DMARC1\s*(;|$)")
+_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)|xn--[a-z0-9-]{1,59}"
+_DOMAIN = re.compile(rf"(?:{_LABEL})(?:\.(?:{_LABEL}))+")
+_PSL: PublicSuffixList | None = None
+_PSL_LOCK = threading.Lock()
+
+
+class DMARCConfig(PluginConfig):
+    reject_action: Literal["reject", "quarantine", "tag", "none"] = "reject"
+    quarantine_action: Literal["quarantine", "tag", "none"] = "quarantine"
+    reject_text: str = "Rejected by DMARC policy for {domain}"
+    tag_header: str = "X-DMARC-Disposition"
+    temperror_action: Literal["none", "tempfail"] = "none"
+    reject_bad_from: bool = False  # none or several From addresses: 550 instead of permerror
+    never_reject: list[str] = []  # From (or organizational) domains never rejected
+    never_reject_disposition: Literal["none", "quarantine"] = "none"
+    trusted_arc_sealers: list[str] = []  # honour arc=pass when one of these sealed
+    check_trusted: bool = False  # also evaluate mail from authenticated/internal clients
+    history_db: str | None = None  # SQLite file for aggregate reports; None: no history
+    psl_file: str | None = None  # a public_suffix_list.dat; default: the package's copy
+    org_name: str = "milterd"
+    report_email: str = "postmaster@localhost"
+    report_contact: str | None = None
+
+
+# --- record parsing ---------------------------------------------------------------------------
+
+
+class RecordError(ValueError):
+    """A DMARC record that cannot be used (permerror)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DMARCRecord:
+    p: Disposition
+    sp: Disposition | None
+    adkim: Literal["r", "s"]
+    aspf: Literal["r", "s"]
+    pct: int
+    rua: str
+    fo: str
+    text: str
+
+
+def parse_record(text: str) -> DMARCRecord:
+    """Parse one ``v=DMARC1`` record. Raises RecordError when it is unusable.
+
+    RFC 7489 6.3/6.6.3: a missing or invalid ``p`` with a valid ``rua`` is read as
+    ``p=none``; without one the record is unusable.
+    """
+    tags: dict[str, str] = {}
+    for i, part in enumerate(text.split(";")):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        if not eq:
+            raise RecordError(f"malformed tag {part.strip()!r}")
+        name, value = name.strip().lower(), value.strip()
+        if i == 0 and (name != "v" or value != "DMARC1"):
+            raise RecordError("v=DMARC1 must come first")
+        if name in tags:
+            raise RecordError(f"duplicate tag {name}")
+        tags[name] = value
+    rua = tags.get("rua", "")
+    rua_ok = any(u.strip().lower().startswith("mailto:") for u in rua.split(",") if u.strip())
+    p = tags.get("p", "").lower()
+    if p not in _DISPOSITIONS:
+        if not rua_ok:
+            raise RecordError(f"invalid or missing p={p!r}")
+        p = "none"
+    sp: str | None = tags.get("sp")
+    if sp is not None:
+        sp = sp.lower()
+        if sp not in _DISPOSITIONS:
+            if not rua_ok:
+                raise RecordError(f"invalid sp={sp!r}")
+            sp = None
+    adkim, aspf = tags.get("adkim", "r").lower(), tags.get("aspf", "r").lower()
+    if adkim not in ("r", "s") or aspf not in ("r", "s"):
+        raise RecordError("adkim/aspf must be r or s")
+    try:
+        pct = int(tags.get("pct", "100"))
+    except ValueError:
+        raise RecordError("pct must be an integer") from None
+    if not 0 <= pct <= 100:
+        raise RecordError("pct must be 0..100")
+    return DMARCRecord(p, sp, adkim, aspf, pct, rua, tags.get("fo", "0"), text)  # type: ignore[arg-type]
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _psl(path: str | None = None) -> PublicSuffixList:
+    global _PSL
+    with _PSL_LOCK:
+        if path:
+            with open(path, "rb") as f:
+                return PublicSuffixList(f)
+        if _PSL is None:
+            _PSL = PublicSuffixList()
+        return _PSL
+
+
+def org_domain(psl: PublicSuffixList, domain: str) -> str:
+    """The organizational domain (RFC 7489 3.2): public suffix plus one label."""
+    return psl.privatesuffix(domain) or domain
+
+
+def aligned(psl: PublicSuffixList, a: str, b: str, mode: str) -> bool:
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    if not a or not b:
+        return False
+    if mode == "s":
+        return a == b
+    return org_domain(psl, a) == org_domain(psl, b)
+
+
+def from_domains(message: Message) -> list[str]:
+    """Domains of every address in every From field (empty string for an address without
+    a domain). Exactly one entry is required to evaluate DMARC."""
+    values = [h.value for h in message.headers if h.name.lower() == "from"]
+    out: list[str] = []
+    for _name, addr in email.utils.getaddresses(values):
+        if not addr:
+            continue
+        out.append(addr.rpartition("@")[2].strip().lower().rstrip(".") if "@" in addr else "")
+    if values and not out:
+        out = [""] * len(values)
+    return out
+
+
+def _sealers(message: Message) -> set[str]:
+    found: set[str] = set()
+    for h in message.headers:
+        if h.name.lower() == "arc-seal":
+            m = re.search(r"(?:^|;)\s*d\s*=\s*([^;\s]+)", h.value)
+            if m:
+                found.add(m.group(1).lower().rstrip("."))
+    return found
+
+
+# --- the store ------------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,
+    policy_domain TEXT NOT NULL,
+    header_from TEXT NOT NULL,
+    envelope_from TEXT NOT NULL,
+    envelope_to TEXT NOT NULL,
+    source_ip TEXT NOT NULL,
+    result TEXT NOT NULL,
+    disposition TEXT NOT NULL,
+    dkim_aligned TEXT NOT NULL,
+    spf_aligned TEXT NOT NULL,
+    reasons TEXT NOT NULL,
+    adkim TEXT NOT NULL, aspf TEXT NOT NULL, p TEXT NOT NULL, sp TEXT NOT NULL,
+    pct INTEGER NOT NULL, fo TEXT NOT NULL, rua TEXT NOT NULL,
+    dkim TEXT NOT NULL,
+    spf TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
+"""
+
+
+class Store:
+    """The per-message history, one SQLite file shared by every worker (WAL mode)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        db = self._db()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+        db.commit()
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    def add(self, row: dict[str, Any], timeout: float = 5.0) -> None:
+        """Insert one row, waiting at most ``timeout`` seconds for another writer."""
+        db = self._db()
+        db.execute(f"PRAGMA busy_timeout={max(1, int(timeout * 1000))}")
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with db:
+            db.execute(f"INSERT INTO messages ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def rows(self, since: int, until: int) -> list[dict[str, Any]]:
+        db = self._db()
+        db.row_factory = sqlite3.Row
+        try:
+            cur = db.execute(
+                "SELECT * FROM messages WHERE ts >= ? AND ts < ? ORDER BY id", (since, until)
+            )
+            return [dict(r) for r in cur.fetchall()]
+        finally:
+            db.row_factory = None
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all:
+                db.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+# --- the plugin -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Evaluation:
+    result: str
+    domain: str = ""
+    policy_domain: str = ""
+    record: DMARCRecord | None = None
+    disposition: Disposition = "none"
+    reasons: tuple[tuple[str, str], ...] = ()  # (PolicyOverrideType, comment)
+    dkim_aligned: bool = False
+    spf_aligned: bool = False
+    detail: str = ""
+
+
+class DMARCPlugin:
+    """DMARC at end of message; reads the ``spf`` and ``dkim`` (and ``arc``) results."""
+
+    actions = frozenset({"add_header", "quarantine"})
+    after = ("spf", "dkim", "arc")
+    reads_body = False
+    # DNS and the SQLite write are both bounded by ctx.time_left(): no thread hop needed.
+    isolation = "inline"
+
+    def __init__(self) -> None:
+        self.psl: PublicSuffixList | None = None
+        self.store: Store | None = None
+
+    @hookimpl
+    def config_schema(self) -> type[DMARCConfig]:
+        return DMARCConfig
+
+    @hookimpl
+    def startup(self, config: DMARCConfig, services: Services) -> None:
+        self.psl = _psl(config.psl_file)
+        self.store = Store(config.history_db) if config.history_db else None
+
+    @hookimpl
+    def shutdown(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    # --- policy discovery ---------------------------------------------------------------
+
+    def _records(self, ctx: Context, domain: str) -> list[str]:
+        try:
+            texts = ctx.resolver.lookup(f"_dmarc.{domain}", "TXT", timeout=ctx.time_left())
+        except NXDomain:
+            return []
+        return [t for t in texts if _V.match(t)]
+
+    def _discover(self, ctx: Context, domain: str) -> tuple[str, DMARCRecord | None, str]:
+        """(policy domain, record, problem) — problem is ``""``, ``"none"``, or
+        ``"permerror: ..."``. DNSTempError propagates."""
+        assert self.psl is not None
+        org = org_domain(self.psl, domain)
+        for candidate in (domain, org) if org != domain else (domain,):
+            found = self._records(ctx, candidate)
+            if not found:
+                continue
+            if len(found) > 1:  # RFC 7489 6.6.3 step 5: no DMARC processing
+                return candidate, None, "none: several DMARC records"
+            try:
+                return candidate, parse_record(found[0]), ""
+            except RecordError as e:
+                return candidate, None, f"permerror: {e}"
+        return "", None, "none"
+
+    def _evaluate(self, ctx: Context, message: Message) -> _Evaluation:
+        assert self.psl is not None
+        conf: DMARCConfig = ctx.config
+        domains = from_domains(message)
+        if len(domains) != 1 or not domains[0] or "." not in domains[0]:
+            n = len(domains)
+            return _Evaluation("permerror", detail=f"{n} From addresses" if n != 1 else "bad From")
+        try:  # internationalized domains are looked up (and reported) as A-labels
+            domain = domains[0].encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            domain = ""
+        if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
+            return _Evaluation("permerror", detail="invalid From domain")
+        try:
+            policy_domain, record, problem = self._discover(ctx, domain)
+        except DNSTempError:
+            return _Evaluation("temperror", domain, detail="DMARC policy lookup failed")
+        except (ValueError, UnicodeError):  # a name the resolver cannot even encode
+            return _Evaluation("permerror", detail="invalid From domain")
+        if record is None:
+            word = problem.split(":", 1)[0]
+            return _Evaluation(word, domain, policy_domain, detail=problem)
+
+        dkim_ok = any(
+            r.result == "pass" and aligned(self.psl, r.prop("header.d") or "", domain, record.adkim)
+            for r in ctx.results_for("dkim")
+        )
+        spf_ok = any(
+            r.result == "pass"
+            and aligned(self.psl, r.prop("smtp.mailfrom") or "", domain, record.aspf)
+            for r in ctx.results_for("spf")
+        )
+        ev = _Evaluation(
+            "pass" if dkim_ok or spf_ok else "fail",
+            domain,
+            policy_domain,
+            record,
+            dkim_aligned=dkim_ok,
+            spf_aligned=spf_ok,
+        )
+        if ev.result == "pass":
+            return ev
+        policy: Disposition = record.p
+        if policy_domain != domain and record.sp is not None:
+            policy = record.sp
+        reasons: list[tuple[str, str]] = []
+        if record.pct < 100 and random.random() * 100 >= record.pct:
+            policy = _DOWNGRADE[policy]
+            reasons.append(("sampled_out", f"pct={record.pct}"))
+        org = org_domain(self.psl, domain)
+        never = {d.lower().rstrip(".") for d in conf.never_reject}
+        if policy == "reject" and (domain in never or org in never):
+            policy = conf.never_reject_disposition
+            reasons.append(("local_policy", "never_reject"))
+        if policy != "none" and conf.trusted_arc_sealers:
+            arc_pass = any(r.result == "pass" for r in ctx.results_for("arc"))
+            trusted = {d.lower().rstrip(".") for d in conf.trusted_arc_sealers}
+            sealers = _sealers(message) & trusted
+            if arc_pass and sealers:
+                policy = "none"
+                reasons.append(("trusted_forwarder", "arc=pass sealed by " + min(sealers)))
+        ev.disposition = policy
+        ev.reasons = tuple(reasons)
+        return ev
+
+    # --- hooks ------------------------------------------------------------------------------
+
+    @hookimpl
+    def eom(self, ctx: Context, message: Message) -> Verdict | None:
+        conf: DMARCConfig = ctx.config
+        if ctx.connection.trusted and not conf.check_trusted:
+            return None
+        ev = self._evaluate(ctx, message)
+        props: list[tuple[str, str]] = []
+        if ev.domain:
+            props.append(("header.from", ev.domain))
+        props.append(("policy.dmarc", ev.disposition))
+        reason = "; ".join(f"{t} {c}" for t, c in ev.reasons)
+        if ev.result in ("permerror", "temperror", "none") and ev.detail not in ("", "none"):
+            reason = ev.detail
+        ctx.add_result(Result("dmarc", ev.result, reason=reason[:200], properties=tuple(props)))
+        if ev.record is not None and self.store is not None:
+            self._remember(ctx, ev)
+
+        if ev.result == "permerror" and not ev.domain and conf.reject_bad_from:
+            return Reject("550", "5.7.1", "Message must have exactly one From address")
+        if ev.result == "temperror" and conf.temperror_action == "tempfail":
+            return TempFail("451", "4.7.1", "DMARC policy lookup failed, try again later")
+        if ev.result != "fail" or ev.disposition == "none":
+            return None
+        action = conf.reject_action if ev.disposition == "reject" else conf.quarantine_action
+        why = f"dmarc {ev.disposition} {ev.domain}"
+        if action == "reject":
+            text = conf.reject_text.format(domain=ev.domain)
+            return Reject("550", "5.7.1", text, reason=why)
+        if action == "quarantine":
+            return Quarantine(reason=why)
+        if action == "tag":
+            ctx.add_change(AddHeader(conf.tag_header, f"{ev.disposition} ({ev.domain})"))
+        return None
+
+    def _remember(self, ctx: Context, ev: _Evaluation) -> None:
+        assert self.store is not None and ev.record is not None
+        rec = ev.record
+        client = ctx.connection.client
+        ip = str(client.address) if client is not None and client.address is not None else ""
+        spf = [
+            (r.prop("smtp.mailfrom") or "", "mfrom", r.result)
+            for r in ctx.results_for("spf")
+            if r.prop("smtp.mailfrom") is not None
+        ]
+        helo = [
+            (r.prop("smtp.helo") or "", "helo", r.result)
+            for r in ctx.results_for("spf")
+            if r.prop("smtp.helo") is not None
+        ]
+        dkim = [
+            (r.prop("header.d") or "", r.prop("header.s") or "", r.result)
+            for r in ctx.results_for("dkim")
+            if r.prop("header.d")
+        ]
+        msg = ctx.message
+        rcpt = msg.recipients[0].address if msg is not None and msg.recipients else ""
+        try:
+            self.store.add(
+                {
+                    "ts": int(time.time()),
+                    "policy_domain": ev.policy_domain,
+                    "header_from": ev.domain,
+                    "envelope_from": spf[0][0] if spf else "",
+                    "envelope_to": rcpt.rpartition("@")[2].strip("<>").lower(),
+                    "source_ip": ip,
+                    "result": ev.result,
+                    "disposition": ev.disposition,
+                    "dkim_aligned": "pass" if ev.dkim_aligned else "fail",
+                    "spf_aligned": "pass" if ev.spf_aligned else "fail",
+                    "reasons": json.dumps(ev.reasons),
+                    "adkim": rec.adkim,
+                    "aspf": rec.aspf,
+                    "p": rec.p,
+                    "sp": rec.sp or rec.p,
+                    "pct": rec.pct,
+                    "fo": rec.fo,
+                    "rua": rec.rua,
+                    "dkim": json.dumps(dkim),
+                    "spf": json.dumps(spf + helo),
+                },
+                timeout=min(5.0, ctx.time_left()),
+            )
+        except sqlite3.Error as e:  # reporting must never cost a message
+            ctx.log.warning("dmarc: history not written: %s", e)
+
+    # --- command line ---------------------------------------------------------------------
+
+    @hookimpl
+    def commands(self, subparsers: Any) -> None:
+        p = subparsers.add_parser("dmarc", help="DMARC tools")
+        sub = p.add_subparsers(dest="dmarc_command", required=True)
+        r = sub.add_parser("report", help="write RFC 7489 aggregate reports (XML) per domain")
+        r.add_argument("--since", required=True, help="UTC date/time or epoch seconds")
+        r.add_argument("--until", required=True, help="UTC date/time or epoch seconds (excl.)")
+        r.add_argument("--output", "-o", default=".", help="directory for the XML files")
+        r.add_argument("--db", help="history database (default: [plugins.dmarc] history_db)")
+        r.set_defaults(fn=_report_command)
+
+
+def _when(text: str) -> int:
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    value = dt.datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return int(value.timestamp())
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {}
+    if getattr(args, "config", None) and os.path.exists(args.config):
+        options = load_config(args.config).plugin_options("dmarc")
+    conf = DMARCConfig.model_validate(options)
+    db = args.db or conf.history_db
+    if not db:
+        print("milterd dmarc report: no history_db configured (or --db)", file=sys.stderr)
+        return 2
+    try:
+        since, until = _when(args.since), _when(args.until)
+    except ValueError as e:
+        print(f"milterd dmarc report: {e}", file=sys.stderr)
+        return 2
+    store = Store(db)
+    try:
+        paths = write_reports(store, conf, since, until, Path(args.output))
+    finally:
+        store.close()
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _el(name: str, value: object) -> str:
+    return f"<{name}>{escape(str(value))}</{name}>"
+
+
+def write_reports(
+    store: Store, conf: DMARCConfig, since: int, until: int, out_dir: Path
+) -> list[Path]:
+    """One aggregate report per policy domain for rows in [since, until). Returns paths."""
+    rows = store.rows(since, until)
+    by_domain: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_domain.setdefault(row["policy_domain"], []).append(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for domain, drows in sorted(by_domain.items()):
+        latest = drows[-1]
+        groups: dict[tuple[Any, ...], int] = {}
+        for row in drows:
+            key = (
+                row["source_ip"],
+                row["disposition"],
+                row["dkim_aligned"],
+                row["spf_aligned"],
+                row["reasons"],
+                row["header_from"],
+                row["envelope_from"],
+                row["envelope_to"],
+                row["dkim"],
+                row["spf"],
+            )
+            groups[key] = groups.get(key, 0) + 1
+        parts = ['<?xml version="1.0" encoding="UTF-8"?>', "<feedback>", _el("version", "1.0")]
+        parts.append("<report_metadata>")
+        parts += [_el("org_name", conf.org_name), _el("email", conf.report_email)]
+        if conf.report_contact:
+            parts.append(_el("extra_contact_info", conf.report_contact))
+        parts += [
+            _el("report_id", uuid.uuid4().hex),
+            "<date_range>",
+            _el("begin", since),
+            _el("end", until - 1),
+            "</date_range>",
+            "</report_metadata>",
+            "<policy_published>",
+            _el("domain", domain),
+            _el("adkim", latest["adkim"]),
+            _el("aspf", latest["aspf"]),
+            _el("p", latest["p"]),
+            _el("sp", latest["sp"]),
+            _el("pct", latest["pct"]),
+            _el("fo", latest["fo"]),
+            "</policy_published>",
+        ]
+        for key, count in groups.items():
+            ip, disp, dk, sp, reasons, hfrom, efrom, eto, dkim, spf = key
+            parts += ["<record>", "<row>", _el("source_ip", ip), _el("count", count)]
+            parts += ["<policy_evaluated>", _el("disposition", disp)]
+            parts += [_el("dkim", dk), _el("spf", sp)]
+            for rtype, comment in json.loads(reasons):
+                parts += ["<reason>", _el("type", rtype), _el("comment", comment), "</reason>"]
+            parts += ["</policy_evaluated>", "</row>", "<identifiers>"]
+            if eto:
+                parts.append(_el("envelope_to", eto))
+            parts += [_el("envelope_from", efrom), _el("header_from", hfrom)]
+            parts += ["</identifiers>", "<auth_results>"]
+            for d, s, res in json.loads(dkim):
+                parts += ["<dkim>", _el("domain", d)]
+                if s:
+                    parts.append(_el("selector", s))
+                parts += [_el("result", res), "</dkim>"]
+            spf_rows = json.loads(spf) or [[efrom or hfrom, "mfrom", "none"]]
+            for d, scope, res in spf_rows:
+                parts += ["<spf>", _el("domain", d), _el("scope", scope), _el("result", res)]
+                parts.append("</spf>")
+            parts += ["</auth_results>", "</record>"]
+        parts.append("</feedback>")
+        name = f"{conf.org_name}!{domain}!{since}!{until - 1}.xml"
+        path = out_dir / name
+        path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths

@@ -1,0 +1,130 @@
+"""The ``authres`` plugin: one header on top, round trip through the authres parser,
+forged headers claiming our authserv-id removed wherever they stand."""
+
+from __future__ import annotations
+
+import re
+
+import authres
+import pytest
+from milterd_plugins.authres import AuthenticationResults, authserv_id_of, build_header
+
+from milterd import Context, Result, hookimpl
+from milterd.testing import Harness
+
+RESULTS = [
+    Result("spf", "pass", properties=(("smtp.mailfrom", "example.org"),)),
+    Result(
+        "spf",
+        "fail",
+        reason='quoted "reason"; with ; semicolons',
+        properties=(("smtp.helo", "mail.example.org"),),
+    ),
+    Result(
+        "dkim",
+        "pass",
+        properties=(
+            ("header.d", "example.org"),
+            ("header.i", "@example.org"),
+            ("header.s", "sel"),
+            ("header.b", "abcdefgh"),
+        ),
+    ),
+    Result("arc", "pass", properties=(("header.oldest-pass", "0"),)),
+    Result(
+        "dmarc", "fail", properties=(("header.from", "example.org"), ("policy.dmarc", "reject"))
+    ),
+    Result("x-thirdparty", "pass", properties=(("header.x", "y"),)),
+]
+
+
+class Record:
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        for r in RESULTS:
+            ctx.add_result(r)
+
+
+def test_header_round_trips_through_the_authres_parser() -> None:
+    with Harness(plugins={"record": Record, "authres": AuthenticationResults}) as h:
+        out = h.send(b"From: a@example.org\r\nSubject: x\r\n\r\nbody\r\n")
+    (name, value), *_ = out.headers()
+    assert name == "Authentication-Results"
+    assert [n for n, _ in out.headers()].count("Authentication-Results") == 1
+    parsed = authres.AuthenticationResultsHeader.parse(f"{name}: {value}")
+    assert parsed.authserv_id == "mx.test.example"
+    # the parser keeps quoted-pair escapes (\") as they are on the wire: undo them
+    got = [
+        (
+            r.method,
+            r.result,
+            re.sub(r"\\(.)", r"\1", r.reason or ""),
+            tuple((f"{p.type}.{p.name}", p.value) for p in r.properties),
+        )
+        for r in parsed.results
+    ]
+    assert got == [(r.method, r.result, r.reason, r.properties) for r in RESULTS]
+
+
+def test_none_when_no_results() -> None:
+    with Harness(plugins={"authres": AuthenticationResults}) as h:
+        out = h.send(b"Subject: x\r\n\r\nbody\r\n")
+    assert out.header("Authentication-Results") == "mx.test.example; none"
+
+
+FORGED = (
+    b"Authentication-Results: other.example; spf=pass smtp.mailfrom=a.example\r\n"
+    b"Authentication-Results: mx.test.example; dkim=pass header.d=forged.example\r\n"
+    b"Received: from x by y\r\n"
+    b"ARC-Authentication-Results: i=1; (comment) MX.Test.Example; dmarc=pass\r\n"
+    b"Authentication-Results: (sneaky) mx.test.example (1); spf=pass\r\n"
+    b"Authentication-Results: mx.test.example.evil; spf=pass\r\n"
+    b"ARC-Authentication-Results: i=1; lists.example; spf=pass\r\n"
+    b"Authentication-Results:\r\n mx.test.example;\r\n\tdmarc=pass\r\n"
+    b"From: a@example.org\r\nSubject: x\r\n\r\nbody\r\n"
+)
+
+
+def test_every_forged_header_is_removed_and_the_others_stay_in_order() -> None:
+    with Harness(plugins={"authres": AuthenticationResults}) as h:
+        out = h.send(FORGED)
+    names_values = out.headers()
+    assert names_values[0] == ("Authentication-Results", "mx.test.example; none")
+    assert names_values[1:] == [
+        ("Authentication-Results", "other.example; spf=pass smtp.mailfrom=a.example"),
+        ("Received", "from x by y"),
+        ("Authentication-Results", "mx.test.example.evil; spf=pass"),
+        ("ARC-Authentication-Results", "i=1; lists.example; spf=pass"),
+        ("From", "a@example.org"),
+        ("Subject", "x"),
+    ]
+
+
+def test_remove_forged_false_keeps_them() -> None:
+    with Harness(
+        {"authres": {"remove_forged": False}}, plugins={"authres": AuthenticationResults}
+    ) as h:
+        out = h.send(FORGED)
+    assert [n for n, _ in out.headers()].count("Authentication-Results") == 6
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "want"),
+    [
+        ("Authentication-Results", " mx.example; none", "mx.example"),
+        ("Authentication-Results", "(c (nested)) MX.example 1; spf=pass", "mx.example"),
+        ("ARC-Authentication-Results", "i=3; mx.example; spf=pass", "mx.example"),
+        ("Authentication-Results", "", ""),
+        ("Authentication-Results", "(((", "((("),
+    ],
+)
+def test_authserv_id_of(name: str, value: str, want: str) -> None:
+    assert authserv_id_of(name, value) == want
+
+
+def test_build_header_quotes_values_that_need_it() -> None:
+    text = build_header(
+        "mx.example", [Result("dmarc", "none", properties=(("header.from", "a b.example"),))]
+    )
+    parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + text)
+    assert parsed.results[0].properties[0].value == "a b.example"

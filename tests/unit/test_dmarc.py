@@ -1,0 +1,286 @@
+"""The ``dmarc`` plugin through the harness: discovery, alignment, policy, overrides,
+history and the aggregate report (validated against the RFC 7489 schema)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xmlschema
+from milterd_plugins.dmarc import DMARCPlugin, RecordError, parse_record
+
+from milterd import Context, Message, Result, hookimpl
+from milterd.testing import Harness
+
+XSD = Path(__file__).resolve().parents[1] / "data" / "dmarc" / "rua.xsd"
+
+ZONES: dict[str, dict[str, Any]] = {
+    "_dmarc.example.org": {"TXT": ["v=DMARC1; p=reject; sp=quarantine; rua=mailto:d@example.org"]},
+    "_dmarc.quar.example": {"TXT": ["v=DMARC1; p=quarantine"]},
+    "_dmarc.none.example": {"TXT": ["v=DMARC1; p=none"]},
+    "_dmarc.strict.example": {"TXT": ["v=DMARC1; p=reject; adkim=s; aspf=s"]},
+    "_dmarc.half.example": {"TXT": ["v=DMARC1; p=reject; pct=0"]},
+    "_dmarc.bad.example": {"TXT": ["v=DMARC1; p=bogus"]},
+    "_dmarc.badrua.example": {"TXT": ["v=DMARC1; p=bogus; rua=mailto:x@badrua.example"]},
+    "_dmarc.two.example": {"TXT": ["v=DMARC1; p=reject", "v=DMARC1; p=none"]},
+    "_dmarc.slow.example": {"TXT": "TIMEOUT"},
+    "_dmarc.other.example": {"TXT": ["some other record"]},
+    "_dmarc.example.co.uk": {"TXT": ["v=DMARC1; p=reject"]},
+}
+
+
+class FakeAuth:
+    """Puts dkim/spf/arc results on the ledger from X-Test-* headers (as the real plugins
+    would), so DMARC is tested on its own."""
+
+    @hookimpl
+    def eom(self, ctx: Context, message: Message) -> None:
+        for h in message.get_all("X-Test-DKIM"):
+            word, d = h.split()
+            ctx.add_result(Result("dkim", word, properties=(("header.d", d[2:]),)))
+        for h in message.get_all("X-Test-SPF"):
+            word, d = h.split()
+            ctx.add_result(Result("spf", word, properties=(("smtp.mailfrom", d),)))
+        for h in message.get_all("X-Test-HELO"):
+            word, d = h.split()
+            ctx.add_result(Result("spf", word, properties=(("smtp.helo", d),)))
+        for h in message.get_all("X-Test-ARC"):
+            ctx.add_result(Result("arc", h.strip()))
+
+
+def run(
+    frm: str | list[str],
+    extra: list[str] = (),  # type: ignore[assignment]
+    config: dict[str, Any] | None = None,
+    **kw: Any,
+) -> Any:
+    froms = [frm] if isinstance(frm, str) else frm
+    head = "".join(f"From: {f}\r\n" for f in froms) + "".join(f"{e}\r\n" for e in extra)
+    msg = (head + "Subject: t\r\n\r\nbody\r\n").encode()
+    cfg = {"auth": {}, "dmarc": dict(config or {})}
+    with Harness(cfg, plugins={"auth": FakeAuth, "dmarc": DMARCPlugin}, zones=ZONES) as h:
+        return h.send(msg, **kw)
+
+
+def dmarc(out: Any) -> Result:
+    (r,) = [r for r in out.results if r.method == "dmarc"]
+    return r  # type: ignore[no-any-return]
+
+
+def test_pass_through_dkim_only() -> None:
+    out = run("a@example.org", ["X-Test-DKIM: pass d=mail.example.org"])
+    assert out.verdict == "continue"
+    assert dmarc(out) == Result(
+        "dmarc", "pass", properties=(("header.from", "example.org"), ("policy.dmarc", "none"))
+    )
+
+
+def test_pass_through_spf_only() -> None:
+    out = run("a@example.org", ["X-Test-SPF: pass bounces.example.org"])
+    assert dmarc(out).result == "pass" and out.verdict == "continue"
+
+
+def test_unaligned_passes_fail_and_p_reject_rejects() -> None:
+    out = run("a@example.org", ["X-Test-SPF: pass example.net", "X-Test-DKIM: pass d=example.net"])
+    assert out.verdict == "reject"
+    assert (out.decision.verdict.code, out.decision.verdict.xcode) == ("550", "5.7.1")
+    assert dmarc(out).result == "fail" and dmarc(out).prop("policy.dmarc") == "reject"
+
+
+def test_dkim_fail_in_the_right_domain_is_not_a_pass() -> None:
+    out = run("a@example.org", ["X-Test-DKIM: fail d=example.org"])
+    assert dmarc(out).result == "fail"
+
+
+def test_p_quarantine_quarantines_or_tags() -> None:
+    out = run("a@quar.example")
+    assert out.verdict == "quarantine" and dmarc(out).prop("policy.dmarc") == "quarantine"
+    out = run("a@quar.example", config={"quarantine_action": "tag"})
+    assert out.verdict == "continue"
+    assert out.header("X-DMARC-Disposition") == "quarantine (quar.example)"
+
+
+def test_subdomain_policy_from_the_organizational_domain() -> None:
+    out = run("a@deep.sub.example.org")
+    assert out.verdict == "quarantine"  # sp=quarantine at _dmarc.example.org
+    assert dmarc(out).prop("header.from") == "deep.sub.example.org"
+
+
+def test_organizational_domain_uses_the_public_suffix_list() -> None:
+    out = run("a@shop.example.co.uk", ["X-Test-SPF: pass example.co.uk"])
+    assert dmarc(out).result == "pass"  # relaxed: same organizational domain
+    out = run("a@shop.example.co.uk", ["X-Test-SPF: pass other.co.uk"])
+    assert dmarc(out).result == "fail" and out.verdict == "reject"  # no sp: p applies
+
+
+def test_strict_alignment() -> None:
+    out = run("a@strict.example", ["X-Test-DKIM: pass d=mail.strict.example"])
+    assert dmarc(out).result == "fail"
+    out = run("a@strict.example", ["X-Test-DKIM: pass d=strict.example"])
+    assert dmarc(out).result == "pass"
+
+
+def test_no_policy_is_none() -> None:
+    for frm in ("a@nothing.example", "a@other.example"):
+        out = run(frm)
+        assert dmarc(out).result == "none" and out.verdict == "continue"
+    assert dmarc(run("a@two.example")).result == "none"  # several records: no DMARC
+
+
+def test_malformed_record_is_permerror_unless_rua_saves_it() -> None:
+    out = run("a@bad.example")
+    assert dmarc(out).result == "permerror" and out.verdict == "continue" and not out.errors
+    out = run("a@badrua.example")
+    assert dmarc(out).result == "fail" and dmarc(out).prop("policy.dmarc") == "none"
+
+
+def test_dns_failure_is_temperror() -> None:
+    out = run("a@slow.example")
+    assert dmarc(out).result == "temperror" and out.verdict == "continue"
+    out = run("a@slow.example", config={"temperror_action": "tempfail"})
+    assert out.verdict == "tempfail"
+
+
+@pytest.mark.parametrize(
+    "froms", [[], ["a@example.org", "b@example.org"], ["a@x.example, b@y.example"], ["undisclosed"]]
+)
+def test_exactly_one_from_address_is_required(froms: list[str]) -> None:
+    out = run(froms)
+    assert dmarc(out).result == "permerror" and out.verdict == "continue"
+    assert dmarc(out).prop("header.from") is None
+    out = run(froms, config={"reject_bad_from": True})
+    assert out.verdict == "reject"
+
+
+def test_pct_zero_samples_out_to_the_next_policy() -> None:
+    out = run("a@half.example")
+    assert dmarc(out).prop("policy.dmarc") == "quarantine" and out.verdict == "quarantine"
+    assert "sampled_out" in dmarc(out).reason
+
+
+def test_never_reject_domains() -> None:
+    out = run("a@example.org", config={"never_reject": ["example.org"]})
+    assert out.verdict == "continue" and dmarc(out).prop("policy.dmarc") == "none"
+    assert dmarc(out).result == "fail" and "local_policy" in dmarc(out).reason
+
+
+def test_trusted_arc_sealer_overrides_only_with_arc_pass() -> None:
+    seal = "ARC-Seal: i=1; a=rsa-sha256; cv=none; d=lists.example.net; s=s; b=xyz"
+    cfg = {"trusted_arc_sealers": ["lists.example.net"]}
+    out = run("a@example.org", [seal, "X-Test-ARC: pass"], config=cfg)
+    assert out.verdict == "continue" and "trusted_forwarder" in dmarc(out).reason
+    assert run("a@example.org", [seal, "X-Test-ARC: fail"], config=cfg).verdict == "reject"
+    other = seal.replace("lists.example.net", "evil.example")
+    assert run("a@example.org", [other, "X-Test-ARC: pass"], config=cfg).verdict == "reject"
+
+
+def test_trusted_senders_are_not_evaluated() -> None:
+    assert run("a@example.org", auth="alice").results == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "p=reject",
+        "v=DMARC1",
+        "v=DMARC1; p=reject; pct=200",
+        "v=DMARC1; p=reject; adkim=x",
+        "v=DMARC1; p=reject; p=none",
+        "v=DMARC1; p",
+    ],
+)
+def test_parse_record_errors(text: str) -> None:
+    with pytest.raises(RecordError):
+        parse_record(text)
+
+
+def test_history_and_aggregate_report_validate(tmp_path: Path) -> None:
+    db = tmp_path / "dmarc.sqlite"
+    cfg = {"history_db": str(db), "org_name": "mx.test", "report_email": "dmarc@mx.test"}
+    since = int(time.time()) - 1
+    run("a@example.org", ["X-Test-DKIM: pass d=example.org"], config=cfg, client_ip="192.0.2.7")
+    run("a@example.org", ["X-Test-DKIM: pass d=example.org"], config=cfg, client_ip="192.0.2.7")
+    run("a@sub.example.org", config=cfg, client_ip="2001:db8::7")
+    run("a@quar.example", ["X-Test-SPF: fail quar.example"], config=cfg, client_ip="192.0.2.8")
+    run("a@none.example", ["X-Test-HELO: pass mx.none.example"], config=cfg, client_ip="192.0.2.9")
+    run("a@nothing.example", config=cfg)  # no policy: no row
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert con.execute("SELECT count(*) FROM messages").fetchone()[0] == 5
+    toml = tmp_path / "milterd.toml"
+    toml.write_text(
+        f'[plugins.dmarc]\nhistory_db = "{db}"\norg_name = "mx.test"\n'
+        'report_email = "dmarc@mx.test"\n'
+    )
+    out_dir = tmp_path / "reports"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "milterd.cli",
+            "-c",
+            str(toml),
+            "dmarc",
+            "report",
+            "--since",
+            str(since),
+            "--until",
+            str(int(time.time()) + 1),
+            "--output",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(Path(p).name for p in proc.stdout.split())
+    assert [f.split("!")[1] for f in files] == ["example.org", "none.example", "quar.example"]
+    schema = xmlschema.XMLSchema(str(XSD))
+    for f in out_dir.iterdir():
+        schema.validate(str(f))
+    doc: Any = schema.to_dict(str(out_dir / next(f for f in files if "!example.org!" in f)))
+    records = doc["record"]
+    by_ip = {r["row"]["source_ip"]: r for r in records}
+    assert by_ip["192.0.2.7"]["row"]["count"] == 2
+    assert by_ip["192.0.2.7"]["row"]["policy_evaluated"]["dkim"] == "pass"
+    assert by_ip["2001:db8::7"]["row"]["policy_evaluated"]["disposition"] == "quarantine"
+    assert by_ip["2001:db8::7"]["identifiers"]["header_from"] == "sub.example.org"
+    assert doc["policy_published"]["p"] == "reject"
+    none_doc: Any = schema.to_dict(str(out_dir / files[1]))
+    (spf_row,) = none_doc["record"][0]["auth_results"]["spf"]
+    assert spf_row == {"domain": "mx.none.example", "scope": "helo", "result": "pass"}
+    # The schema is not vacuous: a report without envelope_from does not validate.
+    broken = (out_dir / files[0]).read_text().replace("<envelope_from>", "<x>", 1)
+    broken = broken.replace("</envelope_from>", "</x>", 1)
+    assert not schema.is_valid(broken)
+
+
+@pytest.mark.parametrize(
+    "frm",
+    [
+        "a@-bad-.example",
+        "a@" + "x" * 64 + ".example",
+        "a@[192.0.2.1]",
+        "a@ex\u00e4mple..org",
+        "a@.example.org",
+    ],
+)
+def test_invalid_from_domains_are_permerror_never_an_exception(frm: str) -> None:
+    out = run(frm)
+    assert not out.errors and dmarc(out).result == "permerror" and out.verdict == "continue"
+
+
+def test_internationalized_from_domain_is_looked_up_as_a_labels() -> None:
+    zones = {"_dmarc.xn--exmple-cua.org": {"TXT": ["v=DMARC1; p=reject"]}}
+    msg = "From: a@ex\u00e4mple.org\r\nSubject: t\r\n\r\nbody\r\n".encode()
+    with Harness({"dmarc": {}}, plugins={"dmarc": DMARCPlugin}, zones=zones) as h:
+        out = h.send(msg)
+    assert dmarc(out).result == "fail" and dmarc(out).prop("header.from") == "xn--exmple-cua.org"
+    assert out.verdict == "reject"
