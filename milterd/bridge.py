@@ -283,6 +283,10 @@ def _negotiate(ctx: Any, opts: list[int]) -> int:
 
 
 def _client(hostname: str, family: int, hostaddr: Any) -> Client:
+    # No PTR name: the MTA sends the address in brackets; sendmail writes IPv6 as
+    # "[IPv6:0:0:0:0:0:0:0:1]". Keep one canonical form, "[::1]".
+    if hostname.startswith("[") and (bracketed := parse_address(hostname)) is not None:
+        hostname = f"[{bracketed}]"
     if family == socket.AF_INET and isinstance(hostaddr, tuple):
         return Client(hostname, "inet", parse_address(hostaddr[0]), int(hostaddr[1]))
     if family == socket.AF_INET6 and isinstance(hostaddr, tuple):

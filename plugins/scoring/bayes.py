@@ -1,0 +1,299 @@
+"""A Bayesian classifier: tokens from headers and text, Robinson-Fisher combining.
+
+Token probabilities follow Gary Robinson's f(w) with the chi-square (Fisher) combination
+used by SpamBayes; the result is a spam probability in [0, 1]. Counts live in SQLite (WAL,
+one connection per thread) or in Redis when several milterd hosts share one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from .content import Content
+from .sqlpool import SQLitePool
+
+__all__ = [
+    "Classifier",
+    "RedisStore",
+    "SQLiteStore",
+    "Store",
+    "chi2q",
+    "open_store",
+    "tokenize",
+]
+
+_WORD = re.compile(r"[^\W\d_][\w'$!@.-]{2,24}", re.UNICODE)
+_HEADERS = ("subject", "from", "to", "reply-to", "x-mailer", "user-agent", "content-type")
+_ADDR = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
+
+
+def tokenize(headers: Iterable[tuple[str, str]], content: Content, limit: int) -> list[str]:
+    """Unique tokens, first seen first, at most ``limit``: header words carry a prefix."""
+    seen: dict[str, None] = {}
+
+    def add(tok: str) -> bool:
+        if len(tok) > 64:
+            tok = tok[:64]
+        seen.setdefault(tok, None)
+        return len(seen) >= limit
+
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in _HEADERS:
+            continue
+        prefix = lname[:2] + ":"
+        for m in _ADDR.finditer(value):
+            if add(prefix + "@" + m.group(1).lower()):
+                return list(seen)
+        for w in _WORD.findall(value):
+            if add(prefix + w.lower().strip(".-")):
+                return list(seen)
+    for h in content.hosts:
+        if add("url:" + h):
+            return list(seen)
+    for a in content.attachments:
+        if add("att:" + (a.filename.rsplit(".", 1)[-1].lower() or a.content_type)):
+            return list(seen)
+    for word in dict.fromkeys(_WORD.findall(content.text.lower())):
+        w = word.strip(".-")
+        if len(w) >= 3 and w not in seen and add(w):
+            break
+    return list(seen)
+
+
+def chi2q(x2: float, v: int) -> float:
+    """P(chi-square with ``v`` (even) degrees of freedom >= ``x2``)."""
+    m = x2 / 2.0
+    term = math.exp(-m)
+    total = term
+    for i in range(1, v // 2):
+        term *= m / i
+        total += term
+    return min(total, 1.0)
+
+
+class Store(Protocol):
+    def counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]: ...
+    def totals(self) -> tuple[int, int]: ...
+    def learn(self, tokens: Sequence[str], spam: bool, delta: int) -> None: ...
+    def seen(self, digest: str) -> str | None: ...
+    def set_seen(self, digest: str, label: str | None) -> None: ...
+    def close(self) -> None: ...
+
+
+class SQLiteStore:
+    """Token counts in one SQLite file (WAL), through a small connection pool."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.path = path
+        self.pool = SQLitePool(path, timeout)
+        with self.pool.conn() as db:
+            db.executescript(
+                "CREATE TABLE IF NOT EXISTS tokens (token TEXT PRIMARY KEY, spam INTEGER NOT"
+                " NULL DEFAULT 0, ham INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;"
+                "CREATE TABLE IF NOT EXISTS totals (label TEXT PRIMARY KEY, n INTEGER NOT NULL);"
+                "CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, label TEXT NOT NULL);"
+            )
+            db.commit()
+
+    def counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        toks = list(tokens)
+        with self.pool.conn() as db:
+            for i in range(0, len(toks), 500):
+                chunk = toks[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                q = f"SELECT token, spam, ham FROM tokens WHERE token IN ({marks})"
+                for tok, s, h in db.execute(q, chunk):
+                    out[tok] = (int(s), int(h))
+        return out
+
+    def totals(self) -> tuple[int, int]:
+        with self.pool.conn() as db:
+            rows = dict(db.execute("SELECT label, n FROM totals").fetchall())
+        return int(rows.get("spam", 0)), int(rows.get("ham", 0))
+
+    def learn(self, tokens: Sequence[str], spam: bool, delta: int) -> None:
+        col = "spam" if spam else "ham"
+        with self.pool.conn() as db, db:
+            db.executemany(
+                f"INSERT INTO tokens (token, {col}) VALUES (?, MAX(?, 0)) "
+                f"ON CONFLICT(token) DO UPDATE SET {col} = MAX({col} + ?, 0)",
+                [(t, delta, delta) for t in tokens],
+            )
+            db.execute(
+                "INSERT INTO totals (label, n) VALUES (?, MAX(?, 0)) "
+                "ON CONFLICT(label) DO UPDATE SET n = MAX(n + ?, 0)",
+                (col, delta, delta),
+            )
+
+    def seen(self, digest: str) -> str | None:
+        with self.pool.conn() as db:
+            row = db.execute("SELECT label FROM seen WHERE digest = ?", (digest,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_seen(self, digest: str, label: str | None) -> None:
+        with self.pool.conn() as db, db:
+            if label is None:
+                db.execute("DELETE FROM seen WHERE digest = ?", (digest,))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO seen (digest, label) VALUES (?, ?)", (digest, label)
+                )
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class RedisStore:
+    """Token counts in Redis hashes ``PREFIX:spam``/``PREFIX:ham``; totals in ``PREFIX:n``."""
+
+    def __init__(self, url: str, prefix: str, timeout: float = 1.0) -> None:
+        import redis
+
+        self.prefix = prefix
+        self.r: Any = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+
+    def counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+        toks = list(tokens)
+        if not toks:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(self.prefix + ":spam", toks)
+        pipe.hmget(self.prefix + ":ham", toks)
+        spam, ham = pipe.execute()
+        out = {}
+        for t, s, h in zip(toks, spam, ham, strict=True):
+            if s is not None or h is not None:
+                out[t] = (int(s or 0), int(h or 0))
+        return out
+
+    def totals(self) -> tuple[int, int]:
+        s, h = self.r.hmget(self.prefix + ":n", ["spam", "ham"])
+        return int(s or 0), int(h or 0)
+
+    def learn(self, tokens: Sequence[str], spam: bool, delta: int) -> None:
+        key = self.prefix + (":spam" if spam else ":ham")
+        pipe = self.r.pipeline(transaction=True)
+        for t in tokens:
+            pipe.hincrby(key, t, delta)
+        pipe.hincrby(self.prefix + ":n", "spam" if spam else "ham", delta)
+        pipe.execute()
+
+    def seen(self, digest: str) -> str | None:
+        v = self.r.hget(self.prefix + ":seen", digest)
+        return v.decode() if isinstance(v, bytes) else None
+
+    def set_seen(self, digest: str, label: str | None) -> None:
+        if label is None:
+            self.r.hdel(self.prefix + ":seen", digest)
+        else:
+            self.r.hset(self.prefix + ":seen", digest, label)
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def open_store(backend: str, path: str, redis_url: str, prefix: str, timeout: float) -> Store:
+    if backend == "redis":
+        return RedisStore(redis_url, prefix, timeout)
+    return SQLiteStore(os.path.expanduser(path), timeout=max(timeout, 1.0))
+
+
+def digest_of(message_id: str | None, tokens: Sequence[str]) -> str:
+    """What identifies a learned message: its Message-ID, else its tokens."""
+    basis = message_id.strip() if message_id else "\n".join(sorted(tokens))
+    return hashlib.sha256(basis.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+class Classifier:
+    """Probability that a token list is spam, from a :class:`Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        min_spam: int = 20,
+        min_ham: int = 20,
+        strength: float = 0.45,
+        prior: float = 0.5,
+        max_discriminators: int = 150,
+        min_distance: float = 0.1,
+    ) -> None:
+        self.store = store
+        self.min_spam = min_spam
+        self.min_ham = min_ham
+        self.s = strength
+        self.x = prior
+        self.max_disc = max_discriminators
+        self.min_dist = min_distance
+
+    def probability(self, tokens: Sequence[str]) -> float | None:
+        """Spam probability, or None while too few messages are learned."""
+        nspam, nham = self.store.totals()
+        if nspam < self.min_spam or nham < self.min_ham:
+            return None
+        counts = self.store.counts(tokens)
+        probs: list[float] = []
+        for s_count, h_count in counts.values():
+            s_ratio = min(1.0, s_count / nspam)
+            h_ratio = min(1.0, h_count / nham)
+            if s_ratio + h_ratio == 0:
+                continue
+            p = s_ratio / (s_ratio + h_ratio)
+            n = s_count + h_count
+            f = (self.s * self.x + n * p) / (self.s + n)
+            if abs(f - 0.5) >= self.min_dist:
+                probs.append(min(max(f, 1e-6), 1 - 1e-6))
+        if not probs:
+            return 0.5
+        probs.sort(key=lambda f: -abs(f - 0.5))
+        probs = probs[: self.max_disc]
+        n = len(probs)
+        ln_p = sum(math.log(f) for f in probs)
+        ln_q = sum(math.log(1.0 - f) for f in probs)
+        spamminess = 1.0 - chi2q(-2.0 * ln_q, 2 * n)
+        hamminess = 1.0 - chi2q(-2.0 * ln_p, 2 * n)
+        return (spamminess - hamminess + 1.0) / 2.0
+
+    def learn(self, tokens: Sequence[str], spam: bool, digest: str) -> bool:
+        """Learn one message once; relearning as the other class moves it. True if learned."""
+        label = "spam" if spam else "ham"
+        before = self.store.seen(digest)
+        if before == label:
+            return False
+        if before is not None:
+            self.store.learn(tokens, before == "spam", -1)
+        self.store.learn(tokens, spam, 1)
+        self.store.set_seen(digest, label)
+        return True
+
+
+def iter_messages(path: str) -> Iterator[bytes]:
+    """Messages of an mbox file, a Maildir (cur/ and new/), or a directory of files."""
+    import mailbox
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / "cur").is_dir() or (p / "new").is_dir():
+            md = mailbox.Maildir(str(p), factory=None, create=False)
+            for key in md.iterkeys():
+                yield md.get_bytes(key)
+            return
+        for f in sorted(p.iterdir()):
+            if f.is_file():
+                yield f.read_bytes()
+        return
+    box = mailbox.mbox(str(p), create=False)
+    try:
+        for key in box.iterkeys():
+            yield box.get_bytes(key)
+    finally:
+        box.close()

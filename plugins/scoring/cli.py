@@ -1,0 +1,109 @@
+"""``milterd bayes ...``: train the scoring plugin's classifier and show its counts."""
+
+from __future__ import annotations
+
+import argparse
+import email
+import email.policy
+import mailbox
+import sys
+from typing import Any
+
+from milterd import ConfigError, load_config
+
+from . import bayes as bayes_mod
+from .config import BayesConfig, ScoringConfig
+from .content import extract
+from .rules import MessageData
+
+__all__ = ["add_commands", "learn_bytes"]
+
+MAX_PARSE = 2 << 20
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("bayes", help="scoring plugin: Bayesian classifier")
+    sub = p.add_subparsers(dest="bayes_command", required=True)
+    t = sub.add_parser("train", help="learn spam and ham from mbox files or Maildir folders")
+    what = "mbox file, Maildir folder or directory of messages (repeatable)"
+    t.add_argument("--spam", action="append", default=[], metavar="PATH", help=what)
+    t.add_argument("--ham", action="append", default=[], metavar="PATH")
+    t.add_argument("--path", help="SQLite file (overrides [plugins.scoring.bayes] path)")
+    t.add_argument("--redis-url", help="use Redis at this URL instead of the config")
+    t.set_defaults(fn=cmd_train)
+    s = sub.add_parser("stats", help="messages learned")
+    s.add_argument("--path")
+    s.add_argument("--redis-url")
+    s.set_defaults(fn=cmd_stats)
+
+
+def _settings(args: argparse.Namespace) -> BayesConfig:
+    options: dict[str, Any] = {}
+    try:
+        cfg = load_config(args.config)
+        options = cfg.plugin_options("scoring")
+    except ConfigError as e:
+        if args.path is None and args.redis_url is None:
+            raise SystemExit(f"milterd bayes: {e}") from None
+    b = ScoringConfig.model_validate(options).bayes
+    if args.path:
+        b = b.model_copy(update={"backend": "sqlite", "path": args.path})
+    if args.redis_url:
+        b = b.model_copy(update={"backend": "redis", "redis_url": args.redis_url})
+    return b
+
+
+def tokens_of(raw: bytes, max_tokens: int) -> tuple[list[str], str | None]:
+    """The classifier's tokens for one message, and its Message-ID."""
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    head = email.message_from_bytes(raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n",
+                                     policy=email.policy.compat32)  # fmt: skip
+    headers = MessageData.header_list((k, str(v)) for k, v in head.items())
+    content = extract(raw, MAX_PARSE)
+    mid = head.get("Message-ID")
+    return bayes_mod.tokenize(headers, content, max_tokens), str(mid) if mid else None
+
+
+def learn_bytes(classifier: bayes_mod.Classifier, raw: bytes, spam: bool, max_tokens: int) -> bool:
+    tokens, mid = tokens_of(raw, max_tokens)
+    return classifier.learn(tokens, spam, bayes_mod.digest_of(mid, tokens))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if not args.spam and not args.ham:
+        print("milterd bayes train: give --spam and/or --ham", file=sys.stderr)
+        return 2
+    b = _settings(args)
+    store = bayes_mod.open_store(b.backend, b.path, b.redis_url, b.redis_prefix, 10.0)
+    clf = bayes_mod.Classifier(store, b.min_spam, b.min_ham)
+    try:
+        for label, paths in (("spam", args.spam), ("ham", args.ham)):
+            learned = seen = 0
+            for path in paths:
+                try:
+                    for raw in bayes_mod.iter_messages(path):
+                        seen += 1
+                        learned += learn_bytes(clf, raw, label == "spam", b.max_tokens)
+                except (OSError, mailbox.Error) as e:
+                    print(f"milterd bayes train: {path}: {e}", file=sys.stderr)
+                    return 1
+            if paths:
+                print(f"{label}: {learned} learned, {seen - learned} already known")
+        nspam, nham = store.totals()
+        print(f"total: {nspam} spam, {nham} ham")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    b = _settings(args)
+    store = bayes_mod.open_store(b.backend, b.path, b.redis_url, b.redis_prefix, 10.0)
+    try:
+        nspam, nham = store.totals()
+    finally:
+        store.close()
+    ready = nspam >= b.min_spam and nham >= b.min_ham
+    print(f"spam {nspam}, ham {nham}; classifying: {'yes' if ready else 'no'} "
+          f"(needs {b.min_spam} spam and {b.min_ham} ham)")  # fmt: skip
+    return 0

@@ -1,0 +1,147 @@
+"""What the rules look at: decoded text parts (HTML reduced to text), URL hosts, attachments.
+
+Parsing is bounded: at most ``limit`` bytes of the message are parsed; a larger message is
+cut there and reported as truncated (the caller adds SCAN_INCOMPLETE).
+"""
+
+from __future__ import annotations
+
+import email
+import email.errors
+import email.header
+import email.message
+import email.policy
+import html
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["Attachment", "Content", "extract", "html_to_text", "url_hosts"]
+
+_SCRIPT_S = re.compile(r"<(script|style)\b.*?</\1\s*>", re.I | re.S)
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_BLOCK = re.compile(r"<\s*(br|/p|p|/div|div|/tr|tr|li|/h\d|h\d|/td)\b[^>]*>", re.I)
+_TAG = re.compile(r"<[^>]*>")
+_HREF = re.compile(r"""\b(?:href|src)\s*=\s*["']?([^"'\s>]+)""", re.I)
+_URL = re.compile(
+    r"""(?:\b(?:https?|ftp)://|\bwww\.)([^\s<>"'()\[\]{}\\/?#]+)""",
+    re.I,
+)
+_HOST_OK = re.compile(r"^[a-z0-9.-]+\.[a-z0-9-]{2,}$|^\[?[0-9a-f:.]+\]?$")
+_SPACES = re.compile(r"[ \t\r\f\v]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    content_type: str
+
+
+@dataclass(slots=True)
+class Content:
+    text: str = ""  # every text part, decoded, HTML reduced to text, parts joined by \n
+    hosts: list[str] = field(default_factory=list)  # URL hosts in order, unique, lower-case
+    attachments: list[Attachment] = field(default_factory=list)
+    content_types: list[str] = field(default_factory=list)  # every part's type
+    truncated: bool = False
+
+
+def html_to_text(markup: str) -> str:
+    """A fast, good-enough reduction of HTML to its visible text."""
+    text = _SCRIPT_S.sub(" ", markup)
+    text = _COMMENT.sub(" ", text)
+    text = _BLOCK.sub("\n", text)
+    text = _TAG.sub(" ", text)
+    text = html.unescape(text)
+    return _SPACES.sub(" ", text)
+
+
+def _host(raw: str) -> str | None:
+    host = raw.rsplit("@", 1)[-1]
+    host = host[1:].split("]", 1)[0] if host.startswith("[") else host.split(":", 1)[0]
+    host = host.strip(".").lower()
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if not host or not _HOST_OK.match(host):
+        return None
+    return host
+
+
+def url_hosts(text: str, extra: list[str] | None = None) -> list[str]:
+    """Hosts of the URLs in ``text`` (and of ``extra`` href values), unique, in order."""
+    seen: dict[str, None] = {}
+    for m in _URL.finditer(text):
+        raw = m.group(0)
+        body = m.group(1)
+        if raw.lower().startswith("www."):
+            body = "www." + body
+        h = _host(body)
+        if h:
+            seen.setdefault(h, None)
+    for href in extra or ():
+        for m in _URL.finditer(href):
+            raw = m.group(0)
+            body = m.group(1)
+            if raw.lower().startswith("www."):
+                body = "www." + body
+            h = _host(body)
+            if h:
+                seen.setdefault(h, None)
+    return list(seen)
+
+
+def _decode(part: email.message.Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return payload.decode(charset, "replace")
+    except LookupError:
+        return payload.decode("utf-8", "replace")
+
+
+def _filename(part: email.message.Message) -> str:
+    name = part.get_filename()
+    if not name:
+        ct_name = part.get_param("name")
+        name = ct_name if isinstance(ct_name, str) else None
+    if not name:
+        return ""
+    try:
+        return str(email.header.make_header(email.header.decode_header(name)))
+    except (ValueError, LookupError, email.errors.HeaderParseError):
+        return name
+
+
+def extract(raw: bytes, limit: int) -> Content:
+    """Parse at most ``limit`` bytes of ``raw`` (header block + body) into :class:`Content`."""
+    out = Content()
+    if len(raw) > limit:
+        raw = raw[:limit]
+        out.truncated = True
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    texts: list[str] = []
+    hrefs: list[str] = []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        out.content_types.append(ctype)
+        disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
+        fname = _filename(part)
+        if fname or disposition == "attachment":
+            out.attachments.append(Attachment(fname, ctype))
+            if not ctype.startswith("text/") or disposition == "attachment":
+                continue
+        if ctype == "text/html":
+            markup = _decode(part)
+            hrefs.extend(_HREF.findall(markup))
+            texts.append(html_to_text(markup))
+        elif ctype.startswith("text/") or (ctype == "message/rfc822"):
+            texts.append(_decode(part))
+    out.text = "\n".join(texts)
+    out.hosts = url_hosts(out.text, hrefs)
+    return out

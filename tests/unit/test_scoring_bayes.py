@@ -1,0 +1,229 @@
+"""The Bayesian classifier: tokens, storage, ``milterd bayes train``, classification, auto-learn.
+
+The corpora are generated here (no shipped mail): two vocabularies, spam-ish and ham-ish,
+mixed with shared filler words, so the classifier has to weigh evidence.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import random
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from milterd_plugins.scoring import DECISION_SYMBOL, ScoringPlugin
+from milterd_plugins.scoring.bayes import Classifier, SQLiteStore, chi2q, tokenize
+from milterd_plugins.scoring.content import extract
+from milterd_plugins.scoring.rules import GTUBE
+
+from milterd.cli import main as milterd_main
+from milterd.testing import Harness
+
+SPAM_WORDS = [
+    "viagra",
+    "casino",
+    "lottery",
+    "winner",
+    "prize",
+    "bitcoin",
+    "investment",
+    "guaranteed",
+    "unsubscribe",
+    "pills",
+    "discount",
+    "offer",
+    "limited",
+    "urgent",
+    "cash",
+    "bonus",
+    "crypto",
+    "millions",
+    "refinance",
+    "mortgage",
+]
+HAM_WORDS = [
+    "meeting",
+    "agenda",
+    "project",
+    "review",
+    "schedule",
+    "report",
+    "budget",
+    "quarterly",
+    "deadline",
+    "colleague",
+    "minutes",
+    "draft",
+    "attached",
+    "lunch",
+    "tomorrow",
+    "release",
+    "sprint",
+    "feedback",
+    "roadmap",
+]
+FILLER = [
+    "the",
+    "and",
+    "for",
+    "you",
+    "with",
+    "this",
+    "that",
+    "have",
+    "from",
+    "your",
+    "will",
+    "are",
+    "our",
+    "please",
+]
+
+
+def make_message(rng: random.Random, spam: bool, n: int) -> bytes:
+    words = SPAM_WORDS if spam else HAM_WORDS
+    body = " ".join(rng.choice(words) if rng.random() < 0.4 else rng.choice(FILLER)
+                    for _ in range(60))  # fmt: skip
+    m = EmailMessage()
+    m["From"] = f"{'promo' if spam else 'colleague'}{n}@{'deals' if spam else 'corp'}.example"
+    m["To"] = "user@example.com"
+    m["Subject"] = " ".join(rng.choice(words) for _ in range(3))
+    m["Message-ID"] = f"<{'s' if spam else 'h'}{n}.{rng.random()}@gen.example>"
+    m.set_content(body)
+    return bytes(m)
+
+
+def make_corpus(directory: Path, count: int = 30, seed: int = 5) -> tuple[Path, Path]:
+    """Write ``spam.mbox`` and a ``ham`` Maildir with ``count`` messages each."""
+    rng = random.Random(seed)
+    spam_path = directory / "spam.mbox"
+    box = mailbox.mbox(str(spam_path))
+    for i in range(count):
+        box.add(make_message(rng, True, i))
+    box.flush()
+    box.close()
+    ham_path = directory / "ham"
+    md = mailbox.Maildir(str(ham_path), create=True)
+    for i in range(count):
+        md.add(make_message(rng, False, i))
+    return spam_path, ham_path
+
+
+def held_out(seed: int = 99, count: int = 10) -> list[tuple[bool, bytes]]:
+    rng = random.Random(seed)
+    return [(i % 2 == 0, make_message(rng, i % 2 == 0, 1000 + i)) for i in range(count)]
+
+
+def bayes_section(db: Path, **extra: Any) -> dict[str, Any]:
+    return {"bayes": {"enabled": True, "path": str(db), "min_spam": 10, "min_ham": 10, **extra},
+            "actions": {"reject": None, "add_header": None, "rewrite_subject": None}}  # fmt: skip
+
+
+def test_chi2q() -> None:
+    assert chi2q(0.0, 4) == pytest.approx(1.0)
+    assert chi2q(100.0, 4) < 1e-15
+    assert chi2q(4.0, 4) == pytest.approx(0.40600584970983811)
+
+
+def test_tokenize_headers_text_urls() -> None:
+    raw = (b"Subject: Winner prize\r\nFrom: x@deals.example\r\nContent-Type: text/html\r\n\r\n"
+           b"<p>Claim your <b>bonus</b> at http://claim.example/</p>\r\n")  # fmt: skip
+    toks = tokenize([("Subject", "Winner prize"), ("From", "x@deals.example")],
+                    extract(raw, 10_000), 100)  # fmt: skip
+    assert {"su:winner", "su:prize", "fr:@deals.example", "url:claim.example", "bonus"} <= set(toks)
+    assert len(tokenize([], extract(raw, 10_000), 3)) == 3
+
+
+def test_train_cli_and_classify(tmp_path: Path) -> None:
+    spam, ham = make_corpus(tmp_path)
+    db = tmp_path / "bayes.sqlite"
+    conf = tmp_path / "milterd.toml"
+    conf.write_text(f'[plugins.scoring.bayes]\nenabled = true\npath = "{db}"\n')
+    rc = milterd_main(["-c", str(conf), "bayes", "train", "--spam", str(spam), "--ham", str(ham)])
+    assert rc == 0
+    store = SQLiteStore(str(db))
+    assert store.totals() == (30, 30)
+    # Training twice learns nothing new.
+    assert milterd_main(["-c", str(conf), "bayes", "train", "--spam", str(spam)]) == 0
+    assert store.totals() == (30, 30)
+    store.close()
+
+    right = 0
+    with Harness({"scoring": bayes_section(db)}, plugins={"scoring": ScoringPlugin}) as h:
+        for is_spam, raw in held_out():
+            out = h.send(raw)
+            names = {s.name for s in out.symbols}
+            right += ("BAYES_SPAM" in names) if is_spam else ("BAYES_HAM" in names)
+            assert not ({"BAYES_SPAM", "BAYES_HAM"} <= names)
+    assert right == 10
+
+
+def test_not_enough_training_means_no_symbol(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite"
+    with Harness({"scoring": bayes_section(db)}, plugins={"scoring": ScoringPlugin}) as h:
+        out = h.send(held_out()[0][1])
+    assert [s.name for s in out.symbols] == [DECISION_SYMBOL]
+
+
+def test_relearning_moves_a_message(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "r.sqlite"))
+    clf = Classifier(store, 1, 1)
+    assert clf.learn(["a", "b"], True, "d1")
+    assert not clf.learn(["a", "b"], True, "d1")
+    assert clf.learn(["a", "b"], False, "d1")
+    assert store.totals() == (0, 1)
+    assert store.counts(["a"]) == {"a": (0, 1)}
+    store.close()
+
+
+def test_autolearn_at_score_margins(tmp_path: Path) -> None:
+    db = tmp_path / "auto.sqlite"
+    section = bayes_section(db, autolearn=True, autolearn_spam=100.0, autolearn_ham=0.0)
+    with Harness({"scoring": section}, plugins={"scoring": ScoringPlugin}) as h:
+        h.send(b"Subject: t\r\nMessage-ID: <g@x>\r\n\r\n" + GTUBE.encode() + b" casino\r\n")
+        h.send(b"Subject: lunch\r\nMessage-ID: <h@x>\r\n\r\nmeeting tomorrow\r\n")
+        h.send(b"Subject: lunch\r\nMessage-ID: <h@x>\r\n\r\nmeeting tomorrow\r\n")  # once
+    store = SQLiteStore(str(db))
+    assert store.totals() == (1, 1)
+    assert store.counts(["casino"]) == {"casino": (1, 0)}
+    store.close()
+
+
+def test_train_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "m.toml"
+    conf.write_text("")
+    db = str(tmp_path / "x.sqlite")
+    assert milterd_main(["-c", str(conf), "bayes", "train", "--path", db]) == 2
+    rc = milterd_main(["-c", str(conf), "bayes", "train", "--path", db, "--spam",
+                       str(tmp_path / "missing.mbox")])  # fmt: skip
+    assert rc == 1
+    assert milterd_main(["-c", str(conf), "bayes", "stats", "--path", db]) == 0
+    assert "spam 0, ham 0; classifying: no" in capsys.readouterr().out
+
+
+def test_sqlite_store_is_shared_by_threads(tmp_path: Path) -> None:
+    import threading
+
+    store = SQLiteStore(str(tmp_path / "t.sqlite"))
+    clf = Classifier(store, 1, 1)
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(40):
+                clf.learn([f"tok{i % 7}", f"t{n}"], i % 2 == 0, f"{n}-{i}")
+                store.counts(["tok1", "tok2"])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert store.totals() == (160, 160)
+    assert len(store.pool._idle) <= store.pool.keep
+    store.close()
