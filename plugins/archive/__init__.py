@@ -1,0 +1,364 @@
+"""Built-in ``archive``: a durable, verifiable copy of every selected message.
+
+* ``eom`` only remembers the message as received (headers + the core's spool).
+* ``finalize`` (messages that will be delivered, including quarantined ones): the copy as
+  delivered (every earlier plugin's changes applied; list ``archive`` last) and/or as
+  received is written atomically and indexed *before* the MTA gets its answer. A failed
+  write returns ``451 4.3.0`` with ``required = true``; with ``required = false`` the
+  message passes and the error is logged.
+* ``outcome`` (every message that reached end of message): the final verdict is stored;
+  rejected, discarded and tempfailed messages are archived here when the rules select
+  them (as received: nothing is delivered), and a copy written at ``finalize`` whose final
+  verdict the rules do not select is removed again.
+
+Nothing is written before ``finalize``/``outcome``, so aborted transactions leave nothing.
+Storage is behind :class:`~milterd_plugins.archive.store.ArchiveBackend`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+import time
+from importlib.metadata import entry_points
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from milterd import Context, Message, PluginConfig, Services, TempFail, Verdict, hookimpl
+
+from .store import ArchiveBackend, FileStore, Record, new_id
+
+__all__ = [
+    "ArchiveConfig",
+    "ArchivePlugin",
+    "Rule",
+    "open_backend",
+    "parse_duration",
+    "selected",
+]
+
+VerdictWord = Literal["continue", "accept", "quarantine", "tempfail", "reject", "discard"]
+VERDICTS: tuple[VerdictWord, ...] = (
+    "continue",
+    "accept",
+    "quarantine",
+    "tempfail",
+    "reject",
+    "discard",
+)
+DELIVERING: tuple[VerdictWord, ...] = ("continue", "accept", "quarantine")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*")
+_UNITS = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+BACKEND_GROUP = "milterd.archive_backends"
+
+
+def parse_duration(text: str) -> float:
+    """``"90d"``, ``"12h"``, ``"2w"``, ``"1y"``, ``"30m"``, ``"45s"`` (bare number: days)."""
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (e.g. 90d, 12h, 2w, 1y)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _patterns(v: list[str]) -> list[str]:
+    out = []
+    for raw in v:
+        p = raw.strip().lower()
+        if not p or p.count("@") > 1 or " " in p:
+            raise ValueError(f"invalid address pattern {raw!r}")
+        out.append(p)
+    return out
+
+
+class Rule(PluginConfig):
+    """One selection rule; every criterion given must match (empty = any)."""
+
+    archive: bool = True  # false: a matching message is not archived
+    direction: Literal["any", "inbound", "outbound"] = "any"
+    senders: list[str] = []  # "user@example.com", "example.com", ".example.com" (subdomains)
+    recipients: list[str] = []  # idem; matches when any envelope recipient matches
+    verdicts: list[VerdictWord] = list(VERDICTS)
+
+    _p = field_validator("senders", "recipients")(_patterns)
+
+
+class ArchiveConfig(PluginConfig):
+    path: str = "/var/lib/milterd/archive"
+    store: Literal["delivered", "received", "both"] = "delivered"
+    compress: Literal["none", "zstd"] = "none"
+    compress_level: int = Field(3, ge=1, le=19)
+    required: bool = True  # a failed write tempfails a message that would be delivered
+    fsync: bool = True  # fsync file and directory (off: faster, not crash-safe)
+    index_synchronous: Literal["full", "normal"] = "full"
+    rules: list[Rule] = []  # first match wins
+    default: bool = True  # archive a message no rule matches ...
+    verdicts: list[VerdictWord] = list(DELIVERING)  # ... when its verdict is one of these
+    retention: str = ""  # e.g. "365d": older copies are pruned automatically; "" keeps all
+    prune_interval: str = "1h"
+    backend: str = "files"  # or the name of an entry point in milterd.archive_backends
+    release_host: str = "127.0.0.1"
+    release_port: int = Field(25, gt=0, lt=65536)
+    release_from: str | None = None  # envelope sender of released mail; default: original
+
+    @field_validator("retention", "prune_interval")
+    @classmethod
+    def _dur(cls, v: str) -> str:
+        if v:
+            parse_duration(v)
+        return v
+
+
+# --- selection ----------------------------------------------------------------------------
+
+
+def _addr_match(addr: str, pattern: str) -> bool:
+    a = addr.lower()
+    if "@" in pattern:
+        return a == pattern if not pattern.startswith("@") else a.endswith(pattern)
+    domain = a.rpartition("@")[2]
+    if pattern.startswith("."):
+        return domain.endswith(pattern) or domain == pattern[1:]
+    return domain == pattern
+
+
+def _rule_matches(
+    rule: Rule, direction: str, sender: str, recipients: list[str], verdict: str
+) -> bool:
+    if rule.direction not in ("any", direction):
+        return False
+    if verdict not in rule.verdicts:
+        return False
+    if rule.senders and not any(_addr_match(sender, p) for p in rule.senders):
+        return False
+    return not rule.recipients or any(
+        _addr_match(r, p) for r in recipients for p in rule.recipients
+    )
+
+
+def selected(
+    cfg: ArchiveConfig, direction: str, sender: str, recipients: list[str], verdict: str
+) -> bool:
+    """Whether a message with this envelope and final verdict is archived."""
+    for rule in cfg.rules:
+        if _rule_matches(rule, direction, sender, recipients, verdict):
+            return rule.archive
+    return cfg.default and verdict in cfg.verdicts
+
+
+def open_backend(cfg: ArchiveConfig, readonly: bool = False) -> ArchiveBackend:
+    """The configured store: ``files`` (built in) or a factory registered in the entry-point
+    group ``milterd.archive_backends`` and called as ``factory(cfg, readonly=...)``."""
+    if cfg.backend == "files":
+        return FileStore(
+            cfg.path,
+            compress=cfg.compress == "zstd",
+            level=cfg.compress_level,
+            fsync=cfg.fsync,
+            synchronous=cfg.index_synchronous,
+            readonly=readonly,
+        )
+    for ep in entry_points(group=BACKEND_GROUP):
+        if ep.name == cfg.backend:
+            backend: ArchiveBackend = ep.load()(cfg, readonly=readonly)
+            return backend
+    raise ValueError(f"unknown archive backend {cfg.backend!r} (entry points: {BACKEND_GROUP})")
+
+
+def _direction(ctx: Context) -> str:
+    return "outbound" if ctx.connection.trusted else "inbound"
+
+
+def _record(ctx: Context, message: Message, verdict: str, now: float) -> Record:
+    info = ctx.message
+    client = ctx.connection.client
+    addr = ""
+    if client is not None and client.address is not None:
+        addr = str(client.address)
+        if isinstance(client.address, ipaddress.IPv6Address) and client.address.ipv4_mapped:
+            addr = str(client.address.ipv4_mapped)
+    return Record(
+        id=new_id(now),
+        received=now,
+        sender=info.sender if info else "",
+        recipients=[r.address for r in info.recipients] if info else [],
+        client_address=addr,
+        client_name=client.hostname if client is not None else "",
+        helo=ctx.connection.helo,
+        auth_user=ctx.connection.auth_user,
+        queue_id=info.queue_id if info else "",
+        message_id=(message.get("Message-ID") or "").strip().strip("<>").strip().lower(),
+        subject=(message.get("Subject") or "").strip(),
+        date=(message.get("Date") or "").strip(),
+        verdict=verdict,
+        score=ctx.score,
+        results=[_result_text(r) for r in ctx.results],
+        direction=_direction(ctx),
+    )
+
+
+def _result_text(r: Any) -> str:
+    props = " ".join(f"{k}={v}" for k, v in r.properties)
+    return f"{r.method}={r.result}" + (f" {props}" if props else "")
+
+
+def _chunks(message: Message) -> Any:
+    yield message.header_bytes()
+    yield b"\r\n"
+    yield from message.body_chunks()
+
+
+# --- the plugin ---------------------------------------------------------------------------
+
+
+class ArchivePlugin:
+    """Keeps a durable copy of selected messages, indexed for search."""
+
+    actions: frozenset[str] = frozenset()  # records nothing, changes nothing
+    after = ("authres", "dkim", "arc", "spf", "dmarc", "scoring", "tagging")
+
+    def __init__(self) -> None:
+        self.cfg: ArchiveConfig | None = None
+        self.backend: ArchiveBackend | None = None
+        self._stop = threading.Event()
+        self._pruner: threading.Thread | None = None
+
+    @hookimpl
+    def config_schema(self) -> type[ArchiveConfig]:
+        return ArchiveConfig
+
+    @hookimpl
+    def startup(self, config: ArchiveConfig, services: Services) -> None:
+        self.cfg = config
+        self.log = services.logger.getChild("archive")
+        try:
+            self.backend = open_backend(config)
+        except Exception as e:
+            if config.required:
+                raise
+            # required = false: start anyway, every write will fail and be logged.
+            self.log.error("archive store %s unavailable: %s", config.path, e)
+            self.backend = None
+        if isinstance(self.backend, FileStore):
+            n = self.backend.clean_temp()
+            if n:
+                self.log.warning("removed %d temporary file(s) left by a crashed writer", n)
+        if config.retention and self.backend is not None:
+            self._pruner = threading.Thread(
+                target=self._prune_loop, name="archive-prune", daemon=True
+            )
+            self._pruner.start()
+
+    @hookimpl
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self.backend is not None:
+            self.backend.close()
+
+    def _prune_loop(self) -> None:
+        assert self.cfg is not None and self.backend is not None
+        backend = self.backend
+        interval = parse_duration(self.cfg.prune_interval)
+        while not self._stop.is_set():
+            try:
+                n = prune(backend, parse_duration(self.cfg.retention))
+                if n:
+                    self.log.info("retention: pruned %d message(s)", n)
+            except Exception as e:
+                self.log.error("retention prune failed: %s", e)
+            self._stop.wait(interval)
+
+    # --- hooks ----------------------------------------------------------------------------
+
+    @hookimpl
+    def eom(self, ctx: Context, message: Message) -> None:
+        ctx.message_state["received"] = message
+
+    def _write(self, ctx: Context, delivered: Message | None, verdict: str) -> Record:
+        if self.backend is None:
+            raise OSError(f"archive store {ctx.config.path} is not available")
+        received: Message | None = ctx.message_state.get("received")
+        want = ctx.config.store
+        copies = {}
+        if delivered is not None and want in ("delivered", "both"):
+            copies["delivered"] = _chunks(delivered)
+        if received is not None and (want in ("received", "both") or delivered is None):
+            copies["received"] = _chunks(received)
+        meta_src = delivered if delivered is not None else received
+        assert meta_src is not None
+        rec = _record(ctx, meta_src, verdict, time.time())
+        stored = self.backend.store(rec, copies)
+        if ctx.time_left() <= 0:
+            # The core gave up on this call (on_error applied): the message was not
+            # answered with our copy in mind, so take the copy back.
+            self.backend.delete(stored.id)
+            raise TimeoutError("archive write finished after the plugin's deadline")
+        return stored
+
+    @hookimpl
+    def finalize(self, ctx: Context, message: Message) -> Verdict | None:
+        cfg: ArchiveConfig = ctx.config
+        info = ctx.message
+        sender = info.sender if info else ""
+        rcpts = [r.address for r in info.recipients] if info else []
+        direction = _direction(ctx)
+        # The final verdict is not known yet (continue, accept or quarantine): archive when
+        # any of them is selected; outcome() corrects the verdict or removes the copy.
+        if not any(selected(cfg, direction, sender, rcpts, v) for v in DELIVERING):
+            return None
+        try:
+            rec = self._write(ctx, message, "continue")
+        except Exception as e:
+            ctx.log.error("archive write failed: %s", e)
+            if cfg.required:
+                return TempFail(
+                    "451", "4.3.0", "Archive unavailable, try again later", reason="archive"
+                )
+            return None
+        ctx.message_state["archived"] = rec.id
+        return None
+
+    @hookimpl
+    def outcome(self, ctx: Context, verdict: Verdict | None, message: Message) -> None:
+        cfg: ArchiveConfig = ctx.config
+        word = verdict.word if verdict is not None else "continue"
+        info = ctx.message
+        sender = info.sender if info else ""
+        rcpts = [r.address for r in info.recipients] if info else []
+        want = selected(cfg, _direction(ctx), sender, rcpts, word)
+        done: str | None = ctx.message_state.get("archived")
+        if self.backend is None:
+            if want and done is None:
+                ctx.log.error("archive store unavailable: %s message not archived", word)
+            return
+        if done is not None:
+            if not want:
+                self.backend.delete(done)
+            elif word != "continue":
+                self.backend.set_verdict(done, word)
+            return
+        if not want:
+            return
+        delivers = word in DELIVERING
+        ctx.message_state.setdefault("received", message)  # eom did not run (core limit)
+        try:
+            self._write(ctx, message if delivers else None, word)
+        except Exception as e:
+            ctx.log.error("archive write failed (%s message, not held back): %s", word, e)
+
+    @hookimpl
+    def commands(self, subparsers: Any) -> None:
+        from .cli import add_commands
+
+        add_commands(subparsers)
+
+
+def prune(backend: ArchiveBackend, age: float, now: float | None = None) -> int:
+    """Delete every message archived more than ``age`` seconds ago. Returns the count."""
+    cutoff = (now if now is not None else time.time()) - age
+    n = 0
+    for id_ in backend.older_than(cutoff):
+        if backend.delete(id_):
+            n += 1
+    return n

@@ -1,0 +1,636 @@
+"""Archive storage: the backend interface and the default local-file store.
+
+:class:`ArchiveBackend` is the small interface the plugin and the CLI use; another store
+(object storage, a database) can be added by a package that registers a factory in the
+entry-point group ``milterd.archive_backends`` (see :func:`open_backend`).
+
+:class:`FileStore` keeps each copy as one file, ``ROOT/YYYY/MM/DD/ID.eml`` (``.eml.zst``
+when compressed; the as-received copy is ``ID.received.eml[.zst]``), and the metadata in an
+SQLite index ``ROOT/index.sqlite3`` in WAL mode. A copy is written to ``ROOT/tmp/`` first
+(named after the writing process), flushed with fsync, renamed into place and the
+directory fsynced; only then is the index row committed. A crash therefore leaves either
+nothing, a stale file in ``tmp/`` (removed by the next start of any writer whose process
+id it does not carry), or a complete file without an index row (``verify`` reports it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = [
+    "ArchiveBackend",
+    "Copy",
+    "FileStore",
+    "Problem",
+    "Query",
+    "Record",
+    "StoreError",
+    "new_id",
+]
+
+KINDS = ("delivered", "received")
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (write failed, unknown id...)."""
+
+
+@dataclass(slots=True)
+class Copy:
+    """One stored copy of the message bytes."""
+
+    path: str  # relative to the store root
+    size: int  # uncompressed bytes
+    sha256: str  # of the uncompressed bytes
+
+
+@dataclass(slots=True)
+class Record:
+    """Everything the index knows about one archived message."""
+
+    id: str
+    received: float  # epoch seconds, when the message was archived
+    sender: str = ""
+    recipients: list[str] = field(default_factory=list)
+    client_address: str = ""
+    client_name: str = ""
+    helo: str = ""
+    auth_user: str = ""
+    queue_id: str = ""
+    message_id: str = ""
+    subject: str = ""
+    date: str = ""
+    verdict: str = "continue"
+    score: float = 0.0
+    results: list[str] = field(default_factory=list)
+    direction: str = "inbound"
+    size: int = 0  # of the primary copy (delivered if stored, else received)
+    sha256: str = ""
+    copies: dict[str, Copy] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["received_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.received))
+        return d
+
+
+@dataclass(slots=True)
+class Query:
+    """Search criteria; every given one must match. Text matches are case-insensitive."""
+
+    sender: str | None = None  # address, or "@domain"/"domain" for the domain
+    recipient: str | None = None  # idem, any recipient
+    subject: str | None = None  # substring
+    message_id: str | None = None  # exact, with or without <>
+    since: float | None = None  # epoch seconds, inclusive
+    until: float | None = None  # epoch seconds, exclusive
+    verdict: str | None = None
+    queue_id: str | None = None
+    limit: int | None = None
+
+
+@dataclass(slots=True)
+class Problem:
+    """One thing ``verify`` found wrong."""
+
+    kind: str  # missing, mismatch, unreadable, orphan, stale-temp
+    id: str
+    path: str
+    detail: str = ""
+
+
+class ArchiveBackend(Protocol):
+    """What the archive plugin and ``milterd archive`` need from a store."""
+
+    def store(self, record: Record, copies: dict[str, Iterable[bytes]]) -> Record:
+        """Write the copies durably and index ``record``; return it with ``copies``,
+        ``size`` and ``sha256`` filled in. Raises StoreError (or OSError) on failure,
+        leaving nothing behind."""
+        ...
+
+    def set_verdict(self, id: str, verdict: str) -> None: ...
+
+    def get(self, id: str) -> Record | None: ...
+
+    def read(self, record: Record, kind: str | None = None) -> bytes:
+        """The bytes of one copy (default: delivered if stored, else received)."""
+        ...
+
+    def search(self, query: Query) -> list[Record]: ...
+
+    def delete(self, id: str) -> bool: ...
+
+    def older_than(self, cutoff: float) -> list[str]: ...
+
+    def verify(self) -> list[Problem]: ...
+
+    def close(self) -> None: ...
+
+
+def new_id(now: float) -> str:
+    """A unique, time-ordered, file-name-safe id: ``20261122T035012-1a2b3c4d5e6f``."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(6)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    received REAL NOT NULL,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,          -- JSON list
+    rcpt_search TEXT NOT NULL,         -- "\\naddr1\\naddr2\\n", lower case
+    client_address TEXT, client_name TEXT, helo TEXT, auth_user TEXT,
+    queue_id TEXT, message_id TEXT, subject TEXT, date TEXT,
+    verdict TEXT NOT NULL, score REAL, results TEXT, direction TEXT,
+    size INTEGER, sha256 TEXT,
+    delivered_path TEXT, delivered_size INTEGER, delivered_sha256 TEXT,
+    received_path TEXT, received_size INTEGER, received_sha256 TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_received ON messages(received);
+CREATE INDEX IF NOT EXISTS messages_sender ON messages(sender);
+CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
+CREATE INDEX IF NOT EXISTS messages_queue_id ON messages(queue_id);
+"""
+
+_COLUMNS = (
+    "id, received, sender, recipients, client_address, client_name, helo, auth_user, "
+    "queue_id, message_id, subject, date, verdict, score, results, direction, size, sha256, "
+    "delivered_path, delivered_size, delivered_sha256, received_path, received_size, "
+    "received_sha256"
+)
+
+
+_INSERT = (
+    "INSERT INTO messages (id, received, sender, recipients, rcpt_search, client_address, "
+    "client_name, helo, auth_user, queue_id, message_id, subject, date, verdict, score, "
+    "results, direction, size, sha256, delivered_path, delivered_size, delivered_sha256, "
+    "received_path, received_size, received_sha256) VALUES (" + ",".join("?" * 25) + ")"
+)
+
+
+def _norm_mid(mid: str) -> str:
+    return mid.strip().strip("<>").strip().lower()
+
+
+class _Pending:
+    __slots__ = ("day", "done", "error", "row")
+
+    def __init__(self, row: tuple[Any, ...], day: str) -> None:
+        self.row = row
+        self.day = day
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class _GroupCommit:
+    """Index rows of concurrent writers committed together (leader/follower, no thread of
+    its own): a writer that finds no commit running commits every pending row, with one
+    fsync per day directory and one SQLite commit (one WAL fsync); writers arriving
+    meanwhile wait for the next batch. Each writer returns once its own row is durable.
+    Alone, a writer simply commits its own row."""
+
+    def __init__(self, store: FileStore) -> None:
+        self.store = store
+        self.cond = threading.Condition()
+        self.pending: list[_Pending] = []
+        self.busy = False
+
+    def submit(self, row: tuple[Any, ...], day: str, timeout: float = 60.0) -> None:
+        p = _Pending(row, day)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            self.pending.append(p)
+            while not p.done and self.busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    with contextlib.suppress(ValueError):
+                        self.pending.remove(p)  # still queued: nobody will commit it
+                    if not p.done:
+                        raise StoreError(f"index commit not done within {timeout:g}s")
+                self.cond.wait(max(left, 0.0))
+            if p.done:
+                if p.error is not None:
+                    raise p.error
+                return
+            batch, self.pending = self.pending, []
+            self.busy = True
+        error: BaseException | None = None
+        try:
+            if self.store.fsync:
+                for d in {q.day for q in batch}:
+                    _fsync_dir(self.store.root / d)
+            self.store._insert_rows([q.row for q in batch])
+        except BaseException as e:  # reported to every writer of the batch
+            error = e
+        with self.cond:
+            for q in batch:
+                q.error = error
+                q.done = True
+            self.busy = False
+            self.cond.notify_all()
+        if error is not None:
+            raise error
+
+
+class FileStore:
+    """Local files laid out by date, plus an SQLite (WAL) index. Thread-safe; several
+    processes may share one directory."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        compress: bool = False,
+        level: int = 3,
+        fsync: bool = True,
+        synchronous: str = "full",
+        busy_timeout: float = 10.0,
+        readonly: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self._root, self._tmp = str(self.root), str(self.tmp)
+        self.compress = compress
+        self.level = level
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._dirs: set[str] = set()  # day directories known to exist
+        if not readonly:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir(exist_ok=True)
+        db = self.root / "index.sqlite3"
+        if readonly and not db.exists():
+            raise StoreError(f"{db}: no archive index here")
+        self.db = sqlite3.connect(
+            str(db), timeout=busy_timeout, check_same_thread=False, isolation_level=None
+        )
+        try:
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+                self.db.executescript(_SCHEMA)
+        except BaseException:
+            self.db.close()
+            raise
+        self._committer: _GroupCommit | None = None
+        self._zstd: Any = None
+        if compress:
+            import zstandard
+
+            self._zstd = zstandard
+
+    # --- writing --------------------------------------------------------------------------
+
+    def clean_temp(self) -> int:
+        """Remove temporary files left by writers that no longer run. Returns the count."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.tmp):
+                pid = entry.name.split(".", 1)[0]
+                if pid.isdigit() and _alive(int(pid)):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def _day_dir(self, now: float) -> str:
+        """The day directory (relative, ``YYYY/MM/DD``), created (and made durable) once."""
+        rel = time.strftime("%Y/%m/%d", time.gmtime(now))
+        if rel not in self._dirs:
+            path = self.root / rel
+            if not path.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+                if self.fsync:  # the new directories' entries must survive a crash too
+                    for p in (path.parent.parent.parent, path.parent.parent, path.parent):
+                        _fsync_dir(p)
+            self._dirs.add(rel)
+        return rel
+
+    def _write(self, chunks: Iterable[bytes], rel: str) -> Copy:
+        """Write one copy atomically to ``ROOT/rel``; returns its Copy."""
+        tmp = f"{self._tmp}/{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}"
+        digest = hashlib.sha256()
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            with os.fdopen(fd, "wb", buffering=1 << 16) as f:
+                if self._zstd is not None:
+                    cctx = self._zstd.ZstdCompressor(level=self.level)
+                    with cctx.stream_writer(f, closefd=False) as z:
+                        for c in chunks:
+                            digest.update(c)
+                            size += len(c)
+                            z.write(c)
+                else:
+                    for c in chunks:
+                        digest.update(c)
+                        size += len(c)
+                        f.write(c)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.rename(tmp, f"{self._root}/{rel}")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return Copy(rel, size, digest.hexdigest())
+
+    def store(self, record: Record, copies: dict[str, Iterable[bytes]]) -> Record:
+        if not copies:
+            raise StoreError("nothing to store")
+        day = self._day_dir(record.received)
+        ext = ".eml.zst" if self.compress else ".eml"
+        written: list[str] = []
+        try:
+            for kind, chunks in copies.items():
+                if kind not in KINDS:
+                    raise StoreError(f"unknown copy kind {kind!r}")
+                rel = f"{day}/{record.id}{'' if kind == 'delivered' else '.received'}{ext}"
+                record.copies[kind] = self._write(chunks, rel)
+                written.append(f"{self._root}/{rel}")
+            primary = record.copies.get("delivered") or record.copies["received"]
+            record.size, record.sha256 = primary.size, primary.sha256
+            with self._lock:
+                if self._committer is None:
+                    self._committer = _GroupCommit(self)
+                committer = self._committer
+            committer.submit(self._row(record), day)  # fsyncs the directory, commits
+        except BaseException:
+            for p in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+            raise
+        return record
+
+    @staticmethod
+    def _row(r: Record) -> tuple[Any, ...]:
+        d = r.copies.get("delivered")
+        rc = r.copies.get("received")
+        row = (
+            r.id,
+            r.received,
+            r.sender,
+            json.dumps(r.recipients),
+            "\n" + "\n".join(a.lower() for a in r.recipients) + "\n",
+            r.client_address,
+            r.client_name,
+            r.helo,
+            r.auth_user,
+            r.queue_id,
+            r.message_id,
+            r.subject,
+            r.date,
+            r.verdict,
+            r.score,
+            json.dumps(r.results),
+            r.direction,
+            r.size,
+            r.sha256,
+            d.path if d else None,
+            d.size if d else None,
+            d.sha256 if d else None,
+            rc.path if rc else None,
+            rc.size if rc else None,
+            rc.sha256 if rc else None,
+        )
+        return row
+
+    def _insert_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert rows in one transaction (one commit)."""
+        with self._lock:
+            if len(rows) == 1:  # autocommit: one implicit transaction
+                self.db.execute(_INSERT, rows[0])
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany(_INSERT, rows)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def set_verdict(self, id: str, verdict: str) -> None:
+        with self._lock:
+            self.db.execute("UPDATE messages SET verdict = ? WHERE id = ?", (verdict, id))
+
+    # --- reading --------------------------------------------------------------------------
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> Record:
+        (
+            id_, received, sender, recipients, client_address, client_name, helo, auth_user,
+            queue_id, message_id, subject, date, verdict, score, results, direction, size,
+            sha256, dpath, dsize, dsha, rpath, rsize, rsha,
+        ) = row  # fmt: skip
+        copies = {}
+        if dpath:
+            copies["delivered"] = Copy(dpath, dsize, dsha)
+        if rpath:
+            copies["received"] = Copy(rpath, rsize, rsha)
+        return Record(
+            id=id_,
+            received=received,
+            sender=sender,
+            recipients=json.loads(recipients),
+            client_address=client_address or "",
+            client_name=client_name or "",
+            helo=helo or "",
+            auth_user=auth_user or "",
+            queue_id=queue_id or "",
+            message_id=message_id or "",
+            subject=subject or "",
+            date=date or "",
+            verdict=verdict,
+            score=score or 0.0,
+            results=json.loads(results or "[]"),
+            direction=direction or "",
+            size=size or 0,
+            sha256=sha256 or "",
+            copies=copies,
+        )
+
+    def get(self, id: str) -> Record | None:
+        with self._lock:
+            row = self.db.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (id,)).fetchone()
+        return self._record(row) if row else None
+
+    def _open_bytes(self, rel: str) -> bytes:
+        data = (self.root / rel).read_bytes()
+        if rel.endswith(".zst"):
+            import zstandard
+
+            return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))
+        return data
+
+    def read(self, record: Record, kind: str | None = None) -> bytes:
+        if kind is None:
+            kind = "delivered" if "delivered" in record.copies else "received"
+        c = record.copies.get(kind)
+        if c is None:
+            raise StoreError(f"{record.id}: no {kind} copy stored")
+        return self._open_bytes(c.path)
+
+    def search(self, query: Query) -> list[Record]:
+        where: list[str] = []
+        args: list[Any] = []
+        if query.sender:
+            s = query.sender.lower()
+            if "@" in s and not s.startswith("@"):
+                where.append("lower(sender) = ?")
+                args.append(s)
+            else:
+                where.append("lower(sender) LIKE ? ESCAPE '\\'")
+                args.append("%@" + _like(s.lstrip("@")))
+        if query.recipient:
+            s = query.recipient.lower()
+            if "@" in s and not s.startswith("@"):
+                where.append("rcpt_search LIKE ? ESCAPE '\\'")
+                args.append("%\n" + _like(s) + "\n%")
+            else:
+                where.append("rcpt_search LIKE ? ESCAPE '\\'")
+                args.append("%@" + _like(s.lstrip("@")) + "\n%")
+        if query.subject:
+            where.append("subject LIKE ? ESCAPE '\\'")
+            args.append("%" + _like(query.subject) + "%")
+        if query.message_id:
+            where.append("lower(message_id) = ?")
+            args.append(_norm_mid(query.message_id))
+        if query.since is not None:
+            where.append("received >= ?")
+            args.append(query.since)
+        if query.until is not None:
+            where.append("received < ?")
+            args.append(query.until)
+        if query.verdict:
+            where.append("verdict = ?")
+            args.append(query.verdict.lower())
+        if query.queue_id:
+            where.append("queue_id = ?")
+            args.append(query.queue_id)
+        sql = f"SELECT {_COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY received, id"
+        if query.limit:
+            sql += f" LIMIT {int(query.limit)}"
+        with self._lock:
+            rows = self.db.execute(sql, args).fetchall()
+        return [self._record(r) for r in rows]
+
+    # --- maintenance ----------------------------------------------------------------------
+
+    def delete(self, id: str) -> bool:
+        """Remove one message: the index row first, then its files."""
+        rec = self.get(id)
+        if rec is None:
+            return False
+        with self._lock:
+            self.db.execute("DELETE FROM messages WHERE id = ?", (id,))
+        for c in rec.copies.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / c.path)
+        return True
+
+    def older_than(self, cutoff: float) -> list[str]:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT id FROM messages WHERE received < ? ORDER BY received", (cutoff,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def files(self) -> Iterator[str]:
+        """Every copy file under the date layout, relative to the root."""
+        for year in sorted(self.root.iterdir()):
+            if not (year.is_dir() and year.name.isdigit()):
+                continue
+            for dirpath, _dirs, names in os.walk(year):
+                for n in names:
+                    yield str((Path(dirpath) / n).relative_to(self.root))
+
+    def verify(self) -> list[Problem]:
+        """Every indexed copy present with a matching SHA-256; every file indexed; no
+        temporary files left by dead writers."""
+        problems: list[Problem] = []
+        known: set[str] = set()
+        with self._lock:
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM messages ORDER BY received").fetchall()
+        for row in rows:
+            rec = self._record(row)
+            for kind, c in rec.copies.items():
+                known.add(c.path)
+                try:
+                    data = self._open_bytes(c.path)
+                except FileNotFoundError:
+                    problems.append(Problem("missing", rec.id, c.path, f"{kind} copy missing"))
+                    continue
+                except Exception as e:  # corrupt zstd frame, permissions
+                    problems.append(Problem("unreadable", rec.id, c.path, f"{kind}: {e}"))
+                    continue
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != c.sha256 or len(data) != c.size:
+                    problems.append(
+                        Problem(
+                            "mismatch",
+                            rec.id,
+                            c.path,
+                            f"{kind} copy: sha256 {digest} size {len(data)}, "
+                            f"index says {c.sha256} size {c.size}",
+                        )
+                    )
+        for rel in self.files():
+            if rel not in known:
+                problems.append(Problem("orphan", "", rel, "file not in the index"))
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.tmp):
+                pid = entry.name.split(".", 1)[0]
+                if not (pid.isdigit() and _alive(int(pid))):
+                    problems.append(
+                        Problem("stale-temp", "", f"tmp/{entry.name}", "left by a dead writer")
+                    )
+        return problems
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self.db.close()
+
+
+def _like(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is not a live writer.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().split(b") ", 1)[1][:1] != b"Z"
+    except (OSError, IndexError):
+        return True

@@ -1,0 +1,354 @@
+"""The archive plugin end to end: SMTP client -> private Postfix -> milterd (archive) -> sink.
+
+Postfix prepends its own ``Received:`` field *after* the milter has seen the message (the
+milter never sees it), so the sink's bytes are exactly that one field followed by the
+archived as-delivered copy; the as-received copy is exactly the client's bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from milterd_plugins.archive.store import FileStore, Query, Record
+
+from milterd import Message, Reject, hookimpl
+from milterd.testing import Harness
+from tests.integration.daemon import Daemon
+from tests.support.postfix import PrivatePostfix
+from tests.support.sink import SinkMessage, SmtpSink
+from tests.support.smtp import send
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: Bob <bob@example.net>\r\n"
+    b"Subject: archive me\r\n"
+    b"Message-ID: <it-1@example.org>\r\n"
+    b"\r\n"
+    b"Hello Bob.\r\n"
+)
+_RECEIVED = re.compile(rb"\AReceived: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*")
+
+
+def split_received(data: bytes) -> tuple[bytes, bytes]:
+    """(Postfix's Received field, the rest) of a message as the sink got it."""
+    m = _RECEIVED.match(data)
+    assert m, data[:200]
+    return m.group(0), data[m.end() :]
+
+
+def queue_id_of(received: bytes) -> str:
+    m = re.search(rb"with E?SMTP id ([0-9A-F]+)", received)
+    assert m, received
+    return m.group(1).decode()
+
+
+@contextlib.contextmanager
+def archive_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="milterd-arch-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """Make ``path`` read-only even for root: a read-only bind mount over itself. Files the
+    daemon already has open stay writable; every new file or open goes through the mount."""
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        with pytest.raises(OSError):
+            (path / "probe").write_bytes(b"x")
+        yield
+    finally:
+        if subprocess.run(["umount", str(path)], check=False, capture_output=True).returncode:
+            # busy: the store generation that opened it read-only is still being retired
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "milterd.cli", "-c", str(config), "archive", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def records(path: Path) -> list[Record]:
+    found: list[Record] = FileStore(path, readonly=True).search(Query())
+    return found
+
+
+@dataclass
+class Rig:
+    daemon: Daemon
+    postfix: PrivatePostfix
+    sink: SmtpSink
+    archive: Path
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    with archive_dir() as archive:
+        body = f'[plugins.t_mark]\n[plugins.archive]\npath = "{archive}"\nstore = "both"\n'
+        with (
+            Daemon(body) as d,
+            SmtpSink() as sink,
+            PrivatePostfix(relay_port=sink.port, milters=d.postfix_socket) as pf,
+        ):
+            yield Rig(d, pf, sink, archive)
+
+
+def test_bcc_recipients_and_both_copies_match_the_wire(rig: Rig) -> None:
+    rig.sink.clear()
+    rcpts = ["bob@example.net", "hidden1@example.com", "hidden2@example.org"]  # 2 Bcc
+    res = send("127.0.0.1", rig.postfix.smtp_port, "alice@example.org", rcpts, MESSAGE)
+    assert res.ok, res
+    (msg,) = rig.sink.wait_for(1, 15)
+    received_field, rest = split_received(msg.data)
+    qid = queue_id_of(received_field)
+    (rec,) = [r for r in records(rig.archive) if r.queue_id == qid]
+    assert rec.recipients == rcpts
+    assert sorted(msg.rcpt_tos) == sorted(rcpts)
+    assert rec.sender == "alice@example.org" and rec.client_address == "127.0.0.1"
+    assert rec.message_id == "it-1@example.org" and rec.subject == "archive me"
+    store = FileStore(rig.archive, readonly=True)
+    delivered = store.read(rec, "delivered")
+    assert delivered == rest  # the sink's bytes after Postfix's own Received field
+    assert b"X-Test-Mark: marked qid=" + qid.encode() in delivered
+    assert store.read(rec, "received") == MESSAGE  # the client's bytes
+    assert rec.sha256 == hashlib.sha256(rest).hexdigest() and rec.size == len(rest)
+    assert rec.copies["received"].sha256 == hashlib.sha256(MESSAGE).hexdigest()
+
+
+def test_verify_finds_a_flipped_byte_and_a_deleted_file(rig: Rig) -> None:
+    rig.sink.clear()
+    for i in range(3):
+        data = MESSAGE.replace(b"it-1@", b"verify-%d@" % i)
+        assert send("127.0.0.1", rig.postfix.smtp_port, "a@example.org", ["b@example.net"],
+                    data).ok  # fmt: skip
+    rig.sink.wait_for(3, 15)
+    config = rig.daemon.config
+    r = cli(config, "verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = {r.message_id: r for r in records(rig.archive)}
+    flip = rig.archive / recs["verify-0@example.org"].copies["delivered"].path
+    flipped = bytearray(flip.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x20
+    flip.write_bytes(bytes(flipped))
+    gone = rig.archive / recs["verify-1@example.org"].copies["received"].path
+    gone.unlink()
+    r = cli(config, "verify")
+    assert r.returncode == 1
+    lines = sorted(r.stdout.splitlines())
+    assert len(lines) == 2, r.stdout
+    assert lines[0].startswith(f"mismatch: {recs['verify-0@example.org'].id} ")
+    assert lines[1].startswith(f"missing: {recs['verify-1@example.org'].id} ")
+    # leave the module's archive clean for the next test
+    for m in ("verify-0@example.org", "verify-1@example.org"):
+        FileStore(rig.archive).delete(recs[m].id)
+    assert cli(config, "verify").returncode == 0
+
+
+def test_read_only_archive_tempfails_when_required_delivers_when_not(rig: Rig) -> None:
+    rig.sink.clear()
+    before = len(records(rig.archive))
+    ro = read_only(rig.archive)
+    ro.__enter__()
+    try:
+        res = send("127.0.0.1", rig.postfix.smtp_port, "a@example.org", ["b@example.net"],
+                   MESSAGE)  # fmt: skip
+        assert res.tempfail and res.code == 451 and "4.3.0 Archive unavailable" in res.text, res
+        assert rig.sink.messages == []
+        # required = false (and on_error = continue for a hung store): passes, logged.
+        body = (
+            f'[plugins.t_mark]\n[plugins.archive]\npath = "{rig.archive}"\nstore = "both"\n'
+            'required = false\non_error = "continue"\n'
+        )
+        rig.daemon.write(body)
+        mark = len(rig.daemon.log_text())
+        rig.daemon.signal(signal.SIGHUP)
+        rig.daemon.wait_log("reloaded", after=mark)
+        mark = len(rig.daemon.log_text())
+        res = send("127.0.0.1", rig.postfix.smtp_port, "a@example.org", ["b@example.net"],
+                   MESSAGE)  # fmt: skip
+        assert res.ok, res
+        (msg,) = rig.sink.wait_for(1, 15)
+        assert msg.header("X-Test-Mark")
+        rig.daemon.wait_log("archive", after=mark)
+        assert re.search(
+            r"archive (write failed|store .* unavailable)", rig.daemon.log_text()[mark:]
+        )
+    finally:
+        ro.__exit__(None, None, None)
+        rig.daemon.write(
+            f'[plugins.t_mark]\n[plugins.archive]\npath = "{rig.archive}"\nstore = "both"\n'
+        )
+        mark = len(rig.daemon.log_text())
+        rig.daemon.signal(signal.SIGHUP)
+        rig.daemon.wait_log("reloaded", after=mark)
+    assert len(records(rig.archive)) == before  # nothing was written
+
+
+def test_release_delivers_a_quarantined_copy() -> None:
+    with archive_dir() as archive, SmtpSink() as sink:
+        body = (
+            '[plugins.dkim]\nsign = false\nsign_local = false\nactions = { none = "quarantine" }\n'
+            f'[plugins.archive]\npath = "{archive}"\nrelease_port = {sink.port}\n'
+        )
+        with (
+            Daemon(body, milterd_extra="internal_networks = []") as d,
+            PrivatePostfix(relay_port=sink.port, milters=d.postfix_socket) as pf,
+        ):
+            res = send("127.0.0.1", pf.smtp_port, "alice@example.org", ["bob@example.net"],
+                       MESSAGE)  # fmt: skip
+            assert res.ok, res
+            time.sleep(1.0)
+            assert sink.messages == []  # held by Postfix
+            held = pf.queue()
+            assert [q["queue_name"] for q in held] == ["hold"], held
+            (rec,) = records(archive)
+            assert rec.verdict == "quarantine" and rec.queue_id == held[0]["queue_id"]
+            r = cli(d.config, "search", "--verdict", "quarantine")
+            assert rec.id in r.stdout, r.stdout + r.stderr
+            r = cli(d.config, "release", rec.id, "--to", "rescued@example.net")
+            assert r.returncode == 0, r.stdout + r.stderr
+            (msg,) = sink.wait_for(1, 15)
+            stored = FileStore(archive, readonly=True).read(rec)
+    assert msg.rcpt_tos == ["rescued@example.net"] and msg.mail_from == "alice@example.org"
+    assert msg.data == stored  # the quarantined copy, byte for byte
+    assert stored.endswith(MESSAGE)  # (only an Authentication-Results/none field was added)
+
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+
+
+def _count(index: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5) as db:
+            return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def test_kill_9_during_load_loses_nothing_that_got_250() -> None:
+    total = 2000
+    with archive_dir() as archive, SmtpSink() as sink:
+        body = f'[plugins.t_mark]\n[plugins.archive]\npath = "{archive}"\n'
+        d = Daemon(body, workers=2)
+        d.start()
+        try:
+            with PrivatePostfix(relay_port=sink.port, milters=d.postfix_socket) as pf:
+                src = subprocess.Popen(
+                    [SMTP_SOURCE, "-s", "8", "-m", str(total), "-l", "5000",
+                     "-f", "load@example.org", "-t", "sink@example.net",
+                     f"127.0.0.1:{pf.smtp_port}"],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+                deadline = time.monotonic() + 60
+                while _count(archive / "index.sqlite3") < 400 and time.monotonic() < deadline:
+                    assert src.poll() is None, src.stdout.read() if src.stdout else ""
+                    time.sleep(0.02)
+                os.killpg(d.pid, signal.SIGKILL)  # supervisor and workers, mid-write
+                killed_at = _count(archive / "index.sqlite3")
+                try:
+                    out, _ = src.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    src.kill()
+                    out, _ = src.communicate()
+                pf.wait_queue_empty(timeout=30)
+                time.sleep(0.5)
+                delivered: list[SinkMessage] = list(sink.messages)
+                log = pf.log_text()
+        finally:
+            d.stop()
+        # After the kill Postfix answers 4xx (milter_default_action = tempfail): those
+        # messages got no 250, were not queued and are not at the sink.
+        # (smtp-source stops at its first 4xx; Postfix logs only the enhanced code.)
+        tempfailed = len(re.findall(r"milter-reject: [A-Z-]+ from .*: 4\.7\.1 ", log))
+        sent = len(re.findall(r" status=sent ", log))
+        assert killed_at >= 400 and tempfailed > 0, (killed_at, tempfailed, out[-2000:])
+        assert b"451 4.7.1" in out, out[-2000:]
+        assert sent == len(delivered) < total, (sent, len(delivered))
+        store = FileStore(archive, readonly=True)
+        by_qid = {r.queue_id: r for r in store.search(Query())}
+        assert len(by_qid) >= len(delivered) >= 400
+        for msg in delivered:
+            received_field, rest = split_received(msg.data)
+            rec = by_qid.get(queue_id_of(received_field))
+            assert rec is not None, received_field
+            assert rec.sha256 == hashlib.sha256(rest).hexdigest()
+            assert store.read(rec) == rest
+        # No partial file in the date layout: every indexed copy verifies; a copy renamed
+        # just before the kill, whose index row was never committed, is complete (that
+        # message never got 250). Writers' temporary files: removed by the next start.
+        problems = store.verify()
+        assert {p.kind for p in problems} <= {"orphan", "stale-temp"}, problems
+        orphans = [p for p in problems if p.kind == "orphan"]
+        print(
+            f"kill -9 at {killed_at} indexed; delivered {len(delivered)} of {total}; "
+            f"indexed {len(by_qid)}; problems {[p.kind for p in problems]}"
+        )
+        assert len(orphans) <= 8 * 2, orphans
+        for p in orphans:
+            data = (archive / p.path).read_bytes()
+            assert data.startswith(b"From: <load@example.org>") or b"\r\n\r\n" in data
+            assert b"X-Test-Mark: marked qid=" in data and len(data) > 5000
+        d2 = Daemon(body, workers=1)
+        d2.start()
+        d2.stop()
+        assert os.listdir(archive / "tmp") == []
+        assert {p.kind for p in FileStore(archive, readonly=True).verify()} <= {"orphan"}
+
+
+class RejectSubject:
+    """Rejects a message whose Subject contains 'reject-me' (for the harness)."""
+
+    @hookimpl
+    def eom(self, message: Message) -> Reject | None:
+        return Reject() if "reject-me" in (message.get("Subject") or "") else None
+
+
+def test_release_of_a_rejected_copy_and_refusals() -> None:
+    """A rejected message (kept as received, at ``outcome``) is released through SMTP;
+    an unknown id, and delivered mail without --force, are refused."""
+    with archive_dir() as archive, SmtpSink() as sink:
+        config = archive / "milterd.toml"
+        config.write_text(
+            f'[plugins.t_rej]\n[plugins.archive]\npath = "{archive}"\n'
+            f'release_port = {sink.port}\nverdicts = ["continue", "reject"]\n'
+        )
+        rejected = MESSAGE.replace(b"archive me", b"reject-me")
+        with Harness(config.read_text(), plugins={"t_rej": RejectSubject}) as h:
+            assert h.send(MESSAGE, sender="a@example.org").verdict == "continue"
+            assert h.send(rejected, sender="a@example.org").verdict == "reject"
+        recs = {r.verdict: r for r in records(archive)}
+        assert list(recs["reject"].copies) == ["received"]
+        r = cli(config, "release", recs["continue"].id)
+        assert r.returncode == 1 and "nothing to release" in r.stderr
+        assert cli(config, "release", "no-such-id").returncode == 1
+        assert sink.messages == []
+        r = cli(config, "release", recs["reject"].id, "--to", "x@example.net")
+        assert r.returncode == 0, r.stderr
+        (msg,) = sink.wait_for(1, 15)
+    assert msg.rcpt_tos == ["x@example.net"] and msg.mail_from == "a@example.org"
+    assert msg.data == rejected  # the client's bytes

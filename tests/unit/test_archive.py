@@ -1,0 +1,472 @@
+"""The archive plugin in process (harness): selection, stored bytes, metadata, durability
+rules, the store's verify/prune, and the ``milterd archive`` subcommands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mailbox
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from milterd_plugins.archive import (
+    ArchiveConfig,
+    ArchivePlugin,
+    parse_duration,
+    prune,
+    selected,
+)
+from milterd_plugins.archive.store import FileStore, Query, Record
+
+from milterd import (
+    AddHeader,
+    Context,
+    EnvRcpt,
+    Message,
+    Quarantine,
+    Reject,
+    ReplaceBody,
+    Result,
+    Verdict,
+    hookimpl,
+)
+from milterd.testing import Harness
+
+MSG = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: Bob <bob@example.com>\r\n"
+    b"Subject: quarterly numbers\r\n"
+    b"Date: Sun, 22 Nov 2026 03:00:00 +0000\r\n"
+    b"Message-ID: <abc.123@example.org>\r\n"
+    b"\r\n"
+    b"Hello Bob.\r\nSecond line.\r\n"
+)
+
+
+class Stamp:
+    """Adds a header and a result; optionally replaces the body."""
+
+    actions = frozenset({"add_header", "replace_body"})
+    isolation = "inline"
+
+    @hookimpl
+    def eom(self, ctx: Context, message: Message) -> None:
+        ctx.add_change(AddHeader("X-Stamp", "stamped"))
+        ctx.add_result(Result("spf", "pass", properties=(("smtp.mailfrom", "example.org"),)))
+        ctx.add_symbol("TEST_SYM", 2.5, "test")
+        if b"REPLACE" in message.body():
+            ctx.add_change(ReplaceBody(b"replaced body\r\n"))
+
+
+class Judge:
+    """Verdict from the Subject: 'quarantine-me', 'reject-me'; rejects RCPT 'refuse@'."""
+
+    actions = frozenset({"quarantine"})
+    isolation = "inline"
+
+    @hookimpl
+    def envrcpt(self, event: EnvRcpt) -> Verdict | None:
+        if event.recipient.startswith("refuse@"):
+            return Reject("550", "5.1.1", "no")
+        return None
+
+    @hookimpl
+    def data(self, ctx: Context) -> Verdict | None:
+        if ctx.message is not None and ctx.message.sender.startswith("early@"):
+            return Reject("550", "5.7.1", "refused at DATA")
+        return None
+
+    @hookimpl
+    def eom(self, message: Message) -> Verdict | None:
+        subject = message.get("Subject") or ""
+        if "quarantine-me" in subject:
+            return Quarantine(reason="test")
+        if "reject-me" in subject:
+            return Reject("550", "5.7.1", "rejected by test")
+        return None
+
+
+def rig(tmp_path: Path, **options: Any) -> Harness:
+    section = {"path": str(tmp_path / "arch"), **options}
+    return Harness(
+        {"plugins": {"t_stamp": {}, "t_judge": {}, "archive": section}},
+        plugins={"t_stamp": Stamp, "t_judge": Judge, "archive": ArchivePlugin},
+    )
+
+
+def store(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "arch", readonly=True)
+
+
+def all_records(tmp_path: Path) -> list[Record]:
+    records: list[Record] = store(tmp_path).search(Query())
+    return records
+
+
+def layout_files(tmp_path: Path) -> list[str]:
+    return sorted(FileStore(tmp_path / "arch", readonly=True).files())
+
+
+# --- what is stored ------------------------------------------------------------------------
+
+
+def test_delivered_copy_and_metadata(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        out = h.send(
+            MSG,
+            sender="alice@example.org",
+            recipients=["bob@example.com", "hidden-bcc@example.net"],
+            client_ip="192.0.2.7",
+            client_name="mail.example.org",
+            helo="mail.example.org",
+            auth="alice",
+            queue_id="4ABCQ",
+        )
+    assert out.verdict == "continue" and out.delivered is not None
+    (rec,) = all_records(tmp_path)
+    s = store(tmp_path)
+    assert s.read(rec) == out.delivered  # byte for byte, as delivered
+    assert b"X-Stamp: stamped\r\n" in out.delivered
+    assert rec.recipients == ["bob@example.com", "hidden-bcc@example.net"]
+    assert rec.sender == "alice@example.org"
+    assert (rec.client_address, rec.client_name, rec.helo) == (
+        "192.0.2.7",
+        "mail.example.org",
+        "mail.example.org",
+    )
+    assert rec.auth_user == "alice" and rec.direction == "outbound"
+    assert rec.queue_id == "4ABCQ"
+    assert rec.message_id == "abc.123@example.org"
+    assert rec.subject == "quarterly numbers"
+    assert rec.date == "Sun, 22 Nov 2026 03:00:00 +0000"
+    assert rec.verdict == "continue"
+    assert rec.score == 2.5
+    assert rec.results == ["spf=pass smtp.mailfrom=example.org"]
+    assert rec.size == len(out.delivered)
+    assert rec.sha256 == hashlib.sha256(out.delivered).hexdigest()
+    assert abs(rec.received - time.time()) < 60
+    assert list(rec.copies) == ["delivered"]
+    path = rec.copies["delivered"].path
+    assert path == time.strftime("%Y/%m/%d/", time.gmtime(rec.received)) + rec.id + ".eml"
+    assert os.listdir(tmp_path / "arch" / "tmp") == []
+
+
+def test_both_copies_received_is_the_clients_bytes(tmp_path: Path) -> None:
+    raw = MSG.replace(b"Hello Bob.", b"REPLACE me")
+    with rig(tmp_path, store="both", compress="zstd") as h:
+        out = h.send(raw)
+    assert out.delivered is not None
+    (rec,) = all_records(tmp_path)
+    s = store(tmp_path)
+    assert s.read(rec, "received") == raw
+    assert s.read(rec, "delivered") == out.delivered
+    assert out.delivered.endswith(b"\r\n\r\nreplaced body\r\n")
+    assert rec.copies["delivered"].path.endswith(".eml.zst")
+    assert rec.copies["received"].path.endswith(".received.eml.zst")
+    on_disk = (tmp_path / "arch" / rec.copies["received"].path).read_bytes()
+    assert on_disk[:4] == b"\x28\xb5\x2f\xfd"  # zstd frame magic
+    assert rec.copies["received"].sha256 == hashlib.sha256(raw).hexdigest()
+    assert s.verify() == []
+
+
+def test_received_only(tmp_path: Path) -> None:
+    with rig(tmp_path, store="received") as h:
+        h.send(MSG)
+    (rec,) = all_records(tmp_path)
+    assert list(rec.copies) == ["received"]
+    assert store(tmp_path).read(rec) == MSG
+    assert rec.sha256 == hashlib.sha256(MSG).hexdigest()
+
+
+# --- selection -----------------------------------------------------------------------------
+
+
+def test_default_keeps_delivered_and_quarantined_not_rejected(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        h.send(MSG)
+        q = h.send(MSG.replace(b"quarterly numbers", b"quarantine-me"))
+        r = h.send(MSG.replace(b"quarterly numbers", b"reject-me"))
+    assert q.verdict == "quarantine"
+    assert r.verdict == "reject"
+    assert sorted(x.verdict for x in all_records(tmp_path)) == ["continue", "quarantine"]
+
+
+def test_rejected_mail_kept_when_selected_as_received(tmp_path: Path) -> None:
+    with rig(tmp_path, verdicts=["reject", "quarantine"]) as h:
+        h.send(MSG)
+        h.send(MSG.replace(b"quarterly numbers", b"quarantine-me"))
+        raw = MSG.replace(b"quarterly numbers", b"reject-me")
+        h.send(raw)
+    recs = {r.verdict: r for r in all_records(tmp_path)}
+    assert sorted(recs) == ["quarantine", "reject"]
+    # The delivered-but-not-selected copy written at finalize was removed at outcome.
+    assert len(layout_files(tmp_path)) == 2
+    rej = recs["reject"]
+    assert list(rej.copies) == ["received"]
+    assert store(tmp_path).read(rej) == raw  # nothing was delivered: the client's bytes
+    assert rej.results == ["spf=pass smtp.mailfrom=example.org"]
+
+
+def test_rules_direction_and_domains(tmp_path: Path) -> None:
+    rules = [
+        {"recipients": ["legal.example.com"], "archive": True},
+        {"senders": [".spam.example"], "archive": False},
+        {"direction": "outbound"},
+    ]
+    with rig(tmp_path, rules=rules, default=False) as h:
+        h.send(MSG, sender="x@example.org", recipients=["a@example.com"])  # no rule
+        h.send(MSG, sender="x@example.org", recipients=["a@example.com", "b@legal.example.com"])
+        h.send(MSG, sender="x@mx.spam.example", recipients=["a@example.com"], auth="u")  # rule 2
+        h.send(MSG, sender="me@example.com", recipients=["a@example.org"], auth="me")  # outbound
+    recs = all_records(tmp_path)
+    assert [r.recipients for r in recs] == [
+        ["a@example.com", "b@legal.example.com"],
+        ["a@example.org"],
+    ]
+    assert [r.direction for r in recs] == ["inbound", "outbound"]
+
+
+def test_selected_function() -> None:
+    cfg = ArchiveConfig(
+        rules=[{"senders": ["boss@example.com"], "verdicts": ["reject"]}],
+        default=False,
+    )
+    assert selected(cfg, "inbound", "BOSS@example.com", ["x@y"], "reject")
+    assert not selected(cfg, "inbound", "boss@example.com", ["x@y"], "continue")
+    assert not selected(cfg, "inbound", "other@example.com", ["x@y"], "reject")
+    assert selected(ArchiveConfig(), "inbound", "a@b", [], "accept")
+    assert not selected(ArchiveConfig(), "inbound", "a@b", [], "discard")
+    with pytest.raises(ValueError):
+        ArchiveConfig(rules=[{"senders": ["a@b@c"]}])
+    with pytest.raises(ValueError):
+        ArchiveConfig(retention="soon")
+    assert parse_duration("2w") == 14 * 86400 and parse_duration("12h") == 43200
+
+
+def test_refused_recipient_is_not_recorded(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        h.send(MSG, recipients=["ok@example.com", "refuse@example.com"])
+    (rec,) = all_records(tmp_path)
+    assert rec.recipients == ["ok@example.com"]
+
+
+# --- durability rules ----------------------------------------------------------------------
+
+
+def test_aborted_transactions_leave_nothing(tmp_path: Path) -> None:
+    with rig(tmp_path, verdicts=[*ArchiveConfig().verdicts, "reject"]) as h:
+        out = h.send(MSG, recipients=["refuse@example.com"])  # no recipient left: abort
+        assert out.stage == "envrcpt"
+        out = h.send(MSG, sender="early@example.org")  # ended at DATA, before any content
+        assert out.stage == "data" and out.verdict == "reject"
+    assert all_records(tmp_path) == []
+    assert layout_files(tmp_path) == []
+    assert os.listdir(tmp_path / "arch" / "tmp") == []
+
+
+def test_write_failure_required_tempfails(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        (tmp_path / "arch" / "tmp").chmod(0o500)
+        try:
+            if os.geteuid() == 0:  # root ignores permissions: make the temp dir a file
+                (tmp_path / "arch" / "tmp").rmdir()
+                (tmp_path / "arch" / "tmp").write_text("not a directory")
+            out = h.send(MSG)
+        finally:
+            if (tmp_path / "arch" / "tmp").is_dir():
+                (tmp_path / "arch" / "tmp").chmod(0o755)
+    assert out.verdict == "tempfail"
+    v = out.decision.verdict
+    assert (v.code, v.xcode) == ("451", "4.3.0")  # type: ignore[union-attr]
+    assert out.delivered is None
+    assert all_records(tmp_path) == [] and layout_files(tmp_path) == []
+
+
+def test_write_failure_not_required_passes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with rig(tmp_path, required=False) as h:
+        (tmp_path / "arch" / "tmp").rmdir()
+        (tmp_path / "arch" / "tmp").write_text("not a directory")
+        out = h.send(MSG)
+    assert out.verdict == "continue" and out.delivered is not None
+    assert "archive write failed" in caplog.text
+    assert all_records(tmp_path) == [] and layout_files(tmp_path) == []
+
+
+def test_unwritable_store_refuses_startup_when_required(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Exception, match=r"archive|Errno|exists|directory"):
+        Harness(
+            {"archive": {"path": str(tmp_path / "file" / "arch")}},
+            plugins={"archive": ArchivePlugin},
+        )
+    with Harness(
+        {"archive": {"path": str(tmp_path / "file" / "arch"), "required": False}},
+        plugins={"archive": ArchivePlugin},
+    ) as h:
+        out = h.send(MSG)
+    assert out.verdict == "continue" and out.delivered is not None
+
+
+# --- store maintenance ---------------------------------------------------------------------
+
+
+def test_verify_reports_each_problem(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        for i in range(4):
+            h.send(MSG.replace(b"quarterly", b"q%d" % i))
+    recs = all_records(tmp_path)
+    root = tmp_path / "arch"
+    assert store(tmp_path).verify() == []
+    flipped = root / recs[0].copies["delivered"].path
+    data = bytearray(flipped.read_bytes())
+    data[10] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    (root / recs[1].copies["delivered"].path).unlink()
+    orphan = root / recs[2].copies["delivered"].path
+    (orphan.parent / "stray.eml").write_bytes(b"x")
+    (root / "tmp" / "999999999.1.abcd").write_bytes(b"partial")
+    problems = store(tmp_path).verify()
+    got = sorted((p.kind, p.id) for p in problems)
+    assert got == sorted(
+        [("mismatch", recs[0].id), ("missing", recs[1].id), ("orphan", ""), ("stale-temp", "")]
+    )
+    # A writer starting up removes temporary files of dead writers.
+    assert FileStore(root).clean_temp() == 1
+
+
+def test_prune_and_retention(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        h.send(MSG)
+        h.send(MSG)
+    s = FileStore(tmp_path / "arch")
+    recs = s.search(Query())
+    s.db.execute("UPDATE messages SET received = received - 40 * 86400 WHERE id = ?", (recs[0].id,))
+    assert prune(s, parse_duration("30d")) == 1
+    assert [r.id for r in s.search(Query())] == [recs[1].id]
+    assert not (tmp_path / "arch" / recs[0].copies["delivered"].path).exists()
+    assert s.verify() == []
+    # retention in the config prunes in the background at start-up
+    s.db.execute("UPDATE messages SET received = received - 400 * 86400")
+    with rig(tmp_path, retention="365d"):
+        deadline = time.monotonic() + 5
+        while FileStore(tmp_path / "arch").search(Query()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert FileStore(tmp_path / "arch").search(Query()) == []
+
+
+def test_search_criteria(tmp_path: Path) -> None:
+    with rig(tmp_path, verdicts=["continue", "quarantine", "reject"]) as h:
+        h.send(MSG, sender="a@one.example", recipients=["x@two.example", "y@three.example"])
+        h.send(
+            MSG.replace(b"quarterly numbers", b"quarantine-me").replace(b"abc.123", b"zz.9"),
+            sender="b@four.example",
+            recipients=["z@two.example"],
+        )
+    s = store(tmp_path)
+
+    def ids(**kw: Any) -> int:
+        return len(s.search(Query(**kw)))
+
+    assert ids(sender="a@one.example") == 1 and ids(sender="@one.example") == 1
+    assert ids(sender="one.example") == 1 and ids(sender="ne.example") == 0
+    assert ids(recipient="y@three.example") == 1 and ids(recipient="two.example") == 2
+    assert ids(recipient="@three.example") == 1 and ids(recipient="x@three.example") == 0
+    assert ids(subject="QUARANTINE") == 1 and ids(subject="%") == 0
+    assert ids(message_id="<ZZ.9@example.org>") == 1
+    assert ids(verdict="quarantine") == 1 and ids(verdict="reject") == 0
+    assert ids(since=time.time() - 60) == 2 and ids(until=time.time() - 60) == 0
+    assert ids(limit=1) == 1
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "milterd.cli", "-c", str(config), "archive", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_search_show_export_verify_prune(tmp_path: Path) -> None:
+    with rig(tmp_path, verdicts=["continue", "reject"]) as h:
+        h.send(MSG, recipients=["bob@example.com", "bcc@example.net"])
+        h.send(MSG.replace(b"quarterly numbers", b"reject-me"), sender="eve@evil.example")
+    config = tmp_path / "milterd.toml"
+    config.write_text(f'[plugins.archive]\npath = "{tmp_path / "arch"}"\n')
+
+    r = cli(config, "search", "--to", "bcc@example.net")
+    assert r.returncode == 0, r.stderr
+    assert "quarterly numbers" in r.stdout and "1 message(s)" in r.stdout
+    r = cli(config, "search", "--verdict", "reject", "--json")
+    (line,) = r.stdout.splitlines()
+    rej = json.loads(line)
+    assert rej["sender"] == "eve@evil.example" and rej["verdict"] == "reject"
+    r = cli(config, "search", "--from", "nobody@example.org")
+    assert r.returncode == 1 and "0 message(s)" in r.stdout
+    r = cli(config, "search", "--since", "1h", "--until", "2099-01-01", "--json")
+    assert len(r.stdout.splitlines()) == 2
+
+    r = cli(config, "show", rej["id"])
+    assert r.returncode == 0 and "eve@evil.example" in r.stdout and "copy received:" in r.stdout
+    raw = subprocess.run(
+        [sys.executable, "-m", "milterd.cli", "-c", str(config), "archive", "show", rej["id"],
+         "--raw"],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert raw.stdout == MSG.replace(b"quarterly numbers", b"reject-me")
+
+    mbox_path = tmp_path / "out.mbox"
+    r = cli(config, "export", "--mbox", str(mbox_path), "--since", "1d")
+    assert r.returncode == 0, r.stderr
+    box = mailbox.mbox(str(mbox_path))
+    assert sorted(m["Subject"] for m in box) == ["quarterly numbers", "reject-me"]
+    r = cli(config, "export", rej["id"], "--eml", str(tmp_path / "eml"))
+    assert r.returncode == 0
+    assert (tmp_path / "eml" / f"{rej['id']}.eml").read_bytes() == MSG.replace(
+        b"quarterly numbers", b"reject-me"
+    )
+
+    assert cli(config, "verify").returncode == 0
+    path = tmp_path / "arch" / rej["copies"]["received"]["path"]
+    path.write_bytes(path.read_bytes().replace(b"reject-me", b"reject-mE"))
+    r = cli(config, "verify")
+    assert r.returncode == 1 and f"mismatch: {rej['id']}" in r.stdout
+
+    r = cli(config, "prune", "--older-than", "1d", "--dry-run")
+    assert r.returncode == 0 and "would prune 0" in r.stderr
+    r = cli(config, "prune", "--older-than", "0s")
+    assert r.returncode == 0 and "pruned 2" in r.stderr
+    assert all_records(tmp_path) == []
+
+
+def test_write_past_the_deadline_tempfails_and_takes_the_copy_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_store = FileStore.store
+
+    def slow_store(self: FileStore, record: Record, copies: Any) -> Record:
+        data = {k: [b"".join(v)] for k, v in copies.items()}  # read the message, then stall
+        time.sleep(0.6)
+        stored: Record = real_store(self, record, data)
+        return stored
+
+    monkeypatch.setattr(FileStore, "store", slow_store)
+    with Harness(
+        {"archive": {"path": str(tmp_path / "arch"), "timeout": 0.2}},
+        plugins={"archive": ArchivePlugin},
+    ) as h:
+        out = h.send(MSG)
+        assert out.verdict == "tempfail" and out.delivered is None
+        time.sleep(1.0)  # the abandoned call finishes meanwhile
+    assert all_records(tmp_path) == [] and layout_files(tmp_path) == []
