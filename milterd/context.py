@@ -156,6 +156,7 @@ class Context:
         "message_state",
         "name",
         "resolver",
+        "verdict",
     )
 
     def __init__(
@@ -187,6 +188,9 @@ class Context:
         self.deadline = deadline
         self._actions = actions
         self._live = True
+        #: At ``finalize``: the merged verdict so far (None = continue); at ``outcome``: the
+        #: final one. None at every other stage.
+        self.verdict: Verdict | None = None
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -609,6 +609,7 @@ class Session:
                 delivered_headers, body = render(m.info.headers, decision.ops)
                 delivered = Message(delivered_headers, m.spool, body)
                 ctx = self._ctx(p, "finalize", time.monotonic() + min(left, p.settings.timeout))
+                ctx.verdict = decision.verdict
                 v = self.rt.call(
                     p,
                     impl,
@@ -641,6 +642,7 @@ class Session:
         budget = self.rt.settings.eom_timeout
         for p, impl in self.rt.plan["outcome"]:
             ctx = self._ctx(p, "outcome", time.monotonic() + p.settings.timeout)
+            ctx.verdict = decision.verdict
             args = {"ctx": ctx, "verdict": decision.verdict, "message": message}
             self.rt.call(p, impl, "outcome", ctx, args, budget, self.progress, None)
 

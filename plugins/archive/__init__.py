@@ -303,12 +303,13 @@ class ArchivePlugin:
         sender = info.sender if info else ""
         rcpts = [r.address for r in info.recipients] if info else []
         direction = _direction(ctx)
-        # The final verdict is not known yet (continue, accept or quarantine): archive when
-        # any of them is selected; outcome() corrects the verdict or removes the copy.
-        if not any(selected(cfg, direction, sender, rcpts, v) for v in DELIVERING):
+        # The merged verdict so far (continue, accept or quarantine); a later finalize plugin
+        # may still change it, and outcome() then corrects the stored verdict or removes it.
+        word = ctx.verdict.word if ctx.verdict is not None else "continue"
+        if not selected(cfg, direction, sender, rcpts, word):
             return None
         try:
-            rec = self._write(ctx, message, "continue")
+            rec = self._write(ctx, message, word)
         except Exception as e:
             ctx.log.error("archive write failed: %s", e)
             if cfg.required:

@@ -20,6 +20,7 @@ from milterd import (
     Helo,
     Message,
     PluginConfig,
+    Quarantine,
     Reject,
     Services,
     Verdict,
@@ -213,3 +214,22 @@ def test_outcome_sees_the_final_verdict_and_the_right_copy_and_cannot_record() -
         h.send(b"Subject: good\r\n\r\nx\r\n")
         h.send(b"Subject: bad\r\n\r\nx\r\n")
     assert seen == [(None, "yes", "ContributionRefused"), ("reject", None, "ContributionRefused")]
+
+
+def test_finalize_sees_the_merged_verdict_so_far() -> None:
+    seen: list[str | None] = []
+
+    class Hold:
+        @hookimpl
+        def eom(self, message: Message) -> Quarantine | None:
+            return Quarantine(reason="held") if message.get("Subject") == "hold" else None
+
+    class Archiver:
+        @hookimpl
+        def finalize(self, ctx: Context) -> None:
+            seen.append(ctx.verdict.word if ctx.verdict else None)
+
+    with Harness(plugins={"hold": Hold, "archiver": Archiver}) as h:
+        h.send(b"Subject: hold\r\n\r\nx\r\n")
+        h.send(b"Subject: pass\r\n\r\nx\r\n")
+    assert seen == ["quarantine", None]
