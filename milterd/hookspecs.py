@@ -272,6 +272,7 @@ def finalize(ctx: Context, message: Message) -> Verdict | None:
     When it fires: after every plugin's :func:`eom`, when the merged verdict delivers the
     message (continue, accept, quarantine), in pipeline order. ``message`` has every change
     recorded so far applied, including earlier ``finalize`` plugins' changes.
+    ``ctx.verdict`` is the merged verdict so far (None: continue; or accept, quarantine).
     Returns: None, or a verdict (a TempFail here, e.g. an archive that cannot write, holds
     the message back).
     Changes: may be recorded; headers added here go on top (signatures cover what follows).
