@@ -288,7 +288,7 @@ def outcome(ctx: Context, verdict: Verdict | None, message: Message) -> None:
     whatever the verdict, in pipeline order; before the bridge answers the MTA.
     Arguments: ``verdict``, the final verdict (None: delivered unchanged in kind, i.e.
     continue); ``message``, the message as it will be delivered when it is delivered, as
-    received otherwise; ``ctx.results``, ``ctx.symbols`` and ``ctx.score`` are final.
+    received otherwise; ``ctx.results``, ``ctx.symbols``, ``ctx.score``, ``ctx.verdict`` final.
     Returns: ignored; exceptions are logged and counted, ``on_error`` does not apply (the
     verdict is already decided).
     Changes: may not be recorded.
