@@ -252,7 +252,7 @@ class Runtime:
         t0 = time.perf_counter()
         failure: _Failure | None = None
         rv: Any = None
-        if p.isolation == "inline":
+        if p.isolation_for(stage) == "inline":
             try:
                 rv = impl.function(**kwargs)
             except Exception as e:

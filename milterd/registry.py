@@ -12,7 +12,9 @@ A plugin may declare, as class or module attributes:
 ``actions``  the changes it may record (:data:`ACTIONS`); default: all of them.
 ``macros``   MTA macros it reads, per stage: ``{"envfrom": ["{auth_authen}"]}``.
 ``after``    plugin names that must run before it when enabled (checked at start-up).
-``isolation`` ``"thread"`` (default: hard deadline) or ``"inline"`` (no thread hop).
+``isolation`` ``"thread"`` (default: hard deadline) or ``"inline"`` (no thread hop), for all
+           hooks, or per hook: ``{"finalize": "thread", "default": "inline"}``. The config
+           key ``isolation`` overrides it for every hook.
 ``reads_body`` False when the plugin takes ``message`` only for its headers, so that the
            body is not requested from the MTA for it (default True).
 """
@@ -110,9 +112,12 @@ class LoadedPlugin:
     impls: dict[str, Impl] = field(default_factory=dict)
     actions: frozenset[str] = ACTIONS
     macros: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    isolation: str = "thread"
+    isolation: dict[str, str] = field(default_factory=lambda: {"default": "thread"})
     after: tuple[str, ...] = ()
     reads_body: bool = True
+
+    def isolation_for(self, stage: str) -> str:
+        return self.isolation.get(stage, self.isolation["default"])
 
     def hooks(self) -> list[str]:
         return [s for s in hookspecs.STAGES if s in self.impls]
@@ -205,9 +210,21 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
     bad = set(raw_macros) - set(MACRO_STAGES)
     if bad:
         raise ConfigError(f"plugin {name!r} declares macros for unknown stages {sorted(bad)}")
-    isolation = settings.isolation or getattr(obj, "isolation", "thread")
-    if isolation not in ("thread", "inline"):
-        raise ConfigError(f"plugin {name!r}: isolation must be 'thread' or 'inline'")
+    declared = settings.isolation or getattr(obj, "isolation", "thread")
+    isolation: dict[str, str] = (
+        {str(k): str(v) for k, v in declared.items()}
+        if isinstance(declared, dict)
+        else {"default": str(declared)}
+    )
+    isolation.setdefault("default", "thread")
+    if set(isolation.values()) - {"thread", "inline"} or set(isolation) - {
+        "default",
+        *hookspecs.STAGES,
+    }:
+        raise ConfigError(
+            f"plugin {name!r}: isolation must be 'thread' or 'inline', or a mapping of "
+            f"hook names (and 'default') to those"
+        )
     return LoadedPlugin(
         name=name,
         obj=obj,

@@ -216,6 +216,8 @@ class ArchivePlugin:
     """Keeps a durable copy of selected messages, indexed for search."""
 
     actions: frozenset[str] = frozenset()  # records nothing, changes nothing
+    # Disk writes keep a hard deadline on a helper thread; eom only keeps a reference.
+    isolation = {"default": "inline", "finalize": "thread", "outcome": "thread"}
     after = ("authres", "dkim", "arc", "spf", "dmarc", "scoring", "tagging")
 
     def __init__(self) -> None:

@@ -168,3 +168,25 @@ def test_long_eom_work_sends_progress() -> None:
     s.on_close()
     h.close()
     assert d.word == "continue" and len(ticks) >= 2
+
+
+def test_isolation_can_be_chosen_per_hook_and_overridden_by_config() -> None:
+    where: dict[str, str] = {}
+
+    class Mixed:
+        isolation = {"default": "inline", "eom": "thread"}
+
+        @hookimpl
+        def envfrom(self) -> None:
+            where["envfrom"] = threading.current_thread().name
+
+        @hookimpl
+        def eom(self) -> None:
+            where["eom"] = threading.current_thread().name
+
+    with Harness(plugins={"mixed": Mixed}) as h:
+        h.send(MSG)
+    assert where["eom"].startswith("plugin") and not where["envfrom"].startswith("plugin")
+    with Harness({"plugins": {"mixed": {"isolation": "thread"}}}, plugins={"mixed": Mixed}) as h:
+        h.send(MSG)
+    assert where["envfrom"].startswith("plugin")
