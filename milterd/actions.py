@@ -163,7 +163,7 @@ class AddHeader(Change):
     Authentication headers (Authentication-Results, DKIM-Signature, ARC-*, Received-SPF) are
     placed on top instead, whatever the plugin asked: see :func:`milterd.merge.merge`.
     ``value`` is the field body without the leading space; fold long values with
-    ``"\\r\\n\\t"``.
+    ``"\\r\\n\\t"`` or ``"\\n\\t"`` (the core gives the MTA the form it expects).
     """
 
     name: str
