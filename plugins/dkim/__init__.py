@@ -1,0 +1,398 @@
+"""Built-in ``dkim``: DKIM signing (RSA and Ed25519) and verification (RFC 6376, 8301, 8463).
+
+* **Signing** at ``finalize``, for trusted senders only (authenticated, internal network,
+  a configured MTA service name, or local submission): the message exactly as it will be
+  delivered, after every other plugin's changes. The From address picks a rule of the
+  signing table; each key of the rule adds one DKIM-Signature on top.
+* **Verification** at ``eom``, for everybody else: up to ``max_signatures`` signatures,
+  top down, one result each on the ledger (``dkim=pass`` ... with ``header.d/i/s/a/b``),
+  or ``dkim=none``. A configurable action per overall result.
+
+Keys are loaded and checked (mode 0600, safe directory) at ``startup``: a reload swaps keys
+and tables atomically, since it builds a fresh plugin object. See docs/plugins/dkim.md.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from email.utils import getaddresses
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from milterd import (
+    AddHeader,
+    Context,
+    DNSTempError,
+    Message,
+    NXDomain,
+    PluginConfig,
+    Quarantine,
+    Reject,
+    Result,
+    Services,
+    TempFail,
+    Verdict,
+    hookimpl,
+)
+
+from .keys import KeyFileError, SigningKey, fast_sign, load_key
+from .keys import parse_headers as _parse_headers
+from .verify import DNSError, NoKey, SigResult, verify_message
+
+__all__ = [
+    "DEFAULT_HEADERS",
+    "DEFAULT_OVERSIGN",
+    "DKIMConfig",
+    "DKIMPlugin",
+    "KeyEntry",
+    "SigningRule",
+    "from_address",
+    "is_trusted_sender",
+    "make_fetch",
+]
+
+#: Signed as many times as they occur (RFC 6376 section 5.4.1 plus MIME and list fields).
+DEFAULT_HEADERS = (
+    "from",
+    "sender",
+    "reply-to",
+    "subject",
+    "date",
+    "message-id",
+    "to",
+    "cc",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "content-id",
+    "content-description",
+    "in-reply-to",
+    "references",
+    "list-id",
+    "list-help",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "list-subscribe",
+    "list-post",
+    "list-owner",
+    "list-archive",
+    "resent-date",
+    "resent-from",
+    "resent-to",
+    "resent-cc",
+    "resent-message-id",
+)
+#: Signed once more than they occur, so that adding one breaks the signature.
+#: Fields an MTA may add *after* the milter signed (sendmail adds Date and Message-ID to a
+#: submission that lacks them). Oversigning them while absent would sign "no such field"
+#: and break the signature at every verifier, so they are oversigned only when present.
+ADDED_BY_MTA = frozenset({"date", "message-id"})
+
+DEFAULT_OVERSIGN = (
+    "from",
+    "reply-to",
+    "subject",
+    "date",
+    "message-id",
+    "to",
+    "cc",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "in-reply-to",
+    "references",
+)
+_NEVER_SIGN = frozenset(
+    ("return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature")
+)
+
+Action = Literal["accept", "tempfail", "reject", "quarantine"]
+RESULTS = ("pass", "fail", "neutral", "policy", "temperror", "permerror", "none")
+
+
+class KeyEntry(PluginConfig):
+    """One row of the key table."""
+
+    selector: str
+    file: str
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] | None = None  # default: from the key
+    domain: str | None = None  # d=; default: the domain of the From address
+
+    @field_validator("selector")
+    @classmethod
+    def _sel(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?", v):
+            raise ValueError(f"invalid selector {v!r}")
+        return v
+
+
+class SigningRule(PluginConfig):
+    """One row of the signing table: first matching pattern wins."""
+
+    pattern: str  # "example.com", "*.example.com", "user@example.com", "*@example.com", "*"
+    keys: list[str] = Field(min_length=1)  # key table names; several = several signatures
+    domain: str | None = None  # d= for this rule (overrides the key's and the From domain)
+
+
+class DKIMConfig(PluginConfig):
+    sign: bool = True
+    verify: bool = True
+    keys: dict[str, KeyEntry] = {}
+    signing: list[SigningRule] = []
+    canonicalization: str = "relaxed/relaxed"
+    headers: list[str] = list(DEFAULT_HEADERS)
+    oversign: list[str] = list(DEFAULT_OVERSIGN)
+    expire: int = 0  # x= seconds after t=; 0: no x= tag
+    sign_daemons: list[str] = []  # {daemon_name} values whose mail is signed, e.g. submission
+    sign_local: bool = True  # local submission: no client address or a loopback one
+    insecure_keys: bool = False  # skip the key file permission checks
+    max_signatures: int = Field(3, ge=1, le=20)
+    min_rsa_bits: int = Field(1024, ge=1024)
+    actions: dict[str, Action] = {}  # result -> action; unset results: accept
+    reject_text: str = "DKIM verification failed"
+    tempfail_text: str = "DKIM key lookup failed, try again later"
+
+    @field_validator("canonicalization")
+    @classmethod
+    def _canon(cls, v: str) -> str:
+        parts = v.lower().split("/")
+        if len(parts) == 1:
+            parts.append("simple")
+        if len(parts) != 2 or any(p not in ("simple", "relaxed") for p in parts):
+            raise ValueError("must be header/body with simple or relaxed, e.g. relaxed/relaxed")
+        return "/".join(parts)
+
+    @field_validator("headers", "oversign")
+    @classmethod
+    def _hdrs(cls, v: list[str]) -> list[str]:
+        out = [h.strip().lower() for h in v]
+        bad = sorted(set(out) & _NEVER_SIGN)
+        if bad:
+            raise ValueError(f"these fields must not be signed: {', '.join(bad)}")
+        return out
+
+    @field_validator("actions")
+    @classmethod
+    def _actions(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if k not in RESULTS:
+                raise ValueError(f"unknown result {k!r} (one of {', '.join(RESULTS)})")
+        return v
+
+    @model_validator(mode="after")
+    def _tables(self) -> DKIMConfig:
+        if "from" not in self.headers:
+            raise ValueError("headers must include from")
+        for rule in self.signing:
+            for k in rule.keys:
+                if k not in self.keys:
+                    raise ValueError(f"signing rule {rule.pattern!r}: no key {k!r} in keys")
+        return self
+
+
+def from_address(message: Message) -> tuple[str | None, str]:
+    """The one From address (lower-cased), or None and why not."""
+    froms = message.get_all("From")
+    if not froms:
+        return None, "no From header"
+    if len(froms) > 1:
+        return None, f"{len(froms)} From headers"
+    addrs = [a for _, a in getaddresses(froms) if a]
+    if len(addrs) != 1:
+        return None, f"{len(addrs)} addresses in From"
+    addr = addrs[0].strip().lower()
+    if "@" not in addr or not addr.rsplit("@", 1)[1]:
+        return None, f"From address {addr!r} has no domain"
+    return addr, ""
+
+
+def is_trusted_sender(ctx: Context, config: DKIMConfig) -> bool:
+    """Mail we sign: authenticated, internal network, a configured MTA service, or local
+    submission (no client address, or a loopback one: Postfix ``non_smtpd_milters``)."""
+    conn = ctx.connection
+    if conn.trusted:
+        return True
+    if conn.daemon_name and conn.daemon_name in config.sign_daemons:
+        return True
+    client = conn.client
+    if not config.sign_local:
+        return False
+    # Postfix's non_smtpd_milters (sendmail/pickup) show "localhost [127.0.0.1]"
+    if client is None or client.address is None:
+        return True
+    addr = client.address
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def make_fetch(ctx: Context) -> Any:
+    """A key fetcher over ``ctx.resolver`` for :func:`verify_message` (and ARC)."""
+    cache: dict[str, bytes | Exception] = {}
+
+    def fetch(name: str) -> bytes:
+        name = name.rstrip(".")
+        if name not in cache:
+            try:
+                recs = ctx.resolver.lookup(name, "TXT", timeout=max(0.05, ctx.time_left()))
+                keyrecs = [r for r in recs if "p=" in r] or recs
+                cache[name] = keyrecs[0].encode("utf-8", "replace") if keyrecs else NoKey(name)
+            except NXDomain:
+                cache[name] = NoKey(name)
+            except DNSTempError as e:
+                cache[name] = DNSError(str(e) or "timeout")
+            except Exception as e:  # a resolver bug must not fail the whole message
+                ctx.log.warning("key lookup %s: %s: %s", name, type(e).__name__, e)
+                cache[name] = DNSError(f"{type(e).__name__}: {e}")
+        v = cache[name]
+        if isinstance(v, Exception):
+            raise v
+        return v
+
+    return fetch
+
+
+class DKIMPlugin:
+    """Signs trusted mail at finalize, verifies the rest at end of message."""
+
+    actions = frozenset({"add_header", "quarantine"})
+    # CPU work, plus DNS lookups bounded by ctx.time_left(): no thread hop needed (~0.3 ms
+    # a message saved); [plugins.dkim] isolation = "thread" restores the hard deadline.
+    isolation = "inline"
+
+    def __init__(self) -> None:
+        self.keys: dict[str, SigningKey] = {}
+        self.config: DKIMConfig | None = None
+
+    @hookimpl
+    def config_schema(self) -> type[DKIMConfig]:
+        return DKIMConfig
+
+    @hookimpl
+    def startup(self, config: DKIMConfig, services: Services) -> None:
+        keys: dict[str, SigningKey] = {}
+        if config.sign:
+            for name, entry in config.keys.items():
+                try:
+                    keys[name] = load_key(
+                        entry.file, entry.algorithm, insecure=config.insecure_keys
+                    )
+                except KeyFileError as e:
+                    raise ValueError(f"[plugins.dkim] keys.{name}: {e}") from None
+        self.keys, self.config = keys, config  # one assignment each: never half a table
+
+    @hookimpl
+    def commands(self, subparsers: Any) -> None:
+        from .cli import add_commands
+
+        add_commands(subparsers)
+
+    # --- verification -------------------------------------------------------------------
+
+    @hookimpl
+    def eom(self, ctx: Context, message: Message) -> Verdict | None:
+        cfg: DKIMConfig = ctx.config
+        if not cfg.verify or is_trusted_sender(ctx, cfg):
+            return None
+        results = verify_message(
+            message.as_bytes(),
+            make_fetch(ctx),
+            max_signatures=cfg.max_signatures,
+            min_rsa_bits=cfg.min_rsa_bits,
+        )
+        if not results:
+            ctx.add_result(Result("dkim", "none"))
+            ctx.add_symbol("DKIM_NA", 0.0, "no DKIM signature")
+        for r in results:
+            ctx.add_result(Result("dkim", r.result, reason=r.reason, properties=r.properties()))
+            if r.result == "pass":
+                ctx.add_symbol("DKIM_VALID", 0.0, f"valid DKIM signature d={r.d}")
+            elif r.result in ("fail", "policy", "neutral", "permerror"):
+                ctx.add_symbol("DKIM_INVALID", 0.0, f"dkim={r.result} d={r.d}: {r.reason}")
+        return self._action(cfg, overall(results))
+
+    @staticmethod
+    def _action(cfg: DKIMConfig, result: str) -> Verdict | None:
+        action = cfg.actions.get(result, "accept")
+        if action == "tempfail":
+            return TempFail("451", "4.7.5", cfg.tempfail_text, reason=f"dkim={result}")
+        if action == "reject":
+            return Reject("550", "5.7.20", cfg.reject_text, reason=f"dkim={result}")
+        if action == "quarantine":
+            return Quarantine(reason=f"dkim={result}")
+        return None
+
+    # --- signing ------------------------------------------------------------------------
+
+    @hookimpl
+    def finalize(self, ctx: Context, message: Message) -> None:
+        cfg: DKIMConfig = ctx.config
+        if not cfg.sign or not cfg.signing or not is_trusted_sender(ctx, cfg):
+            return
+        keys = self.keys  # this generation's table (a reload makes a new object)
+        addr, why = from_address(message)
+        if addr is None:
+            ctx.log.warning("not signing: %s", why)
+            return
+        rule = match_rule(cfg.signing, addr)
+        if rule is None:
+            ctx.log.debug("not signing: no signing rule for %s", addr)
+            return
+        from_domain = addr.rsplit("@", 1)[1]
+        headers = _parse_headers(message.header_bytes())
+        present: dict[str, int] = {}
+        for name, _ in headers:
+            n = name.decode("ascii", "replace").lower()
+            present[n] = present.get(n, 0) + 1
+        include: list[str] = []
+        oversign = set(cfg.oversign)
+        for h in dict.fromkeys(cfg.headers + cfg.oversign):
+            seen = present.get(h, 0)
+            extra = h in oversign and (seen > 0 or h not in ADDED_BY_MTA)
+            count = seen + (1 if extra else 0)
+            include += [h] * count
+        body = message.body()
+        hc, bc = cfg.canonicalization.split("/")
+        for kname in rule.keys:
+            entry, key = cfg.keys[kname], keys[kname]
+            domain = (rule.domain or entry.domain or from_domain).lower()
+            value = fast_sign(
+                headers,
+                body,
+                key,
+                domain=domain,
+                selector=entry.selector,
+                include_headers=include,
+                canonicalize=(hc, bc),
+                expire=cfg.expire or None,
+            )
+            # folded with bare LF: MTAs turn it into CRLF; a CR in a milter header value
+            # would reach the wire as CR CR LF (Postfix)
+            ctx.add_change(AddHeader("DKIM-Signature", value.replace("\r\n", "\n")))
+            ctx.log.info("signed d=%s s=%s a=%s", domain, entry.selector, key.algorithm)
+
+
+def match_rule(rules: list[SigningRule], address: str) -> SigningRule | None:
+    """First rule whose pattern matches: with ``@`` against the address, else against
+    the domain; ``*`` wildcards (``*.example.com`` = subdomains only)."""
+    domain = address.rsplit("@", 1)[1]
+    for rule in rules:
+        pat = rule.pattern.lower()
+        target = address if "@" in pat else domain
+        if fnmatch.fnmatchcase(target, pat):
+            return rule
+    return None
+
+
+def overall(results: list[SigResult]) -> str:
+    """One word for the action: pass if any passes, else temperror if any, else the top
+    signature's result; ``none`` without signatures."""
+    if not results:
+        return "none"
+    words: list[str] = [r.result for r in results]
+    if "pass" in words:
+        return "pass"
+    if "temperror" in words:
+        return "temperror"
+    return words[0]

@@ -1,0 +1,161 @@
+"""``milterd dkim keygen`` and ``milterd dkim testkey``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import dns.exception
+import dns.resolver
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from milterd import ConfigError, load_config
+
+from .keys import KeyFileError, load_key, public_txt
+
+__all__ = ["add_commands", "dns_record", "keygen", "testkey"]
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("dkim", help="DKIM keys: generate, test against DNS")
+    sub = p.add_subparsers(dest="dkim_command", required=True)
+    g = sub.add_parser("keygen", help="write a private key (mode 0600), print its DNS record")
+    g.add_argument("--domain", required=True)
+    g.add_argument("--selector", required=True)
+    g.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
+    g.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    g.add_argument("--out", default=".", help="directory for the key file (default .)")
+    g.set_defaults(fn=keygen)
+    t = sub.add_parser("testkey", help="check DNS publishes every configured selector's key")
+    t.add_argument("--timeout", type=float, default=None)
+    t.set_defaults(fn=testkey)
+
+
+def dns_record(domain: str, selector: str, txt: str) -> str:
+    """A zone-file line; the TXT value split into 255-byte strings."""
+    parts = [txt[i : i + 255] for i in range(0, len(txt), 255)]
+    quoted = " ".join(f'"{p}"' for p in parts)
+    return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"
+
+
+def keygen(args: argparse.Namespace) -> int:
+    domain, selector = args.domain.lower().rstrip("."), args.selector
+    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    if args.type == "rsa":
+        if args.bits < 1024:
+            print("error: RSA keys need at least 1024 bits (RFC 8301)", file=sys.stderr)
+            return 2
+        key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{selector}.{domain}.{args.type}.key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"error: {path} exists; not overwriting a key", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    os.chmod(path, 0o600)  # whatever the umask
+    algorithm = "rsa-sha256" if args.type == "rsa" else "ed25519-sha256"
+    print(f"; private key written to {path} (mode 0600)")
+    print(dns_record(domain, selector, public_txt(key)))
+    print(f"; config: [plugins.dkim.keys.{selector}]")
+    print(f';   selector = "{selector}"\n;   file = "{path.resolve()}"')
+    print(f';   algorithm = "{algorithm}"\n;   domain = "{domain}"')
+    return 0
+
+
+def _resolver(cfg: Any, timeout: float | None) -> dns.resolver.Resolver:
+    r = dns.resolver.Resolver(configure=not cfg.dns.nameservers)
+    if cfg.dns.nameservers:
+        ns, ports = [], {}
+        for entry in cfg.dns.nameservers:
+            host, port = str(entry), 53
+            if host.startswith("["):
+                host, _, rest = host[1:].partition("]")
+                port = int(rest[1:]) if rest.startswith(":") else 53
+            elif host.count(":") == 1:
+                host, p = host.split(":")
+                port = int(p)
+            ns.append(host)
+            ports[host] = port
+        r.nameservers = ns
+        r.nameserver_ports = ports
+    r.lifetime = timeout or float(cfg.dns.timeout)
+    return r
+
+
+def _lookup(r: dns.resolver.Resolver, name: str) -> list[str]:
+    ans = r.resolve(name, "TXT")
+    return [b"".join(rd.strings).decode("utf-8", "replace") for rd in ans]
+
+
+def _pub(txt: str) -> tuple[str, str]:
+    tags = {}
+    for part in txt.split(";"):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            tags[k.strip()] = "".join(v.split())
+    return tags.get("k", "rsa"), tags.get("p", "")
+
+
+def testkey(args: argparse.Namespace) -> int:
+    from . import DKIMConfig
+
+    try:
+        cfg = load_config(args.config)
+        dk = DKIMConfig.model_validate(cfg.plugin_options("dkim"))
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    r = _resolver(cfg, args.timeout)
+    bad = 0
+    for kname, entry in dk.keys.items():
+        domains = {entry.domain} if entry.domain else set()
+        for rule in dk.signing:
+            if kname in rule.keys:
+                if rule.domain:
+                    domains.add(rule.domain)
+                elif not entry.domain and "*" not in rule.pattern and "?" not in rule.pattern:
+                    domains.add(rule.pattern.rsplit("@", 1)[-1])
+        try:
+            key = load_key(entry.file, entry.algorithm, insecure=dk.insecure_keys)
+        except KeyFileError as e:
+            print(f"FAIL {kname}: {e}")
+            bad += 1
+            continue
+        want_k, want_p = _pub(key.public_record())
+        if not domains:
+            print(f"SKIP {kname}: no fixed domain (wildcard rules only): nothing to look up")
+            continue
+        for domain in sorted(d.lower() for d in domains if d):
+            name = f"{entry.selector}._domainkey.{domain}"
+            try:
+                recs = _lookup(r, name)
+            except dns.resolver.NXDOMAIN:
+                print(f"FAIL {kname}: {name}: no such name")
+                bad += 1
+                continue
+            except dns.exception.DNSException as e:
+                print(f"FAIL {kname}: {name}: lookup failed: {type(e).__name__}")
+                bad += 1
+                continue
+            found = [_pub(t) for t in recs]
+            if (want_k, want_p) in found:
+                print(f"OK   {kname}: {name} publishes the matching {key.algorithm} key")
+            else:
+                print(f"FAIL {kname}: {name} publishes a different key")
+                bad += 1
+    return 1 if bad else 0

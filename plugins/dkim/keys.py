@@ -1,0 +1,244 @@
+"""Private keys for DKIM and ARC signing: loading, safety checks, and fast signing.
+
+dkimpy builds the canonicalized header hash; the signature itself is computed here with
+``cryptography`` (OpenSSL): about 0.7 ms for RSA-2048 instead of ~8 ms in dkimpy's pure
+Python RSA. The output is byte-for-byte what dkimpy would produce (same fields, same
+folding); the unit tests check it with dkimpy's verifier and the integration tests with
+OpenDKIM.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dkim
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from dkim.canonicalization import CanonicalizationPolicy, Simple
+
+__all__ = [
+    "KeyFileError",
+    "SigningKey",
+    "check_key_file",
+    "fast_sign",
+    "load_key",
+    "parse_headers",
+    "public_txt",
+]
+
+ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+
+
+class KeyFileError(ValueError):
+    """A key file that cannot be used (unsafe, unreadable, wrong type)."""
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A loaded private key. ``algorithm`` is ``rsa-sha256`` or ``ed25519-sha256``."""
+
+    path: str
+    algorithm: str
+    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    bits: int
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """Sign a SHA-256 digest: RSASSA-PKCS1-v1_5, or Ed25519 over the digest (RFC 8463)."""
+        if isinstance(self.key, rsa.RSAPrivateKey):
+            return self.key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        return self.key.sign(digest)
+
+    def public_record(self) -> str:
+        """The DNS TXT record text publishing this key's public half."""
+        return public_txt(self.key)
+
+    def pkcs1_pem(self) -> bytes:
+        """The private key as PKCS#1 PEM (what dkimpy's own parser takes), RSA only."""
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+
+
+def public_txt(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "v=DKIM1; k=ed25519; p=" + base64.b64encode(raw).decode()
+
+
+def check_key_file(path: str) -> None:
+    """Refuse a key readable or writable by group/others, or in a directory others can
+    write (any ancestor writable by others without the sticky bit). Names the file."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyFileError(f"{path}: not a regular file")
+    if st.st_mode & 0o077:
+        raise KeyFileError(
+            f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others access the "
+            "private key; chmod 600 it (or set insecure_keys = true)"
+        )
+    parent = Path(path).resolve().parent
+    dst = os.stat(parent)
+    if dst.st_mode & 0o002:
+        raise KeyFileError(
+            f"{path}: directory {parent} is writable by others; move the key "
+            "(or set insecure_keys = true)"
+        )
+    for anc in parent.parents:
+        ast = os.stat(anc)
+        if ast.st_mode & 0o002 and not ast.st_mode & stat.S_ISVTX:
+            raise KeyFileError(
+                f"{path}: directory {anc} is writable by others; move the key "
+                "(or set insecure_keys = true)"
+            )
+
+
+def load_key(path: str, algorithm: str | None = None, *, insecure: bool = False) -> SigningKey:
+    """Load a PEM private key (RSA PKCS#1/PKCS#8, Ed25519 PKCS#8) or a base64 Ed25519 seed
+    (dkimpy's ``dknewkey`` format). ``algorithm`` must match the key when given."""
+    if not insecure:
+        try:
+            check_key_file(path)
+        except FileNotFoundError:
+            raise KeyFileError(f"{path}: no such key file") from None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise KeyFileError(f"{path}: cannot read: {e.strerror}") from None
+    key: Any
+    if b"-----BEGIN" in data:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as e:
+            raise KeyFileError(f"{path}: not a usable private key: {e}") from None
+    else:
+        try:
+            seed = base64.b64decode(data.strip(), validate=True)
+        except ValueError:
+            seed = b""
+        if len(seed) != 32:
+            raise KeyFileError(f"{path}: neither a PEM key nor a base64 Ed25519 seed")
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    if isinstance(key, rsa.RSAPrivateKey):
+        found, bits = "rsa-sha256", key.key_size
+        if bits < 1024:
+            raise KeyFileError(f"{path}: RSA key of {bits} bits; RFC 8301 requires 1024 or more")
+    elif isinstance(key, ed25519.Ed25519PrivateKey):
+        found, bits = "ed25519-sha256", 256
+    else:
+        raise KeyFileError(f"{path}: unsupported key type {type(key).__name__}")
+    if algorithm and algorithm != found:
+        raise KeyFileError(f"{path}: holds a {found} key, configured as {algorithm}")
+    return SigningKey(path, found, key, bits)
+
+
+def parse_headers(header_bytes: bytes) -> list[list[bytes]]:
+    """Header block (CRLF lines, no blank line) as dkimpy's ``[name, value]`` pairs."""
+    headers, _ = dkim.rfc822_parse(header_bytes + b"\r\n")
+    return headers  # type: ignore[no-any-return]
+
+
+def canonicalize_body(policy: CanonicalizationPolicy, body: bytes) -> bytes:
+    """dkimpy's body canonicalization, with a fast path for relaxed: when the body has no
+    tab, no double space and no space before a line end, relaxed's whitespace rules change
+    nothing (dkimpy's regexes cost ~0.2 ms for 5 KB) and only trailing empty lines go."""
+    if policy.body_algorithm.name == b"relaxed" and not (
+        b"\t" in body or b"  " in body or b" \r\n" in body
+    ):
+        out = bytes(Simple.canonicalize_body(body))
+        return b"" if out == b"\r\n" else out  # dkimpy's correct_empty_body
+    return bytes(policy.canonicalize_body(body))
+
+
+def fast_sign(
+    headers: list[list[bytes]],
+    body: bytes,
+    key: SigningKey,
+    *,
+    domain: str,
+    selector: str,
+    include_headers: list[str],
+    canonicalize: tuple[str, str] = ("relaxed", "relaxed"),
+    identity: str | None = None,
+    timestamp: int | None = None,
+    expire: int | None = None,
+) -> str:
+    """One DKIM-Signature field body (folded with CRLF + space, no trailing CRLF).
+
+    The fields, their order and folding follow dkimpy's ``DKIM.sign``; the header hash
+    is dkimpy's ``hash_headers``; only the signing primitive differs (OpenSSL).
+    """
+    alg = key.algorithm.encode()
+    policy = CanonicalizationPolicy.from_c_value("/".join(canonicalize).encode())
+    incl = [h.lower().encode() for h in include_headers]
+    if b"from" not in incl:
+        raise ValueError("the From header field must be signed")
+    bodyhash = base64.b64encode(hashlib.sha256(canonicalize_body(policy, body)).digest())
+    now = int(time.time()) if timestamp is None else timestamp
+    fields: list[tuple[bytes, bytes]] = [
+        (b"v", b"1"),
+        (b"a", alg),
+        (b"c", policy.to_c_value()),
+        (b"d", domain.encode()),
+        (b"i", (identity or "@" + domain).encode()),
+        (b"q", b"dns/txt"),
+        (b"s", selector.encode()),
+        (b"t", str(now).encode()),
+    ]
+    if expire:
+        fields.append((b"x", str(now + expire).encode()))
+    fields += [(b"h", b" : ".join(incl)), (b"bh", bodyhash), (b"b", b"0" * 60)]
+    name = b"DKIM-Signature"
+    value = b"; ".join(b"=".join(x) for x in fields)
+    value = dkim.fold(value, namelen=len(name), linesep=b"\r\n")
+    value = dkim.RE_BTAG.sub(b"\\1", value)
+    h = dkim.HashThrough(hashlib.sha256(), False)
+    canon = policy.canonicalize_headers(headers)
+    dkim.hash_headers(h, policy, canon, incl, (name, b" " + value), dict(fields))
+    sig = key.sign_digest(h.digest())
+    fields[-1] = (b"b", base64.b64encode(sig))
+    out = b"; ".join(b"=".join(x) for x in fields) + b"\r\n"
+    out = bytes(dkim.fold(out, namelen=len(name), linesep=b"\r\n"))
+    return out.decode("ascii").rstrip("\r\n").lstrip(" ")
+
+
+class FastARC(dkim.ARC):  # type: ignore[misc]
+    """dkimpy's ARC signer with the signature computed by OpenSSL (see module doc)."""
+
+    signing_key: SigningKey | None = None
+
+    def gen_header(  # type: ignore[no-untyped-def]
+        self, fields, include_headers, canon_policy, header_name, pk, standardize=False
+    ) -> bytes:
+        if self.signing_key is None:
+            return super().gen_header(  # type: ignore[no-any-return]
+                fields, include_headers, canon_policy, header_name, pk, standardize
+            )
+        header_value = b"; ".join(b"=".join(x) for x in fields)
+        header_value = dkim.fold(header_value, namelen=len(header_name), linesep=b"\r\n")
+        header_value = dkim.RE_BTAG.sub(b"\\1", header_value)
+        header = (header_name, b" " + header_value)
+        h = dkim.HashThrough(self.hasher(), False)
+        sig = dict(fields)
+        headers = canon_policy.canonicalize_headers(self.headers)
+        self.signed_headers = dkim.hash_headers(
+            h, canon_policy, headers, include_headers, header, sig
+        )
+        sig2 = self.signing_key.sign_digest(h.digest())
+        idx = next(i for i in range(len(fields)) if fields[i][0] == b"b")
+        fields[idx] = (b"b", base64.b64encode(sig2))
+        out = b"; ".join(b"=".join(x) for x in fields) + self.linesep
+        return dkim.fold(out, namelen=len(header_name), linesep=self.linesep)  # type: ignore[no-any-return]
