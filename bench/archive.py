@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Archiving's cost per 5 KB message, as a ratio to the same pipeline without it.
+
+  archive.py [--count 3000] [--conns 10] [--rounds 3] [--workers 1] [--variants a,b,...]
+
+Over the milter protocol, no MTA: bench/milter_load.py plays Postfix against a real
+``milterd run`` on a unix socket. Every variant runs the same pipeline (``authres`` +
+``example_header``); the archive variants add ``[plugins.archive]`` writing to a fresh
+directory under WORK (default /var/lib/milterd-bench, i.e. the machine's real disk, not
+tmpfs). Rounds alternate between variants so drift hits all of them alike; the median
+round is reported. Throughput ratio = archive msgs/s / baseline msgs/s (target: >= 0.85).
+
+Variants: base (no archive), archive (defaults: delivered copy, fsync file + directory,
+SQLite synchronous=FULL), both-zstd (both copies, zstd), nofsync (fsync = false,
+index_synchronous = normal).
+
+Prints a markdown section; appends one JSON line per round and one per variant summary to
+bench/out/archive.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from benchlib import (
+    BENCH_DIR,
+    MILTERD,
+    PYTHON,
+    WORK,
+    Proc,
+    tree_pids,
+    unix_listening,
+    wait_for,
+    wait_quiet,
+)
+from make_msg import write_message
+
+OUT = BENCH_DIR / "out" / "archive.jsonl"
+
+VARIANTS: dict[str, str] = {
+    "base": "",
+    # The same pipeline plus a plugin that only makes the MTA send the body (dkim with
+    # nothing to do): what archiving costs on top of any pipeline that reads the body.
+    "base-body": "[plugins.dkim]\nsign = false\nverify = false\n",
+    "archive": "[plugins.archive]\npath = '{dir}'\n",
+    "both-zstd": "[plugins.archive]\npath = '{dir}'\nstore = 'both'\ncompress = 'zstd'\n",
+    "nofsync": "[plugins.archive]\npath = '{dir}'\nfsync = false\nindex_synchronous = 'normal'\n",
+    "inline": "[plugins.archive]\npath = '{dir}'\nisolation = 'inline'\n",
+    "inline-nofsync": "[plugins.archive]\npath = '{dir}'\nisolation = 'inline'\nfsync = false\n"
+    "index_synchronous = 'normal'\n",
+}
+
+
+def config(sock: str, workers: int, extra: str) -> str:
+    return (
+        "[milterd]\n"
+        f'socket = "unix:{sock}"\nsocket_mode = "0666"\nworkers = {workers}\n'
+        'log_level = "warning"\nauthserv_id = "mx.bench"\n\n'
+        "[plugins.authres]\ntrusted = true\n[plugins.example_header]\n" + extra
+    )
+
+
+def run_variant(
+    name: str, workdir: Path, msg: Path, a: argparse.Namespace, round_no: int
+) -> dict[str, Any]:
+    vdir = workdir / f"{name}-{round_no}"
+    vdir.mkdir(parents=True)
+    sock = vdir / "milterd.sock"
+    archive = vdir / "archive"
+    conf = vdir / "milterd.toml"
+    conf.write_text(config(str(sock), a.workers, VARIANTS[name].format(dir=archive)))
+    proc = Proc(f"milterd-{name}", [MILTERD, "-c", str(conf), "run"], vdir / "milterd.log")
+    try:
+        wait_for(lambda: unix_listening(str(sock)), 30, f"{name} socket", proc)
+        wait_for(lambda: len(tree_pids(proc.pid)) >= 1 + a.workers, 30, "workers", proc)
+        busy_before = wait_quiet()  # other people's load on a shared machine
+        out = subprocess.run(
+            [PYTHON, str(BENCH_DIR / "milter_load.py"), f"unix:{sock}", "--conns", str(a.conns),
+             "--count", str(a.count), "--msg", str(msg), "--pid", str(proc.pid),
+             "--expect-header", "X-Milterd-Example", "--label", f"archive-bench-{name}"],
+            capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"{name}: milter_load failed:\n{out.stdout}\n{out.stderr}")
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        archived = None
+        if "archive" in VARIANTS[name]:
+            with sqlite3.connect(archive / "index.sqlite3") as db:
+                archived = int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+        result.update(variant=name, round=round_no, archived=archived, busy_before=busy_before)
+        return result
+    finally:
+        proc.stop()
+        shutil.rmtree(vdir, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--count", type=int, default=3000)
+    ap.add_argument("--conns", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument(
+        "--variants", default="base,base-body,archive,inline,both-zstd,nofsync,inline-nofsync"
+    )
+    a = ap.parse_args()
+    names = [v for v in a.variants.split(",") if v]
+    if "base" not in names or any(v not in VARIANTS for v in names):
+        ap.error(f"variants from {list(VARIANTS)}, base included")
+    WORK.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="archive-bench-", dir=WORK))
+    msg = write_message(workdir / "msg.eml", 5000)
+    rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        with OUT.open("a") as jf:
+            for r in range(a.rounds):
+                for n in names:
+                    res = run_variant(n, workdir, msg, a, r)
+                    res["stamp"] = stamp
+                    rows[n].append(res)
+                    jf.write(json.dumps(res, sort_keys=True) + "\n")
+                    print(
+                        f"round {r} {n}: {res['rate']} msg/s, "
+                        f"{res['milter_cpu_ms_per_msg']} ms CPU/msg, archived {res['archived']}, "
+                        f"machine busy before {res['busy_before']:.0f}%",
+                        file=sys.stderr,
+                    )
+            base_rate = median(x["rate"] for x in rows["base"])
+            base_cpu = median(x["milter_cpu_ms_per_msg"] for x in rows["base"])
+            print(f"## Archive cost ({stamp})\n")
+            print(
+                f"milter_load.py, 5 KB message, {a.count} messages x {a.rounds} rounds per "
+                f"variant, {a.conns} connections, workers={a.workers}, unix socket, "
+                f"{os.cpu_count()} CPUs; median round. Target: throughput ratio >= 0.85.\n"
+            )
+            print("| variant | msgs/s | ratio to base | milter CPU ms/msg | extra CPU ms/msg "
+                  "| p50 ms | p99 ms | archived |")  # fmt: skip
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            for n in names:
+                rate = median(x["rate"] for x in rows[n])
+                cpu = median(x["milter_cpu_ms_per_msg"] for x in rows[n])
+                p50 = median(x["p50_ms"] for x in rows[n])
+                p99 = median(x["p99_ms"] for x in rows[n])
+                archived = [x["archived"] for x in rows[n]]
+                summary = {
+                    "summary": True, "stamp": stamp, "variant": n, "rate": rate,
+                    "ratio": round(rate / base_rate, 3), "cpu_ms_per_msg": cpu,
+                    "extra_cpu_ms_per_msg": round(cpu - base_cpu, 3), "p50_ms": p50,
+                    "p99_ms": p99, "archived": archived, "count": a.count,
+                    "rounds": a.rounds, "conns": a.conns, "workers": a.workers,
+                }  # fmt: skip
+                jf.write(json.dumps(summary, sort_keys=True) + "\n")
+                print(
+                    f"| {n} | {rate:.0f} | {rate / base_rate:.2f} | {cpu:.3f} | "
+                    f"{cpu - base_cpu:+.3f} | {p50:.2f} | {p99:.2f} | "
+                    f"{'/'.join(str(x) for x in archived) if archived[0] is not None else '-'} |"
+                )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
