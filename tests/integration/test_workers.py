@@ -183,3 +183,13 @@ def test_sighup_under_load_good_and_bad() -> None:
     assert set(words) <= {"accept:one", "accept:three"}, words
     assert words["accept:one"] > 10 and "accept:two" not in words
     assert set(load.words(since=switched + 0.2)) == {"accept:three"}
+
+
+def test_a_config_whose_workers_cannot_start_does_not_restart_forever() -> None:
+    d = Daemon("[plugins.t_mark]\nfail_startup = true\n", workers=1)
+    with pytest.raises(RuntimeError, match="milterd exited 1"):
+        d.start(timeout=30)
+    log = d.log_text()
+    assert "t_mark told to fail at startup" in log
+    assert "giving up" in log
+    assert 5 <= log.count("started worker 0") <= 7

@@ -12,6 +12,7 @@ from milterd.hookspecs import STAGES
 class MarkConfig(PluginConfig):
     header: str = "X-Test-Mark"
     value: str = "marked"
+    fail_startup: bool = False  # startup raises: a config that validates but cannot start
 
 
 class Mark:
@@ -23,6 +24,11 @@ class Mark:
     @hookimpl
     def config_schema(self) -> type[MarkConfig]:
         return MarkConfig
+
+    @hookimpl
+    def startup(self, config: MarkConfig) -> None:
+        if config.fail_startup:
+            raise RuntimeError("t_mark told to fail at startup")
 
     @hookimpl
     def eom(self, ctx: Context) -> None:
