@@ -371,13 +371,20 @@ def _idle(rows: list[Row], section: str) -> str:
 LATENCY_BOUND_BUSY = 160.0  # machine busy % below which a Postfix run was not CPU-bound
 
 
+MIN_CLEAN = 3  # with at least this many undisturbed runs, only those count
+
+
 def _usable(rs: list[Row], bad_key: str) -> list[Row]:
-    """One run per round: its undisturbed attempt, or else (every attempt disturbed by
-    other load on the machine) the least disturbed one. Failed runs never count."""
+    """The runs that count. Failed runs never do. If the target has MIN_CLEAN or more
+    undisturbed runs, exactly those; otherwise one run per round: its undisturbed attempt,
+    or else (every attempt disturbed by other load on the machine) the least disturbed."""
+    ok = [r for r in rs if not r.get(bad_key)]
+    clean = [r for r in ok if not r.get("disturbed")]
+    if len(clean) >= MIN_CLEAN:
+        return sorted(clean, key=lambda r: r.get("round", 0))
     by_round: dict[int, list[Row]] = {}
-    for r in rs:
-        if not r.get(bad_key):
-            by_round.setdefault(r.get("round", 0), []).append(r)
+    for r in ok:
+        by_round.setdefault(r.get("round", 0), []).append(r)
     out = []
     for rnd in sorted(by_round):
         cands = by_round[rnd]
@@ -507,12 +514,26 @@ def postfix_report(path: Path, rows: list[Row]) -> tuple[list[str], dict[str, bo
         est = cb / cm if cm and cb else None
         clean = sum(1 for r in ok_runs.get(m, []) + ok_runs.get(bare, []) if not r.get("disturbed"))
         counted = len(ok_runs.get(m, [])) + len(ok_runs.get(bare, []))
+        # the weaker of the two targets decides whether the comparison is conclusive
+        weak = min(
+            (
+                (
+                    sum(1 for r in ok_runs.get(n, []) if not r.get("disturbed")),
+                    len(ok_runs.get(n, [])),
+                    n,
+                )
+                for n in (m, bare)
+            ),
+            key=lambda x: x[0] / x[1] if x[1] else 0.0,
+        )
         if rm and rb:
             targets[fam] = rm / rb >= TARGET_RATIO
-            detail[fam] = (rm / rb, pairs, est, clean, counted)
+            pm = median(pairs) if pairs else None
+            detail[fam] = (rm / rb, pairs, est, clean, counted, pm, weak)
             out.append(
                 f"- milterd (workers=1) / bare pymilter, {label}: **{rm / rb:.3f}** (medians); "
-                f"per round: {', '.join(f'{p:.3f}' for p in pairs) or '-'}. "
+                f"paired per round (rounds where both counted): "
+                f"{', '.join(f'{p:.3f}' for p in pairs) or '-'}. "
                 f"{clean} of the {counted} counted runs of the two were clean. CPU-based "
                 f"estimate (bare's all-CPU ms/msg / milterd's: what the ratio would be on a "
                 f"CPU-bound machine, and far less sensitive to other load): "
@@ -520,40 +541,57 @@ def postfix_report(path: Path, rows: list[Row]) -> tuple[list[str], dict[str, bo
             )
         else:
             targets[fam] = None
-    tcp_clean = [
-        r["machine_busy_pct"]
-        for n in ("bare-tcp", "milterd-w1-tcp")
-        for r in ok_runs.get(n, [])
-        if not r.get("disturbed")
-    ]
-    if "bare-tcp" in ok_runs or "milterd-w1-tcp" in ok_runs:
+
+    def clean_busy(n: str) -> float | None:
+        vals = [r["machine_busy_pct"] for r in ok_runs.get(n, []) if not r.get("disturbed")]
+        return median(vals) if vals else busy.get(n)
+
+    tcp_names: tuple[str, ...] = ("bare-tcp", "milterd-w1-tcp", "bare-tcp-replydata")
+    tcp_rows: list[str] = [n for n in tcp_names if n in ok_runs]
+    if tcp_rows:
         fix = e2e.get("bare-tcp-replydata")
+        stalled: list[str] = [n for n in tcp_rows if (clean_busy(n) or 0) < LATENCY_BOUND_BUSY]
+        free: list[str] = [n for n in tcp_rows if n not in stalled]
+
+        def names(ns: list[str]) -> str:
+            return ", ".join(f"{n} ({fmt(clean_busy(n))} % busy)" for n in ns) or "none"
+
         out.append(
-            "- **TCP through Postfix is latency-bound, not CPU-bound**"
+            "- **Postfix's TCP stall.** Over TCP, Postfix leaves Nagle on for its milter "
+            "sockets. Its smtpd sends the envelope macros (sent even for steps the milter "
+            "negotiated away) and any no-reply envelope events, then hands the socket to "
+            "cleanup, whose end-of-message write waits behind Nagle until the milter's delayed "
+            "ACK (~40 ms) of that unanswered data. TCP_NODELAY on the milter's side cannot help "
+            "(it governs the other direction). With 20 SMTP sessions a stalled pipeline is "
+            "capped near 20 / 0.045 s = ~440 msgs/s with the CPU not saturated. A milter that "
+            "asks for a reply to DATA, the last step smtpd sends, turns the stall into one "
+            "round trip (`bare-tcp-replydata`"
             + (
-                f" (undisturbed TCP runs: machine {fmt(min(tcp_clean))}-{fmt(max(tcp_clean))} "
-                "% busy of 200)"
-                if tcp_clean
+                f": {fmt(fix)} msgs/s, x{ratio(fix, e2e.get('bare-tcp'))} the plain bare milter"
+                if fix
                 else ""
             )
-            + ": every message waits "
-            "~40 ms on the milter socket, for both milters alike, so 20 SMTP sessions cap the "
-            "rate near 20 / 0.045 s. Cause, on Postfix's side: it leaves Nagle on for milter "
-            "sockets; smtpd sends the envelope macros (sent even for steps the milter negotiated "
-            "away) and any no-reply envelope events, then hands the socket to cleanup, whose "
-            "EOM write waits behind Nagle until the milter's delayed ACK (~40 ms) of that "
-            "unanswered data. TCP_NODELAY on the milter's side cannot help (it governs the "
-            "other direction). A milter that asks for a reply to DATA, the last step smtpd "
-            "sends, turns the stall into one round trip"
-            + (
-                f": the experimental row does {fmt(fix)} msgs/s "
-                f"(x{ratio(fix, e2e.get('bare-tcp'))} the plain bare milter on TCP)."
-                if fix
-                else "."
-            )
-            + " So on TCP the throughput ratio mostly reflects that stall (and any other load "
-            "on the machine), not milterd's CPU cost: see the CPU columns and the estimate."
+            + "). Latency-bound here (median busy of undisturbed runs < "
+            f"{LATENCY_BOUND_BUSY:g} %): {names(stalled)}; CPU-bound: {names(free)}. "
+            "Where milterd answers DATA on TCP and the plain bare milter does not, the TCP "
+            "target compares a stalled baseline with an unstalled milterd; the like-for-like "
+            "line below compares milterd with the bare milter that answers DATA too."
         )
+        like = e2e.get("milterd-w1-tcp")
+        if like and fix and "milterd-w1-tcp" in stalled:
+            out.append(
+                "- Like for like on TCP: not computed: milterd was itself stalled in this run "
+                "(it did not answer DATA), so its TCP row measures the stall, like bare-tcp."
+            )
+        elif like and fix:
+            cm = _med(ok_runs.get("milterd-w1-tcp", []), _total_cpu)
+            cb = _med(ok_runs.get("bare-tcp-replydata", []), _total_cpu)
+            detail["tcp-like"] = (like / fix, cb / cm if cm and cb else None)
+            out.append(
+                f"- Like for like on TCP (information, not a target): milterd (workers=1) / "
+                f"bare milter answering DATA: **{like / fix:.3f}** (medians)"
+                + (f"; CPU-based estimate {cb / cm:.3f}." if cm and cb else ".")
+            )
     vfail = [v for v in verifies if not v.get("ok")]
     out.append(
         "- Checked before the runs: 3 messages per configuration dumped by smtp-sink, "
@@ -570,13 +608,15 @@ def postfix_report(path: Path, rows: list[Row]) -> tuple[list[str], dict[str, bo
         + ("." if not errored else f"; runs left out for errors: {errored}.")
     )
     out.append(
-        "- *runs* = rounds counted (of them clean) of runs measured. Before each run the "
+        f"- *runs* = runs counted (of them clean) of runs measured. With {MIN_CLEAN} or more "
+        "undisturbed runs a target counts only those; otherwise one run per round. Before "
+        "each run the "
         f"harness waits (up to {g['quiet_wait']:g} s) for the machine to be below "
         f"{g['quiet_max']:g} % busy; a run whose *other load* (machine busy minus the CPU of "
         f"Postfix, milter, smtp-source and smtp-sink) exceeds {g['other_max']:g} % was "
         "disturbed by something else on this shared machine and is re-run (up to "
-        f"{g['retries']} times while the time budget lasts). A round "
-        "counts its clean run, or if every attempt was disturbed, the least disturbed one. "
+        f"{g['retries']} times while the time budget lasts); in the per-round fallback a "
+        "round counts its clean run, or if every attempt was disturbed, the least disturbed. "
         f"Disturbed attempts in this section: {disturbed_n}; every attempt is in the raw file."
     )
     out.append("")
@@ -632,9 +672,9 @@ def milter_report(path: Path, rows: list[Row]) -> list[str]:
     out.append("")
     ndist = sum(1 for rs in runs.values() for r in rs if r.get("disturbed"))
     out.append(
-        "*runs* = rounds counted (of them clean) of runs measured; as in A, a run with more "
+        "*runs* = runs counted (of them clean) of runs measured; as in A, a run with more "
         f"than {g['other_max']:g} % other load (machine busy minus milter and client CPU) is "
-        "re-run, and a round counts its clean run or else its least disturbed one. "
+        f"re-run and left out when {MIN_CLEAN} or more clean runs remain. "
         f"Disturbed attempts in this section: {ndist}."
     )
     out.append("")
@@ -649,18 +689,19 @@ def milter_report(path: Path, rows: list[Row]) -> list[str]:
         out.append("")
     out.append("What each milter negotiated (from the OPTNEG reply; steps the client then sent):")
     out.append("")
-    shown: set[str] = set()
+    groups: dict[str, list[str]] = {}
     for name, v in verifies.items():
         t = TARGETS[name]
-        kind = t.kind + " ".join(t.args)
-        if kind in shown:  # the same for every socket and worker count
-            continue
-        shown.add(kind)
+        key = t.kind + " ".join(t.args) + json.dumps(v.get("negotiated", {}), sort_keys=True)
+        groups.setdefault(key, []).append(name)
+    for members in groups.values():
+        v = verifies[members[0]]
+        t = TARGETS[members[0]]
         n = v.get("negotiated", {})
         sym = "; ".join(f"{k}: {m}" for k, m in n.get("symlists", {}).items()) or "none"
         label = "milterd" if t.kind == "milterd" else "bare pymilter " + " ".join(t.args)
         out.append(
-            f"- {label.strip()}: actions "
+            f"- {label.strip()} ({', '.join(members)}): actions "
             f"{', '.join(n.get('actions', [])) or 'none'}; steps "
             f"{' -> '.join(n.get('steps', []))}; macros requested: {sym}."
         )
@@ -732,6 +773,8 @@ def write_results() -> None:
     found = newest_per_section()
     facts_path, facts_rows = found.get("facts", (None, []))
     facts = next((r for r in facts_rows if r.get("section") == "facts"), {})
+    cfg = next((r for r in facts_rows if r.get("section") == "config"), {})
+    cfg_env: dict[str, str] = cfg.get("env", {})
     body: list[str] = []
     targets: dict[str, bool | None] = {"unix": None, "tcp": None}
     detail: Row = {}
@@ -751,17 +794,24 @@ def write_results() -> None:
     def tline(label: str, fam: str) -> str:
         if fam not in detail:
             return f"| {label} | not measured | {verdict(None)} |"
-        r, pairs, est, clean, counted = detail[fam]
-        measured = f"{r:.3f} of bare" + (
-            f" (per round {min(pairs):.3f}-{max(pairs):.3f})" if pairs else ""
-        )
+        r, pairs, est, _clean, _counted, pm, weak = detail[fam]
+        measured = f"{r:.3f} (ratio of median msgs/s)"
+        if pairs and pm is not None:
+            measured += (
+                f"; paired per round: median {pm:.3f}, {min(pairs):.3f}-{max(pairs):.3f} "
+                f"({len(pairs)} rounds)"
+            )
         if est:
             measured += f"; CPU-based estimate {est:.3f}"
         caveat = ""
-        if counted and clean < counted / 2:
-            caveat = (
-                f" (not conclusive: only {clean} of {counted} runs were undisturbed by "
-                "other jobs on the machine)"
+        views = [v for v in (r, pm, est) if v is not None]
+        if any(v >= TARGET_RATIO for v in views) and any(v < TARGET_RATIO for v in views):
+            caveat = " - borderline: the three estimates fall on both sides of 0.95"
+        wc, wn, wname = weak
+        if wn and wc < wn / 2:
+            caveat += (
+                f" - not conclusive: only {wc} of the {wn} counted {wname} runs were "
+                "undisturbed by other jobs on the machine"
             )
         return f"| {label} | {measured} | {verdict(targets[fam])}{caveat} |"
 
@@ -783,6 +833,14 @@ def write_results() -> None:
             "unix",
         ),
         tline("same, TCP", "tcp"),
+        (
+            f"| (information) TCP like for like: milterd / the bare milter that also answers "
+            f"DATA (`bare-tcp-replydata`) | {detail['tcp-like'][0]:.3f} (ratio of median msgs/s)"
+            + (f"; CPU-based estimate {detail['tcp-like'][1]:.3f}" if detail["tcp-like"][1] else "")
+            + " | - |"
+            if "tcp-like" in detail
+            else "| (information) TCP like for like | not measured | - |"
+        ),
         "| milterd RSS growth < 10 % over 100,000 messages (after a 10,000-message warm-up) | "
         + (f"{growth:+.2f} % over {mem_msgs:,} messages" if growth is not None else "not measured")
         + f" | {verdict(mem_met)}"
@@ -792,8 +850,9 @@ def write_results() -> None:
         "The Postfix ratios compare medians of runs that took turns on the same machine; "
         "the per-round ratios show the noise. With a few runs a difference of a few per "
         'cent is within that noise: read a verdict near the line as "about equal", not '
-        "as a measured 1 % gap. On TCP both pipelines are latency-bound at 20 SMTP "
-        "sessions (section A explains why), so that ratio says little about CPU cost.",
+        "as a measured 1 % gap. On TCP, read section A's note on Postfix's TCP stall "
+        "before the TCP verdict: whether a milter answers DATA decides its TCP throughput "
+        "at 20 SMTP sessions more than its CPU cost does.",
         "",
         "## Machine",
         "",
@@ -809,6 +868,9 @@ def write_results() -> None:
         f"milterd-example-header {facts.get('example_plugin', '?')}",
         f"- Postfix queue filesystem: {' '.join(facts.get('queue_fs', [])) or '?'}; "
         "5 KB test message (`bench/make_msg.py`)",
+        "- settings: "
+        + (" ".join(f"{k}={v}" for k, v in sorted(cfg_env.items())) or "all defaults")
+        + (f" (`bench/out/{facts_path.name}`)" if facts_path else ""),
         "",
     ]
     repro = [
@@ -830,7 +892,12 @@ def write_results() -> None:
         "`bench/bare_milter.py inet:8925@127.0.0.1`.",
         "",
     ]
-    RESULTS.write_text("\n".join(head + body + repro))
+    # Sections measured by the other bench scripts (workers, plugins): each writes its own
+    # markdown to bench/results.d/NAME.md, committed, appended here in name order.
+    plugins: list[str] = []
+    for section in sorted((BENCH_DIR / "results.d").glob("*.md")):
+        plugins += ["", section.read_text().strip(), "", f"(from `bench/results.d/{section.name}`)"]
+    RESULTS.write_text("\n".join(head + body + plugins + ["", *repro]))
     log(f"wrote {RESULTS}")
 
 
