@@ -193,3 +193,67 @@ def test_a_config_whose_workers_cannot_start_does_not_restart_forever() -> None:
     assert "t_mark told to fail at startup" in log
     assert "giving up" in log
     assert 5 <= log.count("started worker 0") <= 7
+
+
+def test_two_workers_write_the_archive_and_the_greylist_store_concurrently() -> None:
+    """Every message is greylisted (a catch-all rule over the greylist threshold) and the
+    tempfailed copy archived: both SQLite stores and the archive files are written by two
+    worker processes at once. Afterwards both must be intact and complete."""
+    import sqlite3
+    import subprocess
+    import sys
+    import tempfile
+
+    store = Path(tempfile.mkdtemp(prefix="milterd-shared-", dir="/var/tmp"))
+    body = (
+        "[plugins.scoring]\n"
+        "[plugins.scoring.actions]\ngreylist = 0.5\nreject = false\n"
+        "rewrite_subject = false\nadd_header = false\n"
+        f'[plugins.scoring.greylist]\npath = "{store}/greylist.sqlite"\ndelay = 300\n'
+        '[[plugins.scoring.rules]]\nname = "EVERYTHING"\ntype = "body"\n'
+        "pattern = '.'\nscore = 1.0\n"
+        f'[plugins.archive]\npath = "{store}/archive"\nverdicts = ["tempfail"]\n'
+    )
+    counter = iter(range(1_000_000))
+    lock = threading.Lock()
+    outcomes: list[str] = []
+
+    def sender() -> None:
+        while True:
+            with lock:
+                n = next(counter)
+            if n >= 400:
+                return
+            try:
+                with MilterClient(d.socket, timeout=20) as c:
+                    c.negotiate()
+                    t = Transcript()
+                    c.connect(t)
+                    c.message(f"s{n}@example.org", [f"r{n}@example.com"], HEADERS, b"x\r\n", t=t)
+                outcomes.append(t.final.text[:3] if t.final else "none")
+            except OSError as e:
+                outcomes.append(type(e).__name__)
+
+    with Daemon(body, workers=2) as d:
+        threads = [threading.Thread(target=sender) for _ in range(12)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        log = d.log_text()
+    assert Counter(outcomes) == Counter({"451": 400}), Counter(outcomes)
+    assert {x for x in re.findall(r"milterd\[\d+/w(\d)\]", log)} >= {"0", "1"}  # both worked
+    db = sqlite3.connect(store / "greylist.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert db.execute("SELECT count(*) FROM triplets").fetchone() == (400,)
+    verify = subprocess.run(
+        [sys.executable, "-m", "milterd.cli", "-c", str(d.config), "archive", "verify"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    search = subprocess.run(
+        [sys.executable, "-m", "milterd.cli", "-c", str(d.config), "archive", "search", "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    senders = {json.loads(line)["sender"] for line in search.stdout.splitlines() if line.strip()}
+    assert senders == {f"s{n}@example.org" for n in range(400)}
