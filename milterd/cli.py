@@ -260,10 +260,12 @@ def _plugin_commands(sub: Any) -> None:
     for p in installed():
         try:
             obj = load_entry_point(p.name)
-            if not callable(getattr(obj, "commands", None)):
-                continue
-            pm.register(obj() if isinstance(obj, type) else obj, name=p.name)
-        except (ConfigError, Exception) as e:  # a broken plugin must not break the CLI
+        except ConfigError:
+            continue  # installed but broken: `milterd plugins` reports it; not enabled = fine
+        try:
+            if callable(getattr(obj, "commands", None)):
+                pm.register(obj() if isinstance(obj, type) else obj, name=p.name)
+        except Exception as e:  # a broken plugin must not break the CLI
             print(f"milterd: warning: plugin {p.name!r} skipped: {e}", file=sys.stderr)
     for impl in pm.hook.commands.get_hookimpls():
         try:
