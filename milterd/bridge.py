@@ -71,6 +71,7 @@ MACRO_STAGES: dict[str, int] = {
 }
 
 _runtime: Runtime | None = None
+_flags: tuple[int, int] = (0, 0)  # (actions, protocol) for _runtime, before the MTA's offer
 _runtime_lock = threading.Lock()
 _open = 0  # connections being served (refused ones not counted)
 _open_cond = threading.Condition()
@@ -80,9 +81,10 @@ _reply_data = False  # TCP socket: see protocol_flags
 
 def set_runtime(rt: Runtime) -> Runtime | None:
     """Make ``rt`` the generation new connections get. Returns the previous one."""
-    global _runtime
+    global _runtime, _flags
+    flags = protocol_flags(rt.negotiation, 0x1FFFFF, _reply_data)  # once per generation
     with _runtime_lock:
-        old, _runtime = _runtime, rt
+        old, _runtime, _flags = _runtime, rt, flags
     return old
 
 
@@ -274,13 +276,13 @@ def _guard(stage: str) -> Callable[[Callback], Callback]:
 def _negotiate(ctx: Any, opts: list[int]) -> int:
     global _open
     with _runtime_lock:
-        rt = _runtime
+        rt, (actions, proto) = _runtime, _flags
     if rt is None:
         return TEMPFAIL
     conn = _Conn(ctx, rt, refuse=_draining)
     ctx.setpriv(conn)
     offered_actions, offered_proto = opts[0], opts[1]
-    actions, proto = protocol_flags(rt.negotiation, offered_proto, _reply_data)
+    proto &= offered_proto
     if conn.refuse:
         # Ask for CONNECT with a reply so that the refusal reaches the MTA at once.
         proto &= ~(Milter.P_NOCONNECT | Milter.P_NR_CONN)

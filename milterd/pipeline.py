@@ -303,7 +303,8 @@ class Runtime:
             ledger.errors.append((p.name, stage, f"{failure.kind}: {failure.detail}"))
         METRICS.plugin_errors.labels(p.name, stage, failure.kind).inc()
         qid = ctx.message.queue_id if ctx.message is not None else ""
-        policy = p.settings.on_error
+        # At outcome the verdict is already decided: nothing to apply.
+        policy = p.settings.on_error if stage != "outcome" else "continue (outcome)"
         log.error(
             "plugin %s failed at %s (queue id %s): %s: %s; on_error=%s",
             p.name,
