@@ -184,10 +184,6 @@ class Runtime:
         if done:
             self.stop()
 
-    @property
-    def connections(self) -> int:
-        return self._connections
-
     # --- negotiation --------------------------------------------------------------------
 
     def _negotiate(self) -> Negotiation:
@@ -369,9 +365,7 @@ class Session:
         self.conn_state: dict[str, dict[str, Any]] = {p.name: {} for p in runtime.plugins}
         self.conn_accepted: set[str] = set()
         self.closed = False
-        self.last_decision: Decision | None = None
         self.last_ledger = Ledger()  # the ledger of the last message that ended
-        self.message_count = 0
         runtime.acquire()
         METRICS.connections.inc()
 
@@ -627,7 +621,6 @@ class Session:
                 decision = merge(entries, headers)
                 if not decision.delivers:
                     break
-        self.last_decision = decision
         if self.capture or self.rt.plan["outcome"]:
             delivered_headers, body = render(m.info.headers, decision.ops)
             final = Message(delivered_headers, m.spool, body) if decision.delivers else message
@@ -676,7 +669,6 @@ class Session:
         m = self.msg
         if m is None:
             return
-        self.message_count += 1
         METRICS.messages.labels(decision.word).inc()
         if not log.isEnabledFor(logging.INFO):
             return

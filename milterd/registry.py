@@ -119,9 +119,6 @@ class LoadedPlugin:
     def isolation_for(self, stage: str) -> str:
         return self.isolation.get(stage, self.isolation["default"])
 
-    def hooks(self) -> list[str]:
-        return [s for s in hookspecs.STAGES if s in self.impls]
-
 
 def _instantiate(name: str, source: object) -> object:
     if isinstance(source, type):

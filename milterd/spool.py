@@ -47,11 +47,6 @@ class Spool:
         self._file.write(chunk)
         self.size += len(chunk)
 
-    @property
-    def on_disk(self) -> bool:
-        """True once the body outgrew memory and went to a temporary file."""
-        return bool(getattr(self._file, "_rolled", False))
-
     def read(self) -> bytes:
         self._file.seek(0)
         return self._file.read()

@@ -39,6 +39,8 @@ from milterd_plugins.dkim.keys import public_txt
 from tests.integration.daemon import Daemon
 from tests.support.dnsserver import ZoneServer
 from tests.support.milterclient import MilterClient, Transcript
+from tests.support.opendkim import OPENDKIM
+from tests.support.opendkim import opendkim_verify as support_opendkim_verify
 from tests.support.postfix import PrivatePostfix
 from tests.support.sink import SinkMessage, SmtpSink
 from tests.support.smtp import send
@@ -46,7 +48,6 @@ from tests.support.smtp import send
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 REMOTE_IP = "192.0.2.25"
-OPENDKIM = shutil.which("opendkim") or "/usr/sbin/opendkim"
 TESTMSG = shutil.which("opendkim-testmsg") or "/usr/sbin/opendkim-testmsg"
 
 
@@ -313,24 +314,7 @@ def only_signature(data: bytes, idx: int) -> bytes:
 
 def opendkim_verify(rig: Rig, data: bytes) -> str:
     """OpenDKIM's verdict on the top signature: its test-mode output line."""
-    work = Path(tempfile.mkdtemp(prefix="odk-", dir=rig.keydir))
-    try:
-        keys = work / "keys.txt"
-        keys.write_text("".join(f"{k} {v}\n" for k, v in rig.records.items()))
-        conf = work / "opendkim.conf"
-        conf.write_text(f"Mode v\nTestPublicKeys {keys}\nSyslog no\nMinimumKeyBits 1024\n")
-        eml = work / "msg.eml"
-        eml.write_bytes(data)
-        r = subprocess.run(
-            [OPENDKIM, "-x", str(conf), "-t", str(eml)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        return r.stdout + r.stderr
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return support_opendkim_verify(rig.records, data, rig.keydir)
 
 
 def assert_both_verify(rig: Rig, data: bytes, algs: list[str]) -> None:

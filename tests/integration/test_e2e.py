@@ -15,7 +15,6 @@ import ipaddress
 import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from milterd.events import parse_address
 from tests.integration.daemon import Daemon
 from tests.integration.mta import MILTER_TIMEOUT_RE, MTA, Kind, make_mta
 from tests.support.dnsserver import ZoneServer
+from tests.support.opendkim import opendkim_verify as support_opendkim_verify
 from tests.support.postfix import PrivatePostfix, ipv6_loopback_available
 from tests.support.sendmail import (
     SNIPPET,
@@ -420,8 +420,6 @@ def test_odd_input_gets_a_verdict_never_an_exception(rig: Rig) -> None:
 # --------------------------------------------------------------------------------------
 # built-in plugins through both MTAs
 
-OPENDKIM = shutil.which("opendkim") or "/usr/sbin/opendkim"
-
 
 def signed_message(date_and_id: bool = True) -> bytes:
     head = (
@@ -438,26 +436,7 @@ def signed_message(date_and_id: bool = True) -> bytes:
 
 def opendkim_verify(world: World, data: bytes) -> str:
     """OpenDKIM's own verdict (``opendkim -t``, keys from TestPublicKeys, no DNS)."""
-    work = Path(tempfile.mkdtemp(prefix="odk-", dir=world.keydir))
-    try:
-        keys = work / "keys.txt"
-        keys.write_text(
-            "".join(f"{k} {v}\n" for k, v in world.records.items() if "_domainkey" in k)
-        )
-        conf = work / "opendkim.conf"
-        conf.write_text(f"Mode v\nTestPublicKeys {keys}\nSyslog no\nMinimumKeyBits 1024\n")
-        eml = work / "msg.eml"
-        eml.write_bytes(data)
-        r = subprocess.run(
-            [OPENDKIM, "-x", str(conf), "-t", str(eml)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        return r.stdout + r.stderr
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return support_opendkim_verify(world.records, data, world.keydir)
 
 
 def ar_results(msg: SinkMessage) -> list[tuple[str, str, dict[str, str]]]:

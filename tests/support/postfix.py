@@ -55,6 +55,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from tests.support.maillog import MailLog
+
 __all__ = [
     "PostfixError",
     "PrivatePostfix",
@@ -257,7 +259,7 @@ def _group_members(pgid: int) -> list[int]:
 # --------------------------------------------------------------------------------------
 
 
-class PrivatePostfix:
+class PrivatePostfix(MailLog):
     """A private Postfix instance relaying everything to ``[127.0.0.1]:relay_port``.
 
     Construction only creates the (empty, 0755) instance directory, so that
@@ -292,6 +294,8 @@ class PrivatePostfix:
         its ``quick-start`` marker (start: ~0.05 s instead of ~0.2 s).  Off by default:
         ``postfix start`` then runs ``post-install create-missing`` and ``check-warn``.
     """
+
+    log_name = "maillog"
 
     def __init__(
         self,
@@ -727,52 +731,6 @@ class PrivatePostfix:
         return self._checked(["postconf", "-c", str(self.config_dir), "-h", name]).strip()
 
     # ---------------------------------------------------------------- log
-
-    def log_text(self) -> str:
-        """Return the whole maillog ('' if nothing was logged yet)."""
-        try:
-            return self.maillog.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        """Return the last ``lines`` lines of the maillog."""
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def log_mark(self) -> int:
-        """Return the current maillog length; pass it as ``since`` to :meth:`wait_log`."""
-        try:
-            return self.maillog.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def wait_log(
-        self, pattern: str | re.Pattern[str], timeout: float = 10.0, *, since: int = 0
-    ) -> re.Match[str]:
-        """Wait until a maillog line (at byte offset >= ``since``) matches ``pattern``.
-
-        :returns: the match (searched per line, ``re.search`` semantics).
-        :raises TimeoutError: with the log tail in the message.
-        """
-        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with self.maillog.open("rb") as f:
-                    f.seek(since)
-                    text = f.read().decode(errors="replace")
-            except FileNotFoundError:
-                text = ""
-            for line in text.splitlines():
-                m = rx.search(line)
-                if m:
-                    return m
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"no maillog line matching {rx.pattern!r} within {timeout}s\n"
-                    f"--- maillog tail ---\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
 
     # ---------------------------------------------------------------- queue
 

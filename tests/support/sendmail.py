@@ -73,6 +73,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from tests.support.maillog import MailLog
 from tests.support.postfix import _listening, free_port
 
 __all__ = [
@@ -238,7 +239,7 @@ def _ns_of(pid: int) -> str | None:
         return None
 
 
-class PrivateSendmail:
+class PrivateSendmail(MailLog):
     """A private sendmail relaying everything to ``[127.0.0.1]:relay_port``.
 
     Same shape as :class:`~tests.support.postfix.PrivatePostfix`: construction creates the
@@ -264,6 +265,8 @@ class PrivateSendmail:
     :param snippet: the documented snippet to use (default ``etc/sendmail.mc.snippet``).
     :param keep_dir: keep the instance directory on stop (also ``MILTERD_KEEP_SENDMAIL=1``).
     """
+
+    log_name = "sendmail log"
 
     def __init__(
         self,
@@ -619,50 +622,6 @@ exec "$@"
             self._removed = True
 
     # ---------------------------------------------------------------- log
-
-    def log_text(self) -> str:
-        """sendmail's whole syslog output so far ('' if nothing yet)."""
-        try:
-            return self.maillog.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def log_mark(self) -> int:
-        """The current log length; pass it as ``since`` to :meth:`wait_log`."""
-        try:
-            return self.maillog.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def wait_log(
-        self, pattern: str | re.Pattern[str], timeout: float = 10.0, *, since: int = 0
-    ) -> re.Match[str]:
-        """Wait until a log line (at byte offset >= ``since``) matches ``pattern``.
-
-        :raises TimeoutError: with the log tail in the message.
-        """
-        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with self.maillog.open("rb") as f:
-                    f.seek(since)
-                    text = f.read().decode(errors="replace")
-            except FileNotFoundError:
-                text = ""
-            for line in text.splitlines():
-                m = rx.search(line)
-                if m:
-                    return m
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"no sendmail log line matching {rx.pattern!r} within {timeout}s\n"
-                    f"--- log tail ---\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
 
     # ---------------------------------------------------------------- queue
 
