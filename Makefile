@@ -7,7 +7,7 @@ CONFIG ?= etc/milterd.toml
 # Debian packages: libmilter-dev to build pymilter; Postfix, OpenDKIM, Redis for the tests.
 APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv postfix opendkim opendkim-tools \
                 redis-server swaks sasl2-bin libsasl2-modules systemd m4 sendmail-cf \
-                spamassassin spamc rspamd openssl
+                spamassassin spamd spamc rspamd openssl
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint unit integration deps venv bench clean
