@@ -25,6 +25,9 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
         rt = Runtime(config)
+        # What the supervisor does before forking (load keys, compile rules): a config that
+        # passes here starts. Per-worker state (databases) is not opened by a check.
+        rt.start("prefork")
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return 2

@@ -6,12 +6,17 @@ process can never reload on SIGHUP. The supervisor (pure Python, no libmilter lo
 the signals and talks to each worker over a pipe:
 
 * start-up: the supervisor validates the config (plugins imported and their schemas
-  checked), opens libmilter's socket once, drops privileges and forks ``workers``
-  processes that accept on that one socket (the kernel spreads connections);
-* SIGHUP: the supervisor validates the new file once; if it is bad, it logs why and keeps
-  the old one; if it is good, it sends its text to every worker, which builds a new
-  generation (plugins' ``startup``) for new connections while open connections finish on
-  theirs. A worker whose ``startup`` fails keeps its old generation and logs why;
+  checked), opens libmilter's socket once, drops privileges, runs the ``startup`` of the
+  plugins declaring ``prefork = True`` (key loading, rule compilation: once, shared
+  copy-on-write) and forks ``workers`` processes that accept on that one socket (the
+  kernel spreads connections). Each worker then runs the other plugins' ``startup`` and
+  every plugin's ``worker_start`` (its own connections, sockets, threads);
+* SIGHUP: the supervisor validates the new file once, prefork ``startup`` included; if it
+  is bad, it logs why and keeps the old one; if it is good, it sends its text to every
+  worker, which builds a new generation (every ``startup``, then ``worker_start``) for
+  new connections while open connections finish on theirs. A worker whose start fails
+  keeps its old generation and logs why. A worker forked later (a restart) inherits the
+  supervisor's current generation;
 * SIGTERM/SIGINT: every worker stops accepting, lets open sessions finish for up to
   ``shutdown_timeout`` seconds and exits; the supervisor exits 0 when all are gone;
 * a worker that dies is logged and restarted, at most 5 times a minute (more means the
@@ -33,9 +38,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from milterd.config import Config, ConfigError, load, loads
 from milterd.logs import setup_logging
+
+if TYPE_CHECKING:
+    from milterd.pipeline import Runtime
 
 log = logging.getLogger("milterd")
 RESTARTS_PER_MINUTE = 5
@@ -101,16 +110,16 @@ def _drop_privileges(user: str | None, group: str | None) -> None:
     log.info("running as uid=%d gid=%d", os.getuid(), os.getgid())
 
 
-def _worker_main(index: int, config: Config, control: int) -> None:
-    """Body of one worker process. Never returns (os._exit)."""
+def _worker_main(index: int, rt: Runtime, control: int) -> None:
+    """Body of one worker process: ``rt`` had its prefork phase in the supervisor. Never
+    returns (os._exit)."""
     from milterd import bridge
     from milterd.pipeline import Runtime
 
     _pdeathsig()
     os.environ["MILTERD_WORKER"] = str(index)
     try:
-        rt = Runtime(config)
-        rt.start()
+        rt.start("worker")
     except ConfigError as e:
         log.error("worker %d: %s", index, e)
         os._exit(3)
@@ -185,6 +194,8 @@ class Supervisor:
     def __init__(self, path: str, config: Config) -> None:
         self.path = path
         self.config = config
+        #: The current generation after its prefork phase; forked workers inherit it.
+        self.runtime: Runtime | None = None
         self.workers: dict[int, _Worker] = {}
         self.restarts: list[float] = []
         self.stopping = False
@@ -213,7 +224,8 @@ class Supervisor:
                         os.close(other.pipe)
                 for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
-                _worker_main(index, self.config, r)
+                assert self.runtime is not None
+                _worker_main(index, self.runtime, r)
             finally:
                 os._exit(5)
         os.close(r)
@@ -234,11 +246,14 @@ class Supervisor:
             new = loads(text.decode("utf-8"), self.path)
             from milterd.pipeline import Runtime
 
-            Runtime(new)  # validates plugins and their config sections; no startup here
+            rt = Runtime(new)  # plugins and their config sections
+            rt.start("prefork")  # keys load, rules compile: refused here once, for all
         except (ConfigError, UnicodeDecodeError) as e:
             log.error("reload refused, old config kept:\n%s", e)
             return
-        self.config = new
+        # The supervisor never ran worker_start, so there is nothing to shut down in the
+        # old generation here: dropping it is enough.
+        self.config, self.runtime = new, rt
         msg = b"reload %d %s\n" % (len(text), self.path.encode()) + text
         for w in self.workers.values():
             _send(w.pipe, msg)
@@ -280,6 +295,15 @@ class Supervisor:
             signal.signal(sig, self._signal)
         bridge.open_socket(settings)
         _drop_privileges(settings.user, settings.group)
+        from milterd.pipeline import Runtime
+
+        try:
+            self.runtime = Runtime(self.config)
+            self.runtime.start("prefork")
+        except ConfigError as e:
+            log.error("%s", e)
+            self._unlink_socket()
+            return 2
         if settings.metrics_listen:
             from milterd.metrics import serve_metrics
 
@@ -311,12 +335,15 @@ class Supervisor:
                 stop_sent = time.monotonic()
             if self.reload_requested and not self.stopping:
                 self.reload()
-        family_path = settings.socket.split(":", 1)
-        if family_path[0] in ("unix", "local"):
-            with contextlib.suppress(OSError):
-                os.unlink(family_path[1])
+        self._unlink_socket()
         log.info("milterd stopped")
         return 1 if self.failed else 0
+
+    def _unlink_socket(self) -> None:
+        family, _, path = self.config.milterd.socket.partition(":")
+        if family in ("unix", "local"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _status(status: int) -> str:

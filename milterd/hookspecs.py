@@ -71,7 +71,13 @@ STAGES: tuple[str, ...] = (
     "close",
 )
 #: Lifecycle hooks: called once per configuration generation, not per message.
-LIFECYCLE: tuple[str, ...] = ("config_schema", "startup", "shutdown", "commands")
+LIFECYCLE: tuple[str, ...] = (
+    "config_schema",
+    "startup",
+    "worker_start",
+    "shutdown",
+    "commands",
+)
 #: Stages at which a plugin may record changes (a message exists and is not over).
 CHANGE_STAGES = frozenset(
     ("envfrom", "envrcpt", "data", "header", "eoh", "body", "eom", "finalize")
@@ -101,11 +107,24 @@ def config_schema() -> type[BaseModel] | None:
 
 @hookspec
 def startup(config: Any, services: Services) -> None:
-    """Prepare a new configuration generation: compile rules, load keys, open stores.
+    """Prepare a new configuration generation: compile rules, load keys, check paths.
 
     When it fires: once per plugin instance, after the whole config validated, in pipeline
-    order; again on a fresh instance at every successful reload (SIGHUP). With several
-    worker processes it runs in each worker after the fork.
+    order; again on a fresh instance at every successful reload (SIGHUP). Where depends on
+    the plugin's ``prefork`` attribute:
+
+    * ``prefork = True``: at start-up it runs **once, in the supervisor, before the workers
+      fork**; every worker inherits what it built (copy-on-write), and a worker restarted
+      after a crash inherits it too. So it must open nothing that cannot be shared between
+      processes: no database connections, sockets, threads or open files — open those in
+      :func:`worker_start`. At reload it runs in the supervisor (a failure there refuses
+      the new config once, for all workers) and then in each worker, which build their
+      new generation themselves.
+    * ``prefork = False`` (the default, safe for any plugin): it runs in each worker after
+      the fork, as if in a single process.
+
+    In the harness and ``milterd check`` (one process) it simply runs, before
+    :func:`worker_start`.
 
     Arguments:
         config: this plugin's validated config (an instance of the model from
@@ -117,16 +136,38 @@ def startup(config: Any, services: Services) -> None:
     Returns: nothing. An exception here refuses the configuration: at start-up the daemon
     does not start, at reload the old configuration stays in force.
 
-    Changes: none. Negotiation: not applicable. Since: 0.1.
+    Changes: none. Negotiation: not applicable. Since: 0.1 (``prefork``: 0.2).
+    """
+
+
+@hookspec
+def worker_start(services: Services) -> None:
+    """Open this process's own state: database connections, sockets, threads.
+
+    When it fires: in every process that handles mail, after :func:`startup` of the same
+    generation and before its first connection: in each worker right after the fork (and
+    for each new generation a worker builds at reload), once in the harness and in
+    ``milterd check``. Never in the supervisor. Random state needs nothing here: Python
+    reseeds ``random`` in a forked child, and ``secrets``/``os.urandom`` are per call.
+
+    Arguments:
+        services: as for :func:`startup`.
+
+    Returns: nothing. An exception refuses the generation in this process, like one from
+    :func:`startup`: a new worker exits (the supervisor restarts it, within its restart
+    limit), a reload keeps the old generation in that worker.
+
+    Changes: none. Negotiation: not applicable. Since: 0.2.
     """
 
 
 @hookspec
 def shutdown() -> None:
-    """Release what :func:`startup` opened.
+    """Release what :func:`startup` and :func:`worker_start` opened.
 
-    When it fires: when the daemon stops, and for the old generation after a reload once
-    its last connection has closed.
+    When it fires: in each process where :func:`worker_start` ran, when it stops, and for
+    the old generation after a reload once its last connection has closed. Not in the
+    supervisor, which never handles mail.
 
     Returns: nothing. Exceptions are logged and ignored.
     Changes: none. Negotiation: not applicable. Since: 0.1.

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from milterd import events as ev
 from milterd import hookspecs
@@ -47,6 +47,8 @@ from milterd.spool import Message, Spool
 __all__ = ["Negotiation", "Runtime", "Session"]
 
 log = logging.getLogger("milterd")
+#: Where :meth:`Runtime.start` runs: see its docstring.
+StartPhase = Literal["prefork", "worker", "all"]
 CORE = "milterd"  # the name the core uses on the ledger (limits, errors)
 
 # Stages the core itself needs for the envelope and the log: requested without reply when
@@ -134,23 +136,40 @@ class Runtime:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Call every plugin's ``startup``. Raises (naming the plugin) to refuse the config."""
+    def start(self, phase: StartPhase = "all") -> None:
+        """Start this generation. Raises ConfigError (naming the plugin) to refuse it.
+
+        ``"prefork"`` (the supervisor, before the workers fork): ``startup`` of the plugins
+        declaring ``prefork = True``. ``"worker"`` (each worker, after the fork, on a
+        Runtime whose prefork phase ran in the parent): ``startup`` of the other plugins,
+        then every plugin's ``worker_start``. ``"all"`` (one process: harness, ``milterd
+        check``, a worker's reload): both, in that order.
+        """
         services = Services(self.resolver, self.settings, log)
-        for p in self.plugins:
-            impl = p.impls.get("startup")
+        args: dict[str, object] = {"services": services}
+        if phase in ("prefork", "all"):
+            self._call_lifecycle("startup", [p for p in self.plugins if p.prefork], args)
+        if phase in ("worker", "all"):
+            self._call_lifecycle("startup", [p for p in self.plugins if not p.prefork], args)
+            self._call_lifecycle("worker_start", self.plugins, args)
+            self.started = True
+
+    def _call_lifecycle(
+        self, hook: str, plugins: list[LoadedPlugin], args: dict[str, object]
+    ) -> None:
+        for p in plugins:
+            impl = p.impls.get(hook)
             if impl is None:
                 continue
-            args = {"config": p.config, "services": services}
+            given = {**args, "config": p.config}
             try:
-                impl.function(**{a: args[a] for a in impl.argnames})
+                impl.function(**{a: given[a] for a in impl.argnames})
             except Exception as e:
                 from milterd.config import ConfigError
 
                 raise ConfigError(
-                    f"plugin {p.name!r}: startup failed: {type(e).__name__}: {e}"
+                    f"plugin {p.name!r}: {hook} failed: {type(e).__name__}: {e}"
                 ) from e
-        self.started = True
 
     def stop(self) -> None:
         """Call every plugin's ``shutdown`` (errors logged, never raised)."""

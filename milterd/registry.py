@@ -17,6 +17,9 @@ A plugin may declare, as class or module attributes:
            key ``isolation`` overrides it for every hook.
 ``reads_body`` False when the plugin takes ``message`` only for its headers, so that the
            body is not requested from the MTA for it (default True).
+``prefork``  True when its ``startup`` opens nothing per process (connections, threads,
+           files), so that it runs once in the supervisor before the workers fork; such
+           state then goes in ``worker_start`` (default False: ``startup`` per worker).
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ class LoadedPlugin:
     isolation: dict[str, str] = field(default_factory=lambda: {"default": "thread"})
     after: tuple[str, ...] = ()
     reads_body: bool = True
+    prefork: bool = False
 
     def isolation_for(self, stage: str) -> str:
         return self.isolation.get(stage, self.isolation["default"])
@@ -228,13 +232,16 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
         settings=settings,
         config=plugin_config,
         impls={
-            k: v for k, v in impls.items() if k in hookspecs.STAGES or k in ("startup", "shutdown")
+            k: v
+            for k, v in impls.items()
+            if k in hookspecs.STAGES or k in ("startup", "worker_start", "shutdown")
         },
         actions=actions,
         macros={k: tuple(v) for k, v in raw_macros.items()},
         isolation=isolation,
         after=tuple(getattr(obj, "after", ())),
         reads_body=bool(getattr(obj, "reads_body", True)),
+        prefork=bool(getattr(obj, "prefork", False)),
     )
 
 

@@ -104,6 +104,7 @@ class ARCPlugin:
     actions = frozenset({"add_header"})
     after = ("authres",)
     isolation = "inline"  # CPU work and DNS bounded by ctx.time_left(), as in dkim
+    prefork = True  # the sealing key loads once, before the workers fork
 
     def __init__(self) -> None:
         self.key: SigningKey | None = None

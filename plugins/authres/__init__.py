@@ -87,6 +87,7 @@ class AuthenticationResults:
     actions = frozenset({"add_header", "change_header"})
     isolation = "inline"
     reads_body = False  # headers only: the body is not requested for us
+    prefork = True  # startup reads config only
 
     def __init__(self) -> None:
         self.authserv_id = ""

@@ -260,6 +260,7 @@ class DKIMPlugin:
     # CPU work, plus DNS lookups bounded by ctx.time_left(): no thread hop needed (~0.3 ms
     # a message saved); [plugins.dkim] isolation = "thread" restores the hard deadline.
     isolation = "inline"
+    prefork = True  # keys load once, before the workers fork, and are shared
 
     def __init__(self) -> None:
         self.keys: dict[str, SigningKey] = {}

@@ -305,10 +305,14 @@ class DMARCPlugin:
     reads_body = False
     # DNS and the SQLite write are both bounded by ctx.time_left(): no thread hop needed.
     isolation = "inline"
+    # The public suffix list loads once before the fork; the history database connection
+    # is opened per worker (worker_start): SQLite connections must not cross a fork.
+    prefork = True
 
     def __init__(self) -> None:
         self.psl: PublicSuffixList | None = None
         self.store: Store | None = None
+        self.history_db: str | None = None
 
     @hookimpl
     def config_schema(self) -> type[DMARCConfig]:
@@ -317,7 +321,13 @@ class DMARCPlugin:
     @hookimpl
     def startup(self, config: DMARCConfig, services: Services) -> None:
         self.psl = _psl(config.psl_file)
-        self.store = Store(config.history_db) if config.history_db else None
+        self.history_db = config.history_db
+        if config.history_db:  # create it (WAL, schema) now: a bad path refuses the config
+            Store(config.history_db).close()
+
+    @hookimpl
+    def worker_start(self) -> None:
+        self.store = Store(self.history_db) if self.history_db else None
 
     @hookimpl
     def shutdown(self) -> None:

@@ -99,6 +99,9 @@ class ScoringPlugin:
     """Symbols, rules, blocklists, Bayes, thresholds and actions."""
 
     actions = frozenset({"add_header", "change_header", "quarantine"})
+    # Rules compile and blocklists are checked once, before the workers fork; the I/O pool
+    # and the Bayes and greylist connections are per worker (worker_start).
+    prefork = True
 
     def __init__(self) -> None:
         self.rules: list[CompiledRule] = []
@@ -111,6 +114,7 @@ class ScoringPlugin:
         self.classifier: bayes_mod.Classifier | None = None
         self.store: bayes_mod.Store | None = None
         self.grey: grey_mod.SQLiteGrey | grey_mod.RedisGrey | None = None
+        self.config: ScoringConfig | None = None
         self.log = logging.getLogger("milterd.scoring")
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -156,23 +160,40 @@ class ScoringPlugin:
         if self.lists:
             timeout = min(3.0, config.dnsbl_timeout + 1)
             check_test_points(self.lists, services.resolver, self.log, timeout=timeout)
-        if self.lists or config.spamd.enabled or config.rspamd.enabled:
-            self.pool = cf.ThreadPoolExecutor(
-                max_workers=config.dnsbl_threads, thread_name_prefix="scoring-io"
-            )
         if any(c.type == "uri" for c in config.dnsbl):
             from publicsuffixlist import PublicSuffixList
 
             self.psl = PublicSuffixList()
+        # Open and close the stores once here, so that a bad path refuses the config now
+        # rather than in every worker; worker_start opens each worker's own.
+        self.config = config
+        for closable in self._open_stores(config):
+            closable.close()
+
+    def _open_stores(self, config: ScoringConfig) -> list[bayes_mod.Store | grey_mod.GreyStore]:
         b = config.bayes
+        opened: list[bayes_mod.Store | grey_mod.GreyStore] = []
         if b.enabled:
             self.store = bayes_mod.open_store(b.backend, b.path, b.redis_url, b.redis_prefix,
                                               b.timeout)  # fmt: skip
             self.classifier = bayes_mod.Classifier(self.store, b.min_spam, b.min_ham)
+            opened.append(self.store)
         if config.actions.greylist is not None or any(
             ov.actions.get("greylist") is not None for ov in config.domains.values()
         ):
             self.grey = grey_mod.open_grey(config.greylist)
+            opened.append(self.grey)
+        return opened
+
+    @hookimpl
+    def worker_start(self) -> None:
+        config = self.config
+        assert config is not None
+        if self.lists or config.spamd.enabled or config.rspamd.enabled:
+            self.pool = cf.ThreadPoolExecutor(
+                max_workers=config.dnsbl_threads, thread_name_prefix="scoring-io"
+            )
+        self._open_stores(config)
 
     @hookimpl
     def shutdown(self) -> None:

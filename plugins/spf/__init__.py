@@ -335,6 +335,7 @@ class SPFPlugin:
     reads_body = False
     # Every blocking call (DNS) is bounded by ctx.time_left(): no thread hop needed.
     isolation = "inline"
+    prefork = True  # startup builds tables; DNS goes through the per-call resolver
 
     def __init__(self) -> None:
         self.conf: SPFConfig | None = None

@@ -111,6 +111,7 @@ class Tagging:
     actions = frozenset({"add_header", "change_header"})
     after = ("scoring",)
     isolation = "inline"  # no I/O at all
+    prefork = True
     reads_body = False
 
     def __init__(self) -> None:

@@ -257,3 +257,63 @@ def test_two_workers_write_the_archive_and_the_greylist_store_concurrently() -> 
     )  # fmt: skip
     senders = {json.loads(line)["sender"] for line in search.stdout.splitlines() if line.strip()}
     assert senders == {f"s{n}@example.org" for n in range(400)}
+
+
+def _lifecycle_lines(
+    path: Path, expected: int, timeout: float = 10.0
+) -> list[tuple[str, str, int]]:
+    """The (plugin, hook, pid) lines once there are at least ``expected`` of them."""
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        lines = path.read_text().split() if path.exists() else []
+        if len(lines) >= 3 * expected:
+            break
+        time.sleep(0.05)
+    it = iter(lines)
+    return [(a, b, int(c)) for a, b, c in zip(it, it, it, strict=True)]
+
+
+def test_prefork_startup_runs_once_before_the_fork_and_worker_start_in_each_worker(
+    tmp_path: Path,
+) -> None:
+    record = tmp_path / "lifecycle.txt"
+    body = f'[plugins.t_prefork]\npath = "{record}"\n[plugins.t_lifecycle]\npath = "{record}"\n'
+    with Daemon(body, workers=2) as d:
+        sup = d.pid
+        workers = set(d.worker_pids())
+        assert len(workers) == 2
+        # prefork startup once (supervisor); per worker: the other startup, both worker_starts
+        got = _lifecycle_lines(record, 1 + 2 * 3)
+        assert got.count(("prefork", "startup", sup)) == 1
+        assert [x for x in got if x[2] == sup] == [("prefork", "startup", sup)]
+        for w in workers:
+            assert sorted(x[:2] for x in got if x[2] == w) == [
+                ("prefork", "worker_start"),
+                ("worker", "startup"),
+                ("worker", "worker_start"),
+            ]
+        assert len(got) == 7, got
+
+        # A restarted worker inherits the supervisor's generation: no prefork startup again.
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        d.wait_log("died: killed by signal 9")
+        got = _lifecycle_lines(record, 10)
+        new = {x[2] for x in got[7:]}
+        assert len(new) == 1 and new.isdisjoint(workers | {sup}), got
+        assert sorted(x[:2] for x in got[7:]) == [
+            ("prefork", "worker_start"),
+            ("worker", "startup"),
+            ("worker", "worker_start"),
+        ]
+
+        # SIGHUP: the supervisor starts the new generation's prefork part (refusing a bad
+        # one once); each worker then builds and starts its own.
+        mark = len(d.log_text())
+        d.signal(signal.SIGHUP)
+        d.wait_log("reloaded", after=mark)
+        got = _lifecycle_lines(record, 10 + 1 + 2 * 4)
+        hup = got[10:]
+        assert ("prefork", "startup", sup) in hup
+        assert len([x for x in hup if x[:2] == ("prefork", "startup")]) == 3, hup

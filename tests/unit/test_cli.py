@@ -41,6 +41,18 @@ def test_config_check_ok_and_broken(config: Path, tmp_path: Path) -> None:
     assert res.returncode == 2 and f"{bad}: [plugins.example_header] greeting:" in res.stderr
 
 
+def test_config_check_runs_prefork_startup_so_a_missing_key_is_caught(tmp_path: Path) -> None:
+    cfg = tmp_path / "dkim.toml"
+    missing = tmp_path / "nope.key"
+    cfg.write_text(
+        f'[plugins.dkim]\n[plugins.dkim.keys.k]\nselector = "s"\nfile = "{missing}"\n'
+        '[[plugins.dkim.signing]]\npattern = "example.org"\nkeys = ["k"]\n'
+    )
+    res = milterd("config", "check", config=cfg)
+    assert res.returncode == 2, res
+    assert "plugin 'dkim': startup failed" in res.stderr and str(missing) in res.stderr
+
+
 def test_plugins_lists_installed_enabled_order_hooks_and_broken_ones(config: Path) -> None:
     res = milterd("plugins", "--json", config=config)
     rows = {r["name"]: r for r in json.loads(res.stdout)}

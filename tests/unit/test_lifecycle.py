@@ -51,6 +51,10 @@ class Recorder:
         self.calls.append(("startup", (config.tag, services.settings.authserv_id)))
 
     @hookimpl
+    def worker_start(self, services: Services) -> None:
+        self.calls.append(("worker_start", services.settings.authserv_id))
+
+    @hookimpl
     def shutdown(self) -> None:
         self.calls.append(("shutdown", None))
 
@@ -128,6 +132,7 @@ def test_every_hook_in_order() -> None:
     h.close()
     assert rec.calls == [
         ("startup", ("x", "mx.t")),
+        ("worker_start", "mx.t"),
         ("connect", ("10.1.2.3", False)),
         ("helo", "c.example"),
         ("envfrom", ("a@example.org", "alice")),
@@ -163,6 +168,7 @@ def test_abort_replaces_the_rest_of_an_abandoned_message_and_a_second_one_follow
     names = [c for c, _ in rec.calls]
     assert names == [
         "startup",
+        "worker_start",
         "connect",
         "envfrom",
         "envrcpt",

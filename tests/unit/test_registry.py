@@ -80,6 +80,51 @@ def test_failing_constructor_and_startup_are_named() -> None:
         rt.start()
 
 
+def test_start_phases_split_prefork_startup_from_per_worker_work() -> None:
+    calls: list[str] = []
+
+    class Pre:
+        prefork = True
+
+        @hookimpl
+        def startup(self) -> None:
+            calls.append("pre.startup")
+
+        @hookimpl
+        def worker_start(self) -> None:
+            calls.append("pre.worker_start")
+
+    class Plain:
+        @hookimpl
+        def startup(self) -> None:
+            calls.append("plain.startup")
+
+        @hookimpl
+        def worker_start(self) -> None:
+            calls.append("plain.worker_start")
+
+    # listed plain first: the prefork plugin's startup still runs in the supervisor phase
+    rt = build({"plain": Plain, "pre": Pre})
+    rt.start("prefork")
+    started_in_supervisor = rt.started  # no worker_start ran: nothing to shut down there
+    assert calls == ["pre.startup"]
+    rt.start("worker")
+    assert calls[1:] == ["plain.startup", "plain.worker_start", "pre.worker_start"]
+    assert (started_in_supervisor, rt.started) == (False, True)
+
+    calls.clear()
+    build({"plain": Plain, "pre": Pre}).start()  # one process: everything, in that order
+    assert calls == ["pre.startup", "plain.startup", "plain.worker_start", "pre.worker_start"]
+
+    class FailingWorkerStart:
+        @hookimpl
+        def worker_start(self) -> None:
+            raise OSError("database locked")
+
+    with pytest.raises(ConfigError, match="'bad': worker_start failed: OSError: database locked"):
+        build({"bad": FailingWorkerStart}).start()
+
+
 def test_undeclared_actions_are_refused() -> None:
     class Weird:
         actions = frozenset({"teleport"})
