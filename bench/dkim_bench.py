@@ -37,6 +37,7 @@ import os
 import pstats
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -191,10 +192,13 @@ def start_milterd(base: Path, name: str, keys: Keys, dns_port: int) -> Running:
     d.chmod(0o755)
     sock = d / "milterd.sock"
     verify = name.endswith("verify")
-    key = keys.ed if name.endswith("ed25519") else keys.rsa
+    key = keys.ed if "ed25519" in name else keys.rsa
+    # "-quiet": no per-message log lines, like OpenDKIM and dkimpy-milter here (Syslog no);
+    # the other milterd targets log the default per-message summary at info.
+    level = "warning" if name.endswith("-quiet") else "info"
     conf = (
         f'[milterd]\nsocket = "unix:{sock}"\nsocket_mode = "0666"\nworkers = {WORKERS}\n'
-        f'authserv_id = "mx.bench.example"\nlog_level = "info"\n'
+        f'authserv_id = "mx.bench.example"\nlog_level = "{level}"\n'
         + ("internal_networks = []\n" if verify else "")
         + f'\n[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\ntimeout = 2\n\n'
         + "[plugins.dkim]\n"
@@ -205,12 +209,18 @@ def start_milterd(base: Path, name: str, keys: Keys, dns_port: int) -> Running:
     )
     (d / "milterd.toml").write_text(conf)
     p = _popen([MILTERD, "-c", str(d / "milterd.toml"), "run"], d / "log")
-    wait_for(
-        lambda: "ready" in (d / "log").read_text(errors="replace") and sock.exists(),
-        30,
-        name,
-    )
+    wait_for(lambda: _accepting(sock), 30, name)
     return Running(name, f"unix:{sock}", p.pid, p, d / "log", _stopper(p))
+
+
+def _accepting(sock: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1)
+            s.connect(str(sock))
+        return True
+    except OSError:
+        return False
 
 
 # --- checks -----------------------------------------------------------------------------------
@@ -360,13 +370,15 @@ def profile_signing(keys: Keys, n: int = 500) -> dict[str, Any]:
     }
     with Harness(cfg, plugins={"dkim": DKIMPlugin}) as h:
         h.send(raw, client_ip="127.0.0.1")
+        t = time.process_time()  # CPU time, without the profiler's overhead
+        for _ in range(n):
+            h.send(raw, client_ip="127.0.0.1")
+        out["harness_msg_us"] = round(1e6 * (time.process_time() - t) / n, 1)
         prof = cProfile.Profile()
-        t = time.perf_counter()
         prof.enable()
         for _ in range(n):
             h.send(raw, client_ip="127.0.0.1")
         prof.disable()
-        out["harness_msg_us"] = round(1e6 * (time.perf_counter() - t) / n, 1)
     s = io.StringIO()
     st = pstats.Stats(prof, stream=s)
     st.sort_stats("tottime").print_stats(12)
@@ -382,10 +394,13 @@ def profile_signing(keys: Keys, n: int = 500) -> dict[str, Any]:
 # --- main -------------------------------------------------------------------------------------
 
 POSTFIX_TARGETS = (
-    "none", "opendkim-sign", "dkimpy-sign", "milterd-sign-rsa", "milterd-sign-ed25519",
-    "opendkim-verify", "dkimpy-verify", "milterd-verify",
+    "none", "opendkim-sign", "dkimpy-sign", "milterd-sign-rsa", "milterd-sign-rsa-quiet",
+    "milterd-sign-ed25519", "opendkim-verify", "dkimpy-verify", "milterd-verify",
 )  # fmt: skip
-LOAD_TARGETS = ("opendkim-sign", "milterd-sign-rsa", "milterd-sign-ed25519", "dkimpy-sign")
+LOAD_TARGETS = (
+    "opendkim-sign", "milterd-sign-rsa", "milterd-sign-rsa-quiet", "milterd-sign-ed25519",
+    "dkimpy-sign",
+)  # fmt: skip
 
 
 def daemon_timings(log_path: Path) -> float | None:
@@ -447,6 +462,9 @@ def run(base: Path, wanted: list[str]) -> int:
             "dkimpy-sign": lambda: start_dkimpy(base, "s", keys),
             "dkimpy-verify": lambda: start_dkimpy(base, "v", keys),
             "milterd-sign-rsa": lambda: start_milterd(base, "milterd-sign-rsa", keys, dns_port),
+            "milterd-sign-rsa-quiet": lambda: start_milterd(
+                base, "milterd-sign-rsa-quiet", keys, dns_port
+            ),
             "milterd-sign-ed25519": lambda: start_milterd(
                 base, "milterd-sign-ed25519", keys, dns_port
             ),
@@ -518,6 +536,11 @@ def report(rows: list[dict[str, Any]]) -> str:
         "",
         f"{COUNT} messages a run, {RUNS} runs, {SESSIONS} SMTP sessions, 5 KB message, "
         f"milterd workers={WORKERS}; medians. Postfix + smtp-source/smtp-sink on loopback.",
+        "",
+        "OpenDKIM and dkimpy-milter run with `Syslog no` (nothing logged per message); "
+        "`milterd-sign-rsa-quiet` is milterd at `log_level = \"warning\"`, the same work; the "
+        "other milterd rows log the default one-line summary per message at info (plus the "
+        "dkim plugin's `signed` line).",
         "",
         "| target | msgs/s (e2e) | runs | milter CPU ms/msg | vs OpenDKIM |",
         "| --- | --- | --- | --- | --- |",

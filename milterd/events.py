@@ -7,6 +7,7 @@ them, e.g. ``"i"``, ``"{auth_authen}"``). Macros from earlier stages are in
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
@@ -52,6 +53,10 @@ class Client:
         return str(self.address) if self.address is not None else ""
 
 
+# Cached: every connection parses its client address once or twice, and a mail server
+# sees the same clients again and again; ip_address() is the costliest part of CONNECT.
+# Results are immutable, so sharing them between threads is safe.
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """Parse an address as MTAs write it: ``1.2.3.4``, ``[1.2.3.4]``, ``IPv6:::1``, ``::1``.
 
