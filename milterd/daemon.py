@@ -118,6 +118,7 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
 
     _pdeathsig()
     os.environ["MILTERD_WORKER"] = str(index)
+    t0 = time.monotonic()
     try:
         rt.start("worker")
     except ConfigError as e:
@@ -171,9 +172,10 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
 
     threading.Thread(target=control_loop, name="control", daemon=True).start()
     log.info(
-        "worker %d ready (pid %d), plugins: %s",
+        "worker %d ready (pid %d) in %.0f ms, plugins: %s",
         index,
         os.getpid(),
+        1000 * (time.monotonic() - t0),
         ", ".join(p.name for p in rt.plugins) or "none",
     )
     try:
@@ -298,8 +300,15 @@ class Supervisor:
         from milterd.pipeline import Runtime
 
         try:
+            t0 = time.monotonic()
             self.runtime = Runtime(self.config)
             self.runtime.start("prefork")
+            prefork = [p.name for p in self.runtime.plugins if p.prefork]
+            log.info(
+                "prefork start-up (%s) took %.0f ms, once for every worker",
+                ", ".join(prefork) or "no plugin",
+                1000 * (time.monotonic() - t0),
+            )
         except ConfigError as e:
             log.error("%s", e)
             self._unlink_socket()
