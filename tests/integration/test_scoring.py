@@ -1,9 +1,11 @@
-"""End to end: SMTP client -> private Postfix -> milterd (scoring + tagging) -> sink, with a
-real DNS server for the blocklists and a real Redis for Bayes and greylisting.
+"""End to end: SMTP client -> private Postfix or sendmail -> milterd (scoring + tagging) ->
+sink, with a real DNS server for the blocklists and a real Redis for Bayes and greylisting.
 
-One Postfix, one daemon, one DNS server and one Redis serve the whole module. Loopback
-clients are made untrusted (``internal_networks`` elsewhere), and the tests pick their
-client address inside 127.0.0.0/8 to be listed or not.
+Every test runs through both MTAs (:func:`tests.integration.mta.make_mta`): one MTA, one
+daemon and one DNS server per MTA for the module, one Redis for both (each rig with its own
+key prefixes). Loopback clients are made untrusted (``internal_networks`` elsewhere), and
+the tests pick their client address inside 127.0.0.0/8 to be listed or not (both MTAs
+relay for all of 127.0.0.0/8: ``relay_networks``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.daemon import Daemon
+from tests.integration.mta import HOLD_RE, KINDS, MTA, Kind, accepted_queue_id, make_mta
 from tests.support.dnsserver import ZoneServer
-from tests.support.postfix import PrivatePostfix, free_port
+from tests.support.postfix import free_port
 from tests.support.sink import SinkMessage, SmtpSink
 from tests.support.smtp import SendResult, send
 from tests.unit.test_scoring_bayes import held_out, make_corpus
@@ -49,7 +52,8 @@ ZONES = {
 }
 
 
-def config(port: int, redis_port: int) -> str:
+def config(port: int, redis_port: int, kind: str) -> str:
+    """milterd's plugin configuration; Redis keys prefixed per MTA kind (``it:KIND:``)."""
     redis = f"redis://127.0.0.1:{redis_port}/0"
     return f"""
 [dns]
@@ -101,13 +105,13 @@ score = 2.5
 enabled = true
 backend = "redis"
 redis_url = "{redis}"
-redis_prefix = "it:bayes"
+redis_prefix = "it:{kind}:bayes"
 min_spam = 10
 min_ham = 10
 [plugins.scoring.greylist]
 backend = "redis"
 redis_url = "{redis}"
-redis_prefix = "it:grey"
+redis_prefix = "it:{kind}:grey"
 delay = 2
 [plugins.scoring.domains."grey.example"]
 actions = {{ greylist = 1.0 }}
@@ -123,8 +127,9 @@ report = true
 
 @dataclass
 class Rig:
+    kind: Kind
     daemon: Daemon
-    postfix: PrivatePostfix
+    mta: MTA
     sink: SmtpSink
     dns: ZoneServer
     redis_port: int
@@ -135,7 +140,7 @@ class Rig:
     ) -> SendResult:
         return send(
             "127.0.0.1",
-            self.postfix.smtp_port,
+            self.mta.smtp_port,
             "alice@sender.example",
             rcpts or ["bob@example.net"],
             data,
@@ -149,7 +154,7 @@ class Rig:
                 if marker.encode() in m.data:
                     return m
             time.sleep(0.05)
-        raise AssertionError(f"message {marker} not delivered:\n{self.postfix.log_tail()}")
+        raise AssertionError(f"message {marker} not delivered:\n{self.mta.log_tail()}")
 
 
 def message(marker: str, body: str = "Hello Bob.", extra: str = "") -> bytes:
@@ -200,20 +205,26 @@ def redis_port() -> Iterator[int]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def rig(redis_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=KINDS)
+def rig(
+    request: pytest.FixtureRequest, redis_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Rig]:
+    kind: Kind = request.param
     with ZoneServer(ZONES) as dns:
         daemon = Daemon(
-            config(dns.port, redis_port),
+            config(dns.port, redis_port, kind),
             socket_kind="inet",
             milterd_extra='internal_networks = ["10.255.255.0/24"]',
         )
         with (
             daemon as d,
             SmtpSink() as sink,
-            PrivatePostfix(relay_port=sink.port, milters=d.postfix_socket) as pf,
+            make_mta(
+                kind, sink_port=sink.port, milter=d.socket, relay_networks=["127.0.0.0/8"]
+            ) as mta,
         ):
-            yield Rig(d, pf, sink, dns, redis_port, tmp_path_factory.mktemp("scoring"))
+            workdir = tmp_path_factory.mktemp(f"scoring-{kind}")
+            yield Rig(kind, d, mta, sink, dns, redis_port, workdir)
 
 
 def test_gtube_is_rejected_with_the_configured_text(rig: Rig) -> None:
@@ -248,10 +259,13 @@ def test_thresholds_tag_and_rewrite_the_subject(rig: Rig) -> None:
 
 
 def test_quarantine_puts_the_message_on_hold(rig: Rig) -> None:
+    # held by the MTA: Postfix's hold queue, sendmail's hf file
     mk = uuid.uuid4().hex
+    mark = rig.mta.log_mark()
     res = rig.send(message(mk, "please tag-me-please"), rcpts=[f"{mk}@hold.example"])
     assert res.ok, res
-    rig.postfix.wait_log(r"milter triggers HOLD action")
+    rig.mta.wait_log(HOLD_RE[rig.kind], since=mark)
+    assert accepted_queue_id(res.text) in rig.mta.held_ids(), (res.text, rig.mta.held_ids())
     time.sleep(1.0)
     assert not [m for m in rig.sink.messages if mk.encode() in m.data]
 
@@ -327,7 +341,7 @@ def test_bayes_in_redis_trained_by_the_cli_classifies_held_out_mail(rig: Rig) ->
 
 def test_reload_compiles_new_rules_and_refuses_broken_ones(rig: Rig) -> None:
     """Runs last in this module: it changes the daemon's rules."""
-    base = config(rig.dns.port, rig.redis_port)
+    base = config(rig.dns.port, rig.redis_port, rig.kind)
     added = (
         '[[plugins.scoring.rules]]\nname = "IT_RELOADED"\ntype = "body"\n'
         'pattern = "brand-new-rule"\nscore = 0.5\n'

@@ -3,7 +3,8 @@ SpamAssassin's spamd (``spamassassin``) and rspamd (``rspamd``), both on loopbac
 
 Nothing leaves the machine: spamd runs with ``--local`` (no network tests); rspamd's
 resolver points at a dead loopback port and its DNS-based modules are switched off.
-One Postfix, one milterd, one spamd and one rspamd serve the whole module.
+One spamd and one rspamd serve the whole module; every test runs through Postfix and
+through sendmail (:func:`tests.integration.mta.make_mta`, one MTA and one milterd each).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.daemon import Daemon
-from tests.support.postfix import PrivatePostfix, free_port
+from tests.integration.mta import KINDS, MTA, make_mta
+from tests.support.postfix import free_port
 from tests.support.sink import SinkMessage, SmtpSink
 from tests.support.smtp import SendResult, send
 
@@ -159,11 +161,11 @@ def rspamd_port() -> Iterator[int]:
 @dataclass
 class Rig:
     daemon: Daemon
-    postfix: PrivatePostfix
+    mta: MTA
     sink: SmtpSink
 
     def send(self, data: bytes, rcpts: list[str] | None = None) -> SendResult:
-        return send("127.0.0.1", self.postfix.smtp_port, "alice@sender.example",
+        return send("127.0.0.1", self.mta.smtp_port, "alice@sender.example",
                     rcpts or ["bob@example.net"], data)  # fmt: skip
 
     def delivered(self, marker: str, timeout: float = 20) -> SinkMessage:
@@ -173,11 +175,11 @@ class Rig:
                 if marker.encode() in m.data:
                     return m
             time.sleep(0.05)
-        raise AssertionError(f"{marker} not delivered:\n{self.postfix.log_tail()}")
+        raise AssertionError(f"{marker} not delivered:\n{self.mta.log_tail()}")
 
 
-@pytest.fixture(scope="module")
-def rig(spamd_port: int, rspamd_port: int) -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=KINDS)
+def rig(request: pytest.FixtureRequest, spamd_port: int, rspamd_port: int) -> Iterator[Rig]:
     body = f"""
 [plugins.scoring]
 gtube = 0
@@ -204,11 +206,16 @@ report = true
             body, socket_kind="inet", milterd_extra='internal_networks = ["10.255.255.0/24"]'
         ) as d,  # fmt: skip
         SmtpSink() as sink,
-        PrivatePostfix(
-            relay_port=sink.port, milters=d.postfix_socket, milter_content_timeout=60
-        ) as pf,  # fmt: skip
+        # sendmail: the documented E:5m; milterd's progress every 5 s keeps R:10s happy
+        # while the scanners work.
+        make_mta(
+            request.param,
+            sink_port=sink.port,
+            milter=d.socket,
+            postfix_options={"milter_content_timeout": 60},
+        ) as mta,
     ):
-        yield Rig(d, pf, sink)
+        yield Rig(d, mta, sink)
 
 
 def report(m: SinkMessage) -> dict[str, float]:

@@ -743,6 +743,10 @@ class PrivatePostfix(MailLog):
         """Return the ids of all queued messages (any queue: incoming, active, deferred...)."""
         return [str(item["queue_id"]) for item in self.queue()]
 
+    def held_ids(self) -> list[str]:
+        """Return the ids of the messages in the ``hold`` queue (a milter's quarantine)."""
+        return [str(item["queue_id"]) for item in self.queue() if item["queue_name"] == "hold"]
+
     def postqueue_empty(self) -> bool:
         """True if no message is queued."""
         return not self.queue()

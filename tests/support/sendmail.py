@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import os
 import re
 import shutil
@@ -68,7 +69,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -232,6 +233,14 @@ class _SyslogCatcher:
         self.sock.close()
 
 
+def _relay_entry(network: str) -> str:
+    """``"127.0.0.0/8"`` -> ``"127"``: a class ``R`` entry, matched by whole octets."""
+    net = ipaddress.ip_network(network)
+    if net.version != 4 or net.prefixlen % 8:
+        raise ValueError(f"relay network {network!r}: IPv4 with an octet-aligned prefix only")
+    return ".".join(str(net.network_address).split(".")[: net.prefixlen // 8])
+
+
 def _ns_of(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/uts")
@@ -259,6 +268,10 @@ class PrivateSendmail(MailLog):
         None keeps the documented value.
     :param sasl_users: user -> password; offers AUTH PLAIN/LOGIN (Cyrus sasldb).
     :param ipv6: also listen on ``[::1]:smtp_port``.
+    :param relay_networks: further client networks (IPv4 CIDR, octet-aligned prefix, e.g.
+        ``"127.0.0.0/8"``) allowed to relay without AUTH, like Postfix's ``mynetworks``.
+        They go to ``relay-domains`` (class ``R``), which sendmail also matches against the
+        client address, by whole octets.  By default only ``localhost [127.0.0.1]`` relays.
     :param hostname: ``$j`` and the node name inside the namespace (must contain a dot).
     :param extra_mc: further m4 lines, placed before the snippet (e.g. size limits).
     :param log_level: ``LogLevel``; :param milter_log_level: ``Milter.LogLevel``.
@@ -278,6 +291,7 @@ class PrivateSendmail(MailLog):
         timeouts: str | None = None,
         sasl_users: Mapping[str, str] | None = None,
         ipv6: bool = False,
+        relay_networks: Sequence[str] = (),
         hostname: str = "sendmail.test",
         extra_mc: str = "",
         log_level: int = 14,
@@ -296,6 +310,7 @@ class PrivateSendmail(MailLog):
         self.flags = flags
         self.timeouts = timeouts
         self.sasl_users: dict[str, str] | None = dict(sasl_users) if sasl_users else None
+        self.relay_entries = [_relay_entry(n) for n in relay_networks]
         self.hostname = hostname
         self.extra_mc = extra_mc
         self.log_level = log_level
@@ -440,6 +455,8 @@ MAILER(`smtp')dnl
         (d / "hosts").write_text(f"127.0.0.1\tlocalhost {self.hostname}\n::1\tlocalhost\n")
         (d / "aliases").write_text("postmaster: root\n")
         (d / "local-host-names").write_text(self.hostname + "\n")
+        if self.relay_entries:
+            (d / "relay-domains").write_text("".join(f"{e}\n" for e in self.relay_entries))
         (d / "sendmail.st").touch()
         self.mc.write_text(self.mc_text())
         r = subprocess.run(
@@ -631,3 +648,27 @@ exec "$@"
             return sorted(p.name for p in self.queue_dir.iterdir())
         except FileNotFoundError:
             return []
+
+    def queue_ids(self) -> list[str]:
+        """Ids of the messages in the queue: ``qf*`` (to deliver) and ``hf*`` (held)."""
+        return sorted({f[2:] for f in self.queue_files() if f.startswith(("qf", "hf"))})
+
+    def held_ids(self) -> list[str]:
+        """Ids of quarantined messages: sendmail keeps them as ``hf*`` instead of ``qf*``."""
+        return [f[2:] for f in self.queue_files() if f.startswith("hf")]
+
+    def clear_queue(self) -> None:
+        """Delete every queued (or held) message: all files in the queue directory."""
+        for f in self.queue_dir.iterdir():
+            f.unlink(missing_ok=True)
+
+    def wait_queue_empty(self, timeout: float = 10.0) -> None:
+        """Wait until no ``qf*`` file is left; :raises TimeoutError: listing what is left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [f for f in self.queue_files() if f.startswith("qf")]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"queue not empty after {timeout}s: {left}\n{self.log_tail()}")
+            time.sleep(0.1)

@@ -1,5 +1,5 @@
-"""DKIM and ARC end to end: SMTP client -> private Postfix -> milterd (dkim, authres, arc,
-t_mark) -> sink, with keys published by the test DNS server on loopback.
+"""DKIM and ARC end to end: SMTP client -> private Postfix or sendmail -> milterd (dkim,
+authres, arc, t_mark) -> sink, with keys published by the test DNS server on loopback.
 
 Cross-checks with independent implementations:
 
@@ -10,9 +10,12 @@ Cross-checks with independent implementations:
   milterd as ``dkim=pass`` in the Authentication-Results at the sink;
 * ARC seals added by milterd verify with dkimpy's ``arc_verify``.
 
-One Postfix and one daemon for the whole module (unix socket). ``internal_networks`` is
-empty so that loopback SMTP is *untrusted* (verified); SMTP AUTH and local ``sendmail``
-submission are the trusted (signed) paths.
+Every test runs through both MTAs (:func:`tests.integration.mta.make_mta`): one MTA, one
+daemon (unix socket), one DNS server and one key set per MTA for the module.
+``internal_networks`` is empty and ``sign_local`` off, so that unauthenticated loopback
+SMTP is an *untrusted* (verified) client on both MTAs (sendmail has no XCLIENT to pose as
+a remote address); SMTP AUTH is the trusted (signed) path, and local submission with
+``sign_local`` on (:meth:`Rig.submit_locally`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import smtplib
 import subprocess
 import tempfile
 import time
@@ -37,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from milterd_plugins.dkim.keys import public_txt
 
 from tests.integration.daemon import Daemon
+from tests.integration.mta import KINDS, MTA, Kind, make_mta, postfix_socket
 from tests.support.dnsserver import ZoneServer
 from tests.support.milterclient import MilterClient, Transcript
 from tests.support.opendkim import OPENDKIM
@@ -47,14 +50,14 @@ from tests.support.smtp import send
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-REMOTE_IP = "192.0.2.25"
 TESTMSG = shutil.which("opendkim-testmsg") or "/usr/sbin/opendkim-testmsg"
 
 
 @dataclass
 class Rig:
+    kind: Kind
     daemon: Daemon
-    postfix: PrivatePostfix
+    mta: MTA
     sink: SmtpSink
     keydir: Path
     records: dict[str, str]  # "sel._domainkey.dom" -> TXT
@@ -63,30 +66,48 @@ class Rig:
     def deliver(
         self, data: bytes, sender: str = "alice@example.com", auth: bool = False
     ) -> SinkMessage:
+        """Send ``data`` (tagged with a fresh X-Case) through the MTA; return it as delivered.
+
+        ``auth``: as alice with SMTP AUTH (trusted: signed); otherwise as an unauthenticated
+        client on loopback, untrusted here (verified).
+        """
         token = uuid.uuid4().hex
         data = data.replace(b"\r\n\r\n", f"\r\nX-Case: {token}\r\n\r\n".encode(), 1)
-        if auth:
-            r = send(
-                "127.0.0.1",
-                self.postfix.smtp_port,
-                sender,
-                ["bob@example.net"],
-                data,
-                auth=("alice", "pw"),
-            )
-            assert r.ok, (r.code, r.text, self.daemon.log_text()[-2000:])
-        else:
-            self.send_remote(sender, data)
+        r = send(
+            "127.0.0.1",
+            self.mta.smtp_port,
+            sender,
+            ["bob@example.net"],
+            data,
+            helo="mail.example.org",
+            auth=("alice", "pw") if auth else None,
+        )
+        assert r.ok, (r.code, r.text, self.daemon.log_text()[-2000:])
         return self.wait(token)
 
-    def send_remote(self, sender: str, data: bytes) -> None:
-        """As an outside client (XCLIENT: Postfix and milterd see 192.0.2.25)."""
-        with smtplib.SMTP("127.0.0.1", self.postfix.smtp_port, timeout=30) as s:
-            s.ehlo("client.example")
-            code, text = s.docmd("XCLIENT", f"ADDR={REMOTE_IP} NAME=mail.example.org")
-            assert code == 220, (code, text)
-            s.ehlo("mail.example.org")
-            s.sendmail(sender, ["bob@example.net"], data)
+    def submit_locally(self, sender: str, data: bytes) -> None:
+        """Local submission the way each MTA's own sendmail(1) does it.
+
+        Postfix: the command hands the message to pickup, and ``non_smtpd_milters`` shows it
+        to milterd without a client address. sendmail: the command is a mail submission
+        program that relays over SMTP to the MTA on loopback, so the MTA's milter sees an
+        unauthenticated SMTP session from 127.0.0.1, which is what is sent here (the private
+        sendmail has no MSP configuration of its own).
+        """
+        if isinstance(self.mta, PrivatePostfix):
+            self.mta.sendmail(sender, ["bob@example.net"], data)
+            return
+        r = send("127.0.0.1", self.mta.smtp_port, sender, ["bob@example.net"], data, "localhost")
+        assert r.ok, (r.code, r.text, self.daemon.log_text()[-2000:])
+
+    def reconfigure(self, body: str, expect: str = "reloaded") -> int:
+        """Write ``body`` as the daemon's plugin configuration and SIGHUP it; wait for the
+        ``expect`` log line. Returns the log offset before the reload."""
+        self.daemon.write(body)
+        mark = len(self.daemon.log_text())
+        self.daemon.signal(signal.SIGHUP)
+        self.daemon.wait_log(expect, after=mark)
+        return mark
 
     def wait(self, token: str, timeout: float = 20) -> SinkMessage:
         deadline = time.monotonic() + timeout
@@ -95,7 +116,7 @@ class Rig:
                 if token.encode() in m.data.split(b"\r\n\r\n", 1)[0]:
                     return m
             time.sleep(0.05)
-        raise TimeoutError(f"message {token} not delivered:\n{self.postfix.log_tail()}")
+        raise TimeoutError(f"message {token} not delivered:\n{self.mta.log_tail()}")
 
     def dnsfunc(self, name: bytes, timeout: int = 5) -> bytes | None:
         v = self.records.get(name.decode().rstrip("."))
@@ -211,8 +232,9 @@ class OpenDKIMMilter:
         return b"DKIM-Signature: " + value.encode() + b"\r\n" + data
 
 
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=KINDS)
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    kind: Kind = request.param
     # root-owned, not world-writable: milterd's key checks and OpenDKIM's both accept it
     keydir = Path(tempfile.mkdtemp(prefix="milterd-dkim-it-", dir="/var/lib"))
     keydir.chmod(0o755)
@@ -236,6 +258,7 @@ def rig() -> Iterator[Rig]:
     body = f"""
 [plugins.t_mark]
 [plugins.dkim]
+sign_local = false
 headers = ["from", "to", "cc", "subject", "date", "message-id", "x-test-mark", "x-case",
            "mime-version", "content-type"]
 [plugins.dkim.keys.rsa]
@@ -266,18 +289,15 @@ key_file = "{paths["arc"]}"
             with (
                 Daemon(body, socket_kind="unix", milterd_extra=dns_cfg) as d,
                 SmtpSink() as sink,
-                PrivatePostfix(
-                    relay_port=sink.port,
-                    milters=d.postfix_socket,
-                    non_smtpd_milters=d.postfix_socket,
+                make_mta(
+                    kind,
+                    sink_port=sink.port,
+                    milter=d.socket,
                     sasl_users={"alice": "pw"},
-                    extra_main_cf={
-                        "smtpd_authorized_xclient_hosts": "127.0.0.1",
-                        "relay_domains": "example.net",
-                    },
-                ) as pf,
+                    postfix_options={"non_smtpd_milters": postfix_socket(d.socket)},
+                ) as mta,
             ):
-                yield Rig(d, pf, sink, keydir, records, body)
+                yield Rig(kind, d, mta, sink, keydir, records, body)
     finally:
         shutil.rmtree(keydir, ignore_errors=True)
 
@@ -360,10 +380,15 @@ def test_signed_mail_verifies_with_dkimpy_and_opendkim(rig: Rig, dom: str, algs:
 
 
 def test_local_submission_is_signed(rig: Rig) -> None:
-    token = uuid.uuid4().hex
-    data = msg("example.com").replace(b"\r\n\r\n", f"\r\nX-Case: {token}\r\n\r\n".encode(), 1)
-    rig.postfix.sendmail("alice@example.com", ["bob@example.net"], data)
-    m = rig.wait(token)
+    # sign_local (the plugin's default; off in this module's configuration) for this test
+    rig.reconfigure(rig.body.replace("sign_local = false", "sign_local = true"))
+    try:
+        token = uuid.uuid4().hex
+        data = msg("example.com").replace(b"\r\n\r\n", f"\r\nX-Case: {token}\r\n\r\n".encode(), 1)
+        rig.submit_locally("alice@example.com", data)
+        m = rig.wait(token)
+    finally:
+        rig.reconfigure(rig.body)
     assert_both_verify(rig, m.data, ["rsa-sha256"])
 
 
@@ -485,10 +510,7 @@ def test_reload_rotation_overlap_and_unsafe_key_refused(rig: Rig) -> None:
     )
     assert body != rig.body
     d = rig.daemon
-    d.write(body)
-    mark = len(d.log_text())
-    d.signal(signal.SIGHUP)
-    d.wait_log("reloaded", after=mark)
+    rig.reconfigure(body)
     m = rig.deliver(msg("example.com"), auth=True)
     sels = sorted(re.findall(rb"\bs=(r20\d\d);", b"".join(dkim_sigs(m.data))))
     assert sels == [b"r2026", b"r2027"]  # both selectors active during the overlap
@@ -496,10 +518,8 @@ def test_reload_rotation_overlap_and_unsafe_key_refused(rig: Rig) -> None:
 
     # a new generation with an unsafe key is refused as a whole: the old one keeps signing
     path.chmod(0o644)
-    d.write(body.replace('keys = ["rsa", "rsa_new"]', 'keys = ["rsa_new"]'))
-    mark = len(d.log_text())
-    d.signal(signal.SIGHUP)
-    d.wait_log("reload refused, old config kept", after=mark)
+    new_only = body.replace('keys = ["rsa", "rsa_new"]', 'keys = ["rsa_new"]')
+    mark = rig.reconfigure(new_only, expect="reload refused, old config kept")
     assert "rsa_new.key: mode 0644" in d.log_text()[mark:]
     m = rig.deliver(msg("example.com"), auth=True)
     sels = sorted(re.findall(rb"\bs=(r20\d\d);", b"".join(dkim_sigs(m.data))))
