@@ -1,9 +1,12 @@
 """Built-in ``authres``: one Authentication-Results header (RFC 8601) for every message.
 
-* At end of message, every incoming Authentication-Results and ARC-Authentication-Results
-  field that claims our authserv-id is deleted (RFC 8601 section 5: a receiver must not
-  trust results it did not produce, and such fields are forgeries), wherever it stands;
-  fields of other authserv-ids stay untouched and in order.
+* At end of message, every incoming Authentication-Results field that claims our
+  authserv-id is deleted (RFC 8601 section 5: a receiver must not trust results it did not
+  produce, and such fields are forgeries), wherever it stands; fields of other
+  authserv-ids stay untouched and in order. ARC-Authentication-Results are never touched:
+  each is sealed into its ARC set, so deleting one breaks the chain for every later
+  hop, and one carrying our authserv-id may be our own from an earlier pass (a message
+  that loops back through a list); it is trusted only as far as its sealer (``d=``) is.
 * At ``finalize``, after every plugin's ``eom``, one header is added on top with every
   result on the ledger (SPF, DKIM, ARC, DMARC, third-party methods), in pipeline order,
   or ``none`` when no plugin produced any. It is built with the ``authres`` library and
@@ -35,7 +38,7 @@ __all__ = ["AuthResConfig", "AuthenticationResults", "authserv_id_of", "build_he
 
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 _INSTANCE = re.compile(r"^\s*i\s*=\s*\d+\s*;", re.IGNORECASE)
-CHECKED = ("authentication-results", "arc-authentication-results")
+CHECKED = ("authentication-results",)
 
 
 class AuthResConfig(PluginConfig):

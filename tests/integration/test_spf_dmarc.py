@@ -234,11 +234,13 @@ def test_forged_authentication_results_removed_others_intact(rig: Rig) -> None:
     assert fields[0][0] == "Authentication-Results" and fields[0][1].startswith("mx.test;")
     assert fields[1:] == [
         ("Authentication-Results", "other.example; spf=fail smtp.mailfrom=a.example"),
+        # ARC sets are sealed: never deleted, whatever authserv-id they carry
+        ("ARC-Authentication-Results", "i=1; mx.test; dmarc=pass"),
         ("Authentication-Results", "lists.example; dkim=pass header.d=b.example"),
         ("ARC-Authentication-Results", "i=1; lists.example; arc=none"),
     ]
     assert "forged.example" not in head
-    assert head.count("mx.test") == 1  # only ours, on top
+    assert head.count("mx.test;") == 2  # ours on top, and the untouched ARC one
     assert head.endswith(
         "\r\nARC-Authentication-Results: i=1; lists.example; arc=none\r\nX-Between: kept"
     )
