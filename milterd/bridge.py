@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -425,7 +426,9 @@ def open_socket(settings: Settings) -> None:
     milter.set_abort_callback(_abort)
     milter.set_close_callback(_close)
     milter.register("milterd", data=_data, unknown=_unknown, negotiate=_negotiate)
-    family, where, _ = parse_socket(settings.socket)
+    global _listen
+    family, where, port = parse_socket(settings.socket)
+    _listen = (family, where, port)
     milter.setconn(settings.socket)
     milter.settimeout(settings.milter_timeout)
     if family == "unix":
@@ -468,11 +471,49 @@ def _nodelay() -> None:
             s.detach()
 
 
+_listen: tuple[str, str, int] | None = None  # (family, host or path, port) of our socket
+_running = threading.Event()
+
+
 def run() -> None:
     """libmilter's accept loop (smfi_main). Returns after :func:`stop`."""
-    milter.main()
+    _running.set()
+    try:
+        milter.main()
+    finally:
+        _running.clear()
 
 
 def stop() -> None:
-    """Stop accepting connections (smfi_stop); :func:`run` then returns."""
+    """Stop accepting connections (smfi_stop); :func:`run` then returns, promptly.
+
+    libmilter's accept loop holds its listener lock while it waits in select(), which
+    times out every 5 seconds (MI_CHK_TIME), and smfi_stop needs that lock to close the
+    socket: left alone, every stop (SIGTERM, the supervisor gone) takes up to 5 s. So a
+    thread wakes the loop while smfi_stop waits: it connects to our own listening socket
+    and closes at once, until the loop has returned. Another worker may accept one of
+    these connections instead; it ends before the milter negotiation, so no callback runs.
+    """
+    waker = threading.Thread(target=_wake_listener, name="wake-listener", daemon=True)
+    if _listen is not None and _running.is_set():
+        waker.start()
     milter.stop()
+
+
+def _wake_listener() -> None:
+    assert _listen is not None
+    family, where, port = _listen
+    if family != "unix" and where in ("", "0.0.0.0", "::"):
+        where = "::1" if family == "inet6" else "127.0.0.1"
+    deadline = time.monotonic() + 6.0
+    while _running.is_set() and time.monotonic() < deadline:
+        try:
+            if family == "unix":
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(0.2)
+                    s.connect(where)
+            else:
+                socket.create_connection((where, port), timeout=0.2).close()
+        except OSError:
+            pass  # the socket is closed or gone: the loop is ending anyway
+        time.sleep(0.05)
