@@ -37,6 +37,15 @@ class _Metrics:
         self.connections = Gauge(
             "milterd_connections_open", "Open MTA connections", multiprocess_mode="livesum"
         )
+        self._by_verdict: dict[str, Counter] = {}
+
+    def message(self, verdict: str) -> None:
+        """Count one message: ``.labels()`` takes a lock and hashes on every call, so the
+        child per verdict word (a handful) is looked up once."""
+        child = self._by_verdict.get(verdict)
+        if child is None:
+            child = self._by_verdict[verdict] = self.messages.labels(verdict)
+        child.inc()
 
 
 METRICS = _Metrics()

@@ -688,7 +688,7 @@ class Session:
         m = self.msg
         if m is None:
             return
-        METRICS.messages.labels(decision.word).inc()
+        METRICS.message(decision.word)
         if not log.isEnabledFor(logging.INFO):
             return
         info = m.info
