@@ -9,10 +9,20 @@ Over the milter protocol, no MTA: bench/milter_load.py plays Postfix against a r
 directory under WORK (default /var/lib/milterd-bench, i.e. the machine's real disk, not
 tmpfs). Rounds alternate between variants so drift hits all of them alike; the median
 round is reported. Throughput ratio = archive msgs/s / baseline msgs/s (target: >= 0.85).
+The archives are kept until the end of the run (see run_variant). CPU ms/msg (the milter's
+process tree, from /proc) moves far less with other load than msgs/s does: on a shared
+machine compare that column.
 
 Variants: base (no archive), archive (defaults: delivered copy, fsync file + directory,
 SQLite synchronous=FULL), both-zstd (both copies, zstd), nofsync (fsync = false,
 index_synchronous = normal).
+
+``--postfix``: the same variants end to end instead, as ``postfix_bench.py`` measures:
+smtp-source (SESSIONS sessions, a new connection per message) -> a private Postfix with
+``smtpd_milters`` = the variant's daemon -> smtp-sink; WARMUP then COUNT messages per run
+(the environment knobs of bench/README.md; ``--count`` is not used). The socket lives
+in WORK/sock, where Postfix's smtpd can reach it. Reported: end-to-end msgs/s (until the
+sink has every message), the milter's and Postfix's CPU ms/msg.
 
 Prints a markdown section; appends one JSON line per round and one per variant summary to
 bench/out/archive.jsonl.
@@ -21,6 +31,7 @@ bench/out/archive.jsonl.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -38,7 +50,9 @@ from benchlib import (
     MILTERD,
     PYTHON,
     WORK,
+    Endpoint,
     Proc,
+    Target,
     tree_pids,
     unix_listening,
     wait_for,
@@ -101,8 +115,101 @@ def run_variant(
         result.update(variant=name, round=round_no, archived=archived, busy_before=busy_before)
         return result
     finally:
+        # The archive stays until the whole run ends (main() removes WORK's run directory):
+        # on ext4 without a journal, creating files just after thousands were deleted is
+        # several times slower (the inode allocator skips recently deleted inodes), which
+        # would penalise whichever variant runs next.
         proc.stop()
-        shutil.rmtree(vdir, ignore_errors=True)
+
+
+def report_postfix(
+    names: list[str], rows: dict[str, list[dict[str, Any]]], a: argparse.Namespace,
+    pfb: Any, stamp: str, jf: Any,
+) -> None:  # fmt: skip
+    """The markdown section (and summary JSON lines) of a ``--postfix`` run."""
+    base_rate = median(x["rate"] for x in rows["base"])
+    base_cpu = median(x["milter_cpu_ms_per_msg"] for x in rows["base"])
+    print(f"## Archive cost through Postfix ({stamp})\n")
+    print(
+        f"smtp-source -> Postfix (milter on a unix socket) -> smtp-sink, 5 KB message, "
+        f"{pfb.warmup} + {pfb.count} messages x {a.rounds} rounds per variant, "
+        f"{pfb.sessions} sessions, workers={a.workers}, {os.cpu_count()} CPUs; median round. "
+        "Target: throughput ratio >= 0.85.\n"
+    )
+    print("| variant | e2e msgs/s | ratio to base | accept msgs/s | milter CPU ms/msg "
+          "| extra CPU ms/msg | Postfix CPU ms/msg | archived |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n in names:
+        rate = median(x["rate"] for x in rows[n])
+        accept = median(x["accept_rate"] for x in rows[n])
+        cpu = median(x["milter_cpu_ms_per_msg"] for x in rows[n])
+        pf_cpu = median(x["postfix_cpu_ms_per_msg"] for x in rows[n])
+        archived = [x["archived"] for x in rows[n]]
+        summary = {
+            "summary": True, "mode": "postfix", "stamp": stamp, "variant": n, "rate": rate,
+            "ratio": round(rate / base_rate, 3), "accept_rate": accept, "cpu_ms_per_msg": cpu,
+            "extra_cpu_ms_per_msg": round(cpu - base_cpu, 3), "postfix_cpu_ms_per_msg": pf_cpu,
+            "archived": archived, "count": pfb.count, "warmup": pfb.warmup,
+            "rounds": a.rounds, "sessions": pfb.sessions, "workers": a.workers,
+        }  # fmt: skip
+        jf.write(json.dumps(summary, sort_keys=True) + "\n")
+        print(
+            f"| {n} | {rate:.0f} | {rate / base_rate:.2f} | {accept:.0f} | {cpu:.3f} | "
+            f"{cpu - base_cpu:+.3f} | {pf_cpu:.3f} | "
+            f"{'/'.join(str(x) for x in archived) if archived[0] is not None else '-'} |"
+        )
+
+
+@dataclass
+class _Running:
+    """What PostfixBench.run_once needs of a milter under test."""
+
+    endpoint: Endpoint
+    pid: int
+
+
+def run_variant_postfix(
+    name: str, workdir: Path, a: argparse.Namespace, round_no: int, pfb: Any
+) -> dict[str, Any]:
+    """One variant end to end through Postfix (postfix_bench.PostfixBench.run_once)."""
+    vdir = workdir / f"pf-{name}-{round_no}"
+    vdir.mkdir(parents=True)
+    sockdir = WORK / "sock"  # 0755 directories: smtpd runs as postfix
+    sockdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(WORK, 0o755)
+    os.chmod(sockdir, 0o755)
+    sock = sockdir / f"archive-bench-{name}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    archive = vdir / "archive"
+    conf = vdir / "milterd.toml"
+    conf.write_text(config(str(sock), a.workers, VARIANTS[name].format(dir=archive)))
+    proc = Proc(f"milterd-{name}", [MILTERD, "-c", str(conf), "run"], vdir / "milterd.log")
+    try:
+        wait_for(lambda: unix_listening(str(sock)), 30, f"{name} socket", proc)
+        wait_for(lambda: len(tree_pids(proc.pid)) >= 1 + a.workers, 30, "workers", proc)
+        busy_before = wait_quiet()
+        target = Target(f"archive-{name}", "milterd", "unix", a.workers)
+        res: dict[str, Any] = pfb.run_once(
+            target, _Running(Endpoint("unix", path=str(sock)), proc.pid), round_no
+        )
+        if res["errors"]:
+            raise RuntimeError(f"{name} through Postfix: {res['errors']}")
+        archived = None
+        if "archive" in VARIANTS[name]:  # warm-up messages included
+            with sqlite3.connect(archive / "index.sqlite3") as db:
+                archived = int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+        cpu = res["cpu_ms_per_msg"]
+        res.update(
+            variant=name, round=round_no, archived=archived, busy_before=busy_before,
+            rate=res["e2e_rate"], milter_cpu_ms_per_msg=cpu["milter"],
+            postfix_cpu_ms_per_msg=cpu["postfix"], mode="postfix",
+        )  # fmt: skip
+        return res
+    finally:
+        proc.stop()  # the archive stays until the run ends (see run_variant)
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
 
 
 def main() -> int:
@@ -114,6 +221,7 @@ def main() -> int:
     ap.add_argument(
         "--variants", default="base,base-body,archive,inline,both-zstd,nofsync,inline-nofsync"
     )
+    ap.add_argument("--postfix", action="store_true", help="end to end through Postfix")
     a = ap.parse_args()
     names = [v for v in a.variants.split(",") if v]
     if "base" not in names or any(v not in VARIANTS for v in names):
@@ -121,6 +229,11 @@ def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="archive-bench-", dir=WORK))
     msg = write_message(workdir / "msg.eml", 5000)
+    pfb: Any = None
+    if a.postfix:
+        from postfix_bench import PostfixBench
+
+        pfb = PostfixBench()
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -128,7 +241,10 @@ def main() -> int:
         with OUT.open("a") as jf:
             for r in range(a.rounds):
                 for n in names:
-                    res = run_variant(n, workdir, msg, a, r)
+                    if pfb is not None:
+                        res = run_variant_postfix(n, workdir, a, r, pfb)
+                    else:
+                        res = run_variant(n, workdir, msg, a, r)
                     res["stamp"] = stamp
                     rows[n].append(res)
                     jf.write(json.dumps(res, sort_keys=True) + "\n")
@@ -140,6 +256,9 @@ def main() -> int:
                     )
             base_rate = median(x["rate"] for x in rows["base"])
             base_cpu = median(x["milter_cpu_ms_per_msg"] for x in rows["base"])
+            if pfb is not None:
+                report_postfix(names, rows, a, pfb, stamp, jf)
+                return 0
             print(f"## Archive cost ({stamp})\n")
             print(
                 f"milter_load.py, 5 KB message, {a.count} messages x {a.rounds} rounds per "

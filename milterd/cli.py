@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,50 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
         rt = Runtime(config)
-        # What the supervisor does before forking (load keys, compile rules): a config that
-        # passes here starts. Per-worker state (databases) is not opened by a check.
-        rt.start("prefork")
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
+        return 2
+    # What the supervisor does before forking (load keys, compile rules, check stores), so
+    # that a config that passes here starts; per-worker state is not opened by a check.
+    # As the daemon's user: run as root, a check must not create files root then owns.
+    if _as_daemon_user(config.milterd.user, config.milterd.group, lambda: rt.start("prefork")):
         return 2
     print(f"{args.config}: OK")
     print(f"  socket {config.milterd.socket}, {config.milterd.worker_count()} worker(s)")
     print("  pipeline: " + (" -> ".join(p.name for p in rt.plugins) or "(no plugins enabled)"))
     return 0
+
+
+def _as_daemon_user(user: str | None, group: str | None, fn: Callable[[], None]) -> bool:
+    """Run ``fn`` with the daemon's privileges (in a child process when we are root and
+    the config names a user or group). Returns True when it failed (reason printed)."""
+    from milterd.config import ConfigError
+
+    if os.geteuid() != 0 or (user is None and group is None):
+        try:
+            fn()
+        except ConfigError as e:
+            print(f"milterd: {e}", file=sys.stderr)
+            return True
+        return False
+    from milterd.daemon import _drop_privileges
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            _drop_privileges(user, group)
+            fn()
+        except (ConfigError, OSError, KeyError) as e:
+            print(f"milterd: {e}", file=sys.stderr)
+            status = 2
+        finally:
+            sys.stderr.flush()
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return status != 0
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:

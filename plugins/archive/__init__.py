@@ -17,10 +17,13 @@ Storage is behind :class:`~milterd_plugins.archive.store.ArchiveBackend`.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import ipaddress
+import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
@@ -178,6 +181,16 @@ def _record(ctx: Context, message: Message, verdict: str, now: float) -> Record:
         addr = str(client.address)
         if isinstance(client.address, ipaddress.IPv6Address) and client.address.ipv4_mapped:
             addr = str(client.address.ipv4_mapped)
+    # The three header fields in one pass over the parsed header (first of each wins).
+    mid = subject = date = None
+    for h in message.headers:
+        name = h.name.lower()
+        if name == "message-id":
+            mid = h.value if mid is None else mid
+        elif name == "subject":
+            subject = h.value if subject is None else subject
+        elif name == "date":
+            date = h.value if date is None else date
     return Record(
         id=new_id(now),
         received=now,
@@ -188,9 +201,9 @@ def _record(ctx: Context, message: Message, verdict: str, now: float) -> Record:
         helo=ctx.connection.helo,
         auth_user=ctx.connection.auth_user,
         queue_id=info.queue_id if info else "",
-        message_id=(message.get("Message-ID") or "").strip().strip("<>").strip().lower(),
-        subject=(message.get("Subject") or "").strip(),
-        date=(message.get("Date") or "").strip(),
+        message_id=(mid or "").strip().strip("<>").strip().lower(),
+        subject=(subject or "").strip(),
+        date=(date or "").strip(),
         verdict=verdict,
         score=ctx.score,
         results=[_result_text(r) for r in ctx.results],
@@ -203,9 +216,20 @@ def _result_text(r: Any) -> str:
     return f"{r.method}={r.result}" + (f" {props}" if props else "")
 
 
-def _chunks(message: Message) -> Any:
-    yield message.header_bytes()
-    yield b"\r\n"
+# Up to this body size a copy is handed to the store as one buffer (one write, one hash
+# update); larger bodies (spooled to disk by the core) are streamed in chunks.
+ONE_BUFFER = 1 << 20
+
+
+def _chunks(message: Message) -> Iterable[bytes]:
+    """The message as stored: header block, blank line, body (CRLF)."""
+    if message.body_size <= ONE_BUFFER:
+        return (message.header_bytes() + b"\r\n" + message.body(),)
+    return _stream(message)
+
+
+def _stream(message: Message) -> Iterator[bytes]:
+    yield message.header_bytes() + b"\r\n"
     yield from message.body_chunks()
 
 
@@ -216,8 +240,13 @@ class ArchivePlugin:
     """Keeps a durable copy of selected messages, indexed for search."""
 
     actions: frozenset[str] = frozenset()  # records nothing, changes nothing
-    # Disk writes keep a hard deadline on a helper thread; eom only keeps a reference.
-    isolation = {"default": "inline", "finalize": "thread", "outcome": "thread"}
+    # finalize writes on the core's helper thread (a hard deadline for a hung disk); eom
+    # only keeps a reference; outcome usually only looks at the verdict, so it runs
+    # inline (a thread hop costs ~0.1-0.2 ms of CPU a message) and sends its rare disk
+    # work (a verdict update, a removal, a rejected message's copy) to _slow(), which
+    # keeps the same hard deadline.
+    isolation = {"default": "inline", "finalize": "thread", "outcome": "inline"}
+    prefork = True  # startup checks the store; each worker opens its own (worker_start)
     after = ("authres", "dkim", "arc", "spf", "dmarc", "scoring", "tagging")
 
     def __init__(self) -> None:
@@ -225,6 +254,8 @@ class ArchivePlugin:
         self.backend: ArchiveBackend | None = None
         self._stop = threading.Event()
         self._pruner: threading.Thread | None = None
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     @hookimpl
     def config_schema(self) -> type[ArchiveConfig]:
@@ -232,21 +263,45 @@ class ArchivePlugin:
 
     @hookimpl
     def startup(self, config: ArchiveConfig, services: Services) -> None:
+        # Runs once in the supervisor, before the fork (prefork): check the store opens,
+        # and remove temporary files of writers that no longer run; the store is closed
+        # again, since an SQLite connection must not cross a fork. Each worker opens its
+        # own in worker_start.
         self.cfg = config
         self.log = services.logger.getChild("archive")
         try:
-            self.backend = open_backend(config)
+            backend = open_backend(config)
         except Exception as e:
             if config.required:
                 raise
             # required = false: start anyway, every write will fail and be logged.
             self.log.error("archive store %s unavailable: %s", config.path, e)
+            return
+        try:
+            if isinstance(backend, FileStore):
+                n = backend.clean_temp()  # temp names carry the writer's pid: live ones stay
+                if n:
+                    self.log.warning("removed %d temporary file(s) left by a crashed writer", n)
+        finally:
+            backend.close()
+
+    @hookimpl
+    def worker_start(self) -> None:
+        config = self.cfg
+        assert config is not None
+        try:
+            self.backend = open_backend(config)
+        except Exception as e:
+            if config.required:
+                raise
+            self.log.error("archive store %s unavailable: %s", config.path, e)
             self.backend = None
-        if isinstance(self.backend, FileStore):
-            n = self.backend.clean_temp()
-            if n:
-                self.log.warning("removed %d temporary file(s) left by a crashed writer", n)
-        if config.retention and self.backend is not None:
+        # One pruner per daemon, not one per worker: worker 0 (or the only process).
+        if (
+            config.retention
+            and self.backend is not None
+            and os.environ.get("MILTERD_WORKER", "0") == "0"
+        ):
             self._pruner = threading.Thread(
                 target=self._prune_loop, name="archive-prune", daemon=True
             )
@@ -255,8 +310,28 @@ class ArchivePlugin:
     @hookimpl
     def shutdown(self) -> None:
         self._stop.set()
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)  # let started disk work finish before the store closes
         if self.backend is not None:
             self.backend.close()
+
+    def _slow(self, ctx: Context, what: str, fn: Callable[[], object]) -> None:
+        """Run ``fn`` (disk work at ``outcome``) on a helper thread and wait for it until
+        the call's deadline, so an inline ``outcome`` keeps the hard deadline a thread
+        call has. Past the deadline the work goes on alone (``fn`` must clean up after
+        itself, as ``_write`` does) and the call returns; errors are logged."""
+        with self._pool_lock:
+            if self._pool is None:  # first use: in the worker process, after any fork
+                self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="archive")
+            fut = self._pool.submit(fn)
+        try:
+            fut.result(timeout=ctx.time_left())
+        except cf.TimeoutError:
+            ctx.log.error("archive %s not done within the plugin's timeout", what)
+        except Exception as e:
+            ctx.log.error("archive %s failed: %s", what, e)
 
     def _prune_loop(self) -> None:
         assert self.cfg is not None and self.backend is not None
@@ -336,19 +411,21 @@ class ArchivePlugin:
                 ctx.log.error("archive store unavailable: %s message not archived", word)
             return
         if done is not None:
+            backend = self.backend
             if not want:
-                self.backend.delete(done)
+                self._slow(ctx, "removal", lambda: backend.delete(done))
             elif word != "continue":
-                self.backend.set_verdict(done, word)
+                self._slow(ctx, "verdict update", lambda: backend.set_verdict(done, word))
             return
         if not want:
             return
         delivers = word in DELIVERING
         ctx.message_state.setdefault("received", message)  # eom did not run (core limit)
-        try:
-            self._write(ctx, message if delivers else None, word)
-        except Exception as e:
-            ctx.log.error("archive write failed (%s message, not held back): %s", word, e)
+        self._slow(
+            ctx,
+            f"write ({word} message, not held back)",
+            lambda: self._write(ctx, message if delivers else None, word),
+        )
 
     @hookimpl
     def commands(self, subparsers: Any) -> None:

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from json.encoder import encode_basestring_ascii as _encode_str
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -184,63 +185,112 @@ def _norm_mid(mid: str) -> str:
 
 
 class _Pending:
-    __slots__ = ("day", "done", "error", "row")
+    """One writer's index row waiting in the group commit."""
+
+    __slots__ = ("day", "error", "row", "signal", "state")
 
     def __init__(self, row: tuple[Any, ...], day: str) -> None:
         self.row = row
         self.day = day
-        self.done = False
         self.error: BaseException | None = None
+        # "queued" -> "lead" (commit the queue now) or "done" (committed, or error set);
+        # or "withdrawn" (gave up waiting). Changed only under _GroupCommit.lock, and the
+        # signal is released under it too.
+        self.state = "queued"
+        # A plain lock as a one-shot signal: cheaper than an Event, and only this writer
+        # waits on it (no thundering herd on one shared condition).
+        self.signal = threading.Lock()
+        self.signal.acquire()
 
 
 class _GroupCommit:
     """Index rows of concurrent writers committed together (leader/follower, no thread of
-    its own): a writer that finds no commit running commits every pending row, with one
-    fsync per day directory and one SQLite commit (one WAL fsync); writers arriving
-    meanwhile wait for the next batch. Each writer returns once its own row is durable.
-    Alone, a writer simply commits its own row."""
+    its own). A writer that finds no commit running commits its own row at once. Writers
+    arriving while a commit runs queue up; when it ends, the finishing leader wakes the
+    first of them as the next leader, which commits the whole queue with one fsync per
+    day directory and one SQLite transaction (one WAL fsync), then wakes exactly the
+    writers of its batch. Each writer returns once its own row is durable, or raises the
+    error of its own row: a failed batch is retried row by row, so a row that cannot be
+    inserted (or a directory that cannot be synced) fails only the messages concerned."""
 
     def __init__(self, store: FileStore) -> None:
         self.store = store
-        self.cond = threading.Condition()
-        self.pending: list[_Pending] = []
+        self.lock = threading.Lock()
+        self.queue: list[_Pending] = []
         self.busy = False
 
     def submit(self, row: tuple[Any, ...], day: str, timeout: float = 60.0) -> None:
+        """Commit one row; return when it is durable. Raises its error, or StoreError when
+        the row was still queued after ``timeout`` seconds (then withdrawn, never
+        committed)."""
         p = _Pending(row, day)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            self.pending.append(p)
-            while not p.done and self.busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    with contextlib.suppress(ValueError):
-                        self.pending.remove(p)  # still queued: nobody will commit it
-                    if not p.done:
-                        raise StoreError(f"index commit not done within {timeout:g}s")
-                self.cond.wait(max(left, 0.0))
-            if p.done:
-                if p.error is not None:
-                    raise p.error
-                return
-            batch, self.pending = self.pending, []
-            self.busy = True
-        error: BaseException | None = None
+        with self.lock:
+            if self.busy:
+                self.queue.append(p)
+            else:
+                self.busy = True
+                p.state = "lead"
+        if p.state != "lead" and not p.signal.acquire(timeout=timeout):
+            with self.lock:
+                if p.state == "queued":
+                    self.queue.remove(p)
+                    p.state = "withdrawn"
+                    raise StoreError(f"index commit not done within {timeout:g}s")
+            # Otherwise it was made leader or done just now (under the lock): go on.
+        if p.state == "done":
+            if p.error is not None:
+                raise p.error
+            return
+        with self.lock:  # the leader: everything queued so far joins this batch
+            batch = [p, *(q for q in self.queue if q is not p)]
+            self.queue = []
         try:
-            if self.store.fsync:
-                for d in {q.day for q in batch}:
-                    _fsync_dir(self.store.root / d)
-            self.store._insert_rows([q.row for q in batch])
-        except BaseException as e:  # reported to every writer of the batch
-            error = e
-        with self.cond:
+            errors = self._commit(batch)
+        except BaseException as e:  # not an ordinary failure (KeyboardInterrupt...)
+            errors = {id(q): e for q in batch}
+        with self.lock:
             for q in batch:
-                q.error = error
-                q.done = True
-            self.busy = False
-            self.cond.notify_all()
-        if error is not None:
-            raise error
+                if q is not p:
+                    q.error = errors.get(id(q))
+                    q.state = "done"
+                    q.signal.release()
+            if self.queue:  # they arrived during this commit: the first one leads next
+                nxt = self.queue[0]
+                nxt.state = "lead"
+                nxt.signal.release()
+            else:
+                self.busy = False
+        mine = errors.get(id(p))
+        if mine is not None:
+            raise mine
+
+    def _commit(self, batch: list[_Pending]) -> dict[int, BaseException]:
+        """Make the batch durable: directory fsyncs, then the rows in one transaction.
+        Returns the error of each row that failed, keyed by ``id()`` of its _Pending."""
+        errors: dict[int, BaseException] = {}
+        if self.store.fsync:
+            for d in {q.day for q in batch}:
+                try:
+                    _fsync_dir(self.store.root / d)
+                except OSError as e:  # that directory's new entries might not survive
+                    for q in batch:
+                        if q.day == d:
+                            errors[id(q)] = e
+        ok = [q for q in batch if id(q) not in errors]
+        if not ok:
+            return errors
+        try:
+            self.store._insert_rows([q.row for q in ok])
+        except Exception as e:
+            if len(ok) == 1:
+                errors[id(ok[0])] = e
+            else:  # the transaction was rolled back: find the rows that cannot go in
+                for q in ok:
+                    try:
+                        self.store._insert_rows([q.row])
+                    except Exception as e1:
+                        errors[id(q)] = e1
+        return errors
 
 
 class FileStore:
@@ -319,28 +369,40 @@ class FileStore:
         return rel
 
     def _write(self, chunks: Iterable[bytes], rel: str) -> Copy:
-        """Write one copy atomically to ``ROOT/rel``; returns its Copy."""
+        """Write one copy atomically to ``ROOT/rel``; returns its Copy. Straight to the
+        file descriptor, no buffered file object: the plugin hands a small message over
+        as one chunk, which becomes one write(2)."""
         tmp = f"{self._tmp}/{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}"
         digest = hashlib.sha256()
         size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
-            with os.fdopen(fd, "wb", buffering=1 << 16) as f:
+            try:
                 if self._zstd is not None:
+                    # Compressor objects are not safe to share between threads: one a copy.
                     cctx = self._zstd.ZstdCompressor(level=self.level)
-                    with cctx.stream_writer(f, closefd=False) as z:
+                    if isinstance(chunks, (tuple, list)) and len(chunks) == 1:
+                        # One buffer: one-shot compression, a few times cheaper than the
+                        # streaming object for a small message (no 128 KB work buffers).
+                        digest.update(chunks[0])
+                        size = len(chunks[0])
+                        _write_all(fd, cctx.compress(chunks[0]))
+                    else:
+                        z = cctx.compressobj()
                         for c in chunks:
                             digest.update(c)
                             size += len(c)
-                            z.write(c)
+                            _write_all(fd, z.compress(c))
+                        _write_all(fd, z.flush())
                 else:
                     for c in chunks:
                         digest.update(c)
                         size += len(c)
-                        f.write(c)
-                f.flush()
+                        _write_all(fd, c)
                 if self.fsync:
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.rename(tmp, f"{self._root}/{rel}")
         except BaseException:
             with contextlib.suppress(OSError):
@@ -383,7 +445,7 @@ class FileStore:
             r.id,
             r.received,
             r.sender,
-            json.dumps(r.recipients),
+            _json_list(r.recipients),
             "\n" + "\n".join(a.lower() for a in r.recipients) + "\n",
             r.client_address,
             r.client_name,
@@ -395,7 +457,7 @@ class FileStore:
             r.date,
             r.verdict,
             r.score,
-            json.dumps(r.results),
+            _json_list(r.results),
             r.direction,
             r.size,
             r.sha256,
@@ -605,6 +667,19 @@ class FileStore:
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self.db.close()
+
+
+def _json_list(items: list[str]) -> str:
+    """``json.dumps(items)`` for a list of strings, byte for byte, without the encoder's
+    per-call set-up (two of these per archived message)."""
+    return "[" + ", ".join(map(_encode_str, items)) + "]"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """write(2) until every byte is written (a regular file may take fewer at once)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _like(s: str) -> str:

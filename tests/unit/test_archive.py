@@ -7,8 +7,10 @@ import hashlib
 import json
 import mailbox
 import os
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from milterd_plugins.archive import (
     prune,
     selected,
 )
-from milterd_plugins.archive.store import FileStore, Query, Record
+from milterd_plugins.archive.store import FileStore, Query, Record, StoreError, new_id
 
 from milterd import (
     AddHeader,
@@ -469,4 +471,226 @@ def test_write_past_the_deadline_tempfails_and_takes_the_copy_back(
         out = h.send(MSG)
         assert out.verdict == "tempfail" and out.delivered is None
         time.sleep(1.0)  # the abandoned call finishes meanwhile
+    assert all_records(tmp_path) == [] and layout_files(tmp_path) == []
+
+
+# --- group commit and the write path -------------------------------------------------------
+
+
+def _rec(now: float | None = None, id_: str | None = None) -> Record:
+    now = time.time() if now is None else now
+    return Record(id=id_ or new_id(now), received=now, sender="a@example.org", recipients=["b@x"])
+
+
+class _HeldCommits:
+    """Wraps FileStore._insert_rows: the first commit waits until ``queued`` writers sit
+    in the group-commit queue (so the next batch holds them all); records batch sizes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fs: FileStore, queued: int) -> None:
+        self.batches: list[int] = []
+        self.fs, self.queued = fs, queued
+        self.real = fs._insert_rows
+        monkeypatch.setattr(fs, "_insert_rows", self.insert)
+
+    def insert(self, rows: list[tuple[Any, ...]]) -> None:
+        if not self.batches:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                c = self.fs._committer
+                if c is not None and len(c.queue) >= self.queued:
+                    break
+                time.sleep(0.005)
+        self.batches.append(len(rows))
+        self.real(rows)
+
+
+def _concurrently(fn: Any, args: list[Any]) -> list[Any]:
+    """Call fn(arg) for every arg on its own thread; results (or exceptions) in order."""
+    out: list[Any] = [None] * len(args)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = fn(args[i])
+        except Exception as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def _lead(fs: FileStore, data: bytes) -> threading.Thread:
+    """Store one message on a thread and return once its commit runs (so that writers
+    started next queue up behind it)."""
+    t = threading.Thread(target=fs.store, args=(_rec(), {"delivered": [data]}))
+    t.start()
+    while fs._committer is None or not fs._committer.busy:
+        time.sleep(0.005)
+    return t
+
+
+def test_group_commit_many_concurrent_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = FileStore(tmp_path / "arch")
+    held = _HeldCommits(monkeypatch, fs, queued=15)
+    bodies = [b"Subject: m%d\r\n\r\nbody %d\r\n" % (i, i) for i in range(16)]
+    out = _concurrently(lambda b: fs.store(_rec(), {"delivered": [b]}), bodies)
+    assert all(isinstance(r, Record) for r in out), out
+    # One writer committed alone, the 15 that queued meanwhile went in as one transaction.
+    assert held.batches == [1, 15]
+    s = store(tmp_path)
+    assert sorted(s.read(r) for r in s.search(Query())) == sorted(bodies)
+    assert s.verify() == [] and os.listdir(tmp_path / "arch" / "tmp") == []
+    fs.close()
+
+
+def test_group_commit_failed_row_fails_only_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = FileStore(tmp_path / "arch")
+    held = _HeldCommits(monkeypatch, fs, queued=6)
+    leader = _lead(fs, b"first\r\n")  # held until the six below are queued behind it
+    # Message 3's row breaks a NOT NULL constraint: its INSERT fails and rolls back the
+    # batch's transaction; the other rows are retried one by one and committed.
+    recs = [_rec() for i in range(6)]
+    recs[3].sender = None
+    out = _concurrently(
+        lambda i: fs.store(recs[i], {"delivered": [b"m%d\r\n" % i]}), list(range(6))
+    )
+    leader.join(10)
+    assert isinstance(out[3], sqlite3.IntegrityError)
+    assert all(isinstance(r, Record) for i, r in enumerate(out) if i != 3), out
+    assert held.batches[:2] == [1, 6]  # all six in one transaction, which failed
+    s = store(tmp_path)
+    got = {r.id: s.read(r) for r in s.search(Query())}
+    want = {recs[i].id: b"m%d\r\n" % i for i in range(6) if i != 3}
+    assert sorted(got.values()) == sorted([b"first\r\n", *want.values()])
+    assert want.items() <= got.items()
+    assert s.verify() == []  # the failed message's copy was removed: no orphan
+    fs.close()
+
+
+def test_group_commit_directory_fsync_failure_fails_that_day_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import milterd_plugins.archive.store as store_mod
+
+    fs = FileStore(tmp_path / "arch")
+    old_day = time.mktime((2026, 1, 2, 12, 0, 0, 0, 0, 0))
+    fs._day_dir(old_day)  # create it before fsyncs start failing
+    real_fsync_dir = store_mod._fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        if str(path).endswith("2026/01/02"):
+            raise OSError(5, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(store_mod, "_fsync_dir", fsync_dir)
+    held = _HeldCommits(monkeypatch, fs, queued=5)
+    leader = _lead(fs, b"today\r\n")
+    recs = [_rec(old_day if i % 2 else None) for i in range(5)]
+    out = _concurrently(
+        lambda i: fs.store(recs[i], {"delivered": [b"m%d\r\n" % i]}), list(range(5))
+    )
+    leader.join(10)
+    assert held.batches == [1, 3]  # one batch of five: two failed their directory fsync
+    assert [isinstance(r, OSError) for r in out] == [False, True, False, True, False]
+    s = store(tmp_path)
+    assert {recs[i].id for i in (0, 2, 4)} < {r.id for r in s.search(Query())}
+    assert len(s.search(Query())) == 4
+    assert s.verify() == []
+    fs.close()
+
+
+def test_group_commit_queued_writer_gives_up_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = FileStore(tmp_path / "arch")
+    release = threading.Event()
+    real = fs._insert_rows
+
+    def stalled(rows: list[tuple[Any, ...]]) -> None:
+        release.wait(10)
+        real(rows)
+
+    monkeypatch.setattr(fs, "_insert_rows", stalled)
+    leader = threading.Thread(target=fs.store, args=(_rec(), {"delivered": [b"lead\r\n"]}))
+    leader.start()
+    while fs._committer is None or not fs._committer.busy:
+        time.sleep(0.005)
+    committer = fs._committer
+    real_submit = committer.submit
+    monkeypatch.setattr(committer, "submit", lambda row, day: real_submit(row, day, 0.2))
+    with pytest.raises(StoreError, match="not done within"):
+        fs.store(_rec(), {"delivered": [b"late\r\n"]})
+    release.set()
+    leader.join(10)
+    s = store(tmp_path)
+    assert [s.read(r) for r in s.search(Query())] == [b"lead\r\n"]
+    assert s.verify() == [] and committer.queue == [] and not committer.busy
+    fs.close()
+
+
+def test_concurrent_sessions_through_the_pipeline(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        msgs = [MSG.replace(b"quarterly numbers", b"n%d" % i) for i in range(12)]
+        outs = _concurrently(lambda m: h.send(m, queue_id="Q" + m[-40:].hex()[:6]), msgs)
+    assert all(o.verdict == "continue" for o in outs), outs
+    recs = all_records(tmp_path)
+    assert sorted(r.subject for r in recs) == sorted(f"n{i}" for i in range(12))
+    s = store(tmp_path)
+    assert {s.read(r) for r in recs} == {o.delivered for o in outs}
+    assert s.verify() == []
+
+
+def test_json_columns_match_json_dumps(tmp_path: Path) -> None:
+    fs = FileStore(tmp_path / "arch")
+    rec = _rec()
+    rec.recipients = ['"q"@example.org', "ü@example.org", "x\\y@example.org"]
+    rec.results = ["dkim=pass header.d=example.org", "spf=none"]
+    fs.store(rec, {"delivered": [b"x\r\n"]})
+    row = fs.db.execute("SELECT recipients, results FROM messages").fetchone()
+    assert row == (json.dumps(rec.recipients), json.dumps(rec.results))
+    (got,) = fs.search(Query())
+    assert got.recipients == rec.recipients and got.results == rec.results
+    fs.close()
+
+
+def test_large_message_streamed_and_stored_intact(tmp_path: Path) -> None:
+    body = b"".join(b"line %07d of a big body\r\n" % i for i in range(60000))  # ~1.6 MB
+    raw = MSG.split(b"\r\n\r\n")[0] + b"\r\n\r\n" + body
+    with rig(tmp_path, store="both", compress="zstd") as h:  # streamed, not one buffer
+        out = h.send(raw)
+    (rec,) = all_records(tmp_path)
+    s = store(tmp_path)
+    assert s.verify() == []
+    assert (tmp_path / "arch" / rec.copies["received"].path).stat().st_size < len(raw) // 4
+    assert s.read(rec, "received") == raw
+    assert s.read(rec, "delivered") == out.delivered
+    assert rec.copies["received"].sha256 == hashlib.sha256(raw).hexdigest()
+
+
+def test_outcome_write_keeps_its_deadline_and_takes_a_late_copy_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_store = FileStore.store
+
+    def slow_store(self: FileStore, record: Record, copies: Any) -> Record:
+        data = {k: [b"".join(v)] for k, v in copies.items()}
+        time.sleep(0.6)
+        stored: Record = real_store(self, record, data)
+        return stored
+
+    monkeypatch.setattr(FileStore, "store", slow_store)
+    with rig(tmp_path, verdicts=["reject"], timeout=0.2) as h:
+        t0 = time.monotonic()
+        out = h.send(MSG.replace(b"quarterly numbers", b"reject-me"))
+        took = time.monotonic() - t0
+        time.sleep(1.0)  # the write finishes meanwhile, past the deadline
+    assert out.verdict == "reject"
+    assert took < 0.5  # outcome waited for its deadline, not for the disk
     assert all_records(tmp_path) == [] and layout_files(tmp_path) == []

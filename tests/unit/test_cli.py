@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,6 +55,29 @@ def test_config_check_runs_prefork_startup_so_a_missing_key_is_caught(tmp_path: 
     res = milterd("config", "check", config=cfg)
     assert res.returncode == 2, res
     assert "plugin 'dkim': startup failed" in res.stderr and str(missing) in res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: checks the privilege drop")
+def test_config_check_as_root_checks_as_the_daemon_user_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    base = Path(tempfile.mkdtemp(dir="/var/tmp"))  # tmp_path's parents are root-only
+    base.chmod(0o755)
+    private = base / "root-only"
+    private.mkdir(mode=0o700)
+    cfg = tmp_path / "archive.toml"
+    cfg.write_text(
+        f'[milterd]\nuser = "nobody"\n[plugins.archive]\npath = "{private / "archive"}"\n'
+    )
+    res = milterd("config", "check", config=cfg)
+    assert res.returncode == 2, res
+    assert "plugin 'archive': startup failed" in res.stderr and "Permission denied" in res.stderr
+    assert not (private / "archive").exists()  # root created nothing nobody cannot use
+    private.chmod(0o777)
+    ok = milterd("config", "check", config=cfg)
+    assert ok.returncode == 0, ok.stderr
+    assert (private / "archive").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    shutil.rmtree(base)
 
 
 def test_plugins_lists_installed_enabled_order_hooks_and_broken_ones(config: Path) -> None:
