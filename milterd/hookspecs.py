@@ -166,7 +166,9 @@ def shutdown() -> None:
     """Release what :func:`startup` and :func:`worker_start` opened.
 
     When it fires: in each process where :func:`worker_start` ran, when it stops, and for
-    the old generation after a reload once its last connection has closed. Not in the
+    the old generation after a reload once its last connection has closed; also, for the
+    plugins already started, when a later plugin's ``startup`` or ``worker_start`` refuses
+    the generation in that process (a refused reload leaks nothing). Not in the
     supervisor, which never handles mail.
 
     Returns: nothing. Exceptions are logged and ignored.

@@ -150,16 +150,31 @@ class Runtime:
         if phase in ("prefork", "all"):
             self._call_lifecycle("startup", [p for p in self.plugins if p.prefork], args)
         if phase in ("worker", "all"):
-            self._call_lifecycle("startup", [p for p in self.plugins if not p.prefork], args)
-            self._call_lifecycle("worker_start", self.plugins, args)
+            done: list[LoadedPlugin] = [p for p in self.plugins if p.prefork]
+            try:
+                self._call_lifecycle(
+                    "startup", [p for p in self.plugins if not p.prefork], args, done
+                )
+                self._call_lifecycle("worker_start", self.plugins, args)
+            except Exception:
+                # Unwind what this process opened so far (a refused reload must not leak
+                # connections or threads): shutdown for every plugin started here.
+                self._shutdown(done)
+                raise
             self.started = True
 
     def _call_lifecycle(
-        self, hook: str, plugins: list[LoadedPlugin], args: dict[str, object]
+        self,
+        hook: str,
+        plugins: list[LoadedPlugin],
+        args: dict[str, object],
+        done: list[LoadedPlugin] | None = None,
     ) -> None:
         for p in plugins:
             impl = p.impls.get(hook)
             if impl is None:
+                if done is not None:
+                    done.append(p)
                 continue
             given = {**args, "config": p.config}
             try:
@@ -170,13 +185,19 @@ class Runtime:
                 raise ConfigError(
                     f"plugin {p.name!r}: {hook} failed: {type(e).__name__}: {e}"
                 ) from e
+            if done is not None:
+                done.append(p)
 
     def stop(self) -> None:
         """Call every plugin's ``shutdown`` (errors logged, never raised)."""
         if not self.started:
             return
         self.started = False
-        for p in self.plugins:
+        self._shutdown(self.plugins)
+
+    @staticmethod
+    def _shutdown(plugins: list[LoadedPlugin]) -> None:
+        for p in plugins:
             impl = p.impls.get("shutdown")
             if impl is not None:
                 try:

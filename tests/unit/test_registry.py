@@ -121,8 +121,23 @@ def test_start_phases_split_prefork_startup_from_per_worker_work() -> None:
         def worker_start(self) -> None:
             raise OSError("database locked")
 
+    class Opened:
+        @hookimpl
+        def worker_start(self) -> None:
+            calls.append("opened.worker_start")
+
+        @hookimpl
+        def shutdown(self) -> None:
+            calls.append("opened.shutdown")
+
+    calls.clear()
+    rt = build({"opened": Opened, "bad": FailingWorkerStart})
     with pytest.raises(ConfigError, match="'bad': worker_start failed: OSError: database locked"):
-        build({"bad": FailingWorkerStart}).start()
+        rt.start()
+    # what was opened before the failure is released (a refused reload leaks nothing)
+    assert calls == ["opened.worker_start", "opened.shutdown"]
+    rt.stop()  # not started: nothing more
+    assert calls == ["opened.worker_start", "opened.shutdown"]
 
 
 def test_undeclared_actions_are_refused() -> None:
