@@ -58,13 +58,13 @@ def _as_daemon_user(user: str | None, group: str | None, fn: Callable[[], None])
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        status = 0
+        status = 2  # anything but a clean return is a failure
         try:
             _drop_privileges(user, group)
             fn()
-        except (ConfigError, OSError, KeyError) as e:
+            status = 0
+        except Exception as e:  # ConfigError, or the user/group unknown (KeyError), ...
             print(f"milterd: {e}", file=sys.stderr)
-            status = 2
         finally:
             sys.stderr.flush()
             os._exit(status)
