@@ -31,30 +31,10 @@ from datetime import datetime
 from pathlib import Path
 
 from benchlib import BENCH_DIR, MILTERD, WORK, Endpoint, Proc, listening, tree_pids, wait_for
-from workers import scoring_rules
+from workers import config
 
 OUT = BENCH_DIR / "results.d" / "startup.md"
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-
-
-def config(sock: Path, workers: int, key: Path, rules: int) -> str:
-    return f"""
-[milterd]
-socket = "unix:{sock}"
-workers = {workers}
-log_level = "info"
-
-[plugins.dkim]
-[plugins.dkim.keys.bench]
-selector = "bench"
-file = "{key}"
-[[plugins.dkim.signing]]
-pattern = "example.com"
-keys = ["bench"]
-
-[plugins.scoring]
-{scoring_rules(rules)}
-"""
 
 
 def when(log: str, needle: str, after: int = 0) -> tuple[float, int] | None:
@@ -84,7 +64,7 @@ def smaps(pid: int) -> tuple[int, int]:
 def one(base: Path, key: Path, rules: int, workers: int, n: int) -> dict[str, float]:
     sock = base / f"s{n}.sock"
     conf = base / f"m{n}.toml"
-    conf.write_text(config(sock, workers, key, rules))
+    conf.write_text(config(str(sock), workers, key, rules, log_level="info"))
     logf = base / f"m{n}.log"
     logf.unlink(missing_ok=True)
     proc = Proc(f"startup-{n}", [MILTERD, "-c", str(conf), "run"], logf)

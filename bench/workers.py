@@ -57,13 +57,16 @@ def scoring_rules(n: int) -> str:
     return "\n".join(out)
 
 
-def config(sock: str, workers: int, key: Path) -> str:
+def config(
+    sock: str, workers: int, key: Path, rules: int = 200, log_level: str = "warning"
+) -> str:
+    """DKIM rsa signing + ``rules`` scoring rules (bench/startup.py uses it too)."""
     return f"""
 [milterd]
 socket = "unix:{sock}"
 socket_mode = "0666"
 workers = {workers}
-log_level = "warning"
+log_level = "{log_level}"
 authserv_id = "mx.bench"
 
 [plugins.dkim]
@@ -76,7 +79,7 @@ keys = ["bench"]
 
 [plugins.scoring]
 scan_trusted = true
-{scoring_rules(200)}
+{scoring_rules(rules)}
 """
 
 
