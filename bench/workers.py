@@ -57,9 +57,7 @@ def scoring_rules(n: int) -> str:
     return "\n".join(out)
 
 
-def config(
-    sock: str, workers: int, key: Path, rules: int = 200, log_level: str = "warning"
-) -> str:
+def config(sock: str, workers: int, key: Path, rules: int = 200, log_level: str = "warning") -> str:
     """DKIM rsa signing + ``rules`` scoring rules (bench/startup.py uses it too)."""
     return f"""
 [milterd]
