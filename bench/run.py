@@ -769,8 +769,38 @@ def memory_report(path: Path, rows: list[Row]) -> tuple[list[str], bool | None, 
     return out, met, milterd_growth, milterd_msgs
 
 
+#: RESULTS.md headings that write_results builds from bench/out/run-*.jsonl itself.
+CORE_HEADINGS = ("## Targets", "## Machine", "## A. ", "## B. ", "## C. ")
+
+
+def _results_d() -> list[str]:
+    """Sections measured by the other bench scripts (workers, plugins): each writes its own
+    markdown to bench/results.d/NAME.md, committed, appended to RESULTS.md in name order."""
+    out: list[str] = []
+    for section in sorted((BENCH_DIR / "results.d").glob("*.md")):
+        out += ["", section.read_text().strip(), "", f"(from `bench/results.d/{section.name}`)"]
+    return out
+
+
+def splice_results_d() -> None:
+    """No run-*.jsonl here (they are gitignored: a fresh clone has none): keep RESULTS.md's
+    own sections as committed and refresh only the results.d ones."""
+    lines = RESULTS.read_text().split("\n")
+    heads = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    first = next((i for i in heads if not lines[i].startswith(CORE_HEADINGS)), len(lines))
+    tail = next((i for i in heads if lines[i].startswith("## How to reproduce")), len(lines))
+    head = lines[:first]
+    while head and head[-1] == "":
+        head.pop()
+    RESULTS.write_text("\n".join([*head, *_results_d(), "", *lines[tail:]]))
+    log(f"no run-*.jsonl in {OUT}: kept the committed A-C sections, refreshed results.d")
+
+
 def write_results() -> None:
     found = newest_per_section()
+    if not found and RESULTS.exists():
+        splice_results_d()
+        return
     facts_path, facts_rows = found.get("facts", (None, []))
     facts = next((r for r in facts_rows if r.get("section") == "facts"), {})
     cfg = next((r for r in facts_rows if r.get("section") == "config"), {})
@@ -892,12 +922,7 @@ def write_results() -> None:
         "`bench/bare_milter.py inet:8925@127.0.0.1`.",
         "",
     ]
-    # Sections measured by the other bench scripts (workers, plugins): each writes its own
-    # markdown to bench/results.d/NAME.md, committed, appended here in name order.
-    plugins: list[str] = []
-    for section in sorted((BENCH_DIR / "results.d").glob("*.md")):
-        plugins += ["", section.read_text().strip(), "", f"(from `bench/results.d/{section.name}`)"]
-    RESULTS.write_text("\n".join(head + body + plugins + ["", *repro]))
+    RESULTS.write_text("\n".join(head + body + _results_d() + ["", *repro]))
     log(f"wrote {RESULTS}")
 
 
