@@ -270,7 +270,10 @@ def _count(index: Path) -> int:
 TEMPFAIL_REPLY: dict[Kind, bytes] = {"postfix": b"451 4.7.1", "sendmail": b"451 4.3.2"}
 TEMPFAIL_LOG: dict[Kind, re.Pattern[str]] = {
     "postfix": re.compile(r"milter-reject: [A-Z-]+ from .*: 4\.7\.1 "),
-    "sendmail": re.compile(r"Milter: initialization failed, temp failing commands"),
+    # a new session finds no milter / a session's milter died mid-message (end of data)
+    "sendmail": re.compile(
+        r"Milter: initialization failed, temp failing commands|Milter: data, reject=451 4\.3\.2"
+    ),
 }
 
 
