@@ -254,11 +254,11 @@ def main() -> int:
                         f"machine busy before {res['busy_before']:.0f}%",
                         file=sys.stderr,
                     )
-            base_rate = median(x["rate"] for x in rows["base"])
-            base_cpu = median(x["milter_cpu_ms_per_msg"] for x in rows["base"])
             if pfb is not None:
                 report_postfix(names, rows, a, pfb, stamp, jf)
                 return 0
+            base_rate = median(x["rate"] for x in rows["base"])
+            base_cpu = median(x["milter_cpu_ms_per_msg"] for x in rows["base"])
             print(f"## Archive cost ({stamp})\n")
             print(
                 f"milter_load.py, 5 KB message, {a.count} messages x {a.rounds} rounds per "
