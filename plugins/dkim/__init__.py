@@ -37,8 +37,7 @@ from milterd import (
     hookimpl,
 )
 
-from .keys import KeyFileError, SigningKey, fast_sign, load_key
-from .keys import parse_headers as _parse_headers
+from .keys import KeyFileError, SigningKey, fast_sign, load_key, parse_headers
 from .verify import DNSError, NoKey, SigResult, verify_message
 
 __all__ = [
@@ -192,6 +191,15 @@ class DKIMConfig(PluginConfig):
         return self
 
 
+# "Display Name <local@domain>" or "local@domain" with nothing RFC 5322 gives a special
+# meaning to (quotes, comments, groups, several addresses, routes): the common From, whose
+# address getaddresses would return as is. Anything else goes through getaddresses.
+_ATOMS = r"[^\s\"\\(),:;<>@\[\]]+"
+_SIMPLE_FROM = re.compile(
+    rf"\s*(?:[^\"\\(),:;<>@\[\]]*<({_ATOMS}@{_ATOMS})>|({_ATOMS}@{_ATOMS}))\s*"
+)
+
+
 def from_address(message: Message) -> tuple[str | None, str]:
     """The one From address (lower-cased), or None and why not."""
     froms = message.get_all("From")
@@ -199,6 +207,9 @@ def from_address(message: Message) -> tuple[str | None, str]:
         return None, "no From header"
     if len(froms) > 1:
         return None, f"{len(froms)} From headers"
+    simple = _SIMPLE_FROM.fullmatch(froms[0])
+    if simple is not None:  # ~1 µs instead of ~25 µs in getaddresses
+        return (simple.group(1) or simple.group(2)).lower(), ""
     addrs = [a for _, a in getaddresses(froms) if a]
     if len(addrs) != 1:
         return None, f"{len(addrs)} addresses in From"
@@ -206,6 +217,30 @@ def from_address(message: Message) -> tuple[str | None, str]:
     if "@" not in addr or not addr.rsplit("@", 1)[1]:
         return None, f"From address {addr!r} has no domain"
     return addr, ""
+
+
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+
+
+def signing_headers(message: Message) -> list[list[bytes]]:
+    """The header fields as dkimpy's ``rfc822_parse`` returns them (``[name, value]``, the
+    value from after the colon to its final CRLF, folds as CRLF), built from the fields
+    the MTA sent instead of re-parsing the header block; about 1 µs a field instead of 3.
+    A field ``rfc822_parse`` would treat differently (a name it does not accept, an empty
+    or unindented line inside a value) sends the whole block through it."""
+    out: list[list[bytes]] = []
+    for h in message.headers:
+        name = h.name.encode("ascii", "surrogateescape")
+        value = h.raw
+        if b"\n" in value:  # folds as the MTA sent them (LF or CRLF) to CRLF
+            value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        folds = value.count(b"\r\n")
+        if not _FIELD_NAME.fullmatch(name) or (
+            folds and folds != value.count(b"\r\n ") + value.count(b"\r\n\t")
+        ):
+            return parse_headers(message.header_bytes())
+        out.append([name, value + b"\r\n"])
+    return out
 
 
 def is_trusted_sender(ctx: Context, config: DKIMConfig) -> bool:
@@ -341,7 +376,7 @@ class DKIMPlugin:
             ctx.log.debug("not signing: no signing rule for %s", addr)
             return
         from_domain = addr.rsplit("@", 1)[1]
-        headers = _parse_headers(message.header_bytes())
+        headers = signing_headers(message)
         present: dict[str, int] = {}
         for name, _ in headers:
             n = name.decode("ascii", "replace").lower()

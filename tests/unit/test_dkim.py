@@ -740,3 +740,114 @@ def test_fast_verifier_agrees_with_dkimpy(keys: dict[str, Any]) -> None:
                 assert ours == theirs, (c, length, data)
                 checked += 1
     assert checked == 48
+
+
+class _Recorder:
+    """A hasher that keeps what it is fed."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def update(self, b: bytes) -> None:
+        self.data += b
+
+
+def test_signed_header_hash_input_equals_dkimpy() -> None:
+    """hash_signed_headers feeds the hash exactly what dkimpy's select_headers +
+    canonicalize_headers + hash_headers feed it, on generated fields: repeated and
+    absent names, names in any case or with trailing space, folds with CRLF or bare LF,
+    runs of space and tab, bare CR, vertical tab and form feed."""
+    import random
+
+    from dkim.canonicalization import CanonicalizationPolicy
+    from milterd_plugins.dkim.keys import hash_signed_headers
+
+    rnd = random.Random(6376)
+    names = [b"From", b"from", b"FROM ", b"To", b"Subject", b"Subject\t", b"X-A", b"Date"]
+    pieces = [b"a", b"b c", b" ", b"  ", b"\t", b" \t ", b"\r\n ", b"\r\n\t", b"\n ",
+              b"\r", b"\x0b", b"\x0c", b"\xc3\xa9", b";", b""]  # fmt: skip
+    include_from = [b"from", b"to", b"subject", b"date", b"x-a", b"cc", b"reply-to"]
+    checked = 0
+    for c in (b"relaxed/relaxed", b"simple/simple"):
+        pol = CanonicalizationPolicy.from_c_value(c)
+        relaxed = c.startswith(b"relaxed")
+        for _ in range(3000):
+            headers = [
+                [rnd.choice(names), b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 6)))
+                 + b"\r\n"]
+                for _ in range(rnd.randint(0, 8))
+            ]  # fmt: skip
+            include = [rnd.choice(include_from) for _ in range(rnd.randint(1, 9))]
+            sighdr = (b"DKIM-Signature", b" v=1; a=rsa-sha256;\r\n\tbh=x; b=abc\r\n d=e")
+            ours, theirs = _Recorder(), _Recorder()
+            hash_signed_headers(ours, relaxed, headers, include, sighdr)
+            canon = pol.canonicalize_headers(headers)
+            dkim.hash_headers(theirs, pol, canon, include, sighdr, {})
+            assert ours.data == theirs.data, (c, headers, include)
+            checked += 1
+    assert checked == 6000
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [("From", b" Alice <alice@example.com>"), ("Subject", b" hi")],
+        [("Received", b" from a\n\tby b\n\tfor <c>; now"), ("X-Empty", b"")],
+        [("Received", b" from a\r\n by b"), ("Subject", b" tab\there  ")],
+        [("Subject", b" bare\rcr")],
+        # not as rfc822_parse would split them: the whole block goes through it
+        [("Bad Name", b" x"), ("From", b" a@example.com")],
+        [("Subject", b" two\n\nlines"), ("From", b" a@example.com")],
+    ],
+)
+def test_signing_headers_equal_rfc822_parse(fields: list[tuple[str, bytes]]) -> None:
+    from milterd_plugins.dkim import signing_headers
+
+    from milterd import Header, Message
+
+    msg = Message([Header(n, r.decode("utf-8", "surrogateescape").lstrip(" "), r)
+                   for n, r in fields], None)  # fmt: skip
+    try:
+        expected: Any = parse_headers(msg.header_bytes())
+    except Exception as e:
+        expected = type(e)
+    try:
+        got: Any = signing_headers(msg)
+    except Exception as e:
+        got = type(e)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Alice <alice@example.com>",
+        "alice@Example.COM",
+        "  <alice@example.com>  ",
+        "J. R. Doe <jr@example.org>",
+        "=?utf-8?q?Caf=C3=A9?= <cafe@example.net>",
+        '"Doe, John" <john@example.com>',
+        "Alice <alice@example.com> (comment)",
+        "alice@example.com, bob@example.com",
+        "Group: alice@example.com;",
+        "<@route:alice@example.com>",
+        "Alice <alice@[192.0.2.1]>",
+        "not an address",
+        "alice@",
+        "",
+    ],
+)
+def test_from_address_fast_path_agrees_with_getaddresses(value: str) -> None:
+    """The regular-expression shortcut gives what the getaddresses path gives."""
+    from email.utils import getaddresses
+
+    from milterd_plugins.dkim import from_address
+
+    from milterd import Header, Message
+
+    got = from_address(Message([Header("From", value, b" " + value.encode())], None))
+    addrs = [a for _, a in getaddresses([value]) if a]
+    if len(addrs) != 1 or "@" not in addrs[0] or not addrs[0].rsplit("@", 1)[1]:
+        assert got[0] is None
+    else:
+        assert got == (addrs[0].strip().lower(), "")
