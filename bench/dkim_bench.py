@@ -531,6 +531,14 @@ def report(rows: list[dict[str, Any]]) -> str:
             if r.get("milter_cpu_ms_per_msg") is not None:
                 cpu.setdefault(r["target"], []).append(r["milter_cpu_ms_per_msg"])
     med = {t: statistics.median(v) for t, v in by.items()}
+    # The machine's speed drifts by 20 % within minutes (Postfix alone: 369-560 msgs/s in
+    # six runs in a row), so each target is also compared with the reference run of the
+    # same round, minutes apart at most: the median of those per-round ratios.
+    rate = {
+        (r["round"], r["target"]): r["e2e_msgs_s"]
+        for r in rows
+        if "round" in r and r.get("e2e_msgs_s") and not r.get("problems")
+    }
     lines = [
         "## DKIM (bench/dkim_bench.py)",
         "",
@@ -542,8 +550,8 @@ def report(rows: list[dict[str, Any]]) -> str:
         "other milterd rows log the default one-line summary per message at info (plus the "
         "dkim plugin's `signed` line).",
         "",
-        "| target | msgs/s (e2e) | runs | milter CPU ms/msg | vs OpenDKIM |",
-        "| --- | --- | --- | --- | --- |",
+        "| target | msgs/s (e2e) | runs | milter CPU ms/msg | vs OpenDKIM | same round |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for t in POSTFIX_TARGETS:
         if t not in med:
@@ -551,13 +559,19 @@ def report(rows: list[dict[str, Any]]) -> str:
                      (r.get("check") not in (None, "ok")))]  # fmt: skip
             if fails:
                 why = fails[0].get("error") or fails[0].get("check")
-                lines.append(f"| {t} | not measured: {why} | | | |")
+                lines.append(f"| {t} | not measured: {why} | | | | |")
             continue
         ref = "opendkim-verify" if t.endswith("verify") else "opendkim-sign"
         ratio = f"{med[t] / med[ref]:.2f}x" if ref in med and t != "none" else ""
+        paired = [
+            x / rate[(rnd, ref)]
+            for (rnd, tt), x in sorted(rate.items())
+            if tt == t and (rnd, ref) in rate and t != "none"
+        ]
+        pr = f"{statistics.median(paired):.2f}x" if paired else ""
         c = f"{statistics.median(cpu[t]):.2f}" if t in cpu else ""
         runs = ", ".join(f"{x:.0f}" for x in by[t])
-        lines.append(f"| {t} | {med[t]:.0f} | {runs} | {c} | {ratio} |")
+        lines.append(f"| {t} | {med[t]:.0f} | {runs} | {c} | {ratio} | {pr} |")
     loads = [r for r in rows if r.get("kind") == "milter_load"]
     if loads:
         lines += [

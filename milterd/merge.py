@@ -134,8 +134,12 @@ def merge(entries: list[Entry], headers: list[Header] | None = None) -> Decision
 def _header_ops(
     changes: list[tuple[str, Change]], headers: list[Header] | None, conflicts: list[str]
 ) -> list[Op]:
+    if not changes:
+        return []
     counts: dict[str, int] | None = None
-    if headers is not None:
+    if headers is not None and any(
+        isinstance(ch, ChangeHeader | DeleteHeader) for _, ch in changes
+    ):
         counts = defaultdict(int)
         for h in headers:
             counts[h.name.lower()] += 1
