@@ -178,24 +178,28 @@ def hash_signed_headers(
     headers: list[list[bytes]],
     include: list[bytes],
     sigheader: tuple[bytes, bytes],
-) -> None:
+) -> list[tuple[bytes, bytes]]:
     """Feed ``hasher`` what dkimpy's ``hash_headers`` feeds it: for each name in
     ``include`` (lower case), the bottom-most field of that name not yet used
     (``select_headers``), canonicalized, then the signature field without its b= value and
-    without the trailing CRLF. Only the selected fields are canonicalized."""
+    without the trailing CRLF. Only the selected fields are canonicalized. Returns them,
+    canonicalized, as ``hash_headers`` does."""
     positions: dict[bytes, list[int]] = {}
     for i, (name, _) in enumerate(headers):
         # the name as dkimpy matches it: its canonical form, lower-cased
         key = name.lower().rstrip() if relaxed else name.lower()
         positions.setdefault(key, []).append(i)
+    selected: list[tuple[bytes, bytes]] = []
     for h in include:
         found = positions.get(h)
         if found:
             field_name, field_value = headers[found.pop()]
             name, value = canonical_header(field_name, field_value, relaxed)
             hasher.update(name + b":" + value)
+            selected.append((name, value))
     name, value = canonical_header(sigheader[0], dkim.RE_BTAG.sub(b"\\1", sigheader[1]), relaxed)
     hasher.update(name + b":" + value.rstrip())
+    return selected
 
 
 def canonicalize_body(policy: CanonicalizationPolicy, body: bytes) -> bytes:
