@@ -74,6 +74,7 @@ class Settings(BaseModel):
     user: str | None = None
     group: str | None = None
     workers: int = Field(default=0, ge=0, le=64, description="0 = one per core")
+    cpu_affinity: Literal["auto", "none"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     authserv_id: str = Field(default_factory=_socket.getfqdn)

@@ -110,6 +110,30 @@ def _drop_privileges(user: str | None, group: str | None) -> None:
     log.info("running as uid=%d gid=%d", os.getuid(), os.getgid())
 
 
+def bind_cpu(index: int) -> int | None:
+    """Bind the calling process's thread, and so every thread it starts later (libmilter's
+    one per connection, the plugins'), to one CPU of those it may use: worker ``index``
+    gets the ``index``-th, round robin. Returns the CPU, or None (one CPU only, or the
+    kernel refused: logged, the worker runs unbound).
+
+    Why: a worker runs Python on one CPU at a time anyway (the GIL), but its threads hand
+    the GIL to each other a dozen times a message. Between threads on different CPUs every
+    handoff is a cross-CPU wakeup (an interrupt to the other CPU; in a virtual machine an
+    exit to the hypervisor); on one CPU it is a plain context switch. Measured in
+    bench/RESULTS.md (cpu_affinity)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return None
+        cpu = cpus[index % len(cpus)]
+        os.sched_setaffinity(0, {cpu})
+    except (OSError, AttributeError) as e:
+        log.warning("worker %d: cannot bind to a CPU (cpu_affinity = auto): %s", index, e)
+        return None
+    log.info("worker %d bound to CPU %d", index, cpu)
+    return cpu
+
+
 def _worker_main(index: int, rt: Runtime, control: int) -> None:
     """Body of one worker process: ``rt`` had its prefork phase in the supervisor. Never
     returns (os._exit)."""
@@ -119,6 +143,8 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
     _pdeathsig()
     os.environ["MILTERD_WORKER"] = str(index)
     t0 = time.monotonic()
+    if rt.settings.cpu_affinity == "auto":
+        bind_cpu(index)
     try:
         rt.start("worker")
     except ConfigError as e:

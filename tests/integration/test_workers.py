@@ -317,3 +317,44 @@ def test_prefork_startup_runs_once_before_the_fork_and_worker_start_in_each_work
         hup = got[10:]
         assert ("prefork", "startup", sup) in hup
         assert len([x for x in hup if x[:2] == ("prefork", "startup")]) == 3, hup
+
+
+def _allowed(pid: int) -> set[frozenset[int]]:
+    """The distinct CPU sets the threads of ``pid`` may run on."""
+    out: set[frozenset[int]] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out.add(frozenset(os.sched_getaffinity(int(task.name))))
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_cpu_affinity_auto_binds_each_worker_and_its_threads_to_its_own_cpu() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    with Daemon("[plugins.t_mark]\n", workers=2) as d:  # the default: cpu_affinity = "auto"
+        with Load(d, threads=4) as load:  # libmilter starts a thread per connection
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(load.outcomes) < 50:
+                time.sleep(0.05)
+            per_worker = [_allowed(pid) for pid in d.worker_pids()]
+            supervisor = os.sched_getaffinity(d.pid)
+        log = d.log_text()
+    assert len(load.outcomes) >= 50
+    assert sorted(per_worker, key=sorted) == [{frozenset({cpus[0]})}, {frozenset({cpus[1]})}]
+    assert supervisor == set(cpus)  # the supervisor stays unbound
+    assert sorted(re.findall(r"worker (\d) bound to CPU (\d+)", log)) == [
+        ("0", str(cpus[0])),
+        ("1", str(cpus[1])),
+    ]
+
+
+def test_cpu_affinity_none_leaves_workers_unbound() -> None:
+    cpus = frozenset(os.sched_getaffinity(0))
+    with Daemon("[plugins.t_mark]\n", workers=2, milterd_extra='cpu_affinity = "none"') as d:
+        assert one(d).startswith("accept")
+        per_worker = [_allowed(pid) for pid in d.worker_pids()]
+        log = d.log_text()
+    assert per_worker == [{cpus}, {cpus}]
+    assert "bound to CPU" not in log
