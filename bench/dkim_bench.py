@@ -22,7 +22,8 @@ Every target is checked before it is timed: 3 messages from the sink must carry 
 signature (checked with dkimpy) or, for verifiers, dkim=pass in Authentication-Results.
 
 Knobs (environment): COUNT (1000), RUNS (3), SESSIONS (20), WARMUP (100), LOAD_COUNT
-(COUNT), MILTERD_WORKERS (2), DKIM_PF_PORT (2745), DKIM_SINK_PORT (2746), BENCH_WORK
+(COUNT), CPU_AFFINITY (milterd's ``cpu_affinity``; unset: its default), MILTERD_WORKERS
+(2), DKIM_PF_PORT (2745), DKIM_SINK_PORT (2746), BENCH_WORK
 (/var/lib/milterd-bench-dkim). Output: a markdown section on stdout, one JSON object a
 line in bench/out/dkim.jsonl.
 """
@@ -65,6 +66,7 @@ from postfix_bench import Postfix, Sink, _check_log, smtp_source  # noqa: E402
 
 COUNT = env_int("COUNT", 1000)
 RUNS = env_int("RUNS", 3)
+AFFINITY = os.environ.get("CPU_AFFINITY", "")  # milterd's cpu_affinity; "" = its default
 SESSIONS = env_int("SESSIONS", 20)
 WARMUP = env_int("WARMUP", 100)
 LOAD_COUNT = env_int("LOAD_COUNT", COUNT)
@@ -199,6 +201,7 @@ def start_milterd(base: Path, name: str, keys: Keys, dns_port: int) -> Running:
     conf = (
         f'[milterd]\nsocket = "unix:{sock}"\nsocket_mode = "0666"\nworkers = {WORKERS}\n'
         f'authserv_id = "mx.bench.example"\nlog_level = "{level}"\n'
+        + (f'cpu_affinity = "{AFFINITY}"\n' if AFFINITY else "")
         + ("internal_networks = []\n" if verify else "")
         + f'\n[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\ntimeout = 2\n\n'
         + "[plugins.dkim]\n"
