@@ -85,7 +85,7 @@ VARIANTS: dict[str, str] = {
 }
 
 
-def config(sock: str, workers: int, extra: str, affinity: str = "none") -> str:
+def config(sock: str, workers: int, extra: str, affinity: str = "auto") -> str:
     return (
         "[milterd]\n"
         f'socket = "unix:{sock}"\nsocket_mode = "0666"\nworkers = {workers}\n'
@@ -268,7 +268,7 @@ def main() -> int:
         "--variants", default="base,base-body,archive,inline,both-zstd,nofsync,inline-nofsync"
     )
     ap.add_argument("--postfix", action="store_true", help="end to end through Postfix")
-    ap.add_argument("--cpu-affinity", choices=("auto", "none"), default="none",
+    ap.add_argument("--cpu-affinity", choices=("auto", "none"), default="auto",
                     help="[milterd] cpu_affinity of every variant")  # fmt: skip
     ap.add_argument("--fs", choices=("work", "journal"), default="work",
                     help="where the archives live (see above)")  # fmt: skip
