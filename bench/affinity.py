@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
-from benchlib import BENCH_DIR, MILTERD, WORK, env_int, median, tree_cpu
+from benchlib import BENCH_DIR, env_int, median, tree_cpu
 from make_msg import write_message
 from postfix_bench import Postfix, Sink
+from workers import bench_key, milter_run, postfix_run, start, work_dir
 from workers import config as dkim_config
-from workers import milter_run, postfix_run, start
 
 OUT = BENCH_DIR / "out" / "affinity.jsonl"
 PF_PORT, SINK_PORT = 2755, 2756
@@ -47,19 +46,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=env_int("RUNS", 3))
     ap.add_argument("--no-postfix", action="store_true")
     a = ap.parse_args()
-    base = WORK / "affinity"
-    (base / "sock").mkdir(parents=True, exist_ok=True)
-    (WORK / "logs").mkdir(parents=True, exist_ok=True)
-    for d in (WORK, base, base / "sock"):
-        d.chmod(0o755)
-    key = base / "bench.rsa.key"
-    if not key.exists():
-        subprocess.run(
-            [MILTERD, "dkim", "keygen", "--domain", "example.com", "--selector", "bench",
-             "--out", str(base)],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        next(p for p in base.glob("bench*.key") if p != key).rename(key)
+    base = work_dir("affinity")
+    key = bench_key(base)
     msg = write_message(base / "msg.eml", 5000)
     sock = base / "sock" / "milterd.sock"
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -549,7 +549,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         f"milterd workers={WORKERS}; medians. Postfix + smtp-source/smtp-sink on loopback.",
         "",
         "OpenDKIM and dkimpy-milter run with `Syslog no` (nothing logged per message); "
-        "`milterd-sign-rsa-quiet` is milterd at `log_level = \"warning\"`, the same work; the "
+        '`milterd-sign-rsa-quiet` is milterd at `log_level = "warning"`, the same work; the '
         "other milterd rows log the default one-line summary per message at info (plus the "
         "dkim plugin's `signed` line).",
         "",

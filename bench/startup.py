@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 
 from benchlib import BENCH_DIR, MILTERD, WORK, Endpoint, Proc, listening, tree_pids, wait_for
-from workers import config
+from workers import bench_key, config
 
 OUT = BENCH_DIR / "results.d" / "startup.md"
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -118,16 +118,7 @@ def main() -> int:
     a = ap.parse_args()
     base = WORK / "startup"
     base.mkdir(parents=True, exist_ok=True)
-    key = base / "bench.rsa.key"
-    if not key.exists():
-        import subprocess
-
-        subprocess.run(
-            [MILTERD, "dkim", "keygen", "--domain", "example.com", "--selector", "bench",
-             "--out", str(base)],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        (base / "bench.example.com.rsa.key").rename(key)
+    key = bench_key(base)
     rows = [one(base, key, a.rules, a.workers, n) for n in range(a.runs)]
 
     def med(k: str) -> float:

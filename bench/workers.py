@@ -117,6 +117,31 @@ def postfix_run(pf: Postfix, sink: Sink, msg: Path, count: int, done: int) -> fl
     return count / (sink.t_reached - t0)
 
 
+def work_dir(name: str) -> Path:
+    """WORK/NAME with a ``sock`` directory for the socket, and WORK/logs: mode 0755, where
+    Postfix's smtpd (user postfix) can reach the socket."""
+    base = WORK / name
+    (base / "sock").mkdir(parents=True, exist_ok=True)
+    (WORK / "logs").mkdir(parents=True, exist_ok=True)
+    for d in (WORK, base, base / "sock"):
+        d.chmod(0o755)
+    return base
+
+
+def bench_key(base: Path) -> Path:
+    """BASE/bench.rsa.key: an rsa-2048 key for example.com, selector ``bench``, made with
+    ``milterd dkim keygen`` the first time."""
+    key = base / "bench.rsa.key"
+    if not key.exists():
+        subprocess.run(
+            [MILTERD, "dkim", "keygen", "--domain", "example.com", "--selector", "bench",
+             "--out", str(base)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        next(p for p in base.glob("bench*.key") if p != key).rename(key)
+    return key
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=env_int("COUNT", 3000))
@@ -124,30 +149,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=env_int("RUNS", 3))
     ap.add_argument("--no-postfix", action="store_true")
     a = ap.parse_args()
-    base = WORK / "workers"
-    (base / "sock").mkdir(parents=True, exist_ok=True)
-    (WORK / "logs").mkdir(parents=True, exist_ok=True)
-    for d in (WORK, base, base / "sock"):
-        d.chmod(0o755)
-    key = base / "bench.rsa.key"
-    if not key.exists():
-        subprocess.run(
-            [
-                MILTERD,
-                "dkim",
-                "keygen",
-                "--domain",
-                "example.com",
-                "--selector",
-                "bench",
-                "--out",
-                str(base),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        produced = next(base.glob("bench*.key"))
-        produced.rename(key)
+    base = work_dir("workers")
+    key = bench_key(base)
     msg = write_message(base / "msg.eml")
     sock = base / "sock" / "milterd.sock"
     results: dict[int, list[dict[str, object]]] = {1: [], 2: []}
