@@ -151,7 +151,10 @@ def test_sigterm_under_load_answers_every_message_and_leaves_no_process() -> Non
         time.sleep(0.3)
     words = load.words()
     # Sessions open at SIGTERM finish with accept; new ones are refused with 451 while
-    # draining, then the socket is gone: never a hang, never a wrong answer.
+    # draining, then the socket is gone: never a hang, never a wrong answer. A connection
+    # still waiting in the listen queue (or refused mid-negotiation) when the listener
+    # closes is dropped: the client sees a reset or, writing its next command first, a
+    # broken pipe; no message was taken, the MTA retries.
     assert words["accept:marked"] > 50
     assert set(words) <= {
         "accept:marked",
@@ -159,6 +162,7 @@ def test_sigterm_under_load_answers_every_message_and_leaves_no_process() -> Non
         "error:FileNotFoundError",
         "error:ConnectionRefusedError",
         "error:ConnectionResetError",
+        "error:BrokenPipeError",
         "error:ConnectionError",
     }, words
     for pid in workers:  # gone, or a zombie waiting for a PID 1 that does not reap here
