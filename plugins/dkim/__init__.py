@@ -300,6 +300,7 @@ class DKIMPlugin:
     def __init__(self) -> None:
         self.keys: dict[str, SigningKey] = {}
         self.config: DKIMConfig | None = None
+        self.sign_order: tuple[tuple[str, bool], ...] = ()
 
     @hookimpl
     def config_schema(self) -> type[DKIMConfig]:
@@ -316,6 +317,12 @@ class DKIMPlugin:
                     )
                 except KeyFileError as e:
                     raise ValueError(f"[plugins.dkim] keys.{name}: {e}") from None
+        # the signed header names in order, each with whether it is oversigned: per message
+        # only the counts of the fields present change
+        oversign = set(config.oversign)
+        self.sign_order = tuple(
+            (h, h in oversign) for h in dict.fromkeys(config.headers + config.oversign)
+        )
         self.keys, self.config = keys, config  # one assignment each: never half a table
 
     @hookimpl
@@ -382,12 +389,10 @@ class DKIMPlugin:
             n = name.decode("ascii", "replace").lower()
             present[n] = present.get(n, 0) + 1
         include: list[str] = []
-        oversign = set(cfg.oversign)
-        for h in dict.fromkeys(cfg.headers + cfg.oversign):
+        for h, oversigned in self.sign_order:
             seen = present.get(h, 0)
-            extra = h in oversign and (seen > 0 or h not in ADDED_BY_MTA)
-            count = seen + (1 if extra else 0)
-            include += [h] * count
+            extra = oversigned and (seen > 0 or h not in ADDED_BY_MTA)
+            include += [h] * (seen + (1 if extra else 0))
         body = message.body()
         hc, bc = cfg.canonicalization.split("/")
         for kname in rule.keys:
