@@ -22,10 +22,10 @@ import json
 import sys
 import time
 
-from benchlib import BENCH_DIR, env_int, median, tree_cpu
+from benchlib import BENCH_DIR, median, tree_cpu
 from make_msg import write_message
 from postfix_bench import Postfix, Sink
-from workers import bench_key, milter_run, postfix_run, start, work_dir
+from workers import bench_key, milter_run, postfix_run, run_args, start, work_dir
 from workers import config as dkim_config
 
 OUT = BENCH_DIR / "out" / "affinity.jsonl"
@@ -40,12 +40,7 @@ def core_config(sock: str, workers: int) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--count", type=int, default=env_int("COUNT", 3000))
-    ap.add_argument("--pf-count", type=int, default=env_int("PF_COUNT", 1000))
-    ap.add_argument("--runs", type=int, default=env_int("RUNS", 3))
-    ap.add_argument("--no-postfix", action="store_true")
-    a = ap.parse_args()
+    a = run_args(__doc__)
     base = work_dir("affinity")
     key = bench_key(base)
     msg = write_message(base / "msg.eml", 5000)

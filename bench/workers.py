@@ -117,6 +117,17 @@ def postfix_run(pf: Postfix, sink: Sink, msg: Path, count: int, done: int) -> fl
     return count / (sink.t_reached - t0)
 
 
+def run_args(doc: str | None) -> argparse.Namespace:
+    """The command line shared with bench/affinity.py: --count (milter protocol messages),
+    --pf-count (Postfix messages), --runs, --no-postfix; defaults from the environment."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ap.add_argument("--count", type=int, default=env_int("COUNT", 3000))
+    ap.add_argument("--pf-count", type=int, default=env_int("PF_COUNT", 1000))
+    ap.add_argument("--runs", type=int, default=env_int("RUNS", 3))
+    ap.add_argument("--no-postfix", action="store_true")
+    return ap.parse_args()
+
+
 def work_dir(name: str) -> Path:
     """WORK/NAME with a ``sock`` directory for the socket, and WORK/logs: mode 0755, where
     Postfix's smtpd (user postfix) can reach the socket."""
@@ -143,12 +154,7 @@ def bench_key(base: Path) -> Path:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--count", type=int, default=env_int("COUNT", 3000))
-    ap.add_argument("--pf-count", type=int, default=env_int("PF_COUNT", 1000))
-    ap.add_argument("--runs", type=int, default=env_int("RUNS", 3))
-    ap.add_argument("--no-postfix", action="store_true")
-    a = ap.parse_args()
+    a = run_args(__doc__)
     base = work_dir("workers")
     key = bench_key(base)
     msg = write_message(base / "msg.eml")
