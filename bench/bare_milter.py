@@ -89,6 +89,59 @@ class BareMilterEnvelope(BareMilter):
         return int(Milter.CONTINUE)
 
 
+class BareDKIMSigner(BareMilterEnvelope):
+    """Variant (``--dkim KEYFILE``): the least a pymilter DKIM signer does, as a floor for
+    bench/dkim_bench.py. The callbacks milterd's dkim plugin gets (envelope, header and
+    body without reply, end of message with one), the same signing code (``fast_sign``)
+    and the same signed-header selection (the plugin's defaults), and nothing else: no
+    core, no trusted-sender check, no logging or metrics; every message is signed. Values
+    are rebuilt as dkimpy's ``[name, value]`` pairs with CRLF folds."""
+
+    key: Any = None
+    domain = ""
+    selector = ""
+    order: tuple[tuple[str, bool], ...] = ()
+
+    def __init__(self) -> None:
+        self.fields: list[list[bytes]] = []
+        self.chunks: list[bytes] = []
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def envfrom(self, sender: str, *params: str) -> int:
+        self.fields, self.chunks = [], []
+        return int(Milter.CONTINUE)
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def header(self, name: str, value: bytes) -> int:
+        v = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self.fields.append([name.encode("ascii", "surrogateescape"), b" " + v + b"\r\n"])
+        return int(Milter.CONTINUE)
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def body(self, chunk: bytes) -> int:
+        self.chunks.append(chunk)
+        return int(Milter.CONTINUE)
+
+    def eom(self) -> int:
+        from milterd_plugins.dkim import signed_names
+        from milterd_plugins.dkim.keys import fast_sign
+
+        value = fast_sign(
+            self.fields, b"".join(self.chunks), self.key, domain=self.domain,
+            selector=self.selector, include_headers=signed_names(self.order, self.fields),
+        )  # fmt: skip
+        self.addheader("DKIM-Signature", value.replace("\r\n", "\n"), 0)
+        return int(Milter.ACCEPT)
+
+
+def _header(ctx: Any, name: str, value: bytes) -> int:
+    return int(ctx.getpriv().header(name, value))
+
+
+def _body(ctx: Any, chunk: bytes) -> int:
+    return int(ctx.getpriv().body(chunk))
+
+
 def _helo(ctx: Any, hostname: str) -> int:
     return int(ctx.getpriv().hello(hostname))
 
@@ -145,6 +198,9 @@ def main() -> int:
     ap.add_argument(
         "--envelope", action="store_true", help="experiment: also CONNECT..RCPT, no reply"
     )
+    ap.add_argument("--dkim", metavar="KEYFILE", help="variant: sign (see BareDKIMSigner)")
+    ap.add_argument("--dkim-domain", default="example.com")
+    ap.add_argument("--dkim-selector", default="bench")
     a = ap.parse_args()
 
     Milter.factory = BareMilterDataReply if a.reply_data else BareMilter
@@ -154,6 +210,20 @@ def main() -> int:
         milter.set_helo_callback(_helo)
         milter.set_envfrom_callback(_envfrom)
         milter.set_envrcpt_callback(_envrcpt)
+    if a.dkim:
+        from milterd_plugins.dkim import DEFAULT_HEADERS, DEFAULT_OVERSIGN, sign_order
+        from milterd_plugins.dkim.keys import load_key
+
+        BareDKIMSigner.key = load_key(a.dkim)
+        BareDKIMSigner.domain, BareDKIMSigner.selector = a.dkim_domain, a.dkim_selector
+        BareDKIMSigner.order = sign_order(DEFAULT_HEADERS, DEFAULT_OVERSIGN)
+        Milter.factory = BareDKIMSigner
+        milter.set_connect_callback(Milter.connect_callback)
+        milter.set_helo_callback(_helo)
+        milter.set_envfrom_callback(_envfrom)
+        milter.set_envrcpt_callback(_envrcpt)
+        milter.set_header_callback(_header)
+        milter.set_body_callback(_body)
     milter.set_flags(ACTIONS)  # registration flags; negotiate() narrows per connection too
     milter.set_eom_callback(_eom)
     milter.set_abort_callback(_abort)

@@ -9,6 +9,8 @@ run each, in rotated order, RUNS rounds of COUNT messages:
   none                 Postfix alone
   opendkim-sign        OpenDKIM 2.11 (Debian), rsa-2048, relaxed/relaxed
   dkimpy-sign          dkimpy-milter (PyPI), rsa-2048 (dkimpy's pure-Python RSA)
+  pymilter-sign        the floor: bare_milter.py --dkim, the least a pymilter signer does
+                       (milterd's callbacks, signing code and header list; no core)
   milterd-sign-rsa     milterd dkim plugin, rsa-2048 (OpenSSL through cryptography)
   milterd-sign-ed25519 milterd dkim plugin, ed25519
   opendkim-verify      OpenDKIM verifying one rsa-2048 signature (TestPublicKeys, no DNS)
@@ -216,6 +218,22 @@ def start_milterd(base: Path, name: str, keys: Keys, dns_port: int) -> Running:
     return Running(name, f"unix:{sock}", p.pid, p, d / "log", _stopper(p))
 
 
+def start_floor(base: Path, keys: Keys) -> Running:
+    """bench/bare_milter.py --dkim: the least a pymilter DKIM signer does (same callbacks,
+    signing code and header selection as milterd's dkim plugin, no core)."""
+    d = base / "pymilter-sign"
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o755)
+    sock = d / "floor.sock"
+    argv = [
+        sys.executable, str(HERE / "bare_milter.py"), f"unix:{sock}", "--name", "floor",
+        "--dkim", str(keys.rsa), "--dkim-domain", DOMAIN, "--dkim-selector", SELECTOR,
+    ]  # fmt: skip
+    p = _popen(argv, d / "log")
+    wait_for(lambda: _accepting(sock), 30, "pymilter-sign")
+    return Running("pymilter-sign", f"unix:{sock}", p.pid, p, d / "log", _stopper(p))
+
+
 def _accepting(sock: Path) -> bool:
     try:
         with socket.socket(socket.AF_UNIX) as s:
@@ -397,12 +415,13 @@ def profile_signing(keys: Keys, n: int = 500) -> dict[str, Any]:
 # --- main -------------------------------------------------------------------------------------
 
 POSTFIX_TARGETS = (
-    "none", "opendkim-sign", "dkimpy-sign", "milterd-sign-rsa", "milterd-sign-rsa-quiet",
-    "milterd-sign-ed25519", "opendkim-verify", "dkimpy-verify", "milterd-verify",
+    "none", "opendkim-sign", "dkimpy-sign", "pymilter-sign", "milterd-sign-rsa",
+    "milterd-sign-rsa-quiet", "milterd-sign-ed25519", "opendkim-verify", "dkimpy-verify",
+    "milterd-verify",
 )  # fmt: skip
 LOAD_TARGETS = (
-    "opendkim-sign", "milterd-sign-rsa", "milterd-sign-rsa-quiet", "milterd-sign-ed25519",
-    "dkimpy-sign",
+    "opendkim-sign", "pymilter-sign", "milterd-sign-rsa", "milterd-sign-rsa-quiet",
+    "milterd-sign-ed25519", "dkimpy-sign",
 )  # fmt: skip
 
 
@@ -464,6 +483,7 @@ def run(base: Path, wanted: list[str]) -> int:
             "opendkim-verify": lambda: start_opendkim(base, "v", keys),
             "dkimpy-sign": lambda: start_dkimpy(base, "s", keys),
             "dkimpy-verify": lambda: start_dkimpy(base, "v", keys),
+            "pymilter-sign": lambda: start_floor(base, keys),
             "milterd-sign-rsa": lambda: start_milterd(base, "milterd-sign-rsa", keys, dns_port),
             "milterd-sign-rsa-quiet": lambda: start_milterd(
                 base, "milterd-sign-rsa-quiet", keys, dns_port

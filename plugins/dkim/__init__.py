@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterable
 from email.utils import getaddresses
 from typing import Any, Literal
 
@@ -50,6 +51,9 @@ __all__ = [
     "from_address",
     "is_trusted_sender",
     "make_fetch",
+    "sign_order",
+    "signed_names",
+    "signing_headers",
 ]
 
 #: Signed as many times as they occur (RFC 6376 section 5.4.1 plus MIME and list fields).
@@ -243,6 +247,30 @@ def signing_headers(message: Message) -> list[list[bytes]]:
     return out
 
 
+def sign_order(headers: Iterable[str], oversign: Iterable[str]) -> tuple[tuple[str, bool], ...]:
+    """The names to sign (lower case, configured order, each once), each with whether it
+    is oversigned. Computed once per configuration: per message only the counts of the
+    fields present change (:func:`signed_names`)."""
+    over = list(oversign)
+    return tuple((h, h in over) for h in dict.fromkeys([*headers, *over]))
+
+
+def signed_names(order: tuple[tuple[str, bool], ...], headers: list[list[bytes]]) -> list[str]:
+    """The ``h=`` list for one message: each name of ``order`` as often as its field
+    occurs, plus once more when oversigned. A field in ``ADDED_BY_MTA`` is oversigned only
+    when present (an MTA may add it after signing)."""
+    present: dict[str, int] = {}
+    for name, _ in headers:
+        n = name.decode("ascii", "replace").lower()
+        present[n] = present.get(n, 0) + 1
+    include: list[str] = []
+    for h, oversigned in order:
+        seen = present.get(h, 0)
+        extra = oversigned and (seen > 0 or h not in ADDED_BY_MTA)
+        include += [h] * (seen + (1 if extra else 0))
+    return include
+
+
 def is_trusted_sender(ctx: Context, config: DKIMConfig) -> bool:
     """Mail we sign: authenticated, internal network, a configured MTA service, or local
     submission (no client address, or a loopback one: Postfix ``non_smtpd_milters``)."""
@@ -317,12 +345,7 @@ class DKIMPlugin:
                     )
                 except KeyFileError as e:
                     raise ValueError(f"[plugins.dkim] keys.{name}: {e}") from None
-        # the signed header names in order, each with whether it is oversigned: per message
-        # only the counts of the fields present change
-        oversign = set(config.oversign)
-        self.sign_order = tuple(
-            (h, h in oversign) for h in dict.fromkeys(config.headers + config.oversign)
-        )
+        self.sign_order = sign_order(config.headers, config.oversign)
         self.keys, self.config = keys, config  # one assignment each: never half a table
 
     @hookimpl
@@ -384,15 +407,7 @@ class DKIMPlugin:
             return
         from_domain = addr.rsplit("@", 1)[1]
         headers = signing_headers(message)
-        present: dict[str, int] = {}
-        for name, _ in headers:
-            n = name.decode("ascii", "replace").lower()
-            present[n] = present.get(n, 0) + 1
-        include: list[str] = []
-        for h, oversigned in self.sign_order:
-            seen = present.get(h, 0)
-            extra = oversigned and (seen > 0 or h not in ADDED_BY_MTA)
-            include += [h] * (seen + (1 if extra else 0))
+        include = signed_names(self.sign_order, headers)
         body = message.body()
         hc, bc = cfg.canonicalization.split("/")
         for kname in rule.keys:

@@ -21,6 +21,8 @@ from milterd_plugins.dkim import (
     DKIMPlugin,
     SigningRule,
     match_rule,
+    sign_order,
+    signed_names,
 )
 from milterd_plugins.dkim.keys import (
     fast_sign,
@@ -289,6 +291,26 @@ def test_oversigning_defaults_and_added_header_breaks(keys: dict[str, Any]) -> N
     hdr, body = dl(out).split(b"\r\n\r\n", 1)
     assert dkimpy_verify_all(hdr + b"\r\nSubject: free money\r\n\r\n" + body, keys) == [False]
     assert dkimpy_verify_all(hdr + b"\r\nReply-To: x@evil.test\r\n\r\n" + body, keys) == [False]
+
+
+def test_signed_names_counts_fields_and_oversigns() -> None:
+    order = sign_order(["from", "to", "date", "message-id", "x-b"], ["subject", "from", "date"])
+    # configured order, each name once; oversigned ones marked
+    assert [h for h, _ in order] == ["from", "to", "date", "message-id", "x-b", "subject"]
+    assert dict(order) == {
+        "from": True, "to": False, "date": True, "message-id": False, "x-b": False,
+        "subject": True,
+    }  # fmt: skip
+    fields = [[b"From", b" a\r\n"], [b"TO", b" b\r\n"], [b"to", b" c\r\n"], [b"X-B", b" d\r\n"]]
+    # From once + oversigned; To twice; no Date: not oversigned while absent (an MTA may
+    # add one after signing); Subject absent but oversigned; X-Y not configured
+    assert signed_names(order, [*fields, [b"X-Y", b" e\r\n"]]) == [
+        "from", "from", "to", "to", "x-b", "subject",
+    ]  # fmt: skip
+    assert signed_names(order, [[b"Date", b" x\r\n"], *fields])[:4] == [
+        "from", "from", "to", "to",
+    ]  # fmt: skip
+    assert signed_names(order, [[b"Date", b" x\r\n"], *fields]).count("date") == 2
 
 
 def test_signature_covers_other_plugins_changes(keys: dict[str, Any]) -> None:
