@@ -26,8 +26,8 @@ signature (checked with dkimpy) or, for verifiers, dkim=pass in Authentication-R
 Knobs (environment): COUNT (1000), RUNS (3), SESSIONS (20), WARMUP (100), LOAD_COUNT
 (COUNT), CPU_AFFINITY (milterd's ``cpu_affinity``; unset: its default), MILTERD_WORKERS
 (1, as in the shipped etc/milterd.toml; 0 or 2 = one per core here), DKIM_PF_PORT
-(2745), DKIM_SINK_PORT (2746), BENCH_WORK (/var/lib/milterd-bench-dkim). Output: a markdown section on stdout, one JSON object a
-line in bench/out/dkim.jsonl.
+(2745), DKIM_SINK_PORT (2746), BENCH_WORK (/var/lib/milterd-bench-dkim). Output: a
+markdown section on stdout, one JSON object a line in bench/out/dkim.jsonl.
 """
 
 from __future__ import annotations
