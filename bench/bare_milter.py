@@ -206,10 +206,6 @@ def main() -> int:
     Milter.factory = BareMilterDataReply if a.reply_data else BareMilter
     if a.envelope:
         Milter.factory = BareMilterEnvelope
-        milter.set_connect_callback(Milter.connect_callback)
-        milter.set_helo_callback(_helo)
-        milter.set_envfrom_callback(_envfrom)
-        milter.set_envrcpt_callback(_envrcpt)
     if a.dkim:
         from milterd_plugins.dkim import DEFAULT_HEADERS, DEFAULT_OVERSIGN, sign_order
         from milterd_plugins.dkim.keys import load_key
@@ -218,12 +214,13 @@ def main() -> int:
         BareDKIMSigner.domain, BareDKIMSigner.selector = a.dkim_domain, a.dkim_selector
         BareDKIMSigner.order = sign_order(DEFAULT_HEADERS, DEFAULT_OVERSIGN)
         Milter.factory = BareDKIMSigner
+        milter.set_header_callback(_header)
+        milter.set_body_callback(_body)
+    if a.envelope or a.dkim:
         milter.set_connect_callback(Milter.connect_callback)
         milter.set_helo_callback(_helo)
         milter.set_envfrom_callback(_envfrom)
         milter.set_envrcpt_callback(_envrcpt)
-        milter.set_header_callback(_header)
-        milter.set_body_callback(_body)
     milter.set_flags(ACTIONS)  # registration flags; negotiate() narrows per connection too
     milter.set_eom_callback(_eom)
     milter.set_abort_callback(_abort)
