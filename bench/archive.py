@@ -15,7 +15,7 @@ machine compare that column.
 
 Variants: base (no archive), archive (defaults: delivered copy, fsync file + directory,
 SQLite synchronous=FULL), both-zstd (both copies, zstd), nofsync (fsync = false,
-index_synchronous = normal).
+index_synchronous = normal), index-normal (files fsynced, index_synchronous = normal).
 
 ``--fs journal``: the archives go to a fresh ext4 filesystem with a journal (mkfs.ext4's
 defaults, as a Debian installer formats a disk) in a 4 GiB image file under WORK,
@@ -80,6 +80,8 @@ VARIANTS: dict[str, str] = {
     "both-zstd": "[plugins.archive]\npath = '{dir}'\nstore = 'both'\ncompress = 'zstd'\n",
     "nofsync": "[plugins.archive]\npath = '{dir}'\nfsync = false\nindex_synchronous = 'normal'\n",
     "inline": "[plugins.archive]\npath = '{dir}'\nisolation = 'inline'\n",
+    # files fsynced as by default, the index commit not flushed (WAL, synchronous=NORMAL)
+    "index-normal": "[plugins.archive]\npath = '{dir}'\nindex_synchronous = 'normal'\n",
     "inline-nofsync": "[plugins.archive]\npath = '{dir}'\nisolation = 'inline'\nfsync = false\n"
     "index_synchronous = 'normal'\n",
 }
