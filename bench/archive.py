@@ -31,7 +31,10 @@ smtp-source (SESSIONS sessions, a new connection per message) -> a private Postf
 ``smtpd_milters`` = the variant's daemon -> smtp-sink; WARMUP then COUNT messages per run
 (the environment knobs of bench/README.md; ``--count`` is not used). The socket lives
 in WORK/sock, where Postfix's smtpd can reach it. Reported: end-to-end msgs/s (until the
-sink has every message), the milter's and Postfix's CPU ms/msg.
+sink has every message), the milter's and Postfix's CPU ms/msg, and the whole machine's
+(every process and kernel thread, from /proc/stat) with its busy % over the run: near
+100 % per CPU, the run is CPU-bound and any CPU the archive adds anywhere (the kernel's
+I/O path included) lowers the rate.
 
 Prints a markdown section; appends one JSON line per round and one per variant summary to
 bench/out/archive.jsonl.
@@ -151,25 +154,29 @@ def report_postfix(
         f"{_where(a)}. Target: throughput ratio >= 0.85.\n"
     )
     print("| variant | e2e msgs/s | ratio to base | accept msgs/s | milter CPU ms/msg "
-          "| extra CPU ms/msg | Postfix CPU ms/msg | archived |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| extra CPU ms/msg | Postfix CPU ms/msg | machine CPU ms/msg "
+          f"| machine busy % (of {100 * (os.cpu_count() or 1)}) | archived |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in names:
         rate = median(x["rate"] for x in rows[n])
         accept = median(x["accept_rate"] for x in rows[n])
         cpu = median(x["milter_cpu_ms_per_msg"] for x in rows[n])
         pf_cpu = median(x["postfix_cpu_ms_per_msg"] for x in rows[n])
+        all_cpu = median(x["all_cpu_ms_per_msg"] for x in rows[n])
+        busy = median(x["machine_busy_pct"] for x in rows[n])
         archived = [x["archived"] for x in rows[n]]
         summary = {
             "summary": True, "mode": "postfix", "stamp": stamp, "variant": n, "rate": rate,
             "ratio": round(rate / base_rate, 3), "accept_rate": accept, "cpu_ms_per_msg": cpu,
             "extra_cpu_ms_per_msg": round(cpu - base_cpu, 3), "postfix_cpu_ms_per_msg": pf_cpu,
+            "all_cpu_ms_per_msg": all_cpu, "machine_busy_pct": busy,
             "archived": archived, "count": pfb.count, "warmup": pfb.warmup,
             "rounds": a.rounds, "sessions": pfb.sessions, "workers": a.workers,
         }  # fmt: skip
         jf.write(json.dumps(summary, sort_keys=True) + "\n")
         print(
             f"| {n} | {rate:.0f} | {rate / base_rate:.2f} | {accept:.0f} | {cpu:.3f} | "
-            f"{cpu - base_cpu:+.3f} | {pf_cpu:.3f} | "
+            f"{cpu - base_cpu:+.3f} | {pf_cpu:.3f} | {all_cpu:.3f} | {busy:.0f} | "
             f"{'/'.join(str(x) for x in archived) if archived[0] is not None else '-'} |"
         )
 
@@ -220,6 +227,10 @@ def run_variant_postfix(
             variant=name, round=round_no, archived=archived, busy_before=busy_before,
             rate=res["e2e_rate"], milter_cpu_ms_per_msg=cpu["milter"],
             postfix_cpu_ms_per_msg=cpu["postfix"], mode="postfix",
+            # the whole machine (kernel I/O threads included) over the timed run
+            all_cpu_ms_per_msg=round(
+                10 * res["machine_busy_pct"] * res["e2e_s"] / res["count"], 3
+            ),
         )  # fmt: skip
         return res
     finally:
@@ -235,13 +246,15 @@ def _where(a: argparse.Namespace) -> str:
     return f"{where}; cpu_affinity = {a.cpu_affinity}"
 
 
-def mount_journal_fs(workdir: Path) -> Path:
-    """A fresh ext4 filesystem with a journal in WORKDIR/jfs.img, loop-mounted on
-    WORKDIR/jfs (unmounted by :func:`umount_journal_fs`). Returns the mount point."""
-    img, mnt = workdir / "jfs.img", workdir / "jfs"
+def mount_journal_fs(workdir: Path, journal: bool = True, name: str = "jfs") -> Path:
+    """A fresh ext4 filesystem (with a journal unless ``journal`` is false) in
+    WORKDIR/NAME.img, loop-mounted on WORKDIR/NAME (unmounted by
+    :func:`umount_journal_fs`). Returns the mount point."""
+    img, mnt = workdir / f"{name}.img", workdir / name
     with img.open("wb") as f:
         f.truncate(4 << 30)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    features = [] if journal else ["-O", "^has_journal"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", *features, str(img)], check=True)
     mnt.mkdir()
     subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
     mnt.chmod(0o755)
@@ -257,7 +270,7 @@ def umount_journal_fs(mnt: Path) -> None:
     else:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
     with contextlib.suppress(FileNotFoundError):
-        (mnt.parent / "jfs.img").unlink()
+        (mnt.parent / f"{mnt.name}.img").unlink()
 
 
 def main() -> int:
