@@ -264,7 +264,8 @@ def mount_journal_fs(workdir: Path, journal: bool = True, name: str = "jfs") -> 
 def umount_journal_fs(mnt: Path) -> None:
     # A daemon just stopped may hold a file there for a moment longer: "target is busy".
     for _ in range(50):
-        if subprocess.run(["umount", str(mnt)], check=False).returncode == 0:
+        tried = subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        if tried.returncode == 0:
             break
         time.sleep(0.2)
     else:
