@@ -444,20 +444,20 @@ class FileStore:
         row = (
             r.id,
             r.received,
-            r.sender,
-            _json_list(r.recipients),
-            "\n" + "\n".join(a.lower() for a in r.recipients) + "\n",
-            r.client_address,
-            r.client_name,
-            r.helo,
-            r.auth_user,
-            r.queue_id,
-            r.message_id,
-            r.subject,
-            r.date,
+            _text(r.sender),
+            _json_list([_text(a) for a in r.recipients]),
+            _text("\n" + "\n".join(a.lower() for a in r.recipients) + "\n"),
+            _text(r.client_address),
+            _text(r.client_name),
+            _text(r.helo),
+            _text(r.auth_user),
+            _text(r.queue_id),
+            _text(r.message_id),
+            _text(r.subject),
+            _text(r.date),
             r.verdict,
             r.score,
-            _json_list(r.results),
+            _json_list([_text(x) for x in r.results]),
             r.direction,
             r.size,
             r.sha256,
@@ -667,6 +667,24 @@ class FileStore:
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self.db.close()
+
+
+def _text(s: Any) -> Any:
+    """``s`` as SQLite can store it (UTF-8). Header values and envelope strings reach the
+    store decoded with surrogate escapes for bytes that are not UTF-8 (a raw Latin-1
+    subject, say); SQLite refuses those, and the message would be tempfailed. The index
+    keeps them as U+FFFD; the stored copy keeps the bytes. Anything but a string is
+    passed on as it is (SQLite's constraints judge it)."""
+    if not isinstance(s, str) or s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        try:
+            return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+            return s.encode("utf-8", "replace").decode("utf-8")
 
 
 def _json_list(items: list[str]) -> str:

@@ -482,6 +482,22 @@ def _rec(now: float | None = None, id_: str | None = None) -> Record:
     return Record(id=id_ or new_id(now), received=now, sender="a@example.org", recipients=["b@x"])
 
 
+def test_header_and_envelope_bytes_that_are_not_utf8_are_archived(tmp_path: Path) -> None:
+    # A raw Latin-1 subject and 8-bit envelope addresses: the message is archived, not
+    # tempfailed (SQLite refuses surrogate escapes); the index shows U+FFFD for the invalid
+    # bytes and the stored copy keeps them.
+    raw = MSG.replace(b"Subject: quarterly numbers", b"Subject: caf\xe9 cr\xe8me")
+    with rig(tmp_path) as h:
+        out = h.send(raw, sender="j\udce9r\udcf4me@example.org", recipients=["b\udcf6b@x.test"])
+    assert out.verdict == "continue", out.errors
+    (rec,) = all_records(tmp_path)
+    assert rec.subject == "caf\ufffd cr\ufffdme"
+    assert rec.sender == "j\ufffdr\ufffdme@example.org"
+    assert rec.recipients == ["b\ufffdb@x.test"]
+    assert store(tmp_path).read(rec) == out.delivered and b"caf\xe9" in (out.delivered or b"")
+    assert store(tmp_path).verify() == []
+
+
 class _HeldCommits:
     """Wraps FileStore._insert_rows: the first commit waits until ``queued`` writers sit
     in the group-commit queue (so the next batch holds them all); records batch sizes."""
