@@ -38,6 +38,9 @@ __all__ = ["AuthResConfig", "AuthenticationResults", "authserv_id_of", "build_he
 
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 _INSTANCE = re.compile(r"^\s*i\s*=\s*\d+\s*;", re.IGNORECASE)
+# What may not appear in a header field value: control characters (NUL, CR, LF...) and
+# the surrogate escapes that stand for bytes that were not UTF-8.
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 CHECKED = ("authentication-results",)
 
 
@@ -65,16 +68,27 @@ def authserv_id_of(field_name: str, value: str) -> str:
     return token.split()[0].lower() if token.split() else ""
 
 
+def _safe(value: str) -> str:
+    """``value`` with every character a header field cannot carry replaced by ``?``.
+    Property values and reasons often come from the message itself (a signature's ``i=``
+    or ``d=`` tag, a HELO name): a NUL or a line break there must neither break the field
+    nor make the whole message fail."""
+    return _UNSAFE.sub("?", value) if _UNSAFE.search(value) else value
+
+
 def build_header(authserv_id: str, results: list[Result]) -> str:
-    """The field body (without ``Authentication-Results:``) for these results."""
+    """The field body (without ``Authentication-Results:``) for these results. Control
+    characters and undecodable bytes in values and reasons become ``?`` (:func:`_safe`)."""
     entries = [
         ar.AuthenticationResult(
             method=r.method,
             version=r.version,
             result=r.result,
-            reason=r.reason or None,
+            reason=_safe(r.reason) if r.reason else None,
             properties=[
-                ar.AuthenticationResultProperty(k.split(".", 1)[0], k.split(".", 1)[1], v)
+                ar.AuthenticationResultProperty(
+                    k.split(".", 1)[0], k.split(".", 1)[1], _safe(v)
+                )
                 for k, v in r.properties
             ],
         )

@@ -130,3 +130,38 @@ def test_build_header_quotes_values_that_need_it() -> None:
     )
     parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + text)
     assert parsed.results[0].properties[0].value == "a b.example"
+
+
+def test_build_header_replaces_what_a_header_cannot_carry() -> None:
+    # Values come from the message (a signature's i= tag, a HELO name): NUL, CR, LF and
+    # bytes that were not UTF-8 (surrogate escapes) become "?", the reason too.
+    text = build_header(
+        "mx.example",
+        [
+            Result(
+                "dkim",
+                "permerror",
+                reason="bad\x00tag",
+                properties=(("header.i", "\x00@example.org"), ("header.d", "ex\r\nample\udce9")),
+            )
+        ],
+    )
+    assert not re.search(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]", text)
+    parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + text)
+    props = {p.type + "." + p.name: p.value for p in parsed.results[0].properties}
+    assert props == {"header.i": "?@example.org", "header.d": "ex??ample?"}
+    assert parsed.results[0].reason == "bad?tag"
+
+
+def test_signature_tag_with_nul_gives_a_result_not_a_tempfail() -> None:
+    # Found by tests/unit/test_robustness.py: the NUL reached Authentication-Results, the
+    # core refused the header and authres's on_error tempfailed the message.
+    msg = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.org; s=s1;"
+        b" i=\x00@example.org; h=from; bh=AAAA; b=AAAA\r\n"
+        b"From: a@example.org\r\nSubject: hi\r\n\r\nx\r\n"
+    )
+    with Harness({"plugins": {"dkim": {}, "authres": {}}}) as h:
+        out = h.send(msg)
+    assert out.errors == [] and out.verdict == "continue"
+    assert "header.i=?@example.org" in (out.header("Authentication-Results") or "")
