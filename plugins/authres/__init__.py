@@ -76,24 +76,52 @@ def _safe(value: str) -> str:
     return _UNSAFE.sub("?", value) if _UNSAFE.search(value) else value
 
 
+# RFC 8601 pvalue: a token (RFC 2045) or an ASCII address (dot-atom local part, optional,
+# "@", a domain name) goes as it is; anything else (empty, white space, specials,
+# non-ASCII) as a quoted-string.
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
+_ADDR = re.compile(r"[A-Za-z0-9!#$%&'*+./=?^_`{|}~-]*@[A-Za-z0-9_.-]+")
+
+
+class _Value(ar.QuotableValue):  # type: ignore[misc]  # authres has no type information
+    """A reason (RFC 8601 ``value``: a token or a quoted-string). authres's own
+    QuotableValue leaves anything with an "@" unquoted, which a reason may not be
+    (``reason=key for a@b not found`` breaks the field), and crashes on an empty value."""
+
+    def quote_if_needed(self) -> str:
+        if _TOKEN.fullmatch(self):
+            return str(self)
+        return '"' + re.sub(r'(["\\])', r"\\\1", str(self)) + '"'
+
+
+class _PValue(_Value):
+    """A property value (RFC 8601 ``pvalue``): a value, or an address as it is."""
+
+    def quote_if_needed(self) -> str:
+        return str(self) if _ADDR.fullmatch(self) else str(super().quote_if_needed())
+
+
 def build_header(authserv_id: str, results: list[Result]) -> str:
     """The field body (without ``Authentication-Results:``) for these results. Control
-    characters and undecodable bytes in values and reasons become ``?`` (:func:`_safe`)."""
-    entries = [
-        ar.AuthenticationResult(
-            method=r.method,
-            version=r.version,
-            result=r.result,
-            reason=_safe(r.reason) if r.reason else None,
-            properties=[
-                ar.AuthenticationResultProperty(
-                    k.split(".", 1)[0], k.split(".", 1)[1], _safe(v)
-                )
-                for k, v in r.properties
-            ],
+    characters and undecodable bytes in values and reasons become ``?`` (:func:`_safe`);
+    values and reasons are quoted where RFC 8601 needs it (:class:`_PValue`, :class:`_Value`);
+    properties with an empty value are left out."""
+    entries = []
+    for r in results:
+        props = []
+        for k, v in r.properties:
+            if not v:  # nothing to say (an empty HELO name, say); "" would trip parsers
+                continue
+            ptype, _, name = k.partition(".")
+            prop = ar.AuthenticationResultProperty(ptype, name)
+            prop.value = _PValue(_safe(v))  # set after: the constructor would rewrap it
+            props.append(prop)
+        entry = ar.AuthenticationResult(
+            method=r.method, version=r.version, result=r.result, properties=props
         )
-        for r in results
-    ]
+        if r.reason:
+            entry.reason = _Value(_safe(r.reason))
+        entries.append(entry)
     text = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=entries))
     return text.split(":", 1)[1].strip()
 

@@ -165,3 +165,42 @@ def test_signature_tag_with_nul_gives_a_result_not_a_tempfail() -> None:
         out = h.send(msg)
     assert out.errors == [] and out.verdict == "continue"
     assert "header.i=?@example.org" in (out.header("Authentication-Results") or "")
+
+
+def test_empty_property_is_left_out_instead_of_crashing() -> None:
+    # An empty HELO name gave smtp.helo="": authres's QuotableValue crashed on it, authres
+    # failed and the message was tempfailed (found by test_robustness_daemon.py).
+    text = build_header(
+        "mx.example",
+        [Result("spf", "none", properties=(("smtp.helo", ""), ("smtp.mailfrom", "a@b.example")))],
+    )
+    assert text == "mx.example; spf=none smtp.mailfrom=a@b.example"
+
+
+@pytest.mark.parametrize(
+    ("value", "rendered"),
+    [
+        ("a@b.example", "a@b.example"),  # an address goes as it is
+        ("@b.example", "@b.example"),
+        ("x y@z.example", '"x y@z.example"'),  # white space: quoted
+        ("postmaster@[192.0.2.1]", '"postmaster@[192.0.2.1]"'),
+        ("2001:db8::1", '"2001:db8::1"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("example.org", "example.org"),
+    ],
+)
+def test_property_values_are_quoted_where_rfc8601_needs_it(value: str, rendered: str) -> None:
+    result = Result("spf", "pass", properties=(("smtp.mailfrom", value),))
+    text = build_header("mx.example", [result])
+    assert text == f"mx.example; spf=pass smtp.mailfrom={rendered}"
+    parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + text)
+    if "\\" not in rendered:  # the authres parser keeps quoted-pairs escaped
+        assert parsed.results[0].properties[0].value == value
+
+
+def test_reason_with_an_address_is_quoted() -> None:
+    # authres leaves anything with "@" unquoted, but a reason is a token or a quoted-string
+    text = build_header("mx.example", [Result("dkim", "fail", reason="key for a@b not found")])
+    assert text == 'mx.example; dkim=fail reason="key for a@b not found"'
+    parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + text)
+    assert parsed.results[0].reason == "key for a@b not found"
