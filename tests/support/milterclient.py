@@ -216,7 +216,9 @@ class MilterClient:
         if final(self.step(t, "eoh", b"N", b"", "NOEOH", "NR_EOH")):
             return t
         if not self.proto & P["NOBODY"]:
-            for i in range(0, max(len(body), 1), 65535):
+            # As Postfix and sendmail do: no BODY command at all for an empty body
+            # (one without data makes the connection drop before milterd sees it).
+            for i in range(0, len(body), 65535):
                 chunk = self.step(t, "body", b"B", body[i : i + 65535], "NOBODY", "NR_BODY")
                 if chunk is not None and chunk.verdict == "skip":
                     break

@@ -1,0 +1,124 @@
+"""Hostile input over the real milter protocol: the daemon (pymilter, the bridge, every
+built-in plugin) answers every session with a final reply, no plugin fails, nothing it
+sends back carries a NUL or a bare line break, and it stays up.
+
+The in-process twin (tests/unit/test_robustness.py) covers the plugins in depth; this
+one covers what only the daemon does: the bytes libmilter hands over (headers and
+envelope with 8-bit and control characters, empty and huge values, odd macros), their
+decoding in the bridge, and the header changes encoded back for the MTA. Hypothesis,
+derandomized, against one daemon and the loopback test DNS server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.integration.daemon import Daemon
+from tests.support.dnsserver import ZoneServer
+from tests.support.milterclient import MilterClient, Transcript
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+EXAMPLES = 3000 if os.environ.get("HYPOTHESIS_PROFILE") == "explore" else 80
+FINAL = {"accept", "continue", "reject", "tempfail", "discard", "replycode"}
+
+ZONE = {
+    "example.org": {"TXT": ["v=spf1 ip4:192.0.2.0/24 -all"]},
+    "_dmarc.example.org": {"TXT": ["v=DMARC1; p=reject"]},
+}
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    with ZoneServer(ZONE) as dns:
+        extra = f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\ntimeout = 2\n'
+        body = (
+            "[plugins.spf]\n[plugins.dkim]\n[plugins.authres]\n[plugins.arc]\n"
+            "[plugins.dmarc]\n[plugins.scoring]\n[plugins.tagging]\n[plugins.archive]\n"
+        )
+        d = Daemon(body, milterd_extra=extra)
+        d.write(body + f'path = "{d.dir}/archive"\n')
+        with d:
+            yield d
+
+
+# No NUL: the milter protocol carries NUL-terminated strings, an MTA cannot send one.
+RAW = st.binary(max_size=200).map(lambda b: b.replace(b"\0", b""))
+PIECES = st.sampled_from([
+    b"", b" ", b"\t", b"\r", b"\n", b"\r\n\t", b"\xff", b"\xc3\x28", "é".encode(), b"=?x?q?y?=",
+    b"v=1; a=rsa-sha256; d=example.org; s=s; h=from; bh=; b=", b"i=1; cv=pass",
+    b"a" * 2000, b"<a@example.org>", b"a@example.org, b@example.org", b"(comment",
+])  # fmt: skip
+VALUE = st.one_of(RAW, st.lists(PIECES, max_size=5).map(b"".join))
+NAME = st.one_of(
+    st.sampled_from(
+        ["From", "To", "Subject", "DKIM-Signature", "ARC-Seal", "Authentication-Results",
+         "Content-Type", "Message-ID", "Date", "X-Junk"]
+    ),
+    st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=":"),
+            min_size=1, max_size=10),
+)  # fmt: skip
+TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=40)
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    headers=st.lists(st.tuples(NAME, VALUE), max_size=12),
+    body=st.one_of(RAW, st.just(b"")),
+    sender=st.one_of(st.just("alice@example.org"), TEXT),
+    rcpt=st.one_of(st.just("bob@example.com"), TEXT),
+    helo=TEXT,
+    hostname=TEXT,
+    ip=st.sampled_from(["192.0.2.1", "203.0.113.5", "2001:db8::2"]),
+)
+def test_hostile_sessions_get_a_final_reply(
+    daemon: Daemon,
+    headers: list[tuple[str, bytes]],
+    body: bytes,
+    sender: str,
+    rcpt: str,
+    helo: str,
+    hostname: str,
+    ip: str,
+) -> None:
+    t = Transcript()
+    try:
+        with MilterClient(daemon.socket, timeout=20) as c:
+            c.negotiate()
+            c.connect(t, hostname=hostname or "unknown", ip=ip)
+            hdrs: list[tuple[str, str | bytes]] = list(headers)
+            c.message(sender, [rcpt], hdrs, body, helo=helo, t=t)
+    except OSError as e:  # the daemon (libmilter) dropped the connection
+        tail = daemon.log_text()[-1500:]
+        raise AssertionError(f"{e!r} after {list(t.replies)}: {tail}") from e
+    if t.final is not None:  # None: every recipient refused (then no message was sent)
+        assert t.final.verdict in FINAL, t.final
+        # nothing here may make milterd defer a message (451 comes as a reply code)
+        deferred = t.final.verdict == "tempfail" or t.final.text.startswith("4")
+        assert not deferred, (t.final, daemon.log_text()[-2000:])
+    for kind, args in t.mods:
+        for a in args:
+            if isinstance(a, (bytes, str)):
+                text = a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a
+                assert b"\0" not in text, (kind, args)
+                # only folded continuation lines: CRLF or LF followed by white space
+                lines = text.replace(b"\r\n", b"\n").split(b"\n")
+                assert all(line[:1] in (b" ", b"\t") for line in lines[1:]), (kind, args)
+
+
+def test_daemon_still_up_and_no_plugin_failed(daemon: Daemon) -> None:
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    log = daemon.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert " failed at " not in log, [line for line in log.splitlines() if " failed at " in line]
