@@ -44,6 +44,20 @@ class ARCConfig(PluginConfig):
     min_rsa_bits: int = 1024
 
 
+def _decodable_authres(a: Any) -> None:
+    """Make every Authentication-Results value of the parsed message UTF-8 (invalid bytes
+    as U+FFFD) in place. dkimpy's ARC signer decodes them all strictly to find ours, so one
+    with 8-bit junk from another hop raised UnicodeDecodeError and sealing failed. Only
+    for the copy dkimpy reads, and only when the AMS does not sign these fields (then
+    their bytes do not matter to the seal; ours is UTF-8 anyway)."""
+    for h in a.headers:
+        if h[0].lower() == b"authentication-results":
+            try:
+                h[1].decode("utf-8")
+            except UnicodeDecodeError:
+                h[1] = h[1].decode("utf-8", "replace").encode("utf-8")
+
+
 def verify_chain(message: bytes, fetch: Any, min_rsa_bits: int = 1024) -> tuple[str, str, int]:
     """(``pass``/``fail``/``none``, reason, oldest-pass instance or 0). Never raises."""
     try:
@@ -151,11 +165,15 @@ class ARCPlugin:
         key = self.key
         if key is None or not cfg.selector or not cfg.domain:
             return
-        a = FastARC(message.as_bytes(), logger=_quiet())
-        a.signing_key = key
-        present = {n.lower() for n, _ in a.headers}
-        include = [h.encode() for h in cfg.headers if h.encode() in present]
         try:
+            # dkimpy parses the message here: a header block it cannot parse (a bare CR
+            # in a field, say) raises MessageFormatError, a DKIMException like the rest
+            a = FastARC(message.as_bytes(), logger=_quiet())
+            a.signing_key = key
+            present = {n.lower() for n, _ in a.headers}
+            include = [h.encode() for h in cfg.headers if h.encode() in present]
+            if b"authentication-results" not in include:
+                _decodable_authres(a)
             fields = a.sign(
                 cfg.selector.encode(),
                 cfg.domain.encode(),
@@ -163,7 +181,7 @@ class ARCPlugin:
                 self.authserv_id.encode(),
                 include_headers=include,
             )
-        except dkim.DKIMException as e:
+        except (dkim.DKIMException, UnicodeError) as e:
             ctx.log.warning("not sealing: %s", e)
             return
         if not fields:

@@ -217,3 +217,22 @@ def test_sealing_config_is_all_or_nothing(key: dict[str, Any], tmp_path: Path) -
     loose.chmod(0o644)
     with pytest.raises(Exception, match=r"loose\.key: mode 0644"):
         Harness(config(key, key_file=str(loose)), plugins={"arc": ARCPlugin})
+
+
+def test_foreign_authentication_results_not_utf8_still_sealed(key: dict[str, Any]) -> None:
+    # dkimpy decodes every Authentication-Results strictly to find ours: one with 8-bit
+    # junk from another hop raised UnicodeDecodeError and the message was tempfailed.
+    msg = b"Authentication-Results: other.example; spf=pass \x80\xff\r\n" + MSG
+    out = run(key, msg)
+    assert out.errors == [] and out.verdict == "continue"
+    assert out.header("ARC-Seal") is not None
+    assert b"other.example; spf=pass \x80\xff" in (out.delivered or b"")  # bytes kept
+    fetch = lambda n: zones(key)[n.rstrip(".")]["TXT"][0].encode()  # noqa: E731
+    assert verify_chain(out.delivered or b"", fetch)[0] == "pass"
+
+
+def test_bare_cr_inside_a_field_is_sealed_without_failure(key: dict[str, Any]) -> None:
+    msg = MSG.replace(b"Subject:", b"X-Odd: a\rContent-Type: b\r\nSubject:", 1)
+    out = run(key, msg)
+    assert out.errors == [] and out.verdict == "continue"
+    assert out.header("ARC-Seal") is not None
