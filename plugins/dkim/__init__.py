@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from email.utils import getaddresses
 from typing import Any, Literal
 
+import dkim
 from pydantic import Field, field_validator, model_validator
 
 from milterd import (
@@ -406,7 +407,13 @@ class DKIMPlugin:
             ctx.log.debug("not signing: no signing rule for %s", addr)
             return
         from_domain = addr.rsplit("@", 1)[1]
-        headers = signing_headers(message)
+        try:
+            headers = signing_headers(message)
+        except dkim.MessageFormatError as e:
+            # A header block dkimpy cannot parse (a bare CR inside a field, say): a
+            # signature over it would not verify with dkimpy either. Deliver it unsigned.
+            ctx.log.warning("not signing: header block not parseable: %s", e)
+            return
         include = signed_names(self.sign_order, headers)
         body = message.body()
         hc, bc = cfg.canonicalization.split("/")

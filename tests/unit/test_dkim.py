@@ -873,3 +873,25 @@ def test_from_address_fast_path_agrees_with_getaddresses(value: str) -> None:
         assert got[0] is None
     else:
         assert got == (addrs[0].strip().lower(), "")
+
+
+def test_header_block_dkimpy_cannot_parse_is_delivered_unsigned(
+    keys: dict[str, Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # signing_headers falls back to dkimpy's parser for fields an MTA should not send
+    # (a name with control characters, an unindented line inside a value), and that parser
+    # raises on what it cannot read: the message is delivered unsigned with a warning,
+    # not failed (it raised out of finalize before: found by tests/unit/test_robustness.py
+    # through the harness, which passed such fields on).
+    import milterd_plugins.dkim as dkim_plugin
+
+    def unparseable(message: Any) -> Any:
+        raise dkim.MessageFormatError("Unexpected characters in RFC822 header: b'\\x01'")
+
+    monkeypatch.setattr(dkim_plugin, "signing_headers", unparseable)
+    cfg = sign_config(keys, [{"pattern": "*", "keys": ["rsa"]}])
+    with caplog.at_level("WARNING"), Harness(cfg, plugins={"dkim": DKIMPlugin}) as h:
+        out = h.send(MSG, auth="alice")
+    assert out.errors == [] and out.verdict == "continue"
+    assert out.header("DKIM-Signature") is None
+    assert "not signing: header block not parseable" in caplog.text
