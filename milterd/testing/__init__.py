@@ -24,6 +24,7 @@ pytest fixtures (``milterd_harness``, ``fake_resolver``) come with the opt-in py
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -65,25 +66,30 @@ class FakeResolver:
         return [str(v) for v in value]
 
 
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
 def split_message(raw: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
     """Split a message into header fields (name, raw value as an MTA sends it with
-    leading space kept) and the body with CRLF line ends. Never raises."""
+    leading space kept) and the body with CRLF line ends, as an MTA does: a field name is
+    printable ASCII without ":" (white space may precede the colon), and the first line
+    that is neither a field nor a continuation ends the header block (it and what follows
+    are the body). Never raises."""
     data = raw.replace(b"\r\n", b"\n")
     head, sep, body = data.partition(b"\n\n")
-    if not sep and not head.rstrip(b"\n").count(b":"):
-        head, body = b"", data
+    lines = head.split(b"\n")
     fields: list[tuple[str, bytes]] = []
-    for line in head.split(b"\n"):
-        if not line:
-            continue
+    for i, line in enumerate(lines if head else []):
         if line[:1] in (b" ", b"\t") and fields:
             last_name, last_value = fields[-1]
             fields[-1] = (last_name, last_value + b"\r\n" + line)
             continue
-        raw_name, colon, value = line.partition(b":")
-        if not colon:
-            continue  # not a header field: an MTA would have ended the header block
-        fields.append((raw_name.decode("ascii", "surrogateescape").strip(), value))
+        m = _FIELD.match(line)
+        if m is None:  # not a header field: the header block ends here
+            rest = b"\n".join(lines[i:])
+            body = rest + (sep + body if sep else b"")
+            break
+        fields.append((m.group(1).decode("ascii"), line[m.end() :]))
     return fields, body.replace(b"\n", b"\r\n")
 
 

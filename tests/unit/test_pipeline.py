@@ -284,3 +284,23 @@ def test_split_message_never_raises_on_odd_input() -> None:
     ):
         fields, body = split_message(raw)
         assert isinstance(fields, list) and isinstance(body, bytes)
+
+
+@pytest.mark.parametrize(
+    ("raw", "names", "body"),
+    [
+        (b"A: 1\r\nB: 2\r\n\r\nbody\r\n", ["A", "B"], b"body\r\n"),
+        (b"A : 1\r\n x\r\n\r\nb", ["A"], b"b"),  # white space before the colon
+        # the first line that is not a field ends the header block; it starts the body
+        (b"A: 1\r\nnot a field\r\nC: 3\r\n\r\nb", ["A"], b"not a field\r\nC: 3\r\n\r\nb"),
+        (b"\x01X: 1\r\nY: 2\r\n\r\nb", [], b"\x01X: 1\r\nY: 2\r\n\r\nb"),  # not a name
+        (b"Sp ace: 1\r\n\r\nb", [], b"Sp ace: 1\r\n\r\nb"),
+        (b"no header at all", [], b"no header at all"),
+    ],
+)
+def test_split_message_reads_the_header_block_as_an_mta_does(
+    raw: bytes, names: list[str], body: bytes
+) -> None:
+    fields, got = split_message(raw)
+    assert [n for n, _ in fields] == names
+    assert got == body
