@@ -349,3 +349,54 @@ def test_sealing_hostile_and_mutated_messages_never_fails(
 def test_most_hostile_messages_were_signed() -> None:
     # Runs after the signing test above (file order): it did not pass by signing nothing.
     assert SIGNED[2] > SIGNED[0], SIGNED
+
+
+# --- hostile DNS answers ---------------------------------------------------------------
+
+TXT_PIECES = st.sampled_from([
+    "v=spf1", "v=spf1 ", " -all", " ~all", " +all", " ?all", " include:", " include:%{d}",
+    " redirect=", " redirect=example.org", " exists:%{i}.x", " a", " mx", " ptr", " ip4:",
+    " ip4:192.0.2.0/33", " ip6:::/129", " exp=", " a:%{l}", "%{", "%%", " " * 3,
+    "v=DMARC1", "v=DMARC1;", " p=reject;", " p=", " sp=none", " pct=200", " pct=-1",
+    " rua=mailto:", " rua=mailto:a@example.org!10m", " ruf=", " adkim=s", " aspf=x",
+    " fo=1:d:s:x", " ri=abc", ";", "=", "v=DKIM1", " k=rsa", " k=ed25519", " k=dsa",
+    " p=", " p=AAAA", " p=!!", " h=sha1", " h=sha256", " t=s", " t=y", " s=email",
+    "\x00", "\xff", "é", "\\", '"',
+])  # fmt: skip
+VALID = st.sampled_from([
+    "v=spf1 ip4:192.0.2.0/24 -all", "v=spf1 -all", "v=spf1 +all", "v=spf1 include:example.org",
+    "v=DMARC1; p=reject", "v=DMARC1; p=quarantine; pct=50; adkim=s; aspf=s", "v=DMARC1; p=none",
+])  # fmt: skip
+TXT = st.one_of(st.lists(TXT_PIECES, max_size=10).map("".join), VALID)
+RECORDS = st.one_of(
+    st.lists(TXT, max_size=3),  # several TXT records (and none)
+    st.lists(TXT, min_size=1, max_size=2),
+    st.just("TIMEOUT"),
+)
+
+
+@given(spf=RECORDS, dmarc=RECORDS, key=RECORDS, data=st.data())
+def test_hostile_dns_answers_give_results_not_failures(
+    harness: tuple[Harness, Path], signed: list[bytes], spf: Any, dmarc: Any, key: Any,
+    data: Any,
+) -> None:  # fmt: skip
+    h, _ = harness
+    zones = h.resolver.zones
+    names = ("example.org", "_dmarc.example.org", "s1._domainkey.example.org")
+    saved = {n: zones.get(n) for n in names}
+    saved_key = (saved["s1._domainkey.example.org"] or {}).get("TXT", [])  # the real key
+    try:
+        zones["example.org"] = {"TXT": spf}
+        zones["_dmarc.example.org"] = {"TXT": dmarc}
+        zones["s1._domainkey.example.org"] = {
+            "TXT": data.draw(st.one_of(st.just(key), st.just(saved_key)))
+        }
+        message = data.draw(st.sampled_from(signed))
+        _check(harness, message, {"sender": "alice@example.org", "client_ip": "192.0.2.1",
+                                   "helo": "example.org"})  # fmt: skip
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                zones.pop(n, None)
+            else:
+                zones[n] = v
