@@ -76,11 +76,11 @@ def _safe(value: str) -> str:
     return _UNSAFE.sub("?", value) if _UNSAFE.search(value) else value
 
 
-# RFC 8601 pvalue: a token (RFC 2045) or an ASCII address (dot-atom local part, optional,
-# "@", a domain name) goes as it is; anything else (empty, white space, specials,
-# non-ASCII) as a quoted-string.
+# RFC 8601 pvalue: a token (RFC 2045) or an address (an optional local part, "@", a
+# domain; UTF-8 allowed, as RFC 6532 does and as authres wrote it) goes as it is; anything
+# else (empty, white space, specials) as a quoted-string.
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
-_ADDR = re.compile(r"[A-Za-z0-9!#$%&'*+./=?^_`{|}~-]*@[A-Za-z0-9_.-]+")
+_ADDR = re.compile(r'[^\x00-\x20()<>@,;:\\"\[\]\x7f]*@[^\x00-\x20()<>@,;:\\"\[\]\x7f]+')
 
 
 class _Value(ar.QuotableValue):  # type: ignore[misc]  # authres has no type information
@@ -119,8 +119,8 @@ def build_header(authserv_id: str, results: list[Result]) -> str:
         entry = ar.AuthenticationResult(
             method=r.method, version=r.version, result=r.result, properties=props
         )
-        if r.reason:
-            entry.reason = _Value(_safe(r.reason))
+        if r.reason:  # printable ASCII, as authres makes it (parsers expect no more)
+            entry.reason = _Value(re.sub(r"[^\x20-\x7e]", "?", r.reason))
         entries.append(entry)
     text = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=entries))
     return text.split(":", 1)[1].strip()
