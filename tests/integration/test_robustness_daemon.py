@@ -1,6 +1,7 @@
 """Hostile input over the real milter protocol: the daemon (pymilter, the bridge, every
-built-in plugin) answers every session with a final reply, no plugin fails, nothing it
-sends back carries a NUL or a bare line break, and it stays up.
+built-in plugin, signing authenticated sessions and sealing the others) answers every
+session with a final reply, no plugin fails, nothing it sends back (signatures, seals,
+Authentication-Results) carries a NUL or a bare line break, and it stays up.
 
 The in-process twin (tests/unit/test_robustness.py) covers the plugins in depth; this
 one covers what only the daemon does: the bytes libmilter hands over (headers and
@@ -15,6 +16,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,15 +37,32 @@ ZONE = {
 
 
 @pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    keydir = tmp_path_factory.mktemp("keys")
+    keydir.chmod(0o700)
+    key = keydir / "rsa.key"
+    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key.write_bytes(
+        k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key.chmod(0o600)
     with ZoneServer(ZONE) as dns:
         extra = f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\ntimeout = 2\n'
+        # authenticated sessions are signed, the others verified and sealed
         body = (
-            "[plugins.spf]\n[plugins.dkim]\n[plugins.authres]\n[plugins.arc]\n"
-            "[plugins.dmarc]\n[plugins.scoring]\n[plugins.tagging]\n[plugins.archive]\n"
+            "[plugins.spf]\n"
+            f'[plugins.dkim.keys.rsa]\nselector = "s1"\nfile = "{key}"\n'
+            '[[plugins.dkim.signing]]\npattern = "*"\nkeys = ["rsa"]\ndomain = "example.org"\n'
+            "[plugins.authres]\n"
+            f'[plugins.arc]\nselector = "arc1"\ndomain = "example.net"\nkey_file = "{key}"\n'
+            "[plugins.dmarc]\n[plugins.scoring]\n[plugins.tagging]\n"
         )
         d = Daemon(body, milterd_extra=extra)
-        d.write(body + f'path = "{d.dir}/archive"\n')
+        d.write(body + f'[plugins.archive]\npath = "{d.dir}/archive"\n')
         with d:
             yield d
 
@@ -81,6 +101,8 @@ TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0")
     helo=TEXT,
     hostname=TEXT,
     ip=st.sampled_from(["192.0.2.1", "203.0.113.5", "2001:db8::2"]),
+    auth=st.sampled_from([None, "alice"]),
+    from_=st.one_of(st.just(b"Alice <alice@example.org>"), st.just(b""), VALUE),
 )
 def test_hostile_sessions_get_a_final_reply(
     daemon: Daemon,
@@ -91,6 +113,8 @@ def test_hostile_sessions_get_a_final_reply(
     helo: str,
     hostname: str,
     ip: str,
+    auth: str | None,
+    from_: bytes,
 ) -> None:
     t = Transcript()
     try:
@@ -98,7 +122,9 @@ def test_hostile_sessions_get_a_final_reply(
             c.negotiate()
             c.connect(t, hostname=hostname or "unknown", ip=ip)
             hdrs: list[tuple[str, str | bytes]] = list(headers)
-            c.message(sender, [rcpt], hdrs, body, helo=helo, t=t)
+            if from_:  # most sessions get a From first, so that signing and sealing run
+                hdrs.insert(0, ("From", from_))
+            c.message(sender, [rcpt], hdrs, body, helo=helo, auth=auth, t=t)
     except OSError as e:  # the daemon (libmilter) dropped the connection
         tail = daemon.log_text()[-1500:]
         raise AssertionError(f"{e!r} after {list(t.replies)}: {tail}") from e
