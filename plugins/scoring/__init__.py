@@ -366,7 +366,9 @@ class ScoringPlugin:
         for name, sc in scans:
             self._collect_scanner(ctx, cfg, name, sc, started, out)
 
-        if truncated or scan.incomplete:
+        if content.too_deep and not scan.reason:
+            scan.reason = "MIME nested deeper than the parser follows"
+        if truncated or scan.incomplete or content.too_deep:
             out["SCAN_INCOMPLETE"] = (cfg.scan_incomplete, "scan budget exhausted",
                                       (scan.reason or "incomplete",))  # fmt: skip
 

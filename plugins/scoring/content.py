@@ -43,6 +43,13 @@ class Content:
     attachments: list[Attachment] = field(default_factory=list)
     content_types: list[str] = field(default_factory=list)  # every part's type
     truncated: bool = False
+    too_deep: bool = False  # MIME nested deeper than MAX_DEPTH: the rest was not read
+
+
+#: How deep multipart nesting is followed. Real mail nests a few levels; a message nested a
+#: thousand deep made Python's email parser (and ``walk()``) raise RecursionError, which
+#: failed the plugin and deferred the message.
+MAX_DEPTH = 64
 
 
 def html_to_text(markup: str) -> str:
@@ -116,18 +123,43 @@ def _filename(part: email.message.Message) -> str:
         return name
 
 
+def _leaves(msg: email.message.Message) -> tuple[list[email.message.Message], bool]:
+    """The non-multipart parts in ``walk()`` order, without recursion, at most MAX_DEPTH
+    multipart levels down; and whether deeper ones were left out."""
+    out: list[email.message.Message] = []
+    deep = False
+    stack: list[tuple[email.message.Message, int]] = [(msg, 0)]
+    while stack:
+        part, depth = stack.pop()
+        if not part.is_multipart():
+            out.append(part)
+        elif depth >= MAX_DEPTH:
+            deep = True
+        else:
+            subparts = part.get_payload()
+            if isinstance(subparts, list):
+                stack.extend((p, depth + 1) for p in reversed(subparts))
+    return out, deep
+
+
 def extract(raw: bytes, limit: int) -> Content:
     """Parse at most ``limit`` bytes of ``raw`` (header block + body) into :class:`Content`."""
     out = Content()
     if len(raw) > limit:
         raw = raw[:limit]
         out.truncated = True
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    try:
+        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    except RecursionError:  # nested deeper than the parser can follow: read it as text
+        out.too_deep = True
+        body = raw.split(b"\n\n", 1)[-1].split(b"\r\n\r\n", 1)[-1]
+        out.text = body.decode("utf-8", "replace")
+        out.hosts = url_hosts(out.text, [])
+        return out
     texts: list[str] = []
     hrefs: list[str] = []
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
+    leaves, out.too_deep = _leaves(msg)
+    for part in leaves:
         ctype = part.get_content_type()
         out.content_types.append(ctype)
         disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()

@@ -564,3 +564,29 @@ def test_milterd_check_shows_every_symbol_and_the_total(
     assert "score: 6.75" in out
     assert "HELLO +5.5 greets" in out and "SUBJ +1.25" in out
     assert "MILTERD_SCORING +0 action add_header" in out
+
+
+def _nested(depth: int) -> bytes:
+    head = b"From: a@example.org\r\nMIME-Version: 1.0\r\n"
+    head += b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n"
+    opening = b"".join(
+        b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1)
+        for i in range(depth)
+    )
+    leaf = b"--b%d\r\nContent-Type: text/plain\r\n\r\ninnermost words\r\n" % depth
+    closing = b"".join(b"--b%d--\r\n" % i for i in range(depth, -1, -1))
+    return head + opening + leaf + closing
+
+
+@pytest.mark.parametrize(("depth", "complete"), [(5, True), (80, False), (1500, False)])
+def test_deeply_nested_mime_is_scored_not_failed(depth: int, complete: bool) -> None:
+    # 1,500 levels made the email parser raise RecursionError: the plugin failed and the
+    # message was deferred. Now nesting is followed MAX_DEPTH deep (iteratively); what is
+    # deeper, or what the parser cannot follow, gives SCAN_INCOMPLETE.
+    content = extract(_nested(depth), 10_000_000)
+    assert content.too_deep is not complete
+    assert ("innermost words" in content.text) is (complete or depth > 1000)
+    with Harness({"scoring": {}}, plugins={"scoring": ScoringPlugin}) as h:
+        out = h.send(_nested(depth))
+    assert out.errors == [] and out.verdict == "continue"
+    assert ("SCAN_INCOMPLETE" in {s.name for s in out.symbols}) is not complete
