@@ -158,6 +158,16 @@ def _value(draw: Any) -> bytes:
     return str(draw(st.text(max_size=80))).encode("utf-8", "surrogatepass")
 
 
+def _nested_parts(depth: int) -> bytes:
+    """Multipart bodies nested ``depth`` deep (boundaries b0, b1, ...)."""
+    opening = b"".join(
+        b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1)
+        for i in range(depth)
+    )
+    leaf = b"--b%d\r\nContent-Type: text/html\r\n\r\n<a href=http://x.test>x</a>\r\n" % depth
+    return opening + leaf + b"".join(b"--b%d--\r\n" % i for i in range(depth, -1, -1))
+
+
 @st.composite
 def hostile_message(draw: Any) -> bytes:
     fields = []
@@ -175,6 +185,9 @@ def hostile_message(draw: Any) -> bytes:
             st.lists(ODD, max_size=20).map(b"".join),
         )
     )
+    if draw(st.integers(0, 4)) == 0:  # MIME nested a few, MAX_DEPTH+ and 1,200 deep
+        fields.insert(0, b"Content-Type: multipart/mixed; boundary=b0")
+        body = _nested_parts(draw(st.sampled_from([3, 80, 1200])))
     eol: bytes = draw(st.sampled_from([b"\r\n", b"\n", b"\r"]))
     return eol.join(fields) + eol + eol + body
 
