@@ -138,7 +138,11 @@ def _leaves(msg: email.message.Message) -> tuple[list[email.message.Message], bo
         else:
             subparts = part.get_payload()
             if isinstance(subparts, list):
-                stack.extend((p, depth + 1) for p in reversed(subparts))
+                stack.extend(
+                    (p, depth + 1)
+                    for p in reversed(subparts)
+                    if isinstance(p, email.message.Message)
+                )
     return out, deep
 
 
@@ -152,8 +156,8 @@ def extract(raw: bytes, limit: int) -> Content:
         msg = email.message_from_bytes(raw, policy=email.policy.compat32)
     except RecursionError:  # nested deeper than the parser can follow: read it as text
         out.too_deep = True
-        body = raw.split(b"\n\n", 1)[-1].split(b"\r\n\r\n", 1)[-1]
-        out.text = body.decode("utf-8", "replace")
+        blank = re.search(rb"\r?\n\r?\n", raw)  # the end of the header block
+        out.text = raw[blank.end() if blank else 0 :].decode("utf-8", "replace")
         out.hosts = url_hosts(out.text, [])
         return out
     texts: list[str] = []
