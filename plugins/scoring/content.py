@@ -6,6 +6,7 @@ cut there and reported as truncated (the caller adds SCAN_INCOMPLETE).
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.errors
 import email.header
@@ -43,13 +44,16 @@ class Content:
     attachments: list[Attachment] = field(default_factory=list)
     content_types: list[str] = field(default_factory=list)  # every part's type
     truncated: bool = False
-    too_deep: bool = False  # MIME nested deeper than MAX_DEPTH: the rest was not read
+    too_deep: bool = False  # MIME deeper than MAX_DEPTH or over MAX_PARTS: not all read
 
 
 #: How deep multipart nesting is followed. Real mail nests a few levels; a message nested a
 #: thousand deep made Python's email parser (and ``walk()``) raise RecursionError, which
 #: failed the plugin and deferred the message.
 MAX_DEPTH = 64
+#: More multipart parts than this (nested or not) and the message is read as text.
+MAX_PARTS = 4 * MAX_DEPTH
+_MULTIPART = re.compile(rb"(?i)content-type:[ \t]*multipart/")
 
 
 def html_to_text(markup: str) -> str:
@@ -152,9 +156,13 @@ def extract(raw: bytes, limit: int) -> Content:
     if len(raw) > limit:
         raw = raw[:limit]
         out.truncated = True
-    try:
-        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
-    except RecursionError:  # nested deeper than the parser can follow: read it as text
+    msg = None
+    # The email parser's time grows faster than the nesting (0.06 s at 300 levels, 0.5 s
+    # where it gives up): more multiparts than MAX_PARTS is not parsed at all.
+    if len(_MULTIPART.findall(raw)) <= MAX_PARTS:
+        with contextlib.suppress(RecursionError):  # nested deeper than the parser follows
+            msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    if msg is None:  # read it as text
         out.too_deep = True
         blank = re.search(rb"\r?\n\r?\n", raw)  # the end of the header block
         out.text = raw[blank.end() if blank else 0 :].decode("utf-8", "replace")
