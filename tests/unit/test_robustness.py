@@ -7,7 +7,7 @@ that are not UTF-8, NUL, bare CR and LF, very long lines and fields, broken MIME
 real signed and sealed messages mutated at random, sent through the harness with spf,
 dkim, authres, arc, dmarc, scoring, tagging and archive enabled, against DNS answers that
 include valid, malformed and timing-out records. ``HYPOTHESIS_PROFILE=explore`` runs many
-more, random, examples.
+more, random, examples (with ``--timeout=0``: pytest-timeout's 120 s are for the CI size).
 """
 
 from __future__ import annotations
