@@ -16,13 +16,13 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.integration.daemon import Daemon
 from tests.support.dnsserver import ZoneServer
+from tests.support.keys import write_key
 from tests.support.milterclient import MilterClient, Transcript
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -40,16 +40,7 @@ ZONE = {
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     keydir = tmp_path_factory.mktemp("keys")
     keydir.chmod(0o700)
-    key = keydir / "rsa.key"
-    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    key.write_bytes(
-        k.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key.chmod(0o600)
+    key = write_key(keydir / "rsa.key", rsa.generate_private_key(65537, 2048))
     with ZoneServer(ZONE) as dns:
         extra = f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\ntimeout = 2\n'
         # authenticated sessions are signed, the others verified and sealed

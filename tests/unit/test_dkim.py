@@ -34,6 +34,7 @@ from milterd_plugins.dkim.keys import (
 from milterd import AddHeader, ChangeHeader, Context, hookimpl
 from milterd.testing import Harness
 from tests.support.dnsserver import ZoneServer
+from tests.support.keys import write_key
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "dkim"
 MSG = (
@@ -46,15 +47,6 @@ MSG = (
     b"Hello Bob,\r\nsee you.\r\n"
 )
 UNTRUSTED = "192.0.2.1"
-
-
-def write_key(path: Path, key: Any, mode: int = 0o600) -> Path:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    path.write_bytes(pem)
-    path.chmod(mode)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from milterd_plugins.archive.store import FileStore
 from milterd_plugins.dkim.keys import public_txt
 
 from milterd.testing import Harness, split_message
+from tests.support.keys import write_key
 
 settings.register_profile(
     "ci",
@@ -269,18 +270,6 @@ def test_archive_consistent_after_the_hostile_runs(
 # --- signing and sealing ---------------------------------------------------------------
 
 
-def _write_key(path: Path, key: Any) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-    return path
-
-
 @pytest.fixture(scope="module")
 def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harness, dict[str, str]]]:
     """dkim signing every sender's mail with rsa and ed25519 (trusted: authenticated), and
@@ -301,8 +290,8 @@ def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harness, 
         "plugins": {
             "dkim": {
                 "keys": {
-                    "rsa": {"selector": "r1", "file": str(_write_key(d / "r.key", rsa_key))},
-                    "ed": {"selector": "e1", "file": str(_write_key(d / "e.key", ed_key))},
+                    "rsa": {"selector": "r1", "file": str(write_key(d / "r.key", rsa_key))},
+                    "ed": {"selector": "e1", "file": str(write_key(d / "e.key", ed_key))},
                 },
                 "signing": [{"pattern": "*", "keys": ["rsa", "ed"], "domain": "example.org"}],
             },
