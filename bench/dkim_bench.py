@@ -25,7 +25,8 @@ signature (checked with dkimpy) or, for verifiers, dkim=pass in Authentication-R
 
 Knobs (environment): COUNT (1000), RUNS (3), SESSIONS (20), WARMUP (100), LOAD_COUNT
 (COUNT), CPU_AFFINITY (milterd's ``cpu_affinity``; unset: its default), MILTERD_WORKERS
-(1, as in the shipped etc/milterd.toml; 0 or 2 = one per core here), DKIM_PF_PORT
+(1, as in the shipped etc/milterd.toml; 0 or 2 = one per core here), REUSE (0: a new SMTP
+connection per message; 1: one connection per session, see postfix_bench.py), DKIM_PF_PORT
 (2745), DKIM_SINK_PORT (2746), BENCH_WORK (/var/lib/milterd-bench-dkim). Output: a
 markdown section on stdout, one JSON object a line in bench/out/dkim.jsonl.
 """
@@ -64,7 +65,7 @@ from benchlib import CLK_TCK, WORK, env_int, log, machine_busy, tree_cpu, wait_f
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa  # noqa: E402
 from make_msg import build_message  # noqa: E402
-from postfix_bench import Postfix, Sink, _check_log, smtp_source  # noqa: E402
+from postfix_bench import REUSE, Postfix, Sink, _check_log, smtp_source  # noqa: E402
 
 COUNT = env_int("COUNT", 1000)
 RUNS = env_int("RUNS", 3)
@@ -461,7 +462,12 @@ def run(base: Path, wanted: list[str]) -> int:
     rows: list[dict[str, Any]] = []
 
     def emit(d: dict[str, Any]) -> None:
-        d = {"bench": "dkim", "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **d}
+        d = {
+            "bench": "dkim",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reuse": REUSE,
+            **d,
+        }
         rows.append(d)
         with open(OUT, "a") as f:
             f.write(json.dumps(d) + "\n")
@@ -574,8 +580,14 @@ def report(rows: list[dict[str, Any]]) -> str:
     lines = [
         "## DKIM (bench/dkim_bench.py)",
         "",
-        f"{COUNT} messages a run, {RUNS} runs, {SESSIONS} SMTP sessions, 5 KB message, "
-        f"milterd workers={WORKERS}; medians. Postfix + smtp-source/smtp-sink on loopback.",
+        f"{COUNT} messages a run, {RUNS} runs, {SESSIONS} SMTP sessions, "
+        + (
+            "all of a session's messages over one connection (REUSE=1), "
+            if REUSE
+            else "a new connection per message, "
+        )
+        + f"5 KB message, milterd workers={WORKERS}; medians. Postfix + "
+        "smtp-source/smtp-sink on loopback.",
         "",
         "OpenDKIM and dkimpy-milter run with `Syslog no` (nothing logged per message); "
         '`milterd-sign-rsa-quiet` is milterd at `log_level = "warning"`, the same work; the '

@@ -7,7 +7,10 @@
 Prints one JSON line per verification and per measured run. Knobs (environment):
 RUNS (3), COUNT (2000 messages a run), SESSIONS (20), WARMUP (200 messages before each
 run), PF_PORT (2725), SINK_PORT (2726), MILTER_PORT (8925..8927), PF_QUEUE (Postfix queue
-directory; default on disk under BENCH_WORK), RUN_TIMEOUT (300 s a run).
+directory; default on disk under BENCH_WORK), RUN_TIMEOUT (300 s a run), REUSE (0: a new
+SMTP connection per message, as inbound mail mostly comes; 1: each session sends all its
+messages over one connection, ``smtp-source -d``, as an application or a relay submitting
+outbound mail does, so Postfix's smtpd and the milter connection serve many messages).
 
 A run: write main.cf with ``smtpd_milters`` = the target's socket, start Postfix, start
 smtp-sink, send WARMUP messages and wait for them, then time COUNT messages from
@@ -320,14 +323,17 @@ class Sink:
         return err.decode(errors="replace")[-300:]
 
 
+REUSE = env_int("REUSE", 0)
+
+
 def smtp_source(
     port: int, count: int, sessions: int, msg: Path, timeout: float
 ) -> tuple[int, float]:
-    """Run smtp-source (a new SMTP connection per message); (exit status, its CPU s).
-    Killed (by PID) after ``timeout`` seconds."""
+    """Run smtp-source (a new SMTP connection per message; with REUSE=1 one per session);
+    (exit status, its CPU s). Killed (by PID) after ``timeout`` seconds."""
     p = subprocess.Popen(
-        [SMTP_SOURCE, "-s", str(sessions), "-m", str(count), "-f", SENDER, "-t", RECIPIENT,
-         "-F", str(msg), f"127.0.0.1:{port}"],
+        [SMTP_SOURCE, *(["-d"] if REUSE else []), "-s", str(sessions), "-m", str(count),
+         "-f", SENDER, "-t", RECIPIENT, "-F", str(msg), f"127.0.0.1:{port}"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
