@@ -502,11 +502,15 @@ class Session:
         self, sender: str, params: dict[str, str | None], macros: dict[str, str]
     ) -> Verdict | None:
         self._end_message("abort")  # a new MAIL FROM without EOM/abort: drop the old one
+        # The queue id belongs to one transaction. Postfix sends it at MAIL only when the
+        # queue file already exists (otherwise at RCPT, DATA or EOM); the value kept from
+        # the session's previous message must not stand in for it meanwhile.
+        self.conn.macros.pop("i", None)
         self.conn.macros.update(macros)
         info = MessageInfo(
             sender=sender,
             sender_params=params,
-            queue_id=macros.get("i", self.conn.macros.get("i", "")),
+            queue_id=macros.get("i", ""),
         )
         self.msg = _MessageState(info)
         if self.rt.negotiation.needs_body or self.capture:

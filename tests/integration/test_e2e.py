@@ -15,6 +15,7 @@ import ipaddress
 import re
 import shutil
 import signal
+import smtplib
 import tempfile
 import time
 from collections.abc import Iterator
@@ -490,6 +491,7 @@ def test_dkim_signature_survives_headers_the_mta_adds(rig: Rig, world: World) ->
 
 
 _RECEIVED = re.compile(rb"\AReceived: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*")
+_RECEIVED_ANY = re.compile(rb"^Received: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*", re.MULTILINE)
 
 
 def test_archive_copies_match_the_wire(rig: Rig) -> None:
@@ -531,6 +533,76 @@ SCORING = (
     "[[plugins.scoring.rules]]\n"
     'name = "E2E_PILLS"\ntype = "body"\npattern = "cheap pills"\nscore = 9.0\n'
 )
+
+
+def test_several_messages_over_one_smtp_connection(rig: Rig, world: World) -> None:
+    # Both MTAs keep one milter connection for a whole SMTP session: every transaction on
+    # it is filtered on its own (signature, mark, archive record with its own Bcc
+    # recipients), and a transaction abandoned with RSET leaves nothing behind.
+    archive = Path(tempfile.mkdtemp(prefix="milterd-e2e-arch-", dir="/var/tmp"))
+    rcpts = [
+        ["bob@example.net", "hidden@example.com"],
+        ["carol@example.net"],
+        ["dave@example.net", "erin@example.net", "frank@example.com"],
+    ]
+    sent: list[bytes] = []
+    try:
+        rig.configure(
+            DKIM_CONFIG.format(key=world.key)
+            + f'[plugins.t_mark]\n[plugins.archive]\npath = "{archive}"\nstore = "both"\n'
+        )
+        client = smtplib.SMTP("127.0.0.1", rig.mta.smtp_port, "client.example", timeout=30)
+        try:
+            client.ehlo()
+            client.user, client.password = "alice", SASL_USERS["alice"]
+            assert client.auth("PLAIN", client.auth_plain)[0] == 235
+            for i, to in enumerate(rcpts):
+                if i == 1:  # abandoned: MAIL and RCPT reach the milter, then RSET
+                    assert client.mail("alice@example.com")[0] == 250
+                    assert client.rcpt("ghost@example.net")[0] == 250
+                    assert client.rset()[0] == 250
+                data = (
+                    signed_message()
+                    .replace(b"Subject: figures", b"Subject: part %d" % i)
+                    .replace(b"<e2e-dkim@", b"<e2e-part-%d@" % i)
+                    .replace(b"the figures.", b"the figures, part %d." % i * (i + 1))
+                )
+                assert client.sendmail("alice@example.com", to, data) == {}
+                sent.append(data)
+        finally:
+            client.quit()
+        msgs = {m.header("Subject")[0]: m for m in rig.delivered(3)}
+        assert sorted(msgs) == ["part 0", "part 1", "part 2"], list(msgs)
+        qids: dict[str, int] = {}
+        for i, to in enumerate(rcpts):
+            msg = msgs[f"part {i}"]
+            qid = received_id(msg)
+            qids[qid] = i
+            assert sorted(msg.rcpt_tos) == sorted(to)
+            assert len(msg.header("DKIM-Signature")) == 1, msg.data
+            assert dkim.verify(msg.data, dnsfunc=world.dnsfunc), msg.data
+            assert [v.split(" client=")[0] for v in msg.header("X-Test-Mark")] == [
+                f"marked qid={qid}"
+            ]
+        assert len(qids) == 3
+        store = FileStore(archive, readonly=True)
+        recs = store.search(Query())
+        assert sorted(r.queue_id for r in recs) == sorted(qids), recs  # not the abandoned one
+        for rec in recs:
+            i = qids[rec.queue_id]
+            msg = msgs[f"part {i}"]
+            assert rec.recipients == rcpts[i] and rec.subject == f"part {i}"
+            assert (
+                rec.sender == "alice@example.com" and rec.message_id == f"e2e-part-{i}@example.com"
+            )
+            # The sink's bytes without the MTA's Received field (below DKIM-Signature)
+            head = msg.data.split(b"\r\n\r\n", 1)[0]
+            assert len(_RECEIVED_ANY.findall(head)) == 1, head
+            assert store.read(rec, "delivered") == _RECEIVED_ANY.sub(b"", msg.data, count=1)
+            assert store.read(rec, "received") == sent[i]
+        assert store.verify() == []
+    finally:
+        shutil.rmtree(archive, ignore_errors=True)
 
 
 def test_scoring_and_tagging_change_and_delete_headers(rig: Rig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from milterd import (
@@ -182,6 +183,38 @@ def test_abort_replaces_the_rest_of_an_abandoned_message_and_a_second_one_follow
         "shutdown",
     ]
     assert d.word == "continue"
+
+
+def test_each_message_of_a_session_gets_its_own_queue_id() -> None:
+    # Postfix sends macro i at MAIL only once the queue file exists (by default it is
+    # created at the first valid RCPT): the second message of a session must not carry
+    # the first one's (or an abandoned transaction's) queue id until its own arrives.
+    seen: list[str] = []
+
+    class Qid:
+        @hookimpl
+        def envfrom(self, ctx: Context) -> None:
+            seen.append("from:" + (ctx.message.queue_id if ctx.message else "?"))
+
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            seen.append("eom:" + (ctx.message.queue_id if ctx.message else "?"))
+
+    with Harness(plugins={"qid": Qid}) as h:
+        s = Session(h.runtime)
+        s.on_connect("mx", Client("mx", "inet", ipaddress.ip_address("192.0.2.1")), {})
+        for qid in ("Q1", "Q2", "Q3"):
+            s.on_envfrom("a@example.org", {}, {})
+            s.on_envrcpt("b@example.com", {}, {"i": qid})
+            if qid == "Q2":  # abandoned (RSET) after its queue file was made
+                s.on_abort()
+                continue
+            s.on_eom({"i": qid})
+            assert s.last_ledger is not None
+        s.on_envfrom("a@example.org", {}, {"i": "Q4"})  # sendmail: known at MAIL
+        assert s.msg is not None and s.msg.info.queue_id == "Q4"
+        s.on_close()
+    assert seen == ["from:", "eom:Q1", "from:", "from:", "eom:Q3", "from:Q4"]
 
 
 def test_a_connect_reject_refuses_the_session() -> None:
