@@ -12,13 +12,20 @@ derandomized, against one daemon and the loopback test DNS server.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import itertools
 import os
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from dkim.canonicalization import Relaxed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from milterd_plugins.archive.store import FileStore, Query
 
 from tests.integration.daemon import Daemon
 from tests.support.dnsserver import ZoneServer
@@ -132,6 +139,94 @@ def test_hostile_sessions_get_a_final_reply(
                 # only folded continuation lines: CRLF or LF followed by white space
                 lines = text.replace(b"\r\n", b"\n").split(b"\n")
                 assert all(line[:1] in (b" ", b"\t") for line in lines[1:]), (kind, args)
+
+
+RCPTS = ["bob@example.com", "carol@example.net", "dave@example.com"]
+TRANSACTION = st.fixed_dictionaries(
+    {
+        "headers": st.lists(st.tuples(NAME, VALUE), max_size=6),
+        "body": st.one_of(RAW, st.just(b""), st.just(b"line one\r\nline two\r\n")),
+        "rcpts": st.lists(st.sampled_from(RCPTS), min_size=1, max_size=3, unique=True),
+        "abort": st.sampled_from([None, None, None, "mail", "rcpt", "header", "eoh", "body"]),
+    }
+)
+_serial = itertools.count()
+
+
+def _relaxed_bh(body: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(Relaxed.canonicalize_body(body)).digest()).decode()
+
+
+@settings(
+    max_examples=EXAMPLES // 2,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    txns=st.lists(TRANSACTION, min_size=2, max_size=4),
+    auth=st.sampled_from([None, "alice"]),
+    ip=st.sampled_from(["192.0.2.1", "203.0.113.5"]),
+    postfix=st.booleans(),
+)
+def test_messages_sharing_a_connection_are_each_filtered_on_their_own(
+    daemon: Daemon, txns: list[dict[str, Any]], auth: str | None, ip: str, postfix: bool
+) -> None:
+    # As over an SMTP session that carries several messages, some abandoned (RSET, a lost
+    # client) at any stage: every finished message gets a final reply, its own signature
+    # (the body hash of its own body) and its own archive row (its queue id, its
+    # recipients); an abandoned one leaves no row.
+    done: list[tuple[str, dict[str, Any], Transcript]] = []
+    with MilterClient(daemon.socket, timeout=20) as c:
+        c.negotiate()
+        c.connect(Transcript(), hostname="client.example", ip=ip)
+        for x in txns:
+            qid = f"SHARED{next(_serial)}"
+            t = Transcript()
+            hdrs: list[tuple[str, str | bytes]] = [
+                ("From", b"Alice <alice@example.org>"),
+                ("Subject", qid.encode()),
+                *x["headers"],
+            ]
+            c.message(
+                "alice@example.org", x["rcpts"], hdrs, x["body"], queue_id=qid, auth=auth, t=t,
+                abort_after=x["abort"], queue_id_at_mail=not postfix,
+            )  # fmt: skip
+            done.append((qid, x, t))
+    store = FileStore(daemon.dir / "archive", readonly=True)
+    try:
+        for qid, x, t in done:
+            rows = store.search(Query(queue_id=qid))
+            if t.aborted:
+                assert t.final is None and rows == [], (qid, x["abort"], rows)
+                continue
+            assert t.final is not None and t.final.verdict in FINAL, t.final
+            assert not (t.final.verdict == "tempfail" or t.final.text.startswith("4")), t.final
+            if t.final.verdict not in ("continue", "accept", "quarantine"):
+                continue
+            accepted = [
+                r
+                for r, rep in zip(x["rcpts"], t.replies.get("rcpt", []), strict=True)
+                if rep.verdict in ("continue", "noreply")
+            ]
+            assert [r.recipients for r in rows] == [accepted], (qid, rows)
+            sigs = [
+                str(args[-1])
+                for kind, args in t.mods
+                if kind in ("addheader", "insheader") and args[-2] == "DKIM-Signature"
+            ]
+            # Signed: authenticated sessions only; always when nothing hostile was added
+            # (hostile headers may leave a message unsigned, e.g. a second From).
+            assert not sigs if not auth else (bool(sigs) or bool(x["headers"])), t.mods
+            lines = x["body"].replace(b"\r\n", b"")
+            clean = b"\r" not in lines and b"\n" not in lines
+            for sig in sigs:
+                if clean:  # (bare CR or LF: the MTA would have normalized them)
+                    bh = re.search(r"bh=([^;]+);", re.sub(r"\s+", "", sig))
+                    assert bh and bh.group(1) == _relaxed_bh(x["body"]), (qid, sig)
+    finally:
+        store.close()
 
 
 def test_daemon_still_up_and_no_plugin_failed(daemon: Daemon) -> None:

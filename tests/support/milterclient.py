@@ -63,6 +63,7 @@ class Transcript:
     mods: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
     final: Reply | None = None
     progress: int = 0
+    aborted: bool = False  # abandoned with ABORT (message(abort_after=...))
 
 
 class MilterClient:
@@ -176,9 +177,23 @@ class MilterClient:
         helo: str = "client.example",
         auth: str | None = None,
         t: Transcript | None = None,
+        abort_after: str | None = None,
+        queue_id_at_mail: bool = True,
     ) -> Transcript:
-        """HELO .. EOM for one message; stops at the first final (non-continue) reply."""
+        """HELO .. EOM for one message; stops at the first final (non-continue) reply.
+        ``abort_after`` ("mail", "rcpt", "header", "eoh", "body"): abandon the message
+        after that stage (its first header for "header") with ABORT, as an MTA does on
+        RSET or a lost client; the connection stays usable for the next message.
+        ``queue_id_at_mail``: send macro ``i`` at MAIL already (sendmail) or only from
+        RCPT on (Postfix, which makes its queue file at the first valid RCPT)."""
         t = t or Transcript()
+
+        def abort(stage: str) -> bool:
+            if abort_after == stage:
+                self._send(b"A")
+                t.aborted = True
+                return True
+            return False
 
         def final(r: Reply | None) -> bool:
             if r is not None and r.verdict not in ("continue", "noreply"):
@@ -189,12 +204,14 @@ class MilterClient:
         if final(self.step(t, "helo", b"H", _z(helo), "NOHELO", "NR_HELO")):
             return t
         mail_macros = {
-            "i": queue_id,
+            **({"i": queue_id} if queue_id_at_mail else {}),
             **({"{auth_authen}": auth, "{auth_type}": "PLAIN"} if auth else {}),
         }
         if final(
             self.step(t, "mail", b"M", _z(f"<{sender}>"), "NOMAIL", "NR_MAIL", mail_macros, b"M")
         ):
+            return t
+        if abort("mail"):
             return t
         accepted = 0
         for r in rcpts:
@@ -206,6 +223,8 @@ class MilterClient:
         if not accepted:
             self._send(b"A")
             return t
+        if abort("rcpt"):
+            return t
         if final(self.step(t, "data", b"T", b"", "NODATA", "NR_DATA")):
             return t
         lead = b" " if self.proto & P["HDR_LEADSPC"] else b""
@@ -213,7 +232,11 @@ class MilterClient:
             v = value if isinstance(value, bytes) else value.encode()
             if final(self.step(t, "header", b"L", _z(name, lead + v), "NOHDRS", "NR_HDR")):
                 return t
+            if abort("header"):
+                return t
         if final(self.step(t, "eoh", b"N", b"", "NOEOH", "NR_EOH")):
+            return t
+        if abort("eoh"):
             return t
         if not self.proto & P["NOBODY"]:
             # As Postfix and sendmail do: no BODY command at all for an empty body
@@ -224,6 +247,8 @@ class MilterClient:
                     break
                 if final(chunk):
                     return t
+        if abort("body"):
+            return t
         self._send(b"D", b"E" + _z("i", queue_id))
         self._send(b"E")
         t.final = self._reply(t)
