@@ -46,6 +46,7 @@ class ConnectionInfo:
 
     client: Client | None = None
     helo: str = ""
+    # The session's (CONNECT, HELO) and the current message's macros; see milterd.events.
     macros: dict[str, str] = field(default_factory=dict)
     internal: bool = False  # client address in [milterd] internal_networks
     id: int = 0  # connection serial number in this process, for the log

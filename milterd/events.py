@@ -2,7 +2,9 @@
 
 Every event carries ``macros``: the MTA macros sent for that stage (names as the MTA sends
 them, e.g. ``"i"``, ``"{auth_authen}"``). Macros from earlier stages are in
-``ctx.connection.macros``.
+``ctx.connection.macros``: those of CONNECT and HELO for the whole session, those of the
+current message's stages (MAIL to end of message) until the next MAIL, so that a value
+of the session's previous message (its queue id, say) never stands in for this one's.
 """
 
 from __future__ import annotations

@@ -404,6 +404,10 @@ class Session:
         self.msg: _MessageState | None = None
         self.conn_state: dict[str, dict[str, Any]] = {p.name: {} for p in runtime.plugins}
         self.conn_accepted: set[str] = set()
+        # Macros the MTA sent for the current transaction (MAIL to EOM): dropped from
+        # ctx.connection.macros at the next MAIL, so that none of them (the queue id
+        # above all) stands in for the next message's until the MTA sends that.
+        self.txn_macros: set[str] = set()
         self.closed = False
         self.last_ledger = Ledger()  # the ledger of the last message that ended
         runtime.acquire()
@@ -502,10 +506,12 @@ class Session:
         self, sender: str, params: dict[str, str | None], macros: dict[str, str]
     ) -> Verdict | None:
         self._end_message("abort")  # a new MAIL FROM without EOM/abort: drop the old one
-        # The queue id belongs to one transaction. Postfix sends it at MAIL only when the
-        # queue file already exists (otherwise at RCPT, DATA or EOM); the value kept from
-        # the session's previous message must not stand in for it meanwhile.
-        self.conn.macros.pop("i", None)
+        # Postfix sends the queue id (i) at MAIL only when the queue file already exists
+        # (otherwise from RCPT on): the previous message's must not stand in for it. The
+        # session-wide ones the MTAs send at every MAIL ({auth_authen}) come back here.
+        for name in self.txn_macros:
+            self.conn.macros.pop(name, None)
+        self.txn_macros = set(macros)
         self.conn.macros.update(macros)
         info = MessageInfo(
             sender=sender,
@@ -529,6 +535,7 @@ class Session:
         if m is None:
             return None
         self.conn.macros.update(macros)
+        self.txn_macros.update(macros)
         if not m.info.queue_id and macros.get("i"):
             m.info.queue_id = macros["i"]
         limit = self.rt.settings.max_recipients
@@ -553,6 +560,7 @@ class Session:
         if self.msg is None:
             return None
         self.conn.macros.update(macros)
+        self.txn_macros.update(macros)
         return self._early(
             self._run("data", {"event": ev.Data(macros)}, self.rt.settings.command_timeout), "data"
         )
@@ -628,6 +636,7 @@ class Session:
         if m is None:
             return Decision(None)
         self.conn.macros.update(macros)
+        self.txn_macros.update(macros)
         if not m.info.queue_id and macros.get("i"):
             m.info.queue_id = macros["i"]
         message = Message(m.info.headers, m.spool)

@@ -190,11 +190,13 @@ def test_each_message_of_a_session_gets_its_own_queue_id() -> None:
     # created at the first valid RCPT): the second message of a session must not carry
     # the first one's (or an abandoned transaction's) queue id until its own arrives.
     seen: list[str] = []
+    macros: list[dict[str, str]] = []
 
     class Qid:
         @hookimpl
         def envfrom(self, ctx: Context) -> None:
             seen.append("from:" + (ctx.message.queue_id if ctx.message else "?"))
+            macros.append(dict(ctx.connection.macros))
 
         @hookimpl
         def eom(self, ctx: Context) -> None:
@@ -202,10 +204,10 @@ def test_each_message_of_a_session_gets_its_own_queue_id() -> None:
 
     with Harness(plugins={"qid": Qid}) as h:
         s = Session(h.runtime)
-        s.on_connect("mx", Client("mx", "inet", ipaddress.ip_address("192.0.2.1")), {})
+        s.on_connect("mx", Client("mx", "inet", ipaddress.ip_address("192.0.2.1")), {"j": "mx"})
         for qid in ("Q1", "Q2", "Q3"):
-            s.on_envfrom("a@example.org", {}, {})
-            s.on_envrcpt("b@example.com", {}, {"i": qid})
+            s.on_envfrom("a@example.org", {}, {"{auth_authen}": "alice"})
+            s.on_envrcpt("b@example.com", {}, {"i": qid, "{rcpt_addr}": "b@example.com"})
             if qid == "Q2":  # abandoned (RSET) after its queue file was made
                 s.on_abort()
                 continue
@@ -215,6 +217,9 @@ def test_each_message_of_a_session_gets_its_own_queue_id() -> None:
         assert s.msg is not None and s.msg.info.queue_id == "Q4"
         s.on_close()
     assert seen == ["from:", "eom:Q1", "from:", "from:", "eom:Q3", "from:Q4"]
+    # ctx.connection.macros: the session's (connect) and this transaction's only.
+    assert macros[:3] == [{"j": "mx", "{auth_authen}": "alice"}] * 3
+    assert macros[3] == {"j": "mx", "i": "Q4"}  # no AUTH sent with this MAIL
 
 
 def test_a_connect_reject_refuses_the_session() -> None:
