@@ -37,7 +37,7 @@ from milterd.events import Client, parse_address
 from milterd.merge import Decision, Op
 from milterd.pipeline import Runtime, Session
 
-__all__ = ["FakeResolver", "Harness", "Outcome", "split_message"]
+__all__ = ["FakeResolver", "Harness", "HarnessSession", "Outcome", "split_message"]
 
 
 class FakeResolver:
@@ -205,9 +205,46 @@ class Harness:
         chunk_size: int = 65535,
     ) -> Outcome:
         """Send one message through the pipeline on a new connection, as an MTA would."""
-        raw = message.encode("utf-8", "surrogateescape") if isinstance(message, str) else message
-        session = Session(self.runtime, capture=True)
-        extra = dict(macros or {})
+        with self.session(client_ip=client_ip, client_name=client_name, helo=helo,
+                          macros=macros) as conn:  # fmt: skip
+            return conn.send(
+                message,
+                sender=sender,
+                recipients=recipients,
+                auth=auth,
+                queue_id=queue_id,
+                chunk_size=chunk_size,
+            )
+
+    def session(
+        self,
+        *,
+        client_ip: str = "192.0.2.1",
+        client_name: str | None = None,
+        helo: str = "client.example.org",
+        macros: Mapping[str, str] | None = None,
+    ) -> HarnessSession:
+        """A connection (CONNECT and HELO now) that can carry several messages, as an SMTP
+        session does: ``with h.session() as s: s.send(...); s.send(...)``. Plugins see
+        one connection (``ctx.connection_state`` lives on) and one message after the
+        other; :meth:`HarnessSession.abandon` leaves a message half sent, as RSET or a
+        lost client does."""
+        return HarnessSession(self, client_ip, client_name, helo, macros)
+
+
+class HarnessSession:
+    """One connection through a :class:`Harness`; see :meth:`Harness.session`."""
+
+    def __init__(
+        self,
+        harness: Harness,
+        client_ip: str,
+        client_name: str | None,
+        helo: str,
+        macros: Mapping[str, str] | None,
+    ) -> None:
+        self.session = Session(harness.runtime, capture=True)
+        self.count = 0
         addr = parse_address(client_ip) if client_ip else None
         family = "unknown" if addr is None else ("inet6" if addr.version == 6 else "inet")
         name = client_name or (f"[{client_ip}]" if client_ip else "localhost")
@@ -216,82 +253,146 @@ class Harness:
             "j": "mx.test.example",
             "{daemon_name}": "smtpd",
             "{client_addr}": client_ip,
-            **extra,
+            **dict(macros or {}),
         }
+        # A verdict at CONNECT or HELO answers every message of the session.
+        self.early: tuple[Verdict, str] | None = None
+        v = self.session.on_connect(name, client, conn_macros)
+        if v is not None:
+            self.early = (v, "connect")
+            return
+        v = self.session.on_helo(helo, {})
+        if v is not None:
+            self.early = (v, "helo")
+
+    def __enter__(self) -> HarnessSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the connection (plugins' ``close``)."""
+        self.session.on_close()
+
+    def _queue_id(self, queue_id: str | None) -> str:
+        self.count += 1
+        return queue_id or ("4TESTQID" if self.count == 1 else f"4TESTQ{self.count:02d}")
+
+    def send(
+        self,
+        message: bytes | str,
+        *,
+        sender: str = "sender@example.org",
+        recipients: Iterable[str] = ("rcpt@example.com",),
+        auth: str | None = None,
+        queue_id: str | None = None,
+        chunk_size: int = 65535,
+    ) -> Outcome:
+        """Send one message over this connection (MAIL to end of message). The queue id
+        is ``4TESTQID`` for the first message, ``4TESTQ02``, ``4TESTQ03``... after it,
+        unless given."""
+        session, qid = self.session, self._queue_id(queue_id)
+        refused: dict[str, Verdict] = {}
+        if self.early is not None:
+            return _early(session, *self.early, refused)
         mail_macros = {
-            "i": queue_id,
+            "i": qid,
             **({"{auth_authen}": auth, "{auth_type}": "PLAIN"} if auth else {}),
         }
-        refused: dict[str, Verdict] = {}
-        early: Verdict | None = None
-        try:
-            envelope: list[tuple[str, Callable[[], Verdict | None]]] = [
-                ("connect", partial(session.on_connect, name, client, conn_macros)),
-                ("helo", partial(session.on_helo, helo, {})),
-                ("envfrom", partial(session.on_envfrom, _strip(sender), {}, mail_macros)),
-            ]
-            for stage, step in envelope:
-                early = step()
-                if early is not None:
-                    return self._early(session, early, stage, refused)
-            accepted = 0
-            for rcpt in recipients:
-                v = session.on_envrcpt(_strip(rcpt), {}, {"i": queue_id})
-                if v is not None:
-                    refused[rcpt] = v
-                else:
-                    accepted += 1
-            if not accepted:
-                session.on_abort()
-                return self._early(session, None, "envrcpt", refused)
-            # Every stage is fed, even those negotiation would skip: plugins are only called
-            # for the stages they hook, and the delivered copy needs the whole message.
-            fields, body = split_message(raw)
-            steps: list[tuple[str, Callable[[], Verdict | None]]] = [
-                ("data", partial(session.on_data, {}))
-            ]
-            steps += [("header", partial(session.on_header, n, v)) for n, v in fields]
-            steps.append(("eoh", partial(session.on_eoh, {})))
-            steps += [
-                ("body", partial(session.on_body, body[i : i + chunk_size]))
-                for i in range(0, len(body), chunk_size)
-            ]
-            for stage, step in steps:
-                early = step()
-                if early is not None:
-                    return self._early(session, early, stage, refused)
-            decision = session.on_eom({"i": queue_id})
-            ledger_view = session.last_ledger
-            return Outcome(
-                decision=decision,
-                delivered=session.delivered if decision.delivers else None,
-                results=ledger_view.results,
-                symbols=ledger_view.symbols,
-                score=ledger_view.score,
-                errors=list(ledger_view.errors),
-                timings=dict(ledger_view.timings),
-                stage="eom",
-                refused=refused,
-            )
-        finally:
-            session.on_close()
-
-    def _early(
-        self, session: Session, v: Verdict | None, stage: str, refused: dict[str, Verdict]
-    ) -> Outcome:
-        ledger = session.last_ledger
+        early = session.on_envfrom(_strip(sender), {}, mail_macros)
+        if early is not None:
+            return _early(session, early, "envfrom", refused)
+        accepted = 0
+        for rcpt in recipients:
+            v = session.on_envrcpt(_strip(rcpt), {}, {"i": qid})
+            if v is not None:
+                refused[rcpt] = v
+            else:
+                accepted += 1
+        if not accepted:
+            session.on_abort()
+            return _early(session, None, "envrcpt", refused)
+        # Every stage is fed, even those negotiation would skip: plugins are only called
+        # for the stages they hook, and the delivered copy needs the whole message.
+        for stage, step in _content(session, message, chunk_size):
+            early = step()
+            if early is not None:
+                return _early(session, early, stage, refused)
+        decision = session.on_eom({"i": qid})
+        ledger_view = session.last_ledger
         return Outcome(
-            Decision(v),
-            None,
-            ledger.results,
-            ledger.symbols,
-            ledger.score,
-            list(ledger.errors),
-            dict(ledger.timings),
-            stage,
-            early=v,
+            decision=decision,
+            delivered=session.delivered if decision.delivers else None,
+            results=ledger_view.results,
+            symbols=ledger_view.symbols,
+            score=ledger_view.score,
+            errors=list(ledger_view.errors),
+            timings=dict(ledger_view.timings),
+            stage="eom",
             refused=refused,
         )
+
+    def abandon(
+        self,
+        message: bytes | str = b"",
+        *,
+        after: str = "envrcpt",
+        sender: str = "sender@example.org",
+        recipients: Iterable[str] = ("rcpt@example.com",),
+        queue_id: str | None = None,
+    ) -> None:
+        """Start a message and abandon it (plugins' ``abort``) after stage ``after``:
+        ``envfrom``, ``envrcpt``, ``header`` (its first header field), ``eoh`` or
+        ``body``. The connection stays open for the next message."""
+        stages = ("envfrom", "envrcpt", "header", "eoh", "body")
+        if after not in stages:
+            raise ValueError(f"after: one of {', '.join(stages)}")
+        session, qid = self.session, self._queue_id(queue_id)
+        if self.early is not None:
+            return
+        session.on_envfrom(_strip(sender), {}, {"i": qid})
+        if after != "envfrom":
+            for rcpt in recipients:
+                session.on_envrcpt(_strip(rcpt), {}, {"i": qid})
+            if after != "envrcpt":
+                for stage, step in _content(session, message, 65535):
+                    step()
+                    if stage == after:
+                        break
+        session.on_abort()
+
+
+def _content(
+    session: Session, message: bytes | str, chunk_size: int
+) -> list[tuple[str, Callable[[], Verdict | None]]]:
+    """The DATA .. body steps for ``message``."""
+    raw = message.encode("utf-8", "surrogateescape") if isinstance(message, str) else message
+    fields, body = split_message(raw)
+    steps: list[tuple[str, Callable[[], Verdict | None]]] = [("data", partial(session.on_data, {}))]
+    steps += [("header", partial(session.on_header, n, v)) for n, v in fields]
+    steps.append(("eoh", partial(session.on_eoh, {})))
+    steps += [
+        ("body", partial(session.on_body, body[i : i + chunk_size]))
+        for i in range(0, len(body), chunk_size)
+    ]
+    return steps
+
+
+def _early(session: Session, v: Verdict | None, stage: str, refused: dict[str, Verdict]) -> Outcome:
+    ledger = session.last_ledger
+    return Outcome(
+        Decision(v),
+        None,
+        ledger.results,
+        ledger.symbols,
+        ledger.score,
+        list(ledger.errors),
+        dict(ledger.timings),
+        stage,
+        early=v,
+        refused=refused,
+    )
 
 
 def _strip(addr: str) -> str:

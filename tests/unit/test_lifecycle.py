@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+import pytest
+
 from milterd import (
     Abort,
     AddHeader,
@@ -277,3 +279,62 @@ def test_finalize_sees_the_merged_verdict_so_far() -> None:
         h.send(b"Subject: hold\r\n\r\nx\r\n")
         h.send(b"Subject: pass\r\n\r\nx\r\n")
     assert seen == ["quarantine", None]
+
+
+# --- the harness's sessions: several messages over one connection ---------------------
+
+
+class PerMessage:
+    """Counts messages in the connection's state; tags each message with what it saw."""
+
+    actions = frozenset({"add_header"})
+    isolation = "inline"
+
+    @hookimpl
+    def envfrom(self, ctx: Context) -> None:
+        ctx.connection_state["n"] = ctx.connection_state.get("n", 0) + 1
+        assert "seen" not in ctx.message_state  # fresh for every message
+
+    @hookimpl
+    def header(self, ctx: Context, event: Header) -> None:
+        ctx.message_state.setdefault("seen", []).append(event.name)
+
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        qid = ctx.message.queue_id if ctx.message else ""
+        seen = ",".join(ctx.message_state.get("seen", []))
+        ctx.add_change(
+            AddHeader("X-Seen", f"n={ctx.connection_state['n']} qid={qid} headers={seen}")
+        )
+
+
+def test_harness_session_carries_several_messages_and_abandoned_ones() -> None:
+    rec = Recorder()
+    with (
+        Harness(plugins={"rec": rec, "per": PerMessage}) as h,
+        h.session(client_ip="192.0.2.9", helo="relay.example") as s,
+    ):
+        first = s.send(MSG)
+        s.abandon(b"X-Gone: 1\r\nSubject: never\r\n\r\nbody\r\n", after="header")
+        s.abandon(after="envfrom")
+        last = s.send(b"Subject: last\r\n\r\nbody\r\n", queue_id="Q9")
+    assert first.header("X-Seen") == "n=1 qid=4TESTQID headers=From,Subject"
+    # the abandoned messages counted (envfrom ran) and left nothing in the next one
+    assert last.header("X-Seen") == "n=4 qid=Q9 headers=Subject"
+    names = [c for c, _ in rec.calls]
+    assert names.count("connect") == names.count("helo") == names.count("close") == 1
+    assert names.count("envfrom") == 4 and names.count("abort") == 2
+    assert names.count("eom") == 2
+
+
+def test_harness_session_refused_at_connect_answers_every_message() -> None:
+    class Door:
+        @hookimpl
+        def connect(self, event: Connect) -> Reject | None:
+            return Reject("554", "5.7.1", "go away")
+
+    with Harness(plugins={"door": Door}) as h, h.session() as s:
+        outs = [s.send(MSG), s.send(MSG)]
+    assert [(o.verdict, o.stage) for o in outs] == [("reject", "connect")] * 2
+    with Harness() as h, h.session() as s, pytest.raises(ValueError, match="after: one of"):
+        s.abandon(after="eom")

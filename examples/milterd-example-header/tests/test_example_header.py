@@ -34,3 +34,17 @@ def test_found_through_its_entry_point_when_installed() -> None:
     with Harness({"example_header": {}}) as h:
         out = h.send(MSG)
     assert out.header("X-Milterd-Example") == "hello from milterd"
+
+
+def test_every_message_of_a_session_gets_the_header_once() -> None:
+    # An MTA keeps one milter connection for a whole SMTP session: several messages,
+    # some abandoned half way. Each delivered one gets exactly one header.
+    with (
+        Harness({"example_header": {}}, plugins={"example_header": ExampleHeader}) as h,
+        h.session() as s,
+    ):
+        first = s.send(MSG)
+        s.abandon(MSG, after="header")
+        second = s.send(MSG, auth="alice")
+    for out in (first, second):
+        assert [v for n, v in out.headers() if n == "X-Milterd-Example"] == ["hello from milterd"]
