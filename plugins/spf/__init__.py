@@ -477,13 +477,16 @@ class SPFPlugin:
         return Reject("550", xcode, text, reason=reason)
 
     def _helo_result(self, ctx: Context, ip: str, helo: str) -> tuple[str, str]:
-        """The HELO check, once per connection, client address and HELO name."""
+        """The HELO check, once per connection, client address and HELO name. A
+        ``temperror`` (a DNS failure, or this message's time spent) is not kept: the next
+        message on the connection asks again instead of inheriting it."""
         key = f"spf.helo {ip} {helo.lower()}"
-        cached = ctx.connection_state.get(key)
+        cached: tuple[str, str] | None = ctx.connection_state.get(key)
         if cached is None:
             assert self.conf is not None
             cached = self._check(ctx, ip, f"postmaster@{helo}", helo, self.conf.Lookup_Time)
-            ctx.connection_state[key] = cached
+            if cached[0] != "temperror":
+                ctx.connection_state[key] = cached
         return cached
 
     @hookimpl

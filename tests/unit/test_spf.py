@@ -229,6 +229,37 @@ def test_lookup_time_is_bounded_by_the_hook_deadline() -> None:
     assert not out.errors and mfrom(out).result == "temperror"
 
 
+def test_helo_temperror_is_not_kept_for_the_next_message_of_the_session() -> None:
+    # One DNS failure during the first message's HELO check: that message defers; the
+    # next one on the same connection (a bounce, so its MAIL FROM result is the HELO's)
+    # is checked again and passes instead of inheriting the temperror.
+    from milterd import DNSTempError
+    from milterd.testing import FakeResolver
+
+    class FailsOnce(FakeResolver):
+        failed = False
+
+        def lookup(self, name: str, rdtype: str, timeout: float | None = None) -> list[str]:
+            if not self.failed and name.rstrip(".") == "client.example.org":
+                self.failed = True
+                raise DNSTempError("timeout")
+            return super().lookup(name, rdtype, timeout)
+
+    cfg = {"spf": {"skip_addresses": [], "HELO_reject": "Fail", "TempError_Defer": True}}
+    with (
+        Harness(cfg, plugins={"spf": SPFPlugin}, resolver=FailsOnce(ZONES)) as h,
+        h.session(client_ip="192.0.2.1", helo="client.example.org") as s,
+    ):
+        first = s.send(MSG, sender="")
+        second = s.send(MSG, sender="")
+    assert first.verdict == "tempfail"
+    assert second.verdict == "continue", second.results
+    assert [(r.properties, r.result) for r in second.results] == [
+        ((("smtp.helo", "client.example.org"),), "pass"),
+        ((("smtp.mailfrom", "client.example.org"),), "pass"),
+    ]
+
+
 def test_malformed_records_never_raise() -> None:
     zones = {
         f"d{i}.example": {"TXT": [t]}
