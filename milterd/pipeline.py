@@ -513,6 +513,7 @@ class Session:
             self.conn.macros.pop(name, None)
         self.txn_macros = set(macros)
         self.conn.macros.update(macros)
+        self.delivered = None  # (capture) the previous message's copy is not this one's
         info = MessageInfo(
             sender=sender,
             sender_params=params,
