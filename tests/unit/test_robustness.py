@@ -92,9 +92,7 @@ def signed(keys: dict[str, Any]) -> list[bytes]:
     """Valid messages to mutate: DKIM-signed (relaxed and simple, with l=), and sealed."""
     out = []
     for canon, length in (((b"relaxed", b"relaxed"), False), ((b"simple", b"simple"), True)):
-        sig = dkim.sign(
-            BASE, b"s1", b"example.org", keys["pem"], canonicalize=canon, length=length
-        )
+        sig = dkim.sign(BASE, b"s1", b"example.org", keys["pem"], canonicalize=canon, length=length)
         out.append(sig + BASE)
     ar = b"Authentication-Results: relay.example.net; dkim=pass header.d=example.org\r\n"
     sealed = dkim.arc_sign(
@@ -229,9 +227,7 @@ ENVELOPE = st.fixed_dictionaries(
 
 
 def _check(rig: tuple[Harness, Path], message: bytes, env: dict[str, str]) -> None:
-    out = rig[0].send(
-        message, sender=env["sender"], client_ip=env["client_ip"], helo=env["helo"]
-    )
+    out = rig[0].send(message, sender=env["sender"], client_ip=env["client_ip"], helo=env["helo"])
     assert out.errors == [], out.errors  # a plugin raised or timed out: a bug
     assert out.verdict in VERDICTS
     # The archive only says no when its disk does: never because of what a message holds.
@@ -252,6 +248,37 @@ def test_mutated_signed_and_sealed_messages_get_a_verdict_and_no_plugin_fails(
     harness: tuple[Harness, Path], signed: list[bytes], data: Any, env: dict[str, str]
 ) -> None:
     _check(harness, data.draw(mutated(signed)), env)
+
+
+@given(
+    messages=st.lists(
+        st.tuples(
+            hostile_message(),
+            st.sampled_from([None, None, "envfrom", "envrcpt", "header", "eoh", "body"]),
+            st.sampled_from(["alice@example.org", "<>", "b@example.com"]),
+        ),
+        min_size=2,
+        max_size=4,
+    ),
+    env=ENVELOPE,
+)
+def test_hostile_sessions_of_several_messages_some_abandoned(
+    harness: tuple[Harness, Path],
+    messages: list[tuple[bytes, str | None, str]],
+    env: dict[str, str],
+) -> None:
+    # One connection for several messages, as an SMTP session may carry: no plugin
+    # fails on any of them, whatever the one before left behind.
+    h = harness[0]
+    with h.session(client_ip=env["client_ip"], helo=env["helo"]) as s:
+        for message, abandon, sender in messages:
+            if abandon is not None:
+                s.abandon(message, after=abandon, sender=sender)
+                continue
+            out = s.send(message, sender=sender)
+            assert out.errors == [], out.errors
+            assert out.verdict in VERDICTS
+            assert "archive" not in {p for p, _ in out.decision.reasons}, out.decision
 
 
 def test_archive_consistent_after_the_hostile_runs(
