@@ -50,6 +50,8 @@ from milterd import (
     load_config,
 )
 
+from ..sqlpool import SQLitePool
+
 __all__ = [
     "DMARCConfig",
     "DMARCPlugin",
@@ -229,56 +231,37 @@ CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
 
 
 class Store:
-    """The per-message history, one SQLite file shared by every worker (WAL mode)."""
+    """The per-message history, one SQLite file shared by every worker (WAL mode).
+    Connections come from a pool (at most ``keep`` idle), not one per thread: libmilter
+    runs each milter connection on a new thread, and a connection per thread kept two
+    file descriptors open for every SMTP session the daemon ever served."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        db = self._db()
-        db.execute("PRAGMA journal_mode=WAL")
-        db.executescript(SCHEMA)
-        db.commit()
-
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False)
-            db.execute("PRAGMA busy_timeout=5000")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-            with self._lock:
-                self._all.append(db)
-        return db
+        self.pool = SQLitePool(path, 5.0)
+        with self.pool.conn() as db:
+            db.executescript(SCHEMA)
+            db.commit()
 
     def add(self, row: dict[str, Any], timeout: float = 5.0) -> None:
         """Insert one row, waiting at most ``timeout`` seconds for another writer."""
-        db = self._db()
-        db.execute(f"PRAGMA busy_timeout={max(1, int(timeout * 1000))}")
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        with db:
-            db.execute(f"INSERT INTO messages ({cols}) VALUES ({marks})", tuple(row.values()))
+        with self.pool.conn() as db:
+            db.execute(f"PRAGMA busy_timeout={max(1, int(timeout * 1000))}")
+            with db:
+                db.execute(f"INSERT INTO messages ({cols}) VALUES ({marks})", tuple(row.values()))
 
     def rows(self, since: int, until: int) -> list[dict[str, Any]]:
-        db = self._db()
-        db.row_factory = sqlite3.Row
-        try:
+        with self.pool.conn() as db:
             cur = db.execute(
                 "SELECT * FROM messages WHERE ts >= ? AND ts < ? ORDER BY id", (since, until)
             )
-            return [dict(r) for r in cur.fetchall()]
-        finally:
-            db.row_factory = None
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
     def close(self) -> None:
-        with self._lock:
-            for db in self._all:
-                db.close()
-            self._all.clear()
-        self._local = threading.local()
+        self.pool.close()
 
 
 # --- the plugin -----------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..sqlpool import SQLitePool
 from .content import Content
-from .sqlpool import SQLitePool
 
 __all__ = [
     "Classifier",

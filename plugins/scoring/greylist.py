@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any, Protocol
 
-from .sqlpool import SQLitePool
+from ..sqlpool import SQLitePool
 
 __all__ = ["GreyStore", "RedisGrey", "SQLiteGrey", "network_of", "triplet_key"]
 

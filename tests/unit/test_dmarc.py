@@ -284,3 +284,39 @@ def test_internationalized_from_domain_is_looked_up_as_a_labels() -> None:
         out = h.send(msg)
     assert dmarc(out).result == "fail" and dmarc(out).prop("header.from") == "xn--exmple-cua.org"
     assert out.verdict == "reject"
+
+
+def test_history_store_does_not_keep_a_connection_per_thread(tmp_path: Path) -> None:
+    # libmilter calls every milter connection on a new thread: the history store used to
+    # open (and keep) an SQLite connection per thread, two file descriptors per SMTP
+    # session for the daemon's lifetime.
+    import os
+    import threading
+
+    from milterd_plugins.dmarc import SCHEMA, Store
+
+    store = Store(str(tmp_path / "history.sqlite3"))
+    cols = [
+        r[1]
+        for r in sqlite3.connect(tmp_path / "history.sqlite3").execute(
+            "PRAGMA table_info(messages)"
+        )
+        if r[1] != "id"
+    ]
+    assert "CREATE TABLE" in SCHEMA and cols
+
+    def one() -> None:
+        store.add({c: "1" for c in cols})
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    one()
+    before = fds()
+    for _ in range(100):
+        t = threading.Thread(target=one)
+        t.start()
+        t.join()
+    assert fds() <= before + 2, (before, fds())
+    assert len(store.rows(0, 2**31)) == 101
+    store.close()

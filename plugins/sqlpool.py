@@ -1,4 +1,9 @@
-"""A small pool of SQLite connections shared by every thread (WAL mode)."""
+"""A small pool of SQLite connections shared by every thread (WAL mode), for the built-ins
+that keep an SQLite file (scoring: greylisting and Bayes; dmarc: the report history).
+
+libmilter runs every milter connection on a thread of its own, so a connection per thread
+(thread-local) would grow with the number of SMTP sessions; the pool grows with the number
+of concurrent users only."""
 
 from __future__ import annotations
 
