@@ -7,10 +7,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.integration.daemon import Daemon
+from tests.support.dnsserver import ZoneServer
 from tests.support.milterclient import MilterClient, P, Transcript
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -239,3 +241,46 @@ def test_on_tcp_data_is_answered_so_postfix_never_waits_on_a_delayed_ack() -> No
     with Daemon("[plugins.t_mark]\n", socket_kind="unix") as d, MilterClient(d.socket) as c:
         _, proto = c.negotiate()
     assert proto & P["NODATA"]  # on a unix socket there is no Nagle stall to avoid
+
+
+def test_descriptors_and_threads_stay_bounded_over_many_sessions() -> None:
+    # libmilter runs every milter connection on a new thread, so nothing may be kept per
+    # thread or per session: the worker's open files and threads after 240 sessions
+    # through every built-in that keeps a store or talks to DNS are those after 40.
+    # (The DMARC history kept two descriptors per session until 361f64b.)
+    zone = {
+        "example.org": {"TXT": ["v=spf1 ip4:192.0.2.0/24 -all"]},
+        "_dmarc.example.org": {"TXT": ["v=DMARC1; p=none; rua=mailto:r@example.org"]},
+    }
+    with ZoneServer(zone) as dns:
+        d = Daemon("", milterd_extra=f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n')
+        d.write(
+            "[plugins.spf]\n[plugins.dkim]\nsign = false\n[plugins.authres]\n"
+            f'[plugins.dmarc]\nhistory_db = "{d.dir}/dmarc.sqlite"\n'
+            "[plugins.scoring]\n[plugins.scoring.bayes]\nenabled = true\n"
+            f'path = "{d.dir}/bayes.sqlite"\n'
+            f'[plugins.tagging]\n[plugins.archive]\npath = "{d.dir}/archive"\n'
+        )
+        with d:
+            (worker,) = d.worker_pids()
+
+            def resources() -> tuple[int, int]:
+                fds = len(os.listdir(f"/proc/{worker}/fd"))
+                status = Path(f"/proc/{worker}/status").read_text()
+                return fds, int(status.split("Threads:")[1].split()[0])
+
+            def sessions(n: int) -> None:
+                for i in range(n):
+                    t = send(d, ip=f"192.0.2.{i % 200 + 1}")
+                    assert t.final is not None and t.final.verdict in ("accept", "continue"), (
+                        t.final
+                    )
+
+            sessions(40)
+            fds0, threads0 = resources()
+            sessions(200)
+            fds1, threads1 = resources()
+            log = d.log_text()
+    assert fds1 <= fds0 + 4, (fds0, fds1)
+    assert threads1 <= threads0 + 4, (threads0, threads1)
+    assert "Traceback" not in log and " failed at " not in log, log[-2000:]
