@@ -63,19 +63,43 @@ CORE_MACROS: dict[str, tuple[str, ...]] = {
     "eom": ("i",),
 }
 
+HELPER_THREADS = 256
 _executor: cf.ThreadPoolExecutor | None = None
+_slots: threading.BoundedSemaphore | None = None
 _executor_lock = threading.Lock()
 
 
 def executor() -> cf.ThreadPoolExecutor:
     """The helper threads for ``isolation = "thread"`` calls, created on first use (so a
     forked worker makes its own)."""
-    global _executor
+    global _executor, _slots
     with _executor_lock:
         if _executor is None:
             # Generous: a plugin stuck past its deadline keeps its thread until it returns.
-            _executor = cf.ThreadPoolExecutor(max_workers=256, thread_name_prefix="plugin")
+            _slots = threading.BoundedSemaphore(HELPER_THREADS)
+            _executor = cf.ThreadPoolExecutor(
+                max_workers=HELPER_THREADS, thread_name_prefix="plugin"
+            )
         return _executor
+
+
+def _submit(fn: Callable[..., Any], kwargs: dict[str, Any]) -> cf.Future[Any] | None:
+    """Start ``fn`` on a helper thread, or return None when every helper thread is taken
+    (by calls still running past their deadlines, e.g. on a hung disk). Such a call fails
+    at once: queued behind stuck ones it would never run, and the queue (each item holding
+    its message) would grow with every message until memory ran out."""
+    pool = executor()
+    slots = _slots
+    assert slots is not None
+    if not slots.acquire(blocking=False):
+        return None
+    try:
+        fut = pool.submit(fn, **kwargs)
+    except BaseException:
+        slots.release()
+        raise
+    fut.add_done_callback(lambda _: slots.release())
+    return fut
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,8 +324,11 @@ class Runtime:
                     f"returned after {time.perf_counter() - t0:.3f}s, "
                     f"past its {timeout:g}s deadline",
                 )
+        elif (fut := _submit(impl.function, kwargs)) is None:
+            failure = _Failure(
+                "timeout", f"not started: all {HELPER_THREADS} helper threads still busy"
+            )
         else:
-            fut = executor().submit(impl.function, **kwargs)
             end = t0 + timeout
             interval = self.settings.progress_interval
             while True:

@@ -94,6 +94,44 @@ def test_a_hanging_plugin_gets_its_policy_within_the_deadline() -> None:
     assert late == ["ContributionRefused"]
 
 
+def test_calls_fail_at_once_when_every_helper_thread_is_stuck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A hung disk or C call keeps its helper thread past the deadline. Once all of them
+    # are taken, a thread call fails at once (its on_error applies) instead of queueing
+    # behind them: the queue would never drain and would hold every message meanwhile.
+    from milterd import pipeline
+
+    release = threading.Event()
+
+    class Hang:
+        @hookimpl
+        def eom(self) -> None:
+            release.wait(10)
+
+    pipeline.executor()  # created first: it makes the real slots
+    monkeypatch.setattr(pipeline, "_slots", threading.BoundedSemaphore(2))
+    cfg = {"plugins": {"hang": {"timeout": 0.2, "on_error": "tempfail"}}}
+    with Harness(cfg, plugins={"hang": Hang}) as h:
+        stuck = [h.send(MSG) for _ in range(2)]
+        t0 = time.monotonic()
+        refused = [h.send(MSG) for _ in range(3)]
+        elapsed = time.monotonic() - t0
+        queued = pipeline.executor()._work_queue.qsize()
+        release.set()
+        deadline = time.monotonic() + 5
+        slots = pipeline._slots
+        assert slots is not None
+        while slots._value < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after = h.send(MSG)
+    assert [o.errors[0][2].split(":")[0] for o in stuck] == ["timeout"] * 2
+    assert all(o.verdict == "tempfail" for o in stuck + refused)
+    assert all("helper threads still busy" in o.errors[0][2] for o in refused), refused
+    assert elapsed < 0.3 and queued == 0, (elapsed, queued)
+    assert after.verdict == "continue" and not after.errors
+
+
 def test_other_connections_are_served_while_one_plugin_hangs() -> None:
     release = threading.Event()
 
