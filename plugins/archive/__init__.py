@@ -55,6 +55,7 @@ DELIVERING: tuple[VerdictWord, ...] = ("continue", "accept", "quarantine")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*")
 _UNITS = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 BACKEND_GROUP = "milterd.archive_backends"
+SLOW_THREADS = 8  # helper threads for the disk work of outcome()
 
 
 def parse_duration(text: str) -> float:
@@ -255,6 +256,7 @@ class ArchivePlugin:
         self._stop = threading.Event()
         self._pruner: threading.Thread | None = None
         self._pool: cf.ThreadPoolExecutor | None = None
+        self._pool_slots = threading.BoundedSemaphore(SLOW_THREADS)
         self._pool_lock = threading.Lock()
 
     @hookimpl
@@ -322,10 +324,22 @@ class ArchivePlugin:
         the call's deadline, so an inline ``outcome`` keeps the hard deadline a thread
         call has. Past the deadline the work goes on alone (``fn`` must clean up after
         itself, as ``_write`` does) and the call returns; errors are logged."""
+        # Every thread still stuck in disk work (a hung store): do not queue more behind
+        # it, where each item would keep its message until the disk came back.
+        if not self._pool_slots.acquire(blocking=False):
+            ctx.log.error("archive %s not started: the store's earlier work still hangs", what)
+            return
         with self._pool_lock:
             if self._pool is None:  # first use: in the worker process, after any fork
-                self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="archive")
-            fut = self._pool.submit(fn)
+                self._pool = cf.ThreadPoolExecutor(
+                    max_workers=SLOW_THREADS, thread_name_prefix="archive"
+                )
+            try:
+                fut = self._pool.submit(fn)
+            except BaseException:
+                self._pool_slots.release()
+                raise
+        fut.add_done_callback(lambda _: self._pool_slots.release())
         try:
             fut.result(timeout=ctx.time_left())
         except cf.TimeoutError:

@@ -710,3 +710,26 @@ def test_outcome_write_keeps_its_deadline_and_takes_a_late_copy_back(
     assert out.verdict == "reject"
     assert took < 0.5  # outcome waited for its deadline, not for the disk
     assert all_records(tmp_path) == [] and layout_files(tmp_path) == []
+
+
+def test_outcome_disk_work_is_not_queued_behind_a_hung_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A quarantined message's verdict update runs on the plugin's 8 helper threads. With
+    # the store hung, each one stays stuck past its deadline; the ninth is not queued
+    # behind them (where it would keep its message until the disk came back) but logged.
+    release = threading.Event()
+    msg = MSG.replace(b"Subject: quarterly numbers", b"Subject: quarantine-me")
+    with rig(tmp_path, timeout=0.3) as h:
+        plugin = next(p.obj for p in h.runtime.plugins if p.name == "archive")
+        assert isinstance(plugin, ArchivePlugin) and plugin.backend is not None
+        monkeypatch.setattr(plugin.backend, "set_verdict", lambda id, v: release.wait(10))
+        outs = [h.send(msg) for _ in range(9)]
+        assert plugin._pool is not None
+        queued = plugin._pool._work_queue.qsize()
+        release.set()
+    assert [o.verdict for o in outs] == ["quarantine"] * 9
+    log = [r.getMessage() for r in caplog.records]
+    assert sum("verdict update not done within" in m for m in log) == 8, log
+    assert sum("verdict update not started" in m for m in log) == 1, log
+    assert queued == 0
