@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import email.utils
 import json
+import logging
 import os
 import random
 import re
@@ -32,6 +33,7 @@ from typing import Any, Literal
 from xml.sax.saxutils import escape
 
 from publicsuffixlist import PublicSuffixList
+from pydantic import Field
 
 from milterd import (
     AddHeader,
@@ -51,6 +53,8 @@ from milterd import (
 )
 
 from ..sqlpool import SQLitePool
+
+log = logging.getLogger("milterd.dmarc")
 
 __all__ = [
     "DMARCConfig",
@@ -83,6 +87,7 @@ class DMARCConfig(PluginConfig):
     trusted_arc_sealers: list[str] = []  # honour arc=pass when one of these sealed
     check_trusted: bool = False  # also evaluate mail from authenticated/internal clients
     history_db: str | None = None  # SQLite file for aggregate reports; None: no history
+    history_days: int = Field(31, ge=1)  # rows older than this are deleted (hourly)
     psl_file: str | None = None  # a public_suffix_list.dat; default: the package's copy
     org_name: str = "milterd"
     report_email: str = "postmaster@localhost"
@@ -260,6 +265,11 @@ class Store:
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
+    def prune(self, before: float) -> int:
+        """Delete the rows older than ``before`` (epoch seconds); returns their count."""
+        with self.pool.conn() as db, db:
+            return db.execute("DELETE FROM messages WHERE ts < ?", (int(before),)).rowcount
+
     def close(self) -> None:
         self.pool.close()
 
@@ -296,6 +306,8 @@ class DMARCPlugin:
         self.psl: PublicSuffixList | None = None
         self.store: Store | None = None
         self.history_db: str | None = None
+        self.history_days = 31
+        self._stop = threading.Event()
 
     @hookimpl
     def config_schema(self) -> type[DMARCConfig]:
@@ -305,15 +317,36 @@ class DMARCPlugin:
     def startup(self, config: DMARCConfig, services: Services) -> None:
         self.psl = _psl(config.psl_file)
         self.history_db = config.history_db
+        self.history_days = config.history_days
         if config.history_db:  # create it (WAL, schema) now: a bad path refuses the config
             Store(config.history_db).close()
 
     @hookimpl
     def worker_start(self) -> None:
         self.store = Store(self.history_db) if self.history_db else None
+        # One pruner per daemon (worker 0, or the only process): the history would
+        # otherwise grow by a row per message for ever.
+        if self.store is not None and os.environ.get("MILTERD_WORKER", "0") == "0":
+            self._stop = threading.Event()
+            threading.Thread(
+                target=self._prune_loop, args=(self.store, self._stop), name="dmarc-prune",
+                daemon=True,
+            ).start()  # fmt: skip
+
+    def _prune_loop(self, store: Store, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                n = store.prune(time.time() - self.history_days * 86400)
+                if n:
+                    log.info("dmarc: pruned %d history row(s) older than %d days", n,
+                             self.history_days)  # fmt: skip
+            except sqlite3.Error as e:
+                log.error("dmarc: history prune failed: %s", e)
+            stop.wait(3600)
 
     @hookimpl
     def shutdown(self) -> None:
+        self._stop.set()
         if self.store is not None:
             self.store.close()
 

@@ -320,3 +320,24 @@ def test_history_store_does_not_keep_a_connection_per_thread(tmp_path: Path) -> 
     assert fds() <= before + 2, (before, fds())
     assert len(store.rows(0, 2**31)) == 101
     store.close()
+
+
+def test_history_older_than_history_days_is_pruned(tmp_path: Path) -> None:
+    from milterd_plugins.dmarc import Store
+
+    db = tmp_path / "history.sqlite3"
+    store = Store(str(db))
+    cols = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(messages)")]
+    now = int(time.time())
+    for ts in (now - 40 * 86400, now - 3 * 86400, now - 60):
+        store.add({c: (ts if c == "ts" else "x") for c in cols if c != "id"})
+    store.close()
+    cfg = {"dmarc": {"history_db": str(db), "history_days": 2}}
+    with Harness(cfg, plugins={"dmarc": DMARCPlugin}):  # worker_start starts the pruner
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            left = [r[0] for r in sqlite3.connect(db).execute("SELECT ts FROM messages")]
+            if len(left) == 1:
+                break
+            time.sleep(0.05)
+    assert left == [now - 60]
