@@ -65,18 +65,18 @@ CORE_MACROS: dict[str, tuple[str, ...]] = {
 
 HELPER_THREADS = 256
 _executor: cf.ThreadPoolExecutor | None = None
-_slots: threading.BoundedSemaphore | None = None
 _executor_lock = threading.Lock()
+_stuck = 0  # helper threads held by calls that ran past their deadline and still run
+_stuck_lock = threading.Lock()
 
 
 def executor() -> cf.ThreadPoolExecutor:
     """The helper threads for ``isolation = "thread"`` calls, created on first use (so a
     forked worker makes its own)."""
-    global _executor, _slots
+    global _executor
     with _executor_lock:
         if _executor is None:
             # Generous: a plugin stuck past its deadline keeps its thread until it returns.
-            _slots = threading.BoundedSemaphore(HELPER_THREADS)
             _executor = cf.ThreadPoolExecutor(
                 max_workers=HELPER_THREADS, thread_name_prefix="plugin"
             )
@@ -84,22 +84,31 @@ def executor() -> cf.ThreadPoolExecutor:
 
 
 def _submit(fn: Callable[..., Any], kwargs: dict[str, Any]) -> cf.Future[Any] | None:
-    """Start ``fn`` on a helper thread, or return None when every helper thread is taken
-    (by calls still running past their deadlines, e.g. on a hung disk). Such a call fails
-    at once: queued behind stuck ones it would never run, and the queue (each item holding
-    its message) would grow with every message until memory ran out."""
-    pool = executor()
-    slots = _slots
-    assert slots is not None
-    if not slots.acquire(blocking=False):
+    """Start ``fn`` on a helper thread, or return None when every helper thread is held
+    by a call still running past its deadline (a hung disk, a stuck C call). Such a call
+    fails at once: queued behind stuck ones it would never run, and the queue (each item
+    holding its message) would grow with every message until memory ran out. Threads
+    that are merely busy do not count: a call then waits in the queue as usual."""
+    if _stuck >= HELPER_THREADS:
         return None
-    try:
-        fut = pool.submit(fn, **kwargs)
-    except BaseException:
-        slots.release()
-        raise
-    fut.add_done_callback(lambda _: slots.release())
-    return fut
+    return executor().submit(fn, **kwargs)
+
+
+def _abandon(fut: cf.Future[Any]) -> None:
+    """The caller stopped waiting for ``fut``: drop it if it has not started, else count
+    its thread as stuck until it returns."""
+    global _stuck
+    if fut.cancel():
+        return
+    with _stuck_lock:
+        _stuck += 1
+
+    def returned(_: cf.Future[Any]) -> None:
+        global _stuck
+        with _stuck_lock:
+            _stuck -= 1
+
+    fut.add_done_callback(returned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +347,7 @@ class Runtime:
                     break
                 except cf.TimeoutError:
                     if time.perf_counter() >= end:
+                        _abandon(fut)
                         failure = _Failure("timeout", f"no answer within {timeout:g}s")
                         METRICS.abandoned.labels(p.name).inc()
                         break

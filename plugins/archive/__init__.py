@@ -256,7 +256,7 @@ class ArchivePlugin:
         self._stop = threading.Event()
         self._pruner: threading.Thread | None = None
         self._pool: cf.ThreadPoolExecutor | None = None
-        self._pool_slots = threading.BoundedSemaphore(SLOW_THREADS)
+        self._stuck = 0  # helper threads still in disk work past its call's deadline
         self._pool_lock = threading.Lock()
 
     @hookimpl
@@ -324,28 +324,32 @@ class ArchivePlugin:
         the call's deadline, so an inline ``outcome`` keeps the hard deadline a thread
         call has. Past the deadline the work goes on alone (``fn`` must clean up after
         itself, as ``_write`` does) and the call returns; errors are logged."""
-        # Every thread still stuck in disk work (a hung store): do not queue more behind
-        # it, where each item would keep its message until the disk came back.
-        if not self._pool_slots.acquire(blocking=False):
-            ctx.log.error("archive %s not started: the store's earlier work still hangs", what)
-            return
+        # Every thread still stuck in disk work past its deadline (a hung store): do not
+        # queue more behind them, where each item would keep its message until the disk
+        # came back. (Threads merely busy do not count: the work waits its turn.)
         with self._pool_lock:
+            if self._stuck >= SLOW_THREADS:
+                ctx.log.error("archive %s not started: the store's earlier work hangs", what)
+                return
             if self._pool is None:  # first use: in the worker process, after any fork
                 self._pool = cf.ThreadPoolExecutor(
                     max_workers=SLOW_THREADS, thread_name_prefix="archive"
                 )
-            try:
-                fut = self._pool.submit(fn)
-            except BaseException:
-                self._pool_slots.release()
-                raise
-        fut.add_done_callback(lambda _: self._pool_slots.release())
+            fut = self._pool.submit(fn)
         try:
             fut.result(timeout=ctx.time_left())
         except cf.TimeoutError:
             ctx.log.error("archive %s not done within the plugin's timeout", what)
+            if not fut.cancel():  # started: its thread is stuck until the work returns
+                with self._pool_lock:
+                    self._stuck += 1
+                fut.add_done_callback(self._returned)
         except Exception as e:
             ctx.log.error("archive %s failed: %s", what, e)
+
+    def _returned(self, _: cf.Future[object]) -> None:
+        with self._pool_lock:
+            self._stuck -= 1
 
     def _prune_loop(self) -> None:
         assert self.cfg is not None and self.backend is not None
