@@ -253,7 +253,7 @@ class HarnessSession:
             "j": "mx.test.example",
             "{daemon_name}": "smtpd",
             "{client_addr}": client_ip,
-            **dict(macros or {}),
+            **(macros or {}),
         }
         # A verdict at CONNECT or HELO answers every message of the session.
         self.early: tuple[Verdict, str] | None = None

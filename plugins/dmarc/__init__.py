@@ -327,7 +327,6 @@ class DMARCPlugin:
         # One pruner per daemon (worker 0, or the only process): the history would
         # otherwise grow by a row per message for ever.
         if self.store is not None and os.environ.get("MILTERD_WORKER", "0") == "0":
-            self._stop = threading.Event()
             threading.Thread(
                 target=self._prune_loop, args=(self.store, self._stop), name="dmarc-prune",
                 daemon=True,
