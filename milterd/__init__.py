@@ -29,7 +29,7 @@ from milterd.actions import (
 from milterd.config import ConfigError, PluginConfig
 from milterd.config import load as load_config
 from milterd.context import ConnectionInfo, Context, MessageInfo, Recipient, Services
-from milterd.dns import DNSTempError, NXDomain, Resolver
+from milterd.dns import DNSTempError, NXDomain, Resolver, make_resolver
 from milterd.events import (
     Abort,
     Body,
@@ -92,4 +92,5 @@ __all__ = [
     "__version__",
     "hookimpl",
     "load_config",
+    "make_resolver",
 ]

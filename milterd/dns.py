@@ -13,9 +13,9 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from milterd.config import DnsSettings, split_hostport
+from milterd.config import Config, DnsSettings, split_hostport
 
-__all__ = ["DNSTempError", "NXDomain", "Resolver", "StubResolver", "text_of"]
+__all__ = ["DNSTempError", "NXDomain", "Resolver", "StubResolver", "make_resolver", "text_of"]
 
 
 class NXDomain(LookupError):
@@ -93,3 +93,9 @@ class StubResolver:
         if answer.rrset is None:
             return []
         return [text_of(rd) for rd in answer.rrset]
+
+
+def make_resolver(config: Config) -> Resolver:
+    """The resolver the daemon uses, from a loaded config's ``[dns]``: for plugins'
+    command-line tools (``commands``), which have no ``Services``."""
+    return StubResolver(config.dns)

@@ -187,7 +187,8 @@ def commands(subparsers: Any) -> None:
         subparsers: the ``argparse`` sub-parsers object of ``milterd``. Add a parser and set
             ``fn`` to a callable taking the parsed ``argparse.Namespace`` and returning the
             exit status; ``args.config`` is the ``-c`` path. Load the config yourself with
-            ``milterd.load_config`` if the command needs it.
+            ``milterd.load_config`` if the command needs it, and
+            ``milterd.make_resolver(config)`` for DNS through the daemon's ``[dns]``.
 
     Returns: nothing. Changes: none. Negotiation: not applicable. Since: 0.1.
     """

@@ -9,13 +9,12 @@ identifier alignment (relaxed or strict) against the results already on the ledg
 
 Aggregate reporting: with ``history_db`` set, one row per evaluated message (policy found)
 goes into a SQLite file (WAL mode, safe for several worker processes), and
-``milterd dmarc report --since --until`` writes RFC 7489 aggregate XML per policy domain.
+``milterd dmarc report`` writes RFC 7489 aggregate XML per policy domain and mails it to
+the verified ``rua`` addresses (``--send``; :mod:`.reports`).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import email.utils
 import json
 import logging
@@ -23,14 +22,10 @@ import os
 import random
 import re
 import sqlite3
-import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
-from xml.sax.saxutils import escape
 
 from publicsuffixlist import PublicSuffixList
 from pydantic import Field
@@ -49,7 +44,6 @@ from milterd import (
     TempFail,
     Verdict,
     hookimpl,
-    load_config,
 )
 
 from ..sqlpool import SQLitePool
@@ -62,7 +56,6 @@ __all__ = [
     "DMARCRecord",
     "Store",
     "parse_record",
-    "write_reports",
 ]
 
 Disposition = Literal["none", "quarantine", "reject"]
@@ -92,6 +85,8 @@ class DMARCConfig(PluginConfig):
     org_name: str = "milterd"
     report_email: str = "postmaster@localhost"
     report_contact: str | None = None
+    report_smtp_host: str = "127.0.0.1"  # where `dmarc report --send` hands reports over
+    report_smtp_port: int = Field(25, gt=0, lt=65536)
 
 
 # --- record parsing ---------------------------------------------------------------------------
@@ -232,6 +227,11 @@ CREATE TABLE IF NOT EXISTS messages (
     spf TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
+CREATE TABLE IF NOT EXISTS sent (
+    domain TEXT NOT NULL, begin INTEGER NOT NULL, "end" INTEGER NOT NULL,
+    address TEXT NOT NULL, report_id TEXT NOT NULL, ts INTEGER NOT NULL,
+    PRIMARY KEY (domain, begin, "end", address)
+);
 """
 
 
@@ -266,9 +266,27 @@ class Store:
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
     def prune(self, before: float) -> int:
-        """Delete the rows older than ``before`` (epoch seconds); returns their count."""
+        """Delete the rows older than ``before`` (epoch seconds); returns their count.
+        Records of sent reports go with the rows they covered."""
         with self.pool.conn() as db, db:
+            db.execute('DELETE FROM sent WHERE "end" < ?', (int(before),))
             return db.execute("DELETE FROM messages WHERE ts < ?", (int(before),)).rowcount
+
+    def was_sent(self, domain: str, begin: int, end: int, address: str) -> bool:
+        """Whether the report for ``domain`` over [begin, end] already went to ``address``."""
+        with self.pool.conn() as db:
+            row = db.execute(
+                'SELECT 1 FROM sent WHERE domain = ? AND begin = ? AND "end" = ? AND address = ?',
+                (domain, begin, end, address.lower()),
+            ).fetchone()
+        return row is not None
+
+    def mark_sent(self, domain: str, begin: int, end: int, address: str, report_id: str) -> None:
+        with self.pool.conn() as db, db:
+            db.execute(
+                "INSERT OR REPLACE INTO sent VALUES (?, ?, ?, ?, ?, ?)",
+                (domain, begin, end, address.lower(), report_id, int(time.time())),
+            )
 
     def close(self) -> None:
         self.pool.close()
@@ -531,127 +549,6 @@ class DMARCPlugin:
 
     @hookimpl
     def commands(self, subparsers: Any) -> None:
-        p = subparsers.add_parser("dmarc", help="DMARC tools")
-        sub = p.add_subparsers(dest="dmarc_command", required=True)
-        r = sub.add_parser("report", help="write RFC 7489 aggregate reports (XML) per domain")
-        r.add_argument("--since", required=True, help="UTC date/time or epoch seconds")
-        r.add_argument("--until", required=True, help="UTC date/time or epoch seconds (excl.)")
-        r.add_argument("--output", "-o", default=".", help="directory for the XML files")
-        r.add_argument("--db", help="history database (default: [plugins.dmarc] history_db)")
-        r.set_defaults(fn=_report_command)
+        from .reports import add_commands
 
-
-def _when(text: str) -> int:
-    if re.fullmatch(r"\d+", text):
-        return int(text)
-    value = dt.datetime.fromisoformat(text)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return int(value.timestamp())
-
-
-def _report_command(args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {}
-    if getattr(args, "config", None) and os.path.exists(args.config):
-        options = load_config(args.config).plugin_options("dmarc")
-    conf = DMARCConfig.model_validate(options)
-    db = args.db or conf.history_db
-    if not db:
-        print("milterd dmarc report: no history_db configured (or --db)", file=sys.stderr)
-        return 2
-    try:
-        since, until = _when(args.since), _when(args.until)
-    except ValueError as e:
-        print(f"milterd dmarc report: {e}", file=sys.stderr)
-        return 2
-    store = Store(db)
-    try:
-        paths = write_reports(store, conf, since, until, Path(args.output))
-    finally:
-        store.close()
-    for path in paths:
-        print(path)
-    return 0
-
-
-def _el(name: str, value: object) -> str:
-    return f"<{name}>{escape(str(value))}</{name}>"
-
-
-def write_reports(
-    store: Store, conf: DMARCConfig, since: int, until: int, out_dir: Path
-) -> list[Path]:
-    """One aggregate report per policy domain for rows in [since, until). Returns paths."""
-    rows = store.rows(since, until)
-    by_domain: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_domain.setdefault(row["policy_domain"], []).append(row)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    for domain, drows in sorted(by_domain.items()):
-        latest = drows[-1]
-        groups: dict[tuple[Any, ...], int] = {}
-        for row in drows:
-            key = (
-                row["source_ip"],
-                row["disposition"],
-                row["dkim_aligned"],
-                row["spf_aligned"],
-                row["reasons"],
-                row["header_from"],
-                row["envelope_from"],
-                row["envelope_to"],
-                row["dkim"],
-                row["spf"],
-            )
-            groups[key] = groups.get(key, 0) + 1
-        parts = ['<?xml version="1.0" encoding="UTF-8"?>', "<feedback>", _el("version", "1.0")]
-        parts.append("<report_metadata>")
-        parts += [_el("org_name", conf.org_name), _el("email", conf.report_email)]
-        if conf.report_contact:
-            parts.append(_el("extra_contact_info", conf.report_contact))
-        parts += [
-            _el("report_id", uuid.uuid4().hex),
-            "<date_range>",
-            _el("begin", since),
-            _el("end", until - 1),
-            "</date_range>",
-            "</report_metadata>",
-            "<policy_published>",
-            _el("domain", domain),
-            _el("adkim", latest["adkim"]),
-            _el("aspf", latest["aspf"]),
-            _el("p", latest["p"]),
-            _el("sp", latest["sp"]),
-            _el("pct", latest["pct"]),
-            _el("fo", latest["fo"]),
-            "</policy_published>",
-        ]
-        for key, count in groups.items():
-            ip, disp, dk, sp, reasons, hfrom, efrom, eto, dkim, spf = key
-            parts += ["<record>", "<row>", _el("source_ip", ip), _el("count", count)]
-            parts += ["<policy_evaluated>", _el("disposition", disp)]
-            parts += [_el("dkim", dk), _el("spf", sp)]
-            for rtype, comment in json.loads(reasons):
-                parts += ["<reason>", _el("type", rtype), _el("comment", comment), "</reason>"]
-            parts += ["</policy_evaluated>", "</row>", "<identifiers>"]
-            if eto:
-                parts.append(_el("envelope_to", eto))
-            parts += [_el("envelope_from", efrom), _el("header_from", hfrom)]
-            parts += ["</identifiers>", "<auth_results>"]
-            for d, s, res in json.loads(dkim):
-                parts += ["<dkim>", _el("domain", d)]
-                if s:
-                    parts.append(_el("selector", s))
-                parts += [_el("result", res), "</dkim>"]
-            spf_rows = json.loads(spf) or [[efrom or hfrom, "mfrom", "none"]]
-            for d, scope, res in spf_rows:
-                parts += ["<spf>", _el("domain", d), _el("scope", scope), _el("result", res)]
-                parts.append("</spf>")
-            parts += ["</auth_results>", "</record>"]
-        parts.append("</feedback>")
-        name = f"{conf.org_name}!{domain}!{since}!{until - 1}.xml"
-        path = out_dir / name
-        path.write_text("\n".join(parts) + "\n", encoding="utf-8")
-        paths.append(path)
-    return paths
+        add_commands(subparsers)

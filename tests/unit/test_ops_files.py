@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "milterd.service"
 SYSUSERS = ROOT / "systemd" / "milterd.sysusers"
 TMPFILES = ROOT / "systemd" / "milterd.tmpfiles"
+REPORT_UNIT = ROOT / "systemd" / "milterd-dmarc-report.service"
+REPORT_TIMER = ROOT / "systemd" / "milterd-dmarc-report.timer"
 POSTFIX = ROOT / "etc" / "postfix-main.cf.snippet"
 SENDMAIL = ROOT / "etc" / "sendmail.mc.snippet"
 DOCS = ROOT / "docs" / "operations.md"
@@ -152,13 +154,13 @@ def one(entries: dict[str, list[str]], key: str) -> str:
     return values[0]
 
 
-def runnable_unit(tmp_path: Path) -> Path:
+def runnable_unit(tmp_path: Path, unit: Path = UNIT) -> Path:
     """A copy of the unit whose ExecStart names a binary that exists here (verify checks it)."""
     exe = Path(sys.executable).with_name("milterd")
     if not os.access(exe, os.X_OK):
         exe = Path("/bin/true")
-    text = re.sub(r"^ExecStart=\S+", f"ExecStart={exe}", UNIT.read_text(), flags=re.MULTILINE)
-    copy = tmp_path / UNIT.name
+    text = re.sub(r"^ExecStart=\S+", f"ExecStart={exe}", unit.read_text(), flags=re.MULTILINE)
+    copy = tmp_path / unit.name
     copy.write_text(text)
     return copy
 
@@ -319,6 +321,37 @@ def test_unit_is_installable() -> None:
     sections = unit_sections(UNIT.read_text())
     assert one(sections["Install"], "WantedBy") == "multi-user.target"
     assert one(sections["Unit"], "Description")
+
+
+def test_dmarc_report_service_and_timer(tmp_path: Path) -> None:
+    """The daily report job: both files verify, the service is as hardened as the daemon,
+    and its command is one milterd's command line takes."""
+    unit = runnable_unit(tmp_path, REPORT_UNIT)
+    timer = tmp_path / REPORT_TIMER.name
+    timer.write_text(REPORT_TIMER.read_text())
+    r = run([tool("systemd-analyze"), "verify", "--man=no", str(unit), str(timer)], cwd=tmp_path)
+    output = (r.stdout + r.stderr).strip()
+    assert r.returncode == 0, output
+    assert not [line for line in output.splitlines() if "milterd-dmarc-report" in line], output
+    r = run(
+        [tool("systemd-analyze"), "security", "--offline=yes", f"--threshold={MAX_EXPOSURE}",
+         "--no-pager", str(unit)],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, f"exposure above {MAX_EXPOSURE / 10}:\n{r.stdout}{r.stderr}"
+    svc = unit_sections(REPORT_UNIT.read_text())["Service"]
+    assert one(svc, "Type") == "oneshot"
+    assert one(svc, "User") == one(service(), "User")
+    argv = shlex.split(one(svc, "ExecStart"))
+    assert argv[1:] == ["-c", "/etc/milterd/milterd.toml", "dmarc", "report", "--send"]
+    for key, value in HARDENING.items():
+        assert one(svc, key) == value, key
+    help_run = run([sys.executable, "-m", "milterd.cli", *argv[3:], "--help"])
+    assert help_run.returncode == 0 and "--send" in help_run.stdout, help_run.stderr
+    tm = unit_sections(REPORT_TIMER.read_text())
+    assert one(tm["Timer"], "Persistent") == "true"
+    assert "UTC" in one(tm["Timer"], "OnCalendar")
+    assert one(tm["Install"], "WantedBy") == "timers.target"
 
 
 # --- sysusers / tmpfiles --------------------------------------------------------------------

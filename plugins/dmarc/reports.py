@@ -1,0 +1,456 @@
+"""``milterd dmarc report``: RFC 7489 aggregate reports from the history, written and sent.
+
+A report covers one policy domain and one period (by default the previous UTC day). It is
+written as XML (``--output``) and/or mailed (``--send``) to the ``mailto:`` URIs of the
+domain's ``rua`` tag, as RFC 7489 7.2.1.1 describes: gzip-compressed XML in an
+``application/gzip`` part named ``<org_name>!<domain>!<begin>!<end>.xml.gz``, with the
+subject ``Report Domain: <domain> Submitter: <org_name> Report-ID: <id>``.
+
+Before a report goes to an address outside the policy domain's organizational domain, the
+receiving domain must have agreed (RFC 7489 7.1): a TXT record starting ``v=DMARC1`` at
+``<policy domain>._report._dmarc.<address domain>``. Without it the address is skipped; a
+DNS failure leaves it for a later run. An address's size limit (``mailto:a@b!10m``) is
+honoured: a larger report is not sent there. Every sent report is remembered in the
+history database (table ``sent``), so running the command twice for a period does not
+send twice (``--force`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import email.policy
+import email.utils
+import gzip
+import json
+import re
+import smtplib
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+from xml.sax.saxutils import escape
+
+from publicsuffixlist import PublicSuffixList
+
+from milterd import DNSTempError, NXDomain, Resolver, load_config, make_resolver
+
+from . import _V, DMARCConfig, Store, _psl, org_domain
+
+__all__ = [
+    "Destination",
+    "Outcome",
+    "Report",
+    "add_commands",
+    "authorize",
+    "build_reports",
+    "parse_rua",
+    "report_message",
+    "send_reports",
+    "write_reports",
+]
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^(\d+)([kmgt]?)$", re.I)
+
+
+@dataclass(frozen=True)
+class Report:
+    """One aggregate report: a policy domain, a period ([begin, end], seconds, inclusive as
+    RFC 7489's ``date_range`` is) and the XML."""
+
+    domain: str
+    begin: int
+    end: int
+    report_id: str
+    rua: str  # the domain's rua tag as last seen in the period
+    xml: bytes
+    org_name: str
+
+    @property
+    def filename(self) -> str:
+        """RFC 7489 7.2.1.1, without the extension."""
+        return f"{self.org_name}!{self.domain}!{self.begin}!{self.end}"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One ``mailto:`` URI of a rua tag: the address and its size limit in bytes, if any."""
+
+    address: str
+    limit: int | None = None
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower().rstrip(".")
+
+
+def parse_rua(rua: str) -> list[Destination]:
+    """The ``mailto:`` destinations of a rua (or ruf) tag, in order, without duplicates.
+
+    Other URI schemes are skipped (RFC 7489 6.2: a receiver uses the schemes it supports).
+    ``!size`` takes k, m, g or t (powers of two); a malformed size or an address without
+    a domain drops that URI.
+    """
+    out: list[Destination] = []
+    seen: set[str] = set()
+    for raw in rua.split(","):
+        uri = raw.strip()
+        if uri[:7].lower() != "mailto:":
+            continue
+        addr, bang, size = uri[7:].partition("!")
+        addr = unquote(addr.split("?", 1)[0]).strip()
+        limit: int | None = None
+        if bang:
+            m = _SIZE.match(size.strip())
+            if m is None:
+                continue
+            limit = int(m.group(1)) * _UNITS[m.group(2).lower()]
+        local, at, domain = addr.rpartition("@")
+        if not at or not local or "." not in domain or any(c in addr for c in " <>\r\n"):
+            continue
+        if addr.lower() in seen:
+            continue
+        seen.add(addr.lower())
+        out.append(Destination(addr, limit))
+    return out
+
+
+def authorize(
+    resolver: Resolver,
+    psl: PublicSuffixList,
+    policy_domain: str,
+    dests: list[Destination],
+    timeout: float = 10.0,
+) -> tuple[list[Destination], list[tuple[Destination, str]], list[tuple[Destination, str]]]:
+    """RFC 7489 7.1, verifying external destinations.
+
+    Returns (allowed, refused, deferred): refused with why (no authorization record, an
+    override naming another host), deferred with the DNS error (try again later).
+    A destination in the policy domain's organizational domain needs no check. An
+    authorization record's own ``rua`` replaces the URI when it names the same host.
+    """
+    allowed: list[Destination] = []
+    refused: list[tuple[Destination, str]] = []
+    deferred: list[tuple[Destination, str]] = []
+    own = org_domain(psl, policy_domain)
+    for d in dests:
+        if org_domain(psl, d.domain) == own:
+            allowed.append(d)
+            continue
+        name = f"{policy_domain}._report._dmarc.{d.domain}"
+        try:
+            texts = [t for t in resolver.lookup(name, "TXT", timeout=timeout) if _V.match(t)]
+        except NXDomain:
+            texts = []
+        except DNSTempError as e:
+            deferred.append((d, f"{name}: {e}"))
+            continue
+        if not texts:
+            refused.append((d, f"{d.domain} does not accept reports for {policy_domain} "
+                               f"(no v=DMARC1 record at {name})"))  # fmt: skip
+            continue
+        m = re.search(r"(?:^|;)\s*rua\s*=\s*([^;]*)", texts[0])
+        override = parse_rua(m.group(1)) if m else []
+        if not override:
+            allowed.append(d)
+        elif all(o.domain == d.domain for o in override):
+            allowed.extend(o for o in override if o not in allowed)
+        else:
+            refused.append((d, f"{name} redirects reports to another host"))
+    return allowed, refused, deferred
+
+
+# --- building -----------------------------------------------------------------------------
+
+
+def _el(name: str, value: object) -> str:
+    return f"<{name}>{escape(str(value))}</{name}>"
+
+
+def build_reports(store: Store, conf: DMARCConfig, since: int, until: int) -> list[Report]:
+    """One aggregate report per policy domain for the history rows in [since, until)."""
+    by_domain: dict[str, list[dict[str, Any]]] = {}
+    for row in store.rows(since, until):
+        by_domain.setdefault(row["policy_domain"], []).append(row)
+    reports: list[Report] = []
+    for domain, drows in sorted(by_domain.items()):
+        latest = drows[-1]
+        groups: dict[tuple[Any, ...], int] = {}
+        for row in drows:
+            key = (
+                row["source_ip"],
+                row["disposition"],
+                row["dkim_aligned"],
+                row["spf_aligned"],
+                row["reasons"],
+                row["header_from"],
+                row["envelope_from"],
+                row["envelope_to"],
+                row["dkim"],
+                row["spf"],
+            )
+            groups[key] = groups.get(key, 0) + 1
+        report_id = uuid.uuid4().hex
+        parts = ['<?xml version="1.0" encoding="UTF-8"?>', "<feedback>", _el("version", "1.0")]
+        parts.append("<report_metadata>")
+        parts += [_el("org_name", conf.org_name), _el("email", conf.report_email)]
+        if conf.report_contact:
+            parts.append(_el("extra_contact_info", conf.report_contact))
+        parts += [
+            _el("report_id", report_id),
+            "<date_range>",
+            _el("begin", since),
+            _el("end", until - 1),
+            "</date_range>",
+            "</report_metadata>",
+            "<policy_published>",
+            _el("domain", domain),
+            _el("adkim", latest["adkim"]),
+            _el("aspf", latest["aspf"]),
+            _el("p", latest["p"]),
+            _el("sp", latest["sp"]),
+            _el("pct", latest["pct"]),
+            _el("fo", latest["fo"]),
+            "</policy_published>",
+        ]
+        for key, count in groups.items():
+            ip, disp, dk, sp, reasons, hfrom, efrom, eto, dkim, spf = key
+            parts += ["<record>", "<row>", _el("source_ip", ip), _el("count", count)]
+            parts += ["<policy_evaluated>", _el("disposition", disp)]
+            parts += [_el("dkim", dk), _el("spf", sp)]
+            for rtype, comment in _json(reasons):
+                parts += ["<reason>", _el("type", rtype), _el("comment", comment), "</reason>"]
+            parts += ["</policy_evaluated>", "</row>", "<identifiers>"]
+            if eto:
+                parts.append(_el("envelope_to", eto))
+            parts += [_el("envelope_from", efrom), _el("header_from", hfrom)]
+            parts += ["</identifiers>", "<auth_results>"]
+            for d, s, res in _json(dkim):
+                parts += ["<dkim>", _el("domain", d)]
+                if s:
+                    parts.append(_el("selector", s))
+                parts += [_el("result", res), "</dkim>"]
+            spf_rows = _json(spf) or [[efrom or hfrom, "mfrom", "none"]]
+            for d, scope, res in spf_rows:
+                parts += ["<spf>", _el("domain", d), _el("scope", scope), _el("result", res)]
+                parts.append("</spf>")
+            parts += ["</auth_results>", "</record>"]
+        parts.append("</feedback>")
+        xml = ("\n".join(parts) + "\n").encode("utf-8")
+        reports.append(
+            Report(domain, since, until - 1, report_id, latest["rua"], xml, conf.org_name)
+        )
+    return reports
+
+
+def _json(text: str) -> list[Any]:
+    value = json.loads(text)
+    return value if isinstance(value, list) else []
+
+
+def write_reports(
+    store: Store, conf: DMARCConfig, since: int, until: int, out_dir: Path
+) -> list[Path]:
+    """Write one ``<org_name>!<domain>!<begin>!<end>.xml`` per policy domain; returns paths."""
+    return _write(build_reports(store, conf, since, until), out_dir)
+
+
+def _write(reports: list[Report], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in reports:
+        path = out_dir / f"{r.filename}.xml"
+        path.write_bytes(r.xml)
+        paths.append(path)
+    return paths
+
+
+# --- sending ------------------------------------------------------------------------------
+
+
+def report_message(report: Report, conf: DMARCConfig, to: list[str]) -> EmailMessage:
+    """The report as RFC 7489 7.2.1.1 mail: a short text part and the gzip'd XML."""
+    # Lines up to 998 octets are legal (RFC 5322 2.1.1); at 78 the library would move the
+    # whole Subject to a continuation line.
+    msg = EmailMessage(policy=email.policy.SMTP.clone(max_line_length=998))
+    msg["From"] = email.utils.formataddr((conf.org_name, conf.report_email))
+    msg["To"] = ", ".join(to)
+    msg["Subject"] = (
+        f"Report Domain: {report.domain} Submitter: {conf.org_name} "
+        f"Report-ID: <{report.report_id}@{conf.org_name}>"
+    )
+    msg["Date"] = email.utils.formatdate(usegmt=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=conf.report_email.rpartition("@")[2])
+    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies to this
+    begin = dt.datetime.fromtimestamp(report.begin, dt.UTC).isoformat()
+    end = dt.datetime.fromtimestamp(report.end, dt.UTC).isoformat()
+    msg.set_content(
+        f"DMARC aggregate report (RFC 7489) from {conf.org_name} for {report.domain},\n"
+        f"mail received from {begin} to {end}.\n"
+    )
+    msg.add_attachment(
+        gzip.compress(report.xml, mtime=0),
+        maintype="application",
+        subtype="gzip",
+        filename=f"{report.filename}.xml.gz",
+    )
+    return msg
+
+
+@dataclass
+class Outcome:
+    """What happened to one report at one address: ``sent``, ``skipped``, ``failed``, or
+    ``would send`` (dry run)."""
+
+    report: Report
+    address: str
+    status: str
+    why: str = ""
+
+
+def send_reports(
+    reports: list[Report],
+    conf: DMARCConfig,
+    store: Store,
+    resolver: Resolver,
+    psl: PublicSuffixList,
+    host: str,
+    port: int,
+    force: bool = False,
+    dry_run: bool = False,
+) -> list[Outcome]:
+    """Mail every report to its verified rua addresses over SMTP to ``host:port``.
+
+    ``skipped``: not authorized (7.1), over the size limit, or already sent for this
+    period (unless ``force``). ``failed``: a DNS failure during the check or an SMTP error:
+    nothing was recorded, so a later run for the same period tries again.
+    """
+    outcomes: list[Outcome] = []
+    for report in reports:
+        dests = parse_rua(report.rua)
+        if not dests:
+            outcomes.append(Outcome(report, "", "skipped", "no mailto: rua in the policy"))
+            continue
+        allowed, refused, deferred = authorize(resolver, psl, report.domain, dests)
+        outcomes += [Outcome(report, d.address, "skipped", why) for d, why in refused]
+        outcomes += [Outcome(report, d.address, "failed", why) for d, why in deferred]
+        for d in allowed:
+            if not force and store.was_sent(report.domain, report.begin, report.end, d.address):
+                outcomes.append(Outcome(report, d.address, "skipped", "already sent"))
+                continue
+            msg = report_message(report, conf, [d.address])
+            data = msg.as_bytes()
+            if d.limit is not None and len(data) > d.limit:
+                why = f"report is {len(data)} bytes, the address takes at most {d.limit}"
+                outcomes.append(Outcome(report, d.address, "skipped", why))
+                continue
+            if dry_run:
+                outcomes.append(Outcome(report, d.address, "would send"))
+                continue
+            try:
+                with smtplib.SMTP(host, port, timeout=60) as smtp:
+                    smtp.sendmail(conf.report_email, [d.address], data)
+            except (OSError, smtplib.SMTPException) as e:
+                outcomes.append(Outcome(report, d.address, "failed", f"{host}:{port}: {e}"))
+                continue
+            store.mark_sent(report.domain, report.begin, report.end, d.address, report.report_id)
+            outcomes.append(Outcome(report, d.address, "sent"))
+    return outcomes
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("dmarc", help="DMARC tools")
+    sub = p.add_subparsers(dest="dmarc_command", required=True)
+    r = sub.add_parser(
+        "report",
+        help="write and/or mail RFC 7489 aggregate reports, one per policy domain",
+        description="Aggregate reports for [--since, --until); both default to the "
+        "previous UTC day. Without --send the XML files are written (--output, default "
+        "the current directory) and their paths printed.",
+    )
+    r.add_argument("--since", help="UTC date/time or epoch seconds (default: yesterday 00:00)")
+    r.add_argument("--until", help="excluded end (default: a day after --since)")
+    r.add_argument("--output", "-o", help="directory for the XML files")
+    r.add_argument("--db", help="history database (default: [plugins.dmarc] history_db)")
+    r.add_argument("--send", action="store_true", help="mail them to the domains' rua")
+    r.add_argument("--smtp-host", help="SMTP server (default: report_smtp_host)")
+    r.add_argument("--smtp-port", type=int, help="SMTP port (default: report_smtp_port)")
+    r.add_argument("--force", action="store_true", help="send again what was sent")
+    r.add_argument("--dry-run", action="store_true", help="check destinations, send nothing")
+    r.set_defaults(fn=report_command)
+
+
+def _when(text: str) -> int:
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    value = dt.datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return int(value.timestamp())
+
+
+def period(since: str | None, until: str | None, now: float | None = None) -> tuple[int, int]:
+    """[since, until) from the options; each missing end is taken from the previous UTC day."""
+    today = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+    midnight = int(today.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+    start = _when(since) if since else midnight - 86400
+    stop = _when(until) if until else (start + 86400 if since else midnight)
+    if stop <= start:
+        raise ValueError(f"--until ({stop}) must come after --since ({start})")
+    return start, stop
+
+
+def report_command(args: argparse.Namespace) -> int:
+    config = None
+    options: dict[str, Any] = {}
+    try:
+        if getattr(args, "config", None) and Path(args.config).exists():
+            config = load_config(args.config)
+            options = config.plugin_options("dmarc")
+        conf = DMARCConfig.model_validate(options)
+        since, until = period(args.since, args.until)
+    except (ValueError, OSError) as e:
+        print(f"milterd dmarc report: {e}", file=sys.stderr)
+        return 2
+    db = args.db or conf.history_db
+    if not db:
+        print("milterd dmarc report: no history_db configured (or --db)", file=sys.stderr)
+        return 2
+    store = Store(db)
+    try:
+        reports = build_reports(store, conf, since, until)
+        if args.output or not args.send:
+            for path in _write(reports, Path(args.output or ".")):
+                print(path)
+        if not args.send:
+            return 0
+        if config is None:
+            print("milterd dmarc report --send: needs the config (-c) for [dns]", file=sys.stderr)
+            return 2
+        outcomes = send_reports(
+            reports,
+            conf,
+            store,
+            make_resolver(config),
+            _psl(conf.psl_file),
+            args.smtp_host or conf.report_smtp_host,
+            args.smtp_port or conf.report_smtp_port,
+            force=args.force,
+            dry_run=args.dry_run,
+        )
+    finally:
+        store.close()
+    for o in outcomes:
+        line = f"{o.status} {o.report.domain} {o.address or '-'}"
+        print(f"{line}: {o.why}" if o.why else line)
+    if not reports:
+        print(f"no history rows in [{since}, {until})", file=sys.stderr)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
