@@ -95,7 +95,11 @@ class StubResolver:
         return [text_of(rd) for rd in answer.rrset]
 
 
-def make_resolver(config: Config) -> Resolver:
+def make_resolver(config: Config, timeout: float | None = None) -> Resolver:
     """The resolver the daemon uses, from a loaded config's ``[dns]``: for plugins'
-    command-line tools (``commands``), which have no ``Services``."""
-    return StubResolver(config.dns)
+    command-line tools (``commands``), which have no ``Services``. ``timeout`` replaces
+    ``[dns] timeout`` (a command may wait longer than a message can)."""
+    settings = config.dns
+    if timeout is not None:
+        settings = settings.model_copy(update={"timeout": timeout})
+    return StubResolver(settings)

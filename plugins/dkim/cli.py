@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import dns.exception
-import dns.resolver
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from milterd import ConfigError, load_config
+from milterd import ConfigError, DNSTempError, NXDomain, load_config, make_resolver
 
 from .keys import KeyFileError, load_key, public_txt
 
@@ -77,31 +75,6 @@ def keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolver(cfg: Any, timeout: float | None) -> dns.resolver.Resolver:
-    r = dns.resolver.Resolver(configure=not cfg.dns.nameservers)
-    if cfg.dns.nameservers:
-        ns, ports = [], {}
-        for entry in cfg.dns.nameservers:
-            host, port = str(entry), 53
-            if host.startswith("["):
-                host, _, rest = host[1:].partition("]")
-                port = int(rest[1:]) if rest.startswith(":") else 53
-            elif host.count(":") == 1:
-                host, p = host.split(":")
-                port = int(p)
-            ns.append(host)
-            ports[host] = port
-        r.nameservers = ns
-        r.nameserver_ports = ports
-    r.lifetime = timeout or float(cfg.dns.timeout)
-    return r
-
-
-def _lookup(r: dns.resolver.Resolver, name: str) -> list[str]:
-    ans = r.resolve(name, "TXT")
-    return [b"".join(rd.strings).decode("utf-8", "replace") for rd in ans]
-
-
 def _pub(txt: str) -> tuple[str, str]:
     tags = {}
     for part in txt.split(";"):
@@ -120,7 +93,7 @@ def testkey(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    r = _resolver(cfg, args.timeout)
+    r = make_resolver(cfg, timeout=args.timeout)
     bad = 0
     for kname, entry in dk.keys.items():
         domains = {entry.domain} if entry.domain else set()
@@ -143,13 +116,13 @@ def testkey(args: argparse.Namespace) -> int:
         for domain in sorted(d.lower() for d in domains if d):
             name = f"{entry.selector}._domainkey.{domain}"
             try:
-                recs = _lookup(r, name)
-            except dns.resolver.NXDOMAIN:
+                recs = r.lookup(name, "TXT")
+            except NXDomain:
                 print(f"FAIL {kname}: {name}: no such name")
                 bad += 1
                 continue
-            except dns.exception.DNSException as e:
-                print(f"FAIL {kname}: {name}: lookup failed: {type(e).__name__}")
+            except DNSTempError as e:
+                print(f"FAIL {kname}: {name}: lookup failed: {e}")
                 bad += 1
                 continue
             found = [_pub(t) for t in recs]
