@@ -106,6 +106,7 @@ class DMARCRecord:
     rua: str
     fo: str
     text: str
+    np: Disposition | None = None  # RFC 9091: policy for non-existent subdomains
 
 
 def parse_record(text: str) -> DMARCRecord:
@@ -141,6 +142,13 @@ def parse_record(text: str) -> DMARCRecord:
             if not rua_ok:
                 raise RecordError(f"invalid sp={sp!r}")
             sp = None
+    np: str | None = tags.get("np")
+    if np is not None:
+        np = np.lower()
+        if np not in _DISPOSITIONS:
+            if not rua_ok:
+                raise RecordError(f"invalid np={np!r}")
+            np = None
     adkim, aspf = tags.get("adkim", "r").lower(), tags.get("aspf", "r").lower()
     if adkim not in ("r", "s") or aspf not in ("r", "s"):
         raise RecordError("adkim/aspf must be r or s")
@@ -150,7 +158,8 @@ def parse_record(text: str) -> DMARCRecord:
         raise RecordError("pct must be an integer") from None
     if not 0 <= pct <= 100:
         raise RecordError("pct must be 0..100")
-    return DMARCRecord(p, sp, adkim, aspf, pct, rua, tags.get("fo", "0"), text)  # type: ignore[arg-type]
+    fo = tags.get("fo", "0")
+    return DMARCRecord(p, sp, adkim, aspf, pct, rua, fo, text, np)  # type: ignore[arg-type]
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -393,6 +402,19 @@ class DMARCPlugin:
                 return candidate, None, f"permerror: {e}"
         return "", None, "none"
 
+    def _nonexistent(self, ctx: Context, domain: str) -> bool:
+        """RFC 9091 2.1: NXDOMAIN, or no A, AAAA and MX records. A DNS failure counts as
+        existing: the stricter ``np`` is only applied when the answer says so."""
+        for rdtype in ("A", "AAAA", "MX"):
+            try:
+                if ctx.resolver.lookup(domain, rdtype, timeout=ctx.time_left()):
+                    return False
+            except NXDomain:
+                return True
+            except DNSTempError:
+                return False
+        return True
+
     def _evaluate(self, ctx: Context, message: Message) -> _Evaluation:
         assert self.psl is not None
         conf: DMARCConfig = ctx.config
@@ -436,8 +458,11 @@ class DMARCPlugin:
         if ev.result == "pass":
             return ev
         policy: Disposition = record.p
-        if policy_domain != domain and record.sp is not None:
-            policy = record.sp
+        if policy_domain != domain:
+            if record.np is not None and self._nonexistent(ctx, domain):
+                policy = record.np
+            elif record.sp is not None:
+                policy = record.sp
         reasons: list[tuple[str, str]] = []
         if record.pct < 100 and random.random() * 100 >= record.pct:
             policy = _DOWNGRADE[policy]

@@ -31,6 +31,11 @@ ZONES: dict[str, dict[str, Any]] = {
     "_dmarc.slow.example": {"TXT": "TIMEOUT"},
     "_dmarc.other.example": {"TXT": ["some other record"]},
     "_dmarc.example.co.uk": {"TXT": ["v=DMARC1; p=reject"]},
+    "_dmarc.np.example": {"TXT": ["v=DMARC1; p=none; sp=quarantine; np=reject"]},
+    "mail.np.example": {"A": ["192.0.2.1"]},
+    "mx.np.example": {"MX": ["10 mail.np.example."]},
+    "txt-only.np.example": {"TXT": ["hello"]},
+    "slow.np.example": {"A": "TIMEOUT"},
 }
 
 
@@ -109,6 +114,25 @@ def test_subdomain_policy_from_the_organizational_domain() -> None:
     out = run("a@deep.sub.example.org")
     assert out.verdict == "quarantine"  # sp=quarantine at _dmarc.example.org
     assert dmarc(out).prop("header.from") == "deep.sub.example.org"
+
+
+def test_np_applies_to_non_existent_subdomains_only() -> None:
+    """RFC 9091: np for a From subdomain with NXDOMAIN or no A/AAAA/MX; sp otherwise,
+    and sp when DNS cannot tell."""
+    for frm, want in [
+        ("a@ghost.np.example", "reject"),  # NXDOMAIN
+        ("a@txt-only.np.example", "reject"),  # exists, but no A, AAAA or MX
+        ("a@mail.np.example", "quarantine"),  # A
+        ("a@mx.np.example", "quarantine"),  # MX
+        ("a@slow.np.example", "quarantine"),  # DNS failure: not known to be absent
+        ("a@np.example", "none"),  # the policy domain itself: p
+    ]:
+        out = run(frm)
+        assert dmarc(out).prop("policy.dmarc") == want, frm
+    assert parse_record("v=DMARC1; p=none; np=Reject").np == "reject"
+    assert parse_record("v=DMARC1; p=none; np=bogus; rua=mailto:a@b.example").np is None
+    with pytest.raises(RecordError):
+        parse_record("v=DMARC1; p=none; np=bogus")
 
 
 def test_organizational_domain_uses_the_public_suffix_list() -> None:
