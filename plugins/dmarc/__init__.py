@@ -25,10 +25,10 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from publicsuffixlist import PublicSuffixList
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from milterd import (
     AddHeader,
@@ -47,6 +47,9 @@ from milterd import (
 )
 
 from ..sqlpool import SQLitePool
+
+if TYPE_CHECKING:
+    from .failures import FailureSender, FailureSpool
 
 log = logging.getLogger("milterd.dmarc")
 
@@ -87,6 +90,16 @@ class DMARCConfig(PluginConfig):
     report_contact: str | None = None
     report_smtp_host: str = "127.0.0.1"  # where `dmarc report --send` hands reports over
     report_smtp_port: int = Field(25, gt=0, lt=65536)
+    failure_reports: bool = False  # RFC 7489 7.3 reports to ruf (headers only; failures.py)
+    failure_spool: str | None = None  # directory of reports waiting to be sent
+    failure_reports_per_hour: int = Field(10, ge=1)  # per ruf address; more are dropped
+    failure_spool_max: int = Field(1000, ge=1)  # reports waiting; more are not written
+
+    @model_validator(mode="after")
+    def _spool_needed(self) -> DMARCConfig:
+        if self.failure_reports and not self.failure_spool:
+            raise ValueError("failure_reports = true needs failure_spool (a directory)")
+        return self
 
 
 # --- record parsing ---------------------------------------------------------------------------
@@ -107,6 +120,7 @@ class DMARCRecord:
     fo: str
     text: str
     np: Disposition | None = None  # RFC 9091: policy for non-existent subdomains
+    ruf: str = ""
 
 
 def parse_record(text: str) -> DMARCRecord:
@@ -159,7 +173,8 @@ def parse_record(text: str) -> DMARCRecord:
     if not 0 <= pct <= 100:
         raise RecordError("pct must be 0..100")
     fo = tags.get("fo", "0")
-    return DMARCRecord(p, sp, adkim, aspf, pct, rua, fo, text, np)  # type: ignore[arg-type]
+    ruf = tags.get("ruf", "")
+    return DMARCRecord(p, sp, adkim, aspf, pct, rua, fo, text, np, ruf)  # type: ignore[arg-type]
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -335,6 +350,10 @@ class DMARCPlugin:
         self.history_db: str | None = None
         self.history_days = 31
         self._stop = threading.Event()
+        self.services: Services | None = None
+        self.config: DMARCConfig | None = None
+        self.spool: FailureSpool | None = None
+        self.sender: FailureSender | None = None
 
     @hookimpl
     def config_schema(self) -> type[DMARCConfig]:
@@ -345,8 +364,14 @@ class DMARCPlugin:
         self.psl = _psl(config.psl_file)
         self.history_db = config.history_db
         self.history_days = config.history_days
+        self.services = services
+        self.config = config
         if config.history_db:  # create it (WAL, schema) now: a bad path refuses the config
             Store(config.history_db).close()
+        if config.failure_reports and config.failure_spool:
+            from .failures import FailureSpool
+
+            self.spool = FailureSpool(config.failure_spool, config.failure_spool_max)
 
     @hookimpl
     def worker_start(self) -> None:
@@ -358,6 +383,17 @@ class DMARCPlugin:
                 target=self._prune_loop, args=(self.store, self._stop), name="dmarc-prune",
                 daemon=True,
             ).start()  # fmt: skip
+        # One sender of failure reports per daemon, too (the spool is shared).
+        if self.spool is not None and os.environ.get("MILTERD_WORKER", "0") == "0":
+            from .failures import FailureSender
+
+            c, psl = self.config, self.psl
+            assert c is not None and psl is not None and self.services is not None
+            self.sender = FailureSender(
+                self.spool, self.services.resolver, psl, c.report_smtp_host,
+                c.report_smtp_port, c.report_email, c.failure_reports_per_hour,
+            )  # fmt: skip
+            self.sender.start()
 
     def _prune_loop(self, store: Store, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -373,6 +409,9 @@ class DMARCPlugin:
     @hookimpl
     def shutdown(self) -> None:
         self._stop.set()
+        if self.sender is not None:
+            self.sender.stop.set()
+            self.sender.wake.set()
         if self.store is not None:
             self.store.close()
 
@@ -501,6 +540,16 @@ class DMARCPlugin:
         ctx.add_result(Result("dmarc", ev.result, reason=reason[:200], properties=tuple(props)))
         if ev.record is not None and self.store is not None:
             self._remember(ctx, ev)
+        if (
+            self.spool is not None
+            and ev.record is not None
+            and ev.record.ruf
+            and ev.result in ("pass", "fail")
+        ):
+            from .failures import wanted
+
+            if wanted(ev.record.fo, ev.result, ev.dkim_aligned, ev.spf_aligned, ctx.results):
+                ctx.message_state["dmarc_failure"] = ev
 
         if ev.result == "permerror" and not ev.domain and conf.reject_bad_from:
             return Reject("550", "5.7.1", "Message must have exactly one From address")
@@ -518,6 +567,52 @@ class DMARCPlugin:
         if action == "tag":
             ctx.add_change(AddHeader(conf.tag_header, f"{ev.disposition} ({ev.domain})"))
         return None
+
+    @hookimpl
+    def outcome(self, ctx: Context, verdict: Verdict | None, message: Message) -> None:
+        ev: _Evaluation | None = ctx.message_state.get("dmarc_failure")
+        if ev is None or ev.record is None or self.spool is None:
+            return
+        word = verdict.word if verdict is not None else "continue"
+        if word == "tempfail":  # it will come back and be evaluated again
+            return
+        from ..authres import build_header
+        from .failures import FailureInfo, failure_report
+
+        assert self.services is not None and self.config is not None
+        client = ctx.connection.client
+        dkim_fail = next(
+            (r for r in ctx.results_for("dkim") if r.result == "fail" and r.prop("header.d")),
+            None,
+        )
+        info = FailureInfo(
+            domain=ev.domain,
+            source_ip=str(client.address) if client and client.address is not None else "",
+            mail_from=ctx.message.sender if ctx.message is not None else "",
+            authentication_results=build_header(
+                self.services.settings.authserv_id, list(ctx.results)
+            ),
+            delivery={"reject": "reject", "discard": "policy", "quarantine": "spam"}.get(
+                word, "delivered"
+            ),
+            aligned=[m for m, ok in (("dkim", ev.dkim_aligned), ("spf", ev.spf_aligned)) if ok],
+            dkim=(dkim_fail.prop("header.d") or "", dkim_fail.prop("header.s") or "")
+            if dkim_fail
+            else None,
+            headers=message.header_bytes(),
+        )
+        conf = self.config
+        report = failure_report(info, conf.org_name, conf.report_email)
+        try:
+            if not self.spool.put(ev.policy_domain, ev.record.ruf, report):
+                ctx.log.warning("dmarc: failure report spool full: report for %s not written",
+                                ev.domain)  # fmt: skip
+                return
+        except OSError as e:
+            ctx.log.warning("dmarc: failure report not written: %s", e)
+            return
+        if self.sender is not None:
+            self.sender.wake.set()
 
     def _remember(self, ctx: Context, ev: _Evaluation) -> None:
         assert self.store is not None and ev.record is not None

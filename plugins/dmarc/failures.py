@@ -1,0 +1,307 @@
+"""DMARC failure reports (RFC 7489 7.3, in the RFC 6591 format), off by default.
+
+At end of message (``outcome``: the final verdict is known) a message that the domain's
+``fo`` tag asks about gets a report, written to a spool directory; the message's own path
+pays for one small file write, never for DNS or SMTP. One thread in one worker sends the
+spool every :data:`INTERVAL` seconds to the ``mailto:`` URIs of ``ruf``, after the same
+external-destination check as aggregate reports (RFC 7489 7.1), at most
+``failure_reports_per_hour`` reports per address. The report carries the original
+*header block only* (``text/rfc822-headers``), never the body.
+
+Spool file: a first line of JSON (``domain``, ``ruf``, ``created``, ``done``: addresses
+already handled) and the report message. A report is dropped after :data:`MAX_AGE`
+seconds of temporary failures; the spool holds at most ``failure_spool_max`` reports
+(more are not written, and counted in the log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.policy
+import email.utils
+import json
+import logging
+import os
+import smtplib
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from publicsuffixlist import PublicSuffixList
+
+from milterd import Resolver, Result, __version__
+
+from .reports import authorize, parse_rua
+
+__all__ = ["FailureSender", "FailureSpool", "failure_report", "wanted"]
+
+log = logging.getLogger("milterd.dmarc")
+
+INTERVAL = 15.0  # seconds between two passes of the sender
+MAX_AGE = 86400.0  # a report not sent within a day (temporary failures) is dropped
+_POLICY = email.policy.SMTP.clone(max_line_length=998)
+
+
+def wanted(fo: str, dmarc_result: str, dkim_aligned: bool, spf_aligned: bool,
+           results: Sequence[Result]) -> bool:  # fmt: skip
+    """Whether RFC 7489 6.3 ``fo`` asks for a failure report about this message.
+
+    ``0`` (default): every mechanism failed to give an aligned pass (DMARC fail);
+    ``1``: any mechanism failed to give an aligned pass; ``d``: a DKIM signature failed
+    to verify, aligned or not; ``s``: SPF failed, aligned or not. Several options are
+    separated by ``:``; unknown ones are ignored.
+    """
+    opts = {o.strip().lower() for o in (fo or "0").split(":")}
+    if "0" in opts and dmarc_result == "fail":
+        return True
+    if "1" in opts and not (dkim_aligned and spf_aligned):
+        return True
+    if "d" in opts and any(r.method == "dkim" and r.result == "fail" for r in results):
+        return True
+    return "s" in opts and any(
+        r.method == "spf" and r.result == "fail" and r.prop("smtp.mailfrom") is not None
+        for r in results
+    )
+
+
+@dataclass
+class FailureInfo:
+    """What a report says about one message."""
+
+    domain: str  # the From domain (Reported-Domain)
+    source_ip: str
+    mail_from: str
+    authentication_results: str  # field body, ours
+    delivery: str  # RFC 6591 Delivery-Result: delivered, spam, policy, reject, other
+    aligned: list[str] = field(default_factory=list)  # mechanisms that aligned
+    dkim: tuple[str, str] | None = None  # (d, s) of a failed signature
+    headers: bytes = b""  # the original header block, CRLF line ends
+
+
+def failure_report(
+    info: FailureInfo, org_name: str, report_email: str, to: Sequence[str] = ()
+) -> bytes:
+    """The report as an RFC 6591 ``multipart/report; report-type=feedback-report``."""
+    msg = EmailMessage(policy=_POLICY)
+    msg["From"] = email.utils.formataddr((org_name, report_email))
+    if to:
+        msg["To"] = ", ".join(to)
+    msg["Subject"] = f"DMARC failure report for {info.domain} from {info.source_ip or 'unknown'}"
+    msg["Date"] = email.utils.formatdate(usegmt=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=report_email.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-generated"
+    source = info.source_ip or "an unknown address"
+    msg.set_content(
+        f"This is an authentication failure report (RFC 7489 7.3) from {org_name} for a\n"
+        f"message with From domain {info.domain}, received from {source}.\n"
+        "The message's header block is attached; its body is not.\n"
+    )
+    fields = [
+        ("Feedback-Type", "auth-failure"),
+        ("User-Agent", f"milterd/{__version__}"),
+        ("Version", "1"),
+        ("Original-Mail-From", f"<{info.mail_from}>"),
+        ("Arrival-Date", email.utils.formatdate(usegmt=True)),
+        ("Source-IP", info.source_ip),
+        ("Reported-Domain", info.domain),
+        ("Authentication-Results", info.authentication_results),
+        ("Auth-Failure", "dmarc"),
+        ("Identity-Alignment", ", ".join(info.aligned) or "none"),
+        ("Delivery-Result", info.delivery),
+    ]
+    if info.dkim:
+        fields += [("DKIM-Domain", info.dkim[0]), ("DKIM-Selector", info.dkim[1])]
+    text = "".join(f"{k}: {_one_line(v)}\r\n" for k, v in fields if v)
+    msg.make_mixed()
+    report = EmailMessage(policy=_POLICY)
+    report.set_content(text.encode("ascii", "replace"), maintype="message",
+                       subtype="feedback-report", cte="7bit")  # fmt: skip
+    del report["MIME-Version"]
+    msg.attach(report)
+    original = EmailMessage(policy=email.policy.SMTP)  # base64 lines of 76 (RFC 2045)
+    original.set_content(info.headers, maintype="text", subtype="rfc822-headers",
+                         cte=_cte(info.headers))  # fmt: skip
+    del original["MIME-Version"]
+    msg.attach(original)
+    msg.set_type("multipart/report")
+    msg.set_param("report-type", "feedback-report")
+    return msg.as_bytes()
+
+
+def _one_line(v: str) -> str:
+    return " ".join(v.replace("\r", " ").replace("\n", " ").split())
+
+
+def _cte(data: bytes) -> str:
+    """7bit or 8bit as the header block is; base64 when a line would break SMTP's 998."""
+    if any(len(line) > 998 for line in data.split(b"\n")):
+        return "base64"
+    return "8bit" if any(b > 127 for b in data) else "7bit"
+
+
+class FailureSpool:
+    """The directory of reports waiting to be sent (created 0750 when missing)."""
+
+    def __init__(self, path: str, max_reports: int) -> None:
+        self.dir = Path(path)
+        self.max_reports = max_reports
+        self.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+
+    def files(self) -> list[Path]:
+        """Waiting reports, oldest first."""
+        return sorted(p for p in self.dir.iterdir() if p.suffix == ".report")
+
+    def put(self, domain: str, ruf: str, report: bytes) -> bool:
+        """Write one report (temporary file, rename). False when the spool is full."""
+        n = 0
+        with os.scandir(self.dir) as it:
+            for entry in it:
+                n += entry.name.endswith(".report")
+                if n >= self.max_reports:
+                    return False
+        head = {"domain": domain, "ruf": ruf, "created": time.time(), "done": []}
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_bytes(json.dumps(head).encode() + b"\n" + report)
+        tmp.rename(self.dir / f"{name}.report")
+        return True
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, Any], bytes]:
+        data = path.read_bytes()
+        first, _, report = data.partition(b"\n")
+        head = json.loads(first)
+        if not isinstance(head, dict):
+            raise ValueError("spool header is not an object")
+        return head, report
+
+    @staticmethod
+    def update(path: Path, head: dict[str, Any], report: bytes) -> None:
+        tmp = path.with_name(f".{path.stem}.tmp")
+        tmp.write_bytes(json.dumps(head).encode() + b"\n" + report)
+        tmp.rename(path)
+
+
+class FailureSender:
+    """Sends the spool: one thread (:meth:`start`), or one pass (:meth:`run_once`)."""
+
+    def __init__(
+        self,
+        spool: FailureSpool,
+        resolver: Resolver,
+        psl: PublicSuffixList,
+        host: str,
+        port: int,
+        sender: str,
+        per_hour: int,
+    ) -> None:
+        self.spool = spool
+        self.resolver = resolver
+        self.psl = psl
+        self.host = host
+        self.port = port
+        self.sender = sender
+        self.per_hour = per_hour
+        self.sent: dict[str, deque[float]] = {}
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="dmarc-failures", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # the sender must outlive any one bad pass
+                log.exception("dmarc: failure report pass failed")
+            self.wake.wait(INTERVAL)
+            self.wake.clear()
+
+    def _allow(self, address: str, now: float) -> bool:
+        times = self.sent.setdefault(address.lower(), deque())
+        while times and times[0] <= now - 3600:
+            times.popleft()
+        if len(times) >= self.per_hour:
+            return False
+        times.append(now)
+        return True
+
+    def run_once(self) -> dict[str, int]:
+        """Try every waiting report once. Returns counts by outcome, for the log and tests:
+        ``sent``, ``refused`` (7.1), ``limited`` (per-hour cap: dropped), ``deferred``,
+        ``expired``, ``bad`` (unreadable spool file, removed)."""
+        counts = {k: 0 for k in ("sent", "refused", "limited", "deferred", "expired", "bad")}
+        for path in self.spool.files():
+            if self.stop.is_set():
+                break
+            try:
+                head, report = self.spool.read(path)
+                domain, ruf = str(head["domain"]), str(head["ruf"])
+                done = {str(a).lower() for a in head.get("done", [])}
+                created = float(head.get("created", 0))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("dmarc: removing unreadable failure report %s: %s", path.name, e)
+                counts["bad"] += 1
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            allowed, refused, deferred = authorize(
+                self.resolver, self.psl, domain, parse_rua(ruf), timeout=10.0
+            )
+            for d, why in refused:
+                log.info("dmarc: failure report for %s not sent to %s: %s", domain, d.address, why)
+                counts["refused"] += 1
+            pending = len(deferred)
+            for d in allowed:
+                if d.address.lower() in done:
+                    continue
+                if d.limit is not None and len(report) > d.limit:
+                    counts["refused"] += 1
+                elif not self._allow(d.address, time.time()):
+                    counts["limited"] += 1
+                else:
+                    data = _addressed(report, d.address)
+                    try:
+                        with smtplib.SMTP(self.host, self.port, timeout=60) as smtp:
+                            smtp.sendmail(self.sender, [d.address], data)
+                    except smtplib.SMTPResponseException as e:
+                        if 400 <= e.smtp_code < 500:
+                            pending += 1
+                            counts["deferred"] += 1
+                            continue
+                        log.warning("dmarc: failure report to %s refused: %s", d.address, e)
+                        counts["refused"] += 1
+                    except (OSError, smtplib.SMTPException) as e:
+                        log.warning("dmarc: failure report to %s deferred: %s", d.address, e)
+                        pending += 1
+                        counts["deferred"] += 1
+                        continue
+                    else:
+                        counts["sent"] += 1
+                done.add(d.address.lower())
+            counts["deferred"] += len(deferred)
+            if pending and time.time() - created < MAX_AGE:
+                head["done"] = sorted(done)
+                self.spool.update(path, head, report)
+                continue
+            if pending:
+                counts["expired"] += 1
+                log.warning("dmarc: failure report for %s dropped after a day", domain)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if any(counts.values()):
+            log.info("dmarc: failure reports: %s",
+                     ", ".join(f"{k} {v}" for k, v in counts.items() if v))  # fmt: skip
+        return counts
+
+
+def _addressed(report: bytes, address: str) -> bytes:
+    """The report with ``To:`` set to this address (added on top of the header block)."""
+    return f"To: {address}\r\n".encode() + report

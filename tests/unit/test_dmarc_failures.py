@@ -1,0 +1,202 @@
+"""DMARC failure reports (RFC 7489 7.3, RFC 6591): when ``fo`` asks for one, the report's
+format, and the spool -> sender -> SMTP path through the harness and a sink on loopback."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import time
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from milterd_plugins.dmarc import DMARCConfig, DMARCPlugin, _psl
+from milterd_plugins.dmarc.failures import (
+    FailureInfo,
+    FailureSender,
+    FailureSpool,
+    failure_report,
+    wanted,
+)
+
+from milterd import Context, Message, Result, TempFail, Verdict, hookimpl
+from milterd.testing import FakeResolver, Harness
+from tests.support.sink import SmtpSink
+
+
+def R(method: str, result: str, **props: str) -> Result:  # noqa: N802
+    return Result(
+        method, result, properties=tuple((k.replace("_", "."), v) for k, v in props.items())
+    )
+
+
+@pytest.mark.parametrize(
+    ("fo", "dmarc", "dkim_al", "spf_al", "results", "want"),
+    [
+        ("0", "fail", False, False, [], True),
+        ("0", "pass", True, False, [], False),
+        ("", "fail", False, False, [], True),  # fo absent: 0
+        ("1", "pass", True, False, [], True),  # SPF did not align
+        ("1", "pass", True, True, [], False),
+        ("d", "pass", True, True, [R("dkim", "fail", header_d="x.example")], True),
+        ("d", "fail", False, False, [R("dkim", "pass", header_d="x.example")], False),
+        ("s", "pass", True, False, [R("spf", "fail", smtp_mailfrom="x.example")], True),
+        ("s", "pass", True, False, [R("spf", "fail", smtp_helo="x.example")], False),
+        ("d:s", "pass", True, True, [R("spf", "fail", smtp_mailfrom="x.example")], True),
+        ("x", "fail", False, False, [], False),  # only unknown options: none asked for
+    ],
+)
+def test_fo_decides(fo: str, dmarc: str, dkim_al: bool, spf_al: bool,
+                    results: list[Result], want: bool) -> None:  # fmt: skip
+    assert wanted(fo, dmarc, dkim_al, spf_al, results) is want
+
+
+def test_report_is_rfc6591_with_the_header_block_only() -> None:
+    headers = b"From: a@example.org\r\nSubject: caf\xc3\xa9\r\n"
+    info = FailureInfo(
+        "example.org", "192.0.2.7", "bounce@example.org", "mx.test; dmarc=fail", "reject",
+        ["spf"], ("example.org", "s1"), headers,
+    )  # fmt: skip
+    raw = failure_report(info, "mx.test", "dmarc@mx.test")
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "feedback-report"
+    text, feedback, original = msg.iter_parts()
+    assert [p.get_content_type() for p in (text, feedback, original)] == [
+        "text/plain", "message/feedback-report", "text/rfc822-headers",
+    ]  # fmt: skip
+    payload = feedback.get_payload()  # the library parses message/* into a sub-message
+    assert isinstance(payload, list) and isinstance(payload[0], EmailMessage)
+    fields = {k: str(v) for k, v in payload[0].items()}
+    assert fields["Feedback-Type"] == "auth-failure"
+    assert fields["Auth-Failure"] == "dmarc"
+    assert fields["Version"] == "1"
+    assert fields["Source-IP"] == "192.0.2.7"
+    assert fields["Reported-Domain"] == "example.org"
+    assert fields["Original-Mail-From"] == "<bounce@example.org>"
+    assert fields["Identity-Alignment"] == "spf"
+    assert fields["Delivery-Result"] == "reject"
+    assert fields["DKIM-Domain"] == "example.org" and fields["DKIM-Selector"] == "s1"
+    assert original.get_payload(decode=True) == headers
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+
+
+ZONES: dict[str, dict[str, Any]] = {
+    "_dmarc.example.org": {
+        "TXT": [
+            "v=DMARC1; p=reject; ruf=mailto:f@example.org,mailto:f@ext.example,"
+            "mailto:f@nobody.example; fo=1"
+        ]
+    },
+    "example.org._report._dmarc.ext.example": {"TXT": ["v=DMARC1"]},
+    "_dmarc.zero.example": {"TXT": ["v=DMARC1; p=none; ruf=mailto:f@zero.example"]},
+    "_dmarc.norf.example": {"TXT": ["v=DMARC1; p=none"]},
+}
+
+
+class FakeAuth:
+    @hookimpl
+    def eom(self, ctx: Context, message: Message) -> None:
+        for h in message.get_all("X-Test-DKIM"):
+            word, d = h.split()
+            ctx.add_result(Result("dkim", word, properties=(("header.d", d[2:]),)))
+        for h in message.get_all("X-Test-SPF"):
+            word, d = h.split()
+            ctx.add_result(Result("spf", word, properties=(("smtp.mailfrom", d),)))
+
+
+class Defer:
+    @hookimpl
+    def eom(self, ctx: Context, message: Message) -> Verdict | None:
+        return TempFail() if message.get("X-Defer") else None
+
+
+def msg(frm: str, *extra: str) -> bytes:
+    return (
+        "".join(f"{e}\r\n" for e in (f"From: {frm}", *extra)) + "Subject: t\r\n\r\nbody\r\n"
+    ).encode()
+
+
+def test_failing_mail_is_reported_to_verified_ruf_addresses(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    with SmtpSink() as sink:
+        cfg = {
+            "auth": {},
+            "defer": {},
+            "dmarc": {
+                "failure_reports": True,
+                "failure_spool": str(spool),
+                "report_smtp_port": sink.port,
+                "org_name": "mx.test",
+                "report_email": "dmarc@mx.test",
+                "failure_reports_per_hour": 2,
+            },
+        }
+        plugins = {"auth": FakeAuth, "defer": Defer, "dmarc": DMARCPlugin}
+        with Harness(cfg, plugins=plugins, zones=ZONES) as h:
+            out = h.send(msg("a@example.org"), client_ip="192.0.2.7")
+            assert out.verdict == "reject"
+            got = sink.wait_for(2, timeout=20)
+            assert sorted(m.rcpt_tos[0] for m in got) == ["f@example.org", "f@ext.example"]
+            report = email.message_from_bytes(got[0].data, policy=email.policy.default)
+            assert isinstance(report, EmailMessage)
+            assert report.get_content_type() == "multipart/report"
+            assert report["To"] in ("f@example.org", "f@ext.example")
+            (original,) = [p for p in report.iter_parts()
+                           if p.get_content_type() == "text/rfc822-headers"]  # fmt: skip
+            headers = original.get_payload(decode=True)
+            assert isinstance(headers, bytes)
+            assert headers.startswith(b"From: a@example.org\r\n") and b"body" not in headers
+            deadline = time.monotonic() + 10
+            while list(spool.glob("*.report")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not list(spool.glob("*.report"))
+
+            # fo=1: a DMARC pass whose SPF did not align is reported too.
+            h.send(msg("a@example.org", "X-Test-DKIM: pass d=example.org"))
+            sink.wait_for(4, timeout=20)
+            # fo=0 (default) and a pass: nothing; no ruf: nothing; tempfail: nothing.
+            h.send(msg("a@zero.example", "X-Test-SPF: pass zero.example"))
+            h.send(msg("a@norf.example"))
+            h.send(msg("a@zero.example", "X-Defer: yes"))
+            # The third failure within the hour goes over failure_reports_per_hour = 2.
+            h.send(msg("a@example.org"))
+            time.sleep(1.0)
+            assert len(sink.messages) == 4, [m.rcpt_tos for m in sink.messages]
+            assert not list(spool.glob("*.report"))
+        before = len(sink.messages)
+        with Harness(cfg, plugins=plugins, zones=ZONES) as h:  # the hour starts again
+            h.send(msg("a@zero.example"))  # fo=0, fail
+            assert [m.rcpt_tos for m in sink.wait_for(before + 1, timeout=20)[before:]] == [
+                ["f@zero.example"]
+            ]
+
+
+def test_sender_keeps_deferred_reports_and_drops_bad_files(tmp_path: Path) -> None:
+    spool = FailureSpool(str(tmp_path), 3)
+    assert spool.put("example.org", "mailto:f@example.org", b"Subject: r\r\n\r\nx\r\n")
+    (tmp_path / "0-bad.report").write_bytes(b"not json\n")
+    dns = FakeResolver()
+    sender = FailureSender(spool, dns, _psl(), "127.0.0.1", 1, "dmarc@mx.test", 10)
+    counts = sender.run_once()
+    assert counts["bad"] == 1 and counts["deferred"] == 1
+    (left,) = spool.files()
+    head, _ = spool.read(left)
+    assert head["done"] == []
+    # Old enough: dropped instead of kept for ever.
+    head["created"] = time.time() - 2 * 86400
+    spool.update(left, head, b"Subject: r\r\n\r\nx\r\n")
+    assert sender.run_once()["expired"] == 1
+    assert spool.files() == []
+    # A full spool writes nothing more.
+    assert all(spool.put("example.org", "", b"x") for _ in range(3))
+    assert not spool.put("example.org", "", b"x")
+
+
+def test_failure_reports_need_a_spool() -> None:
+    with pytest.raises(ValueError, match="failure_spool"):
+        DMARCConfig.model_validate({"failure_reports": True})
+    assert json.dumps(DMARCConfig.model_validate({}).failure_reports) == "false"
