@@ -1,10 +1,12 @@
-"""End to end: DMARC aggregate reports mailed through a real Postfix.
+"""End to end: DMARC aggregate and failure reports.
 
 Mail from example.org goes SMTP client -> Postfix -> milterd (spf, dmarc with a history)
 -> sink. Then ``milterd dmarc report --send`` builds the report for that period and hands
 it to the same Postfix, which delivers it to the sink: to the rua address in the policy
 domain, to the external one whose domain published its agreement record
 (``example.org._report._dmarc.reports.example``), and not to the one that did not.
+Failure reports go from the daemon's sender thread straight to the sink (the daemon's
+``report_smtp_port``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ ZONE = {
     "_dmarc.example.org": {"TXT": [f"v=DMARC1; p=none; rua={RUA}"]},
     "example.org._report._dmarc.reports.example": {"TXT": ["v=DMARC1"]},
     "mx.test": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]},
+    "fo.example": {"TXT": ["v=spf1 ~all"]},
+    "_dmarc.fo.example": {
+        "TXT": ["v=DMARC1; p=none; ruf=mailto:ruf@fo.example,mailto:ruf@nobody.example; fo=1"]
+    },
 }
 
 
@@ -67,6 +73,8 @@ def rig() -> Iterator[Rig]:
                 "[plugins.spf]\nskip_addresses = []\n[plugins.dmarc]\n"
                 'history_db = "{dir}/dmarc.sqlite"\norg_name = "mx.test"\n'
                 'report_email = "dmarc-reports@mx.test"\n'
+                f'failure_reports = true\nfailure_spool = "{{dir}}/failures"\n'
+                f"report_smtp_port = {sink.port}\n"
             )
             d = Daemon("", socket_kind="unix", milterd_extra=extra % dns.port)
             d.write(body.format(dir=d.dir))
@@ -144,3 +152,35 @@ def test_unreachable_smtp_server_fails_with_status_1(rig: Rig) -> None:
     run = rig.report("--since", str(since), "--until", str(until), "--send", "--smtp-port", "1")
     assert run.returncode == 1, run.stdout + run.stderr
     assert "failed example.org dmarc@example.org: 127.0.0.1:1: " in run.stdout
+
+
+def test_failure_report_for_failing_mail_reaches_the_ruf_address(rig: Rig) -> None:
+    rig.sink.clear()
+    data = (
+        "From: a@fo.example\r\nTo: bob@example.net\r\nSubject: forged\r\n"
+        f"Message-ID: <{uuid.uuid4().hex}@t>\r\n\r\nSecret body.\r\n"
+    ).encode()
+    res = send("127.0.0.1", rig.mta.smtp_port, "a@fo.example", ["bob@example.net"], data)
+    assert res.code == 250, res  # softfail, not rejected; p=none delivers
+    got = rig.sink.wait_for(2, timeout=40)
+    reports = [m for m in got if m.rcpt_tos == ["ruf@fo.example"]]
+    assert len(reports) == 1, [m.rcpt_tos for m in got]
+    report = email.message_from_bytes(reports[0].data, policy=email.policy.default)
+    assert isinstance(report, EmailMessage)
+    assert report.get_content_type() == "multipart/report"
+    assert reports[0].mail_from == "dmarc-reports@mx.test"
+    feedback, original = list(report.iter_parts())[1:]
+    payload = feedback.get_payload()
+    assert isinstance(payload, list) and isinstance(payload[0], EmailMessage)
+    fields = {k: str(v) for k, v in payload[0].items()}
+    assert fields["Feedback-Type"] == "auth-failure"
+    assert fields["Source-IP"] == "127.0.0.1"
+    assert fields["Reported-Domain"] == "fo.example"
+    assert "dmarc=fail" in fields["Authentication-Results"]
+    assert fields["Delivery-Result"] == "delivered"
+    headers = original.get_payload(decode=True)
+    assert isinstance(headers, bytes)
+    assert b"Subject: forged\r\n" in headers and b"Secret body" not in headers
+    time.sleep(1.0)  # nobody.example did not agree: nothing goes there
+    assert not [m for m in rig.sink.messages if "ruf@nobody.example" in m.rcpt_tos]
+    assert not list((rig.daemon.dir / "failures").glob("*.report"))
