@@ -83,7 +83,8 @@ class DMARCConfig(PluginConfig):
     trusted_arc_sealers: list[str] = []  # honour arc=pass when one of these sealed
     check_trusted: bool = False  # also evaluate mail from authenticated/internal clients
     history_db: str | None = None  # SQLite file for aggregate reports; None: no history
-    history_days: int = Field(31, ge=1)  # rows older than this are deleted (hourly)
+    # Rows older than this are deleted (hourly); at least 8: reports catch up 7 days.
+    history_days: int = Field(31, ge=8)
     psl_file: str | None = None  # a public_suffix_list.dat; default: the package's copy
     org_name: str = "milterd"
     report_email: str = "postmaster@localhost"
@@ -254,6 +255,7 @@ CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
 CREATE TABLE IF NOT EXISTS sent (
     domain TEXT NOT NULL, begin INTEGER NOT NULL, "end" INTEGER NOT NULL,
     address TEXT NOT NULL, report_id TEXT NOT NULL, ts INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
     PRIMARY KEY (domain, begin, "end", address)
 );
 """
@@ -296,20 +298,26 @@ class Store:
             db.execute('DELETE FROM sent WHERE "end" < ?', (int(before),))
             return db.execute("DELETE FROM messages WHERE ts < ?", (int(before),)).rowcount
 
-    def was_sent(self, domain: str, begin: int, end: int, address: str) -> bool:
-        """Whether the report for ``domain`` over [begin, end] already went to ``address``."""
+    def handled(self, domain: str, begin: int, end: int, address: str) -> str | None:
+        """How a report for ``domain`` over a period overlapping [begin, end] was handled
+        for ``address`` (``sent``, or ``skipped: why`` for a permanent refusal), or None:
+        a report already sent is never sent again for any part of its period."""
         with self.pool.conn() as db:
             row = db.execute(
-                'SELECT 1 FROM sent WHERE domain = ? AND begin = ? AND "end" = ? AND address = ?',
-                (domain, begin, end, address.lower()),
+                "SELECT outcome FROM sent WHERE domain = ? AND address = ? AND begin <= ? "
+                'AND "end" >= ? ORDER BY ts LIMIT 1',
+                (domain, address.lower(), end, begin),
             ).fetchone()
-        return row is not None
+        return str(row[0]) if row is not None else None
 
-    def mark_sent(self, domain: str, begin: int, end: int, address: str, report_id: str) -> None:
+    def mark(
+        self, domain: str, begin: int, end: int, address: str, report_id: str, outcome: str
+    ) -> None:
+        """Remember how the report was handled for ``address`` (see :meth:`handled`)."""
         with self.pool.conn() as db, db:
             db.execute(
-                "INSERT OR REPLACE INTO sent VALUES (?, ?, ?, ?, ?, ?)",
-                (domain, begin, end, address.lower(), report_id, int(time.time())),
+                "INSERT OR REPLACE INTO sent VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (domain, begin, end, address.lower(), report_id, int(time.time()), outcome),
             )
 
     def close(self) -> None:

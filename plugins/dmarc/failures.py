@@ -37,7 +37,7 @@ from publicsuffixlist import PublicSuffixList
 
 from milterd import Resolver, Result, __version__
 
-from .reports import authorize, parse_rua
+from .reports import authorize, parse_rua, smtp_reply, smtp_send
 
 __all__ = ["FailureSender", "FailureSpool", "failure_report", "wanted"]
 
@@ -267,22 +267,18 @@ class FailureSender:
                 elif not self._allow(d.address, time.time()):
                     counts["limited"] += 1
                 else:
-                    data = _addressed(report, d.address)
                     try:
-                        with smtplib.SMTP(self.host, self.port, timeout=60) as smtp:
-                            smtp.sendmail(self.sender, [d.address], data)
-                    except smtplib.SMTPResponseException as e:
-                        if 400 <= e.smtp_code < 500:
+                        smtp_send(self.host, self.port, self.sender, d.address,
+                                  _addressed(report, d.address))  # fmt: skip
+                    except (OSError, smtplib.SMTPException, ValueError) as e:
+                        code, _text = smtp_reply(e)
+                        if not 500 <= code < 600:
+                            log.warning("dmarc: failure report to %s deferred: %s", d.address, e)
                             pending += 1
                             counts["deferred"] += 1
                             continue
                         log.warning("dmarc: failure report to %s refused: %s", d.address, e)
                         counts["refused"] += 1
-                    except (OSError, smtplib.SMTPException) as e:
-                        log.warning("dmarc: failure report to %s deferred: %s", d.address, e)
-                        pending += 1
-                        counts["deferred"] += 1
-                        continue
                     else:
                         counts["sent"] += 1
                 done.add(d.address.lower())

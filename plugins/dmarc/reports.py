@@ -3,31 +3,37 @@
 A report covers one policy domain and one period (by default the previous UTC day). It is
 written as XML (``--output``) and/or mailed (``--send``) to the ``mailto:`` URIs of the
 domain's ``rua`` tag, as RFC 7489 7.2.1.1 describes: gzip-compressed XML in an
-``application/gzip`` part named ``<org_name>!<domain>!<begin>!<end>.xml.gz``, with the
-subject ``Report Domain: <domain> Submitter: <org_name> Report-ID: <id>``.
+``application/gzip`` part named ``<receiver>!<domain>!<begin>!<end>.xml.gz``, with the
+subject ``Report Domain: <domain> Submitter: <receiver> Report-ID: <id>`` (``receiver``:
+the domain of ``report_email``).
 
 Before a report goes to an address outside the policy domain's organizational domain, the
 receiving domain must have agreed (RFC 7489 7.1): a TXT record starting ``v=DMARC1`` at
 ``<policy domain>._report._dmarc.<address domain>``. Without it the address is skipped; a
 DNS failure leaves it for a later run. An address's size limit (``mailto:a@b!10m``) is
-honoured: a larger report is not sent there. Every sent report is remembered in the
-history database (table ``sent``), so running the command twice for a period does not
-send twice (``--force`` does).
+honoured: a larger report is not sent there. Every report sent (or permanently refused)
+is remembered in the history database (table ``sent``): no part of a period is reported
+twice to an address (``--force`` does). ``--send`` without a period catches up: every
+complete UTC day of the last ``--days`` (7) not yet handled.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import email.policy
 import email.utils
+import fcntl
 import gzip
 import json
 import re
 import smtplib
+import sqlite3
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -37,9 +43,9 @@ from xml.sax.saxutils import escape
 
 from publicsuffixlist import PublicSuffixList
 
-from milterd import DNSTempError, NXDomain, Resolver, load_config, make_resolver
+from milterd import ConfigError, DNSTempError, NXDomain, Resolver, load_config, make_resolver
 
-from . import _V, DMARCConfig, Store, _psl, org_domain
+from . import _DOMAIN, _V, DMARCConfig, Store, _psl, org_domain
 
 __all__ = [
     "Destination",
@@ -48,14 +54,20 @@ __all__ = [
     "add_commands",
     "authorize",
     "build_reports",
+    "catch_up",
     "parse_rua",
     "report_message",
     "send_reports",
+    "smtp_reply",
+    "smtp_send",
     "write_reports",
 ]
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^(\d+)([kmgt]?)$", re.I)
+# RFC 5321 Dot-string, without "%" and "!" (source-routing hacks of some MTAs), ASCII only.
+_ATOM = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+"
+_LOCAL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 
 
 @dataclass(frozen=True)
@@ -69,12 +81,12 @@ class Report:
     report_id: str
     rua: str  # the domain's rua tag as last seen in the period
     xml: bytes
-    org_name: str
+    receiver: str  # our domain (the report_email domain): RFC 7489 7.2.1.1 "receiver"
 
     @property
     def filename(self) -> str:
         """RFC 7489 7.2.1.1, without the extension."""
-        return f"{self.org_name}!{self.domain}!{self.begin}!{self.end}"
+        return f"{self.receiver}!{self.domain}!{self.begin}!{self.end}"
 
 
 @dataclass(frozen=True)
@@ -93,8 +105,10 @@ def parse_rua(rua: str) -> list[Destination]:
     """The ``mailto:`` destinations of a rua (or ruf) tag, in order, without duplicates.
 
     Other URI schemes are skipped (RFC 7489 6.2: a receiver uses the schemes it supports).
-    ``!size`` takes k, m, g or t (powers of two); a malformed size or an address without
-    a domain drops that URI.
+    ``!size`` takes k, m, g or t (powers of two). A URI is dropped when its size is
+    malformed or its address is not a plain ``local@domain``: the local part an RFC 5321
+    dot-string of ASCII without ``%`` or ``!``, the domain a valid name (internationalized
+    ones become A-labels). Anyone can publish a record: nothing else reaches SMTP.
     """
     out: list[Destination] = []
     seen: set[str] = set()
@@ -111,8 +125,15 @@ def parse_rua(rua: str) -> list[Destination]:
                 continue
             limit = int(m.group(1)) * _UNITS[m.group(2).lower()]
         local, at, domain = addr.rpartition("@")
-        if not at or not local or "." not in domain or any(c in addr for c in " <>\r\n"):
+        if not at or not _LOCAL.fullmatch(local) or len(local) > 64:
             continue
+        try:
+            domain = domain.rstrip(".").encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            continue
+        if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
+            continue
+        addr = f"{local}@{domain}"
         if addr.lower() in seen:
             continue
         seen.add(addr.lower())
@@ -243,9 +264,16 @@ def build_reports(store: Store, conf: DMARCConfig, since: int, until: int) -> li
         parts.append("</feedback>")
         xml = ("\n".join(parts) + "\n").encode("utf-8")
         reports.append(
-            Report(domain, since, until - 1, report_id, latest["rua"], xml, conf.org_name)
+            Report(domain, since, until - 1, report_id, latest["rua"], xml, receiver(conf))
         )
     return reports
+
+
+def receiver(conf: DMARCConfig) -> str:
+    """Our domain as RFC 7489 7.2.1.1 wants it in file names and the Submitter: the domain
+    of ``report_email`` (``org_name`` is free text, for the XML)."""
+    domain = conf.report_email.rpartition("@")[2].strip().lower()
+    return re.sub(r"[^a-z0-9.-]", "-", domain) or "localhost"
 
 
 def _json(text: str) -> list[Any]:
@@ -256,7 +284,7 @@ def _json(text: str) -> list[Any]:
 def write_reports(
     store: Store, conf: DMARCConfig, since: int, until: int, out_dir: Path
 ) -> list[Path]:
-    """Write one ``<org_name>!<domain>!<begin>!<end>.xml`` per policy domain; returns paths."""
+    """Write one ``<receiver>!<domain>!<begin>!<end>.xml`` per policy domain; returns paths."""
     return _write(build_reports(store, conf, since, until), out_dir)
 
 
@@ -281,8 +309,8 @@ def report_message(report: Report, conf: DMARCConfig, to: list[str]) -> EmailMes
     msg["From"] = email.utils.formataddr((conf.org_name, conf.report_email))
     msg["To"] = ", ".join(to)
     msg["Subject"] = (
-        f"Report Domain: {report.domain} Submitter: {conf.org_name} "
-        f"Report-ID: <{report.report_id}@{conf.org_name}>"
+        f"Report Domain: {report.domain} Submitter: {report.receiver} "
+        f"Report-ID: <{report.report_id}@{report.receiver}>"
     )
     msg["Date"] = email.utils.formatdate(usegmt=True)
     msg["Message-ID"] = email.utils.make_msgid(domain=conf.report_email.rpartition("@")[2])
@@ -313,6 +341,28 @@ class Outcome:
     why: str = ""
 
 
+def smtp_send(host: str, port: int, sender: str, rcpt: str, data: bytes) -> None:
+    """One message over SMTP. Raises what smtplib raises for the transaction; a failing
+    QUIT after the message was accepted is ignored (the message is sent)."""
+    smtp = smtplib.SMTP(host, port, timeout=60)
+    try:
+        smtp.sendmail(sender, [rcpt], data)
+    finally:
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            smtp.quit()
+
+
+def smtp_reply(e: Exception) -> tuple[int, str]:
+    """The SMTP reply code and text in an smtplib exception, or (0, "")."""
+    if isinstance(e, smtplib.SMTPRecipientsRefused) and e.recipients:
+        code, text = next(iter(e.recipients.values()))
+        return int(code), text.decode(errors="replace")
+    if isinstance(e, smtplib.SMTPResponseException):
+        err = e.smtp_error
+        return int(e.smtp_code), err.decode(errors="replace") if isinstance(err, bytes) else err
+    return 0, ""
+
+
 def send_reports(
     reports: list[Report],
     conf: DMARCConfig,
@@ -326,40 +376,64 @@ def send_reports(
 ) -> list[Outcome]:
     """Mail every report to its verified rua addresses over SMTP to ``host:port``.
 
-    ``skipped``: not authorized (7.1), over the size limit, or already sent for this
-    period (unless ``force``). ``failed``: a DNS failure during the check or an SMTP error:
-    nothing was recorded, so a later run for the same period tries again.
+    ``skipped``: not authorized (7.1), over the size limit, refused by the MTA (5xx), no
+    mailto rua, or already handled for an overlapping period (unless ``force``); all but
+    the last are remembered, so later runs do not ask again. ``failed``: a DNS failure
+    during the check, a temporary SMTP failure or an unreachable server: nothing is
+    remembered, so a later run for the period tries again.
     """
     outcomes: list[Outcome] = []
+
+    def done(report: Report, address: str, status: str, why: str = "") -> None:
+        outcomes.append(Outcome(report, address, status, why))
+        if dry_run or status not in ("sent", "skipped") or why.startswith("already"):
+            return
+        key = address or "-"
+        try:
+            store.mark(report.domain, report.begin, report.end, key, report.report_id,
+                       status if status == "sent" else f"skipped: {why}")  # fmt: skip
+        except sqlite3.Error as e:  # it went out; the worst case is a second copy later
+            outcomes.append(Outcome(report, address, "failed", f"not remembered: {e}"))
+
     for report in reports:
         dests = parse_rua(report.rua)
         if not dests:
-            outcomes.append(Outcome(report, "", "skipped", "no mailto: rua in the policy"))
+            if force or store.handled(report.domain, report.begin, report.end, "-") is None:
+                done(report, "", "skipped", "no usable mailto: rua in the policy")
             continue
-        allowed, refused, deferred = authorize(resolver, psl, report.domain, dests)
-        outcomes += [Outcome(report, d.address, "skipped", why) for d, why in refused]
+        todo = [
+            d for d in dests
+            if force or store.handled(report.domain, report.begin, report.end, d.address) is None
+        ]  # fmt: skip
+        for d in dests:
+            if d not in todo:
+                outcomes.append(Outcome(report, d.address, "skipped", "already sent"))
+        if not todo:
+            continue
+        allowed, refused, deferred = authorize(resolver, psl, report.domain, todo)
+        for d, why in refused:
+            done(report, d.address, "skipped", why)
         outcomes += [Outcome(report, d.address, "failed", why) for d, why in deferred]
         for d in allowed:
-            if not force and store.was_sent(report.domain, report.begin, report.end, d.address):
-                outcomes.append(Outcome(report, d.address, "skipped", "already sent"))
-                continue
             msg = report_message(report, conf, [d.address])
             data = msg.as_bytes()
             if d.limit is not None and len(data) > d.limit:
                 why = f"report is {len(data)} bytes, the address takes at most {d.limit}"
-                outcomes.append(Outcome(report, d.address, "skipped", why))
+                done(report, d.address, "skipped", why)
                 continue
             if dry_run:
                 outcomes.append(Outcome(report, d.address, "would send"))
                 continue
             try:
-                with smtplib.SMTP(host, port, timeout=60) as smtp:
-                    smtp.sendmail(conf.report_email, [d.address], data)
-            except (OSError, smtplib.SMTPException) as e:
-                outcomes.append(Outcome(report, d.address, "failed", f"{host}:{port}: {e}"))
+                smtp_send(host, port, conf.report_email, d.address, data)
+            except (OSError, smtplib.SMTPException, ValueError) as e:
+                code, text = smtp_reply(e)
+                if 500 <= code < 600:  # permanent: remembered, not tried again
+                    done(report, d.address, "skipped", f"refused: {code} {text}")
+                else:
+                    outcomes.append(Outcome(report, d.address, "failed", f"{host}:{port}: {e}"))
                 continue
-            store.mark_sent(report.domain, report.begin, report.end, d.address, report.report_id)
-            outcomes.append(Outcome(report, d.address, "sent"))
+            done(report, d.address, "sent")
     return outcomes
 
 
@@ -372,9 +446,10 @@ def add_commands(subparsers: Any) -> None:
     r = sub.add_parser(
         "report",
         help="write and/or mail RFC 7489 aggregate reports, one per policy domain",
-        description="Aggregate reports for [--since, --until); both default to the "
-        "previous UTC day. Without --send the XML files are written (--output, default "
-        "the current directory) and their paths printed.",
+        description="Aggregate reports for [--since, --until), by default the previous "
+        "UTC day; --send without a period sends every complete UTC day of the last --days "
+        "not yet sent. Without --send the XML files are written (--output, default the "
+        "current directory) and their paths printed.",
     )
     r.add_argument("--since", help="UTC date/time or epoch seconds (default: yesterday 00:00)")
     r.add_argument("--until", help="excluded end (default: a day after --since)")
@@ -385,11 +460,18 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--smtp-port", type=int, help="SMTP port (default: report_smtp_port)")
     r.add_argument("--force", action="store_true", help="send again what was sent")
     r.add_argument("--dry-run", action="store_true", help="check destinations, send nothing")
+    r.add_argument(
+        "--days", type=int, default=7, choices=range(1, 32), metavar="N",
+        help="--send without a period: each complete UTC day of the last N (default 7)",
+    )  # fmt: skip
     r.set_defaults(fn=report_command)
 
 
 def _when(text: str) -> int:
-    if re.fullmatch(r"\d+", text):
+    text = text.strip()
+    if re.fullmatch(r"\d{8}", text):  # 20261121: a date, not 1970's epoch seconds
+        text = f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    elif re.fullmatch(r"\d+", text):
         return int(text)
     value = dt.datetime.fromisoformat(text)
     if value.tzinfo is None:
@@ -397,60 +479,118 @@ def _when(text: str) -> int:
     return int(value.timestamp())
 
 
-def period(since: str | None, until: str | None, now: float | None = None) -> tuple[int, int]:
-    """[since, until) from the options; each missing end is taken from the previous UTC day."""
+def _midnight(now: float | None) -> int:
     today = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
-    midnight = int(today.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
-    start = _when(since) if since else midnight - 86400
-    stop = _when(until) if until else (start + 86400 if since else midnight)
+    return int(today.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+
+
+def period(since: str | None, until: str | None, now: float | None = None) -> tuple[int, int]:
+    """[since, until) from the options. Both missing: the previous UTC day; one missing:
+    a day from (or up to) the other."""
+    start = _when(since) if since else None
+    stop = _when(until) if until else None
+    if start is None:
+        start = stop - 86400 if stop is not None else _midnight(now) - 86400
+    if stop is None:
+        stop = start + 86400 if since else _midnight(now)
     if stop <= start:
         raise ValueError(f"--until ({stop}) must come after --since ({start})")
+    if not 0 <= start < 1 << 40 or stop >= 1 << 40:
+        raise ValueError("--since/--until out of range")
     return start, stop
 
 
+def catch_up(days: int, now: float | None = None) -> list[tuple[int, int]]:
+    """The last ``days`` complete UTC days, oldest first."""
+    midnight = _midnight(now)
+    return [(midnight - n * 86400, midnight - (n - 1) * 86400) for n in range(days, 0, -1)]
+
+
 def report_command(args: argparse.Namespace) -> int:
-    config = None
-    options: dict[str, Any] = {}
     try:
-        if getattr(args, "config", None) and Path(args.config).exists():
-            config = load_config(args.config)
-            options = config.plugin_options("dmarc")
-        conf = DMARCConfig.model_validate(options)
-        since, until = period(args.since, args.until)
-    except (ValueError, OSError) as e:
+        return _report(args)
+    except (ConfigError, ValueError, OSError, sqlite3.Error) as e:
         print(f"milterd dmarc report: {e}", file=sys.stderr)
         return 2
+
+
+def _report(args: argparse.Namespace) -> int:
+    config = None
+    options: dict[str, Any] = {}
+    if getattr(args, "config", None) and Path(args.config).exists():
+        config = load_config(args.config)
+        options = config.plugin_options("dmarc")
+    conf = DMARCConfig.model_validate(options)
+    if args.send and not args.since and not args.until:
+        periods = catch_up(args.days)
+    else:
+        periods = [period(args.since, args.until)]
     db = args.db or conf.history_db
     if not db:
         print("milterd dmarc report: no history_db configured (or --db)", file=sys.stderr)
         return 2
+    if args.send and config is None:
+        print("milterd dmarc report --send: needs the config (-c) for [dns]", file=sys.stderr)
+        return 2
+    if not Path(db).is_file():  # never create one (as root, in the wrong place)
+        print(f"milterd dmarc report: no history database at {db}", file=sys.stderr)
+        return 2
     store = Store(db)
+    outcomes: list[Outcome] = []
+    count = 0
     try:
-        reports = build_reports(store, conf, since, until)
-        if args.output or not args.send:
-            for path in _write(reports, Path(args.output or ".")):
-                print(path)
-        if not args.send:
-            return 0
-        if config is None:
-            print("milterd dmarc report --send: needs the config (-c) for [dns]", file=sys.stderr)
-            return 2
-        outcomes = send_reports(
-            reports,
-            conf,
-            store,
-            make_resolver(config),
-            _psl(conf.psl_file),
-            args.smtp_host or conf.report_smtp_host,
-            args.smtp_port or conf.report_smtp_port,
-            force=args.force,
-            dry_run=args.dry_run,
-        )
+        with _lock(db, args.send) as locked:
+            if not locked:
+                print("milterd dmarc report: another --send run holds the lock", file=sys.stderr)
+                return 1
+            for since, until in periods:
+                reports = build_reports(store, conf, since, until)
+                count += len(reports)
+                if args.output or not args.send:
+                    for path in _write(reports, Path(args.output or ".")):
+                        print(path)
+                if not args.send or config is None:
+                    continue
+                outcomes += send_reports(
+                    reports,
+                    conf,
+                    store,
+                    make_resolver(config, timeout=10.0),
+                    _psl(conf.psl_file),
+                    args.smtp_host or conf.report_smtp_host,
+                    args.smtp_port or conf.report_smtp_port,
+                    force=args.force,
+                    dry_run=args.dry_run,
+                )
     finally:
         store.close()
+    quiet = args.send and not args.since and not args.until
+    repeated = 0
     for o in outcomes:
+        if quiet and o.why == "already sent":
+            repeated += 1
+            continue
         line = f"{o.status} {o.report.domain} {o.address or '-'}"
         print(f"{line}: {o.why}" if o.why else line)
-    if not reports:
-        print(f"no history rows in [{since}, {until})", file=sys.stderr)
+    if repeated:
+        print(f"{repeated} report(s) already sent earlier", file=sys.stderr)
+    if not count:
+        first, last = periods[0][0], periods[-1][1]
+        print(f"no history rows in [{first}, {last})", file=sys.stderr)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+@contextlib.contextmanager
+def _lock(db: str, wanted: bool) -> Iterator[bool]:
+    """An exclusive lock next to the database for ``--send`` runs (the timer and a manual
+    run at once would both send). Yields False when another run holds it."""
+    if not wanted:
+        yield True
+        return
+    with open(f"{db}.report-lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True

@@ -353,10 +353,10 @@ def test_history_older_than_history_days_is_pruned(tmp_path: Path) -> None:
     store = Store(str(db))
     cols = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(messages)")]
     now = int(time.time())
-    for ts in (now - 40 * 86400, now - 3 * 86400, now - 60):
+    for ts in (now - 40 * 86400, now - 9 * 86400, now - 60):
         store.add({c: (ts if c == "ts" else "x") for c in cols if c != "id"})
     store.close()
-    cfg = {"dmarc": {"history_db": str(db), "history_days": 2}}
+    cfg = {"dmarc": {"history_db": str(db), "history_days": 8}}
     with Harness(cfg, plugins={"dmarc": DMARCPlugin}):  # worker_start starts the pruner
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

@@ -7,11 +7,15 @@ from __future__ import annotations
 import datetime as dt
 import email
 import email.policy
+import fcntl
 import gzip
 import socket
+import subprocess
+import sys
 import time
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xmlschema
@@ -21,6 +25,7 @@ from milterd_plugins.dmarc.reports import (
     Report,
     authorize,
     build_reports,
+    catch_up,
     parse_rua,
     period,
     report_message,
@@ -38,16 +43,32 @@ def test_parse_rua() -> None:
     got = parse_rua(
         "mailto:a@example.org, mailto:b@reports.example!10m ,https://x.example/r,"
         "mailto:c@example.org!500, mailto:d@example.org!5x, mailto:nodomain,"
-        "MAILTO:A@example.org, mailto:e%2Cf@example.org!1k"
+        "MAILTO:A@example.org, mailto:e%2Ef@example.org!1k, mailto:g@B%C3%BCcher.example"
     )
     assert got == [
         Destination("a@example.org"),
         Destination("b@reports.example", 10 * 1024 * 1024),
         Destination("c@example.org", 500),
-        Destination("e,f@example.org", 1024),
+        Destination("e.f@example.org", 1024),
+        Destination("g@xn--bcher-kva.example"),
     ]
     assert parse_rua("") == []
     assert parse_rua("mailto:") == []
+    # Anyone can publish a record: nothing but a plain local@domain reaches SMTP.
+    for bad in [
+        "mailto:e%2Cf@example.org",  # "," in the local part
+        "mailto:a%40b@example.org",  # "@"
+        "mailto:v%25third@example.org",  # "%" hack
+        "mailto:r%C3%A9@example.org",  # non-ASCII local part
+        "mailto:a%0Bb@example.org",
+        "mailto:a%00@example.org",
+        "mailto:a:b@example.org",
+        "mailto:x@b..example",
+        "mailto:x@" + "l" * 64 + ".example",
+        "mailto:x@example",  # no dot
+        "mailto:" + "l" * 65 + "@example.org",
+    ]:
+        assert parse_rua(bad) == [], bad
 
 
 def test_authorize_external_destinations() -> None:
@@ -93,15 +114,21 @@ def test_period_defaults_to_the_previous_utc_day() -> None:
     day = int(dt.datetime(2026, 12, 2, tzinfo=dt.UTC).timestamp())
     assert period(None, None, now) == (day, day + 86400)
     assert period("2026-11-01", None, now) == (day - 31 * 86400, day - 30 * 86400)
+    assert period("20261101", None, now) == (day - 31 * 86400, day - 30 * 86400)
+    assert period(None, "2026-12-02", now) == (day - 86400, day)  # a day up to --until
     assert period("100", "200", now) == (100, 200)
+    assert catch_up(3, now) == [(day - 2 * 86400, day - 86400), (day - 86400, day),
+                                (day, day + 86400)]  # fmt: skip
     with pytest.raises(ValueError):
         period("200", "100", now)
     with pytest.raises(ValueError):
         period("yesterday", None, now)
+    with pytest.raises(ValueError):
+        period("99999999999999999999", None, now)
 
 
 def _report(rua: str = "mailto:d@example.org", xml: bytes = b"<feedback/>\n") -> Report:
-    return Report("example.org", 1000, 86399, "abc123", rua, xml, "mx.test")
+    return Report("example.org", 1000, 86399, "abc123", rua, xml, "mx.test")  # receiver
 
 
 def test_report_message_follows_rfc7489_7_2_1_1() -> None:
@@ -124,7 +151,14 @@ def test_report_message_follows_rfc7489_7_2_1_1() -> None:
 
 def _store_with_rows(tmp_path: Path, rua: str) -> Store:
     store = Store(str(tmp_path / "history.sqlite"))
-    row = {
+    row = _row(rua)
+    store.add(row)
+    store.add(row | {"source_ip": "192.0.2.8"})
+    return store
+
+
+def _row(rua: str) -> dict[str, Any]:
+    return {
         "ts": 5000,
         "source_ip": "192.0.2.7",
         "result": "pass",
@@ -146,9 +180,6 @@ def _store_with_rows(tmp_path: Path, rua: str) -> Store:
         "dkim": '[["example.org", "s1", "pass"]]',
         "spf": '[["example.org", "mfrom", "fail"]]',
     }
-    store.add(row)
-    store.add(row | {"source_ip": "192.0.2.8"})
-    return store
 
 
 def test_send_reports_once_per_period_and_address(tmp_path: Path) -> None:
@@ -193,9 +224,13 @@ def test_send_reports_once_per_period_and_address(tmp_path: Path) -> None:
         forced = send_reports(reports, conf, store, dns, PSL, "127.0.0.1", sink.port, force=True)
         assert len([o for o in forced if o.status == "sent"]) == 2
         sink.wait_for(4)
-        # Another period is another report.
-        later = send_reports(build_reports(store, conf, 0, 86401), conf, store, dns, PSL,
-                             "127.0.0.1", sink.port, dry_run=True)  # fmt: skip
+        # An overlapping period is not reported again; the next day is another report.
+        overlapping = send_reports(build_reports(store, conf, 0, 86401), conf, store, dns,
+                                   PSL, "127.0.0.1", sink.port)  # fmt: skip
+        assert {o.why for o in overlapping if o.address == "d@example.org"} == {"already sent"}
+        store.add(_row(rua) | {"ts": 86400 + 5000})
+        later = send_reports(build_reports(store, conf, 86400, 2 * 86400), conf, store, dns,
+                             PSL, "127.0.0.1", sink.port, dry_run=True)  # fmt: skip
         assert {o.status for o in later if o.address == "d@example.org"} == {"would send"}
         time.sleep(0.2)
         assert len(sink.messages) == 4
@@ -215,11 +250,16 @@ def test_smtp_or_dns_failure_is_failed_and_not_remembered(tmp_path: Path) -> Non
         ("d@example.org", "failed"),
         ("r@slow.example", "failed"),
     }
-    assert not store.was_sent("example.org", 0, 86399, "d@example.org")
+    assert store.handled("example.org", 0, 86399, "d@example.org") is None
     with SmtpSink() as sink:
         out = send_reports(reports, conf, store, dns, PSL, "127.0.0.1", sink.port)
         assert ("d@example.org", "sent") in {(o.address, o.status) for o in out}
-        assert store.was_sent("example.org", 0, 86399, "D@example.org")
+        assert store.handled("example.org", 0, 86399, "D@example.org") == "sent"
+        # A permanent refusal (5xx) is remembered as handled, not failed for ever.
+        sink.rcpt_responses["d@example.org"] = "550 5.1.1 no such user"
+        out = send_reports(reports, conf, store, dns, PSL, "127.0.0.1", sink.port, force=True)
+        (o,) = [o for o in out if o.address == "d@example.org"]
+        assert o.status == "skipped" and o.why.startswith("refused: 550")
     store.close()
 
 
@@ -228,15 +268,81 @@ def test_no_mailto_rua_is_skipped(tmp_path: Path) -> None:
     conf = DMARCConfig.model_validate({})
     out = send_reports(build_reports(store, conf, 0, 86400), conf, store, FakeResolver(), PSL,
                        "127.0.0.1", 1)  # fmt: skip
-    assert [(o.status, o.why) for o in out] == [("skipped", "no mailto: rua in the policy")]
+    assert [(o.status, o.why) for o in out] == [("skipped", "no usable mailto: rua in the policy")]
+    # Remembered: the next run (catching up the same day) says nothing about it.
+    again = send_reports(build_reports(store, conf, 0, 86400), conf, store, FakeResolver(), PSL,
+                         "127.0.0.1", 1)  # fmt: skip
+    assert again == []
     store.close()
 
 
 def test_pruning_forgets_sent_reports_with_their_rows(tmp_path: Path) -> None:
     store = _store_with_rows(tmp_path, "mailto:d@example.org")
-    store.mark_sent("example.org", 0, 86399, "d@example.org", "id1")
-    store.mark_sent("example.org", 86400, 2 * 86400 - 1, "d@example.org", "id2")
+    store.mark("example.org", 0, 86399, "d@example.org", "id1", "sent")
+    store.mark("example.org", 86400, 2 * 86400 - 1, "d@example.org", "id2", "sent")
     assert store.prune(86400) == 2
-    assert not store.was_sent("example.org", 0, 86399, "d@example.org")
-    assert store.was_sent("example.org", 86400, 2 * 86400 - 1, "d@example.org")
+    assert store.handled("example.org", 0, 86399, "d@example.org") is None
+    assert store.handled("example.org", 86400, 2 * 86400 - 1, "d@example.org") == "sent"
+    # Overlapping periods count: a two-day report after the daily ones is not sent.
+    assert store.handled("example.org", 0, 3 * 86400, "d@example.org") == "sent"
+    assert store.handled("example.org", 2 * 86400, 3 * 86400, "d@example.org") is None
     store.close()
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "milterd.cli", "-c", str(config), "dmarc", "report", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_send_without_a_period_catches_up_the_last_days_once(tmp_path: Path) -> None:
+    db = tmp_path / "history.sqlite"
+    store = Store(str(db))
+    midnight = int(time.time()) // 86400 * 86400
+    for days_ago in (1, 2, 3, 9):  # the 9th day back is outside --days 7
+        store.add(_row("mailto:d@example.org") | {"ts": midnight - days_ago * 86400 + 60})
+    store.add(_row("mailto:d@example.org") | {"ts": int(time.time())})  # today: not complete
+    store.close()
+    config = tmp_path / "milterd.toml"
+    config.write_text(
+        f'[plugins.dmarc]\nhistory_db = "{db}"\nreport_email = "dmarc@mx.test"\n'
+        '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 1\n'
+    )
+    with SmtpSink() as sink:
+        run = _cli(config, "--send", "--smtp-port", str(sink.port))
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert run.stdout.splitlines() == ["sent example.org d@example.org"] * 3
+        got = sink.wait_for(3)
+        subjects = sorted(m.header("Subject")[0] for m in got)
+        assert all(s.startswith("Report Domain: example.org Submitter: mx.test ") for s in subjects)
+        again = _cli(config, "--send", "--smtp-port", str(sink.port))
+        assert again.returncode == 0 and again.stdout == "", again.stdout + again.stderr
+        assert "3 report(s) already sent earlier" in again.stderr
+        # Another run holding the lock: this one sends nothing and says why.
+        with open(f"{db}.report-lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            locked = _cli(config, "--send", "--force", "--smtp-port", str(sink.port))
+        assert locked.returncode == 1 and "holds the lock" in locked.stderr
+        time.sleep(0.2)
+        assert len(sink.messages) == 3
+
+
+def test_command_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[plugins.dmarc]\nhistory_days = 1\n")
+    Store(str(tmp_path / "h.db")).close()
+    for config, args in [
+        (bad, ["--since", "2026-11-01"]),
+        (tmp_path / "none.toml", ["--db", str(tmp_path / "no" / "such" / "dir" / "x.db")]),
+        (tmp_path / "none.toml", ["--db", str(tmp_path / "h.db"), "--since", "tomorrow"]),
+        (tmp_path / "none.toml", ["--db", str(tmp_path / "h.db"), "--since", "9" * 20]),
+        (tmp_path / "none.toml", ["--db", str(tmp_path / "h.db"), "--send"]),  # no config
+    ]:
+        run = _cli(config, *args)
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr and run.stderr.startswith("milterd"), run.stderr
+    assert not (tmp_path / "no").exists()
