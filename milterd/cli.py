@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -317,10 +318,24 @@ def _plugin_commands(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A tool's error that escapes it (a bad config, a path, a value, a
+    database) is one line on stderr and exit status 2, not a traceback. ``run`` is left
+    alone: the daemon reports its own errors, and its exit status tells systemd whether a
+    restart can help."""
     ap, sub = parser()
     _plugin_commands(sub)
     args = ap.parse_args(argv)
-    return int(args.fn(args))
+    if args.command == "run":
+        return int(args.fn(args))
+    from milterd.config import ConfigError
+
+    try:
+        return int(args.fn(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, OSError, ValueError, sqlite3.Error) as e:
+        print(f"milterd {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

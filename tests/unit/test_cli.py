@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from milterd_testplugins import Mark
@@ -141,3 +142,24 @@ def test_a_plugin_whose_commands_hook_raises_does_not_break_the_cli(
     assert cli.main(["-c", "/nonexistent.toml", "plugins", "--hook", "envrcpt"]) == 0
     err = capsys.readouterr().err
     assert "plugin 't_mark' commands skipped: ModuleNotFoundError" in err
+
+
+@pytest.mark.parametrize(
+    "error", [OSError(28, "No space left on device"), ValueError("bad date"), KeyError("x")]
+)
+def test_a_tools_error_is_one_line_with_status_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception
+) -> None:
+    def fail(args: object) -> int:
+        raise error
+
+    def commands(self: object, subparsers: Any) -> None:
+        subparsers.add_parser("t-fail").set_defaults(fn=fail)
+
+    monkeypatch.setattr(Mark, "commands", hookimpl(commands))
+    if isinstance(error, KeyError):  # a bug, not a tool error: it still shows where it is
+        with pytest.raises(KeyError):
+            cli.main(["-c", "/nonexistent.toml", "t-fail"])
+        return
+    assert cli.main(["-c", "/nonexistent.toml", "t-fail"]) == 2
+    assert capsys.readouterr().err == f"milterd t-fail: {error}\n"
