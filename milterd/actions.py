@@ -149,11 +149,71 @@ class Change:
     action: str = ""  # the negotiation action this change needs (see milterd.negotiation)
 
 
-def _check_header(name: str, value: str) -> None:
+_BREAK = re.compile(r"\r\n|\r|\n")
+_ESCAPED = re.compile("[\udc80-\udcff]+")  # bytes kept by surrogateescape decoding
+# Signatures cover their own field as written: never refolded.
+_NO_REFOLD = frozenset(
+    {"dkim-signature", "arc-seal", "arc-message-signature", "arc-authentication-results"}
+)
+FOLD_WIDTH = 78  # RFC 5322 2.1.1: SHOULD; 998 is the MUST
+MAX_LINE = 998
+
+
+def _check_header(name: str, value: str) -> str:
+    """Check a header field a plugin adds or changes; return the value to use.
+
+    Raises ValueError for an invalid name, a NUL, a line break not followed by white space
+    (which would start another field or end the header block), or a line that cannot be
+    folded under 998 octets. Normalizes: trailing line breaks are dropped; bytes that did
+    not decode (an 8-bit header quoted into a new value) are read as Windows-1252 so that
+    the value is valid UTF-8 for the MTA; lines longer than 78 characters are folded at
+    white space (signature fields excepted).
+    """
     if not _HEADER_NAME.fullmatch(name):
         raise ValueError(f"invalid header field name {name!r}")
     if "\0" in value:
         raise ValueError(f"NUL byte in the value of header {name!r}")
+    value = value.rstrip("\r\n")
+    if any(line[:1] not in (" ", "\t") for line in _BREAK.split(value)[1:]):
+        raise ValueError(f"line break not followed by white space in header {name!r}")
+    if _ESCAPED.search(value):
+        value = _ESCAPED.sub(
+            lambda m: bytes(ord(c) - 0xDC00 for c in m.group()).decode("cp1252", "replace"),
+            value,
+        )
+    lines = _BREAK.split(value)
+    if any(len(line) > FOLD_WIDTH for line in lines) and name.lower() not in _NO_REFOLD:
+        value = fold(value, len(name) + 2)
+        lines = _BREAK.split(value)
+    if any(
+        len(line.encode()) > MAX_LINE - (len(name) + 2 if i == 0 else 0)
+        for i, line in enumerate(lines)
+    ):
+        raise ValueError(f"a line of header {name!r} is over {MAX_LINE} octets")
+    return value
+
+
+def fold(value: str, first: int = 0, width: int = FOLD_WIDTH) -> str:
+    """``value`` with every line longer than ``width`` broken before white space (CRLF
+    inserted, the white space kept), as RFC 5322 2.2.3 folding. ``first``: columns taken
+    on the first line by ``Name: ``. A run without white space stays whole. Unfolding the
+    result gives ``value`` back."""
+    out: list[str] = []
+    for n, physical in enumerate(_BREAK.split(value)):
+        rest = physical
+        limit = width - (first if n == 0 else 0)
+        while len(rest) > limit:
+            cut = max(rest.rfind(" ", 1, limit + 1), rest.rfind("\t", 1, limit + 1))
+            if cut <= 0 or not rest[:cut].strip():  # nothing to break at before the limit
+                spaces = [i for i in (rest.find(" ", limit), rest.find("\t", limit)) if i > 0]
+                if not spaces:
+                    break
+                cut = min(spaces)
+            out.append(rest[:cut])
+            rest = rest[cut:]
+            limit = width
+        out.append(rest)
+    return "\r\n".join(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +223,9 @@ class AddHeader(Change):
     Authentication headers (Authentication-Results, DKIM-Signature, ARC-*, Received-SPF) are
     placed on top instead, whatever the plugin asked: see :func:`milterd.merge.merge`.
     ``value`` is the field body without the leading space; fold long values with
-    ``"\\r\\n\\t"`` or ``"\\n\\t"`` (the core gives the MTA the form it expects).
+    ``"\\r\\n\\t"`` or ``"\\n\\t"`` (the core gives the MTA the form it expects). The
+    core folds lines over 78 characters itself and normalizes the value (see
+    ``_check_header``); a break not followed by white space is a ValueError.
     """
 
     name: str
@@ -171,7 +233,7 @@ class AddHeader(Change):
     action = "add_header"
 
     def __post_init__(self) -> None:
-        _check_header(self.name, self.value)
+        object.__setattr__(self, "value", _check_header(self.name, self.value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +249,7 @@ class InsertHeader(Change):
     action = "add_header"
 
     def __post_init__(self) -> None:
-        _check_header(self.name, self.value)
+        object.__setattr__(self, "value", _check_header(self.name, self.value))
         if self.index < 0:
             raise ValueError("header index must be >= 0")
 
@@ -202,7 +264,7 @@ class ChangeHeader(Change):
     action = "change_header"
 
     def __post_init__(self) -> None:
-        _check_header(self.name, self.value)
+        object.__setattr__(self, "value", _check_header(self.name, self.value))
         if self.occurrence < 1:
             raise ValueError("header occurrence is 1-based")
 

@@ -50,6 +50,9 @@ class AuthResConfig(PluginConfig):
     trusted: bool = False  # also stamp mail from authenticated/internal senders
 
 
+MAX_VALUE = 256  # a property value or reason in our header: a domain (253) fits
+
+
 def authserv_id_of(field_name: str, value: str) -> str:
     """The authserv-id an (ARC-)Authentication-Results value claims, lower-cased.
 
@@ -65,6 +68,9 @@ def authserv_id_of(field_name: str, value: str) -> str:
     if field_name.lower() == "arc-authentication-results":
         text = _INSTANCE.sub("", text)
     token = text.strip().split(";", 1)[0].strip()
+    if token.startswith('"'):  # RFC 8601 2.2: authserv-id is a value, a quoted-string too
+        end = token.find('"', 1)
+        return token[1:end].replace("\\", "").lower() if end > 0 else ""
     return token.split()[0].lower() if token.split() else ""
 
 
@@ -114,13 +120,15 @@ def build_header(authserv_id: str, results: list[Result]) -> str:
                 continue
             ptype, _, name = k.partition(".")
             prop = ar.AuthenticationResultProperty(ptype, name)
-            prop.value = _PValue(_safe(v))  # set after: the constructor would rewrap it
+            # Set after: the constructor would rewrap it. Capped: a forged signature's d= or
+            # s= can be any length, and a field line must stay under 998 octets.
+            prop.value = _PValue(_safe(v)[:MAX_VALUE])
             props.append(prop)
         entry = ar.AuthenticationResult(
             method=r.method, version=r.version, result=r.result, properties=props
         )
         if r.reason:  # printable ASCII, as authres makes it (parsers expect no more)
-            entry.reason = _Value(re.sub(r"[^\x20-\x7e]", "?", r.reason))
+            entry.reason = _Value(re.sub(r"[^\x20-\x7e]", "?", r.reason)[:MAX_VALUE])
         entries.append(entry)
     text = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=entries))
     return text.split(":", 1)[1].strip()

@@ -258,6 +258,20 @@ def test_thresholds_tag_and_rewrite_the_subject(rig: Rig) -> None:
     assert m_ham.header("Subject") == [f"note {ham}"]
 
 
+def test_an_8bit_subject_is_rewritten_not_tempfailed(rig: Rig) -> None:
+    """A Subject in a legacy 8-bit charset (not UTF-8) rewritten for spam: pymilter takes
+    only UTF-8 text, so the undecodable bytes are read as Windows-1252. This used to
+    tempfail the message on every retry."""
+    mk = uuid.uuid4().hex
+    data = message(mk, "please rewrite-me-please").replace(
+        f"Subject: note {mk}".encode(), f"Subject: caf\xe9 {mk}".encode("latin-1")
+    )
+    res = rig.send(data)
+    assert res.ok, res
+    m = rig.delivered(mk)
+    assert f"\r\nSubject: ***SPAM*** caf\u00e9 {mk}\r\n".encode() in m.data
+
+
 def test_quarantine_puts_the_message_on_hold(rig: Rig) -> None:
     # held by the MTA: Postfix's hold queue, sendmail's hf file
     mk = uuid.uuid4().hex

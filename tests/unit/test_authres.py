@@ -118,6 +118,10 @@ def test_remove_forged_false_keeps_them() -> None:
         ("ARC-Authentication-Results", "i=3; mx.example; spf=pass", "mx.example"),
         ("Authentication-Results", "", ""),
         ("Authentication-Results", "(((", "((("),
+        # RFC 8601: the authserv-id may be a quoted-string; a forger will use one.
+        ("Authentication-Results", '"MX.example"; dkim=pass', "mx.example"),
+        ("Authentication-Results", '(x) "mx.example" ; spf=pass', "mx.example"),
+        ("Authentication-Results", '"unterminated; spf=pass', ""),
     ],
 )
 def test_authserv_id_of(name: str, value: str, want: str) -> None:
@@ -204,3 +208,24 @@ def test_reason_with_an_address_is_quoted() -> None:
     assert text == 'mx.example; dkim=fail reason="key for a@b not found"'
     parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + text)
     assert parsed.results[0].reason == "key for a@b not found"
+
+
+class LongForged:
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        props = (("header.d", "d" * 2000 + ".example"), ("header.s", "s" * 900))
+        ctx.add_result(Result("dkim", "fail", reason="x" * 2000, properties=props))
+
+
+def test_forged_huge_values_are_capped_and_the_header_folded() -> None:
+    """A forged signature's d= and s= can be any length: the header stays a valid field
+    (no line over 998 octets; the MTA would break one mid-token, or refuse it)."""
+    with Harness(plugins={"long": LongForged, "authres": AuthenticationResults}) as h:
+        out = h.send(b"From: a@example.org\r\nSubject: x\r\n\r\nbody\r\n")
+    assert out.delivered is not None
+    raw = out.delivered.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    (name, value), *_ = out.headers()
+    parsed = authres.AuthenticationResultsHeader.parse(f"{name}: {value}")
+    (r,) = parsed.results
+    assert r.result == "fail" and len(r.properties[0].value) == 256
