@@ -240,7 +240,9 @@ class AddHeader(Change):
 class InsertHeader(Change):
     """Insert a header field at ``index`` among the message's *original* header fields.
 
-    0 is the very top. The core translates the index for fields deleted before it.
+    0 is the very top. The core translates the index for fields deleted before it. Only 0
+    is placed exactly alike by Postfix and sendmail; above 0 the MTAs count their own
+    fields differently (docs/sendmail.md), so the field may land a place or two off.
     """
 
     name: str

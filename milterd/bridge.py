@@ -223,7 +223,7 @@ class _Conn:
                 elif k == "insheader":
                     self.ctx.addheader(op.name, self.value(op.value), op.index)
                 elif k == "addheader":
-                    self.ctx.addheader(op.name, self.value(op.value), -1)
+                    self.ctx.addheader(op.name, self.value(op.value), BOTTOM)
                 elif k == "addrcpt":
                     self.ctx.addrcpt(_bracket(op.address), " ".join(op.params) or None)
                 elif k == "delrcpt":
@@ -248,6 +248,13 @@ class _Conn:
             self.ctx.setreply("451", "4.3.0", "Temporary filter failure, try again later")
             return TEMPFAIL
         return ACCEPT
+
+
+# AddHeader goes to the bottom as an insert past the last field (smfi_insheader with an
+# index beyond the header count appends), not smfi_addheader: sendmail puts an added
+# field next to an existing one of the same name (above it, repeated adds reversed), so
+# the delivered order would differ from the core's model and from Postfix's.
+BOTTOM = 0x7FFFFFFF
 
 
 def _bracket(a: str) -> str:

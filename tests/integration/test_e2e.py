@@ -240,6 +240,21 @@ def test_headers_added_and_placed(rig: Rig) -> None:
     assert "verdict=continue" in rig.summary(qid)
 
 
+def test_an_added_field_with_an_existing_name_goes_to_the_bottom(rig: Rig) -> None:
+    """sendmail's smfi_addheader puts a field next to an existing one of the same name
+    (above it); the core's model, which signatures and the archive's delivered copy
+    follow, puts it at the bottom, as Postfix does. Both MTAs must agree with the model."""
+    rig.configure('[plugins.t_mark]\nheader = "Subject"\n')
+    res = rig.send()
+    assert res.ok, res
+    (msg,) = rig.delivered()
+    names = [n for n in header_names(msg.data) if n != "Received"]
+    assert names == ["From", "To", "Subject", "Date", "Message-ID", "Subject"], names
+    assert msg.data.split(b"\r\n\r\n")[0].endswith(
+        b"\r\nSubject: marked qid=" + received_id(msg).encode() + b" client=127.0.0.1"
+    )
+
+
 def test_reject_at_rcpt_refuses_one_recipient_and_delivers_the_others(rig: Rig) -> None:
     rig.configure("[plugins.t_reject_rcpt]\n[plugins.t_mark]\n")
     res = rig.send(["ok1@example.net", "reject-me@example.net", "ok2@example.net"])
