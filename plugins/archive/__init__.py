@@ -18,6 +18,7 @@ Storage is behind :class:`~milterd_plugins.archive.store.ArchiveBackend`.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import email.policy
 import ipaddress
 import os
 import re
@@ -151,9 +152,11 @@ def selected(
     return cfg.default and verdict in cfg.verdicts
 
 
-def open_backend(cfg: ArchiveConfig, readonly: bool = False) -> ArchiveBackend:
+def open_backend(cfg: ArchiveConfig, readonly: bool = False, create: bool = True) -> ArchiveBackend:
     """The configured store: ``files`` (built in) or a factory registered in the entry-point
-    group ``milterd.archive_backends`` and called as ``factory(cfg, readonly=...)``."""
+    group ``milterd.archive_backends`` and called as ``factory(cfg, readonly=...)``.
+    ``create=False`` (the command line): the ``files`` store must already exist (raises
+    StoreError otherwise) even when opened writable; only the daemon creates one."""
     if cfg.backend == "files":
         return FileStore(
             cfg.path,
@@ -162,6 +165,7 @@ def open_backend(cfg: ArchiveConfig, readonly: bool = False) -> ArchiveBackend:
             fsync=cfg.fsync,
             synchronous=cfg.index_synchronous,
             readonly=readonly,
+            create=create,
         )
     for ep in entry_points(group=BACKEND_GROUP):
         if ep.name == cfg.backend:
@@ -203,13 +207,30 @@ def _record(ctx: Context, message: Message, verdict: str, now: float) -> Record:
         auth_user=ctx.connection.auth_user,
         queue_id=info.queue_id if info else "",
         message_id=(mid or "").strip().strip("<>").strip().lower(),
-        subject=(subject or "").strip(),
+        subject=_subject(subject or ""),
         date=(date or "").strip(),
         verdict=verdict,
         score=ctx.score,
         results=[_result_text(r) for r in ctx.results],
         direction=_direction(ctx),
     )
+
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+def _subject(value: str) -> str:
+    """The Subject as text for the index: unfolded (RFC 5322 2.2.3: the line breaks go,
+    the white space stays) and RFC 2047 encoded words decoded, so that a search finds
+    what a mail reader shows. Never raises: a malformed encoded word is left as it is
+    (or, where the decoder recovers, decoded as far as it can)."""
+    text = _FOLD.sub("", value).strip()
+    if "=?" not in text:  # the common case, and the daemon's hot path: no decoding
+        return text
+    try:
+        return str(email.policy.default.header_factory("subject", text)).strip()
+    except Exception:  # the decoder's own bugs included: an index row must be written
+        return text
 
 
 def _result_text(r: Any) -> str:
@@ -453,7 +474,8 @@ class ArchivePlugin:
 
 
 def prune(backend: ArchiveBackend, age: float, now: float | None = None) -> int:
-    """Delete every message archived more than ``age`` seconds ago. Returns the count."""
+    """Delete every message archived more than ``age`` seconds ago. Returns the count.
+    (The ``files`` store's ``delete`` also removes a past day's directory it empties.)"""
     cutoff = (now if now is not None else time.time()) - age
     n = 0
     for id_ in backend.older_than(cutoff):

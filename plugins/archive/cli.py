@@ -2,37 +2,105 @@
 
 Every subcommand reads ``[plugins.archive]`` from the ``-c`` config file (the section need
 not be enabled); ``--path DIR`` overrides the store directory of the ``files`` backend.
-Exit status: 0 success, 1 problems found / nothing matched / delivery failed, 2 usage or
-configuration error.
+No subcommand creates an archive: a path without an index is an error (only the daemon
+creates one). Exit status: 0 success, 1 problems found / nothing matched / a stored copy
+failed its check / delivery failed, 2 usage, configuration or path error. Errors are
+one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import calendar
+import contextlib
 import json
-import mailbox
+import os
+import re
+import shutil
 import smtplib
+import sqlite3
+import stat
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from milterd import ConfigError, load_config
 
-__all__ = ["add_commands", "parse_when"]
+from .store import CopyError, StoreError
+
+__all__ = ["CommandError", "add_commands", "parse_when"]
+
+OUTPUT_MODE = 0o640  # exported files: as the archive's own copies
+
+
+class CommandError(Exception):
+    """A subcommand cannot go on: the message goes to stderr as one line, ``status`` is
+    the exit status (2 usage/configuration/path, 1 failed)."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``fn`` with its errors turned into one line on stderr and an exit status: a copy
+    that fails its check (CopyError) 1, configuration, path and value errors 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        where = f"milterd archive {getattr(args, 'archive_cmd', '') or ''}".rstrip()
+        try:
+            return fn(args)
+        except CommandError as e:
+            status, msg = e.status, str(e)
+        except CopyError as e:
+            status, msg = 1, str(e)
+        except (ConfigError, StoreError, ValueError, OSError, sqlite3.Error) as e:
+            status, msg = 2, str(e) or type(e).__name__
+        print(f"{where}: {_safe(msg)}", file=sys.stderr)
+        return status
+
+    return run
 
 
 def parse_when(text: str) -> float:
-    """``2026-11-22``, ``2026-11-22T10:00[:00]`` (UTC) or a duration ago (``7d``, ``12h``)."""
+    """Epoch seconds for an ISO 8601 date or time (``2026-11-22``, ``2026-11-22T10:00``,
+    ``2026-11-22 10:00:00``, ``2026-12-03T02:17:50Z``, ``...+01:00``: without a zone,
+    UTC) or a duration ago (``7d``, ``12h``). Raises ValueError naming the value."""
     from . import parse_duration
 
-    for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
-        try:
-            return float(calendar.timegm(time.strptime(text, fmt)))
-        except ValueError:
-            continue
-    return time.time() - float(parse_duration(text))
+    t = text.strip()
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        pass
+    else:
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return dt.timestamp()
+    try:
+        return time.time() - parse_duration(t)
+    except ValueError:
+        raise ValueError(
+            f"not a time: {text!r} (e.g. 2026-11-22, 2026-11-22T10:00:00Z, 7d, 12h)"
+        ) from None
+
+
+# Characters that would act on a terminal instead of showing: C0 and C1 controls (ESC
+# sequences, CR, BS), DEL, line/paragraph separators and the bidirectional overrides.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _safe(text: Any) -> str:
+    """``text`` for a terminal: control characters escaped (ESC as ``\\x1b``)."""
+
+    def esc(m: re.Match[str]) -> str:
+        c = ord(m.group())
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+    return _CONTROL.sub(esc, str(text))
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -51,22 +119,46 @@ def _config(args: argparse.Namespace) -> Any:
     return ArchiveConfig(**options)
 
 
-def _backend(args: argparse.Namespace, readonly: bool = True) -> Any:
+def _backend(args: argparse.Namespace, readonly: bool = True, cfg: Any = None) -> Any:
+    """The configured store, which must exist (CommandError, status 2, otherwise)."""
     from . import open_backend
 
-    return open_backend(_config(args), readonly=readonly)
+    if cfg is None:
+        cfg = _config(args)
+    try:
+        return open_backend(cfg, readonly=readonly, create=False)
+    except (StoreError, OSError, sqlite3.Error) as e:
+        raise CommandError(f"cannot open the archive at {cfg.path}: {e}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return n
 
 
 def _query(args: argparse.Namespace) -> Any:
     from .store import Query
+
+    def when(option: str, text: str | None) -> float | None:
+        if not text:
+            return None
+        try:
+            return parse_when(text)
+        except ValueError as e:
+            raise CommandError(f"{option}: {e}") from None
 
     return Query(
         sender=args.sender,
         recipient=args.recipient,
         subject=args.subject,
         message_id=args.message_id,
-        since=parse_when(args.since) if args.since else None,
-        until=parse_when(args.until) if args.until else None,
+        since=when("--since", args.since),
+        until=when("--until", args.until),
         verdict=args.verdict,
         queue_id=args.queue_id,
         limit=args.limit,
@@ -76,24 +168,29 @@ def _query(args: argparse.Namespace) -> Any:
 def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="sender", help="envelope sender address, or @domain")
     p.add_argument("--to", dest="recipient", help="any envelope recipient address, or @domain")
-    p.add_argument("--subject", help="substring of the Subject")
+    p.add_argument("--subject", help="substring of the (decoded) Subject")
     p.add_argument("--message-id", help="exact Message-ID (with or without <>)")
-    p.add_argument("--since", help="YYYY-MM-DD[THH:MM[:SS]] UTC, or a duration ago (7d)")
+    p.add_argument(
+        "--since", help="ISO 8601 date/time (UTC unless it has a zone), or a duration ago (7d)"
+    )
     p.add_argument("--until", help="idem, exclusive")
     p.add_argument(
         "--verdict",
         choices=["continue", "accept", "quarantine", "tempfail", "reject", "discard"],
     )
     p.add_argument("--queue-id")
-    p.add_argument("--limit", type=int)
+    p.add_argument(
+        "--limit", type=_positive, metavar="N", help="only the newest N (listed oldest first)"
+    )
 
 
 def _row(rec: Any) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(rec.received))
-    rcpts = ",".join(rec.recipients)
+    rcpts = _safe(",".join(rec.recipients))
+    sender, subject = _safe(rec.sender), _safe(rec.subject)
     return (
-        f"{rec.id:<30} {when:<19} {rec.verdict:<10} {rec.sender[:30]:<30} "
-        f"{rcpts[:40]:<40} {rec.subject[:40]}"
+        f"{rec.id:<30} {when:<19} {rec.verdict:<10} {sender[:30]:<30} "
+        f"{rcpts[:40]:<40} {subject[:40]}"
     )
 
 
@@ -115,10 +212,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     store = _backend(args)
     rec = store.get(args.id)
     if rec is None:
-        print(f"{args.id}: not in the archive", file=sys.stderr)
-        return 1
+        raise CommandError(f"{args.id}: not in the archive", 1)
     if args.raw:
-        sys.stdout.buffer.write(store.read(rec, args.copy))
+        sys.stdout.buffer.write(store.read(rec, args.copy))  # checked before any byte
         return 0
     if args.json:
         print(json.dumps(rec.as_dict(), sort_keys=True, indent=2))
@@ -130,9 +226,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         "score", "results", "size", "sha256",
     ):  # fmt: skip
         v = d[k]
-        print(f"{k + ':':<16} {', '.join(v) if isinstance(v, list) else v}")
+        print(f"{k + ':':<16} {_safe(', '.join(v) if isinstance(v, list) else v)}")
     for kind, c in rec.copies.items():
-        print(f"{'copy ' + kind + ':':<16} {c.path} ({c.size} bytes, sha256 {c.sha256})")
+        print(f"{'copy ' + kind + ':':<16} {_safe(c.path)} ({c.size} bytes, sha256 {c.sha256})")
     return 0
 
 
@@ -143,30 +239,89 @@ def _select(store: Any, args: argparse.Namespace) -> list[Any]:
     return list(store.search(_query(args)))
 
 
+_FROM_LINE = re.compile(rb"(?m)^(>*From )")
+_NOT_IN_FROM_LINE = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def mbox_entry(rec: Any, data: bytes) -> bytes:
+    """One message as an mboxrd entry: ``From SENDER ASCTIME`` (the envelope sender, or
+    MAILER-DAEMON for the null sender; white space and controls in it as ``_``; the
+    archive time in UTC), the message with CRLF as LF and every line matching
+    ``>*From `` quoted with one more ``>``, a final line end, and a blank line. Nothing
+    else is changed (bare CR, header spelling, MIME structure stay as stored)."""
+    sender = _NOT_IN_FROM_LINE.sub("_", rec.sender) or "MAILER-DAEMON"
+    sep = f"From {sender} {time.asctime(time.gmtime(rec.received))}\n"
+    body = _FROM_LINE.sub(rb">\1", data.replace(b"\r\n", b"\n"))
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    return sep.encode("utf-8", "replace") + body + b"\n"
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, mode: int) -> Iterator[IO[bytes]]:
+    """A new file in ``path``'s directory that replaces ``path`` (rename) only when the
+    block ends without an exception; otherwise it is removed and ``path`` untouched.
+    Opening it raises CommandError (status 2: a path error)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e}") from None
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _export_mbox(store: Any, records: list[Any], path: Path, kind: str | None) -> None:
+    """Append the messages to the mbox ``path`` (created when missing). The result is
+    written to a new file (a copy of the old contents first) renamed over ``path`` at the
+    end: a failure leaves ``path`` as it was. One message in memory at a time."""
+    mode, old_size = OUTPUT_MODE, 0
+    with contextlib.suppress(FileNotFoundError):
+        st = path.stat()
+        mode, old_size = stat.S_IMODE(st.st_mode), st.st_size
+    with _replacing(path, mode) as out:
+        if old_size:
+            with path.open("rb") as old:
+                shutil.copyfileobj(old, out)
+                old.seek(-min(2, old_size), os.SEEK_END)
+                tail = old.read()
+            # An mbox entry ends with a blank line before the next "From " line.
+            if not tail.endswith(b"\n"):
+                out.write(b"\n\n")
+            elif tail != b"\n\n":
+                out.write(b"\n")
+        for rec in records:
+            out.write(mbox_entry(rec, store.read(rec, kind)))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     store = _backend(args)
     records = _select(store, args)
     if not records:
-        print("nothing matched", file=sys.stderr)
-        return 1
-    if args.mbox:
-        box = mailbox.mbox(args.mbox, create=True)
-        box.lock()
-        try:
+        raise CommandError("nothing matched", 1)
+    try:
+        if args.mbox:
+            _export_mbox(store, records, Path(args.mbox), args.copy)
+        else:
+            out = Path(args.eml)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CommandError(f"cannot create {out}: {e}") from None
             for rec in records:
-                data = store.read(rec, args.copy).replace(b"\r\n", b"\n")
-                msg = mailbox.mboxMessage(data)
-                msg.set_from(rec.sender or "MAILER-DAEMON", time.gmtime(rec.received))
-                box.add(msg)
-            box.flush()
-        finally:
-            box.unlock()
-            box.close()
-    else:
-        out = Path(args.eml)
-        out.mkdir(parents=True, exist_ok=True)
-        for rec in records:
-            (out / f"{rec.id}.eml").write_bytes(store.read(rec, args.copy))
+                data = store.read(rec, args.copy)
+                with _replacing(out / f"{rec.id}.eml", OUTPUT_MODE) as f:
+                    f.write(data)
+    except OSError as e:  # writing the output (disk full...): the export failed
+        raise CommandError(f"export failed: {e}", 1) from None
     print(f"exported {len(records)} message(s)", file=sys.stderr)
     return 0
 
@@ -178,7 +333,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"kind": p.kind, "id": p.id, "path": p.path, "detail": p.detail}))
         else:
-            print(f"{p.kind}: {p.id or '-'} {p.path}: {p.detail}")
+            print(f"{p.kind}: {p.id or '-'} {_safe(p.path)}: {_safe(p.detail)}")
     if not args.json:
         print(f"{len(problems)} problem(s)", file=sys.stderr)
     return 1 if problems else 0
@@ -190,10 +345,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = _config(args)
     age_text = args.older_than or cfg.retention
     if not age_text:
-        print("give --older-than DURATION (or set retention in the config)", file=sys.stderr)
-        return 2
-    store = _backend(args, readonly=False)
-    age = parse_duration(age_text)
+        raise CommandError("give --older-than DURATION (or set retention in the config)")
+    try:
+        age = parse_duration(age_text)
+    except ValueError as e:
+        raise CommandError(f"--older-than: {e}") from None
+    # Writable, but never created: a wrong or unmounted path is an error, not a new archive.
+    store = _backend(args, readonly=args.dry_run, cfg=cfg)
     if args.dry_run:
         ids = store.older_than(time.time() - age)
         for i in ids:
@@ -205,32 +363,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    store = _backend(args)
+    store = _backend(args, cfg=cfg)
     rec = store.get(args.id)
     if rec is None:
-        print(f"{args.id}: not in the archive", file=sys.stderr)
-        return 1
+        raise CommandError(f"{args.id}: not in the archive", 1)
     if rec.verdict not in ("quarantine", "reject", "discard", "tempfail") and not args.force:
-        print(f"{args.id}: verdict {rec.verdict}: nothing to release (--force)", file=sys.stderr)
-        return 1
-    data = store.read(rec, args.copy)
+        raise CommandError(f"{args.id}: verdict {rec.verdict}: nothing to release (--force)", 1)
+    data = store.read(rec, args.copy)  # CopyError (exit 1) rather than send other bytes
     host = args.host or cfg.release_host
     port = args.port or cfg.release_port
     sender = args.sender if args.sender is not None else (cfg.release_from or rec.sender)
     rcpts = args.to or rec.recipients
+    fail = f"{args.id}: release to {host}:{port} failed"
     try:
         with smtplib.SMTP(host, port, timeout=30) as s:
             s.ehlo_or_helo_if_needed()
-            refused = s.sendmail(sender, rcpts, data)
-    except (OSError, smtplib.SMTPException) as e:
-        print(f"{args.id}: release to {host}:{port} failed: {e}", file=sys.stderr)
-        return 1
+            options: list[str] = []
+            if not all(a.isascii() for a in [sender, *rcpts]):
+                # Non-ASCII addresses (RFC 6531) need SMTPUTF8 in MAIL FROM.
+                if not s.has_extn("smtputf8"):
+                    raise CommandError(
+                        f"{fail}: an address is not ASCII and the server does not offer SMTPUTF8",
+                        1,
+                    )
+                options.append("SMTPUTF8")
+            if _EIGHT_BIT.search(data) and s.has_extn("8bitmime"):
+                options.append("BODY=8BITMIME")  # RFC 6152; without it: sent as it is
+            refused = s.sendmail(sender, rcpts, data, mail_options=options)
+    except (OSError, smtplib.SMTPException, UnicodeError, ValueError) as e:
+        raise CommandError(f"{fail}: {e}", 1) from None
     for r, (code, text) in refused.items():
-        print(f"{r}: refused {code} {text.decode(errors='replace')}", file=sys.stderr)
+        print(f"{_safe(r)}: refused {code} {_safe(text.decode(errors='replace'))}", file=sys.stderr)
     ok = [r for r in rcpts if r not in refused]
-    print(f"{args.id}: released to {', '.join(ok)} via {host}:{port}")
+    print(f"{args.id}: released to {_safe(', '.join(ok))} via {host}:{port}")
     return 0 if ok else 1
 
 
@@ -242,7 +412,7 @@ def add_commands(subparsers: Any) -> None:
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
         sp.add_argument("--path", help="archive directory (overrides the config)")
-        sp.set_defaults(fn=fn)
+        sp.set_defaults(fn=_guarded(fn))
         parser: argparse.ArgumentParser = sp
         return parser
 

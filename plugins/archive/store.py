@@ -32,6 +32,7 @@ from typing import Any, Protocol
 __all__ = [
     "ArchiveBackend",
     "Copy",
+    "CopyError",
     "FileStore",
     "Problem",
     "Query",
@@ -41,10 +42,24 @@ __all__ = [
 ]
 
 KINDS = ("delivered", "received")
+# verify: a file without an index row modified less than this many seconds before the
+# run started may be a message being stored right now; it is not reported as an orphan.
+ORPHAN_SLACK = 2.0
 
 
 class StoreError(Exception):
     """The store cannot do what was asked (write failed, unknown id...)."""
+
+
+class CopyError(StoreError):
+    """A stored copy cannot be returned as it was archived. ``kind`` is the word
+    ``verify`` reports: ``missing`` (no file), ``unreadable`` (cannot be read or
+    decompressed: a truncated or corrupt zstd frame, permissions) or ``mismatch`` (size
+    or SHA-256 differ from the index)."""
+
+    def __init__(self, kind: str, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {kind}: {detail}")
+        self.kind, self.path, self.detail = kind, path, detail
 
 
 @dataclass(slots=True)
@@ -98,7 +113,7 @@ class Query:
     until: float | None = None  # epoch seconds, exclusive
     verdict: str | None = None
     queue_id: str | None = None
-    limit: int | None = None
+    limit: int | None = None  # the newest N matches (still listed oldest first); >= 1
 
 
 @dataclass(slots=True)
@@ -125,7 +140,9 @@ class ArchiveBackend(Protocol):
     def get(self, id: str) -> Record | None: ...
 
     def read(self, record: Record, kind: str | None = None) -> bytes:
-        """The bytes of one copy (default: delivered if stored, else received)."""
+        """The bytes of one copy (default: delivered if stored, else received), checked
+        against the size and SHA-256 the index holds for it. Raises CopyError (a
+        StoreError) rather than return bytes that are not the archived ones."""
         ...
 
     def search(self, query: Query) -> list[Record]: ...
@@ -295,7 +312,12 @@ class _GroupCommit:
 
 class FileStore:
     """Local files laid out by date, plus an SQLite (WAL) index. Thread-safe; several
-    processes may share one directory."""
+    processes may share one directory.
+
+    ``readonly``: never create or change anything (the index must exist). ``create``
+    (writable stores only): make the directory and the index when missing; with False a
+    missing index raises StoreError, so that a maintenance command given a wrong or
+    unmounted path does not start an empty archive there."""
 
     def __init__(
         self,
@@ -306,6 +328,7 @@ class FileStore:
         synchronous: str = "full",
         busy_timeout: float = 10.0,
         readonly: bool = False,
+        create: bool = True,
     ) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
@@ -314,13 +337,15 @@ class FileStore:
         self.level = level
         self.fsync = fsync
         self._lock = threading.Lock()
-        self._dirs: set[str] = set()  # day directories known to exist
+        # Day directories known to exist. A day directory may still disappear (prune
+        # removes a past day's directory it emptied): _write recreates it then.
+        self._dirs: set[str] = set()
+        db = self.root / "index.sqlite3"
+        if (readonly or not create) and not db.is_file():
+            raise StoreError(f"{db}: no archive index here")
         if not readonly:
             self.root.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir(exist_ok=True)
-        db = self.root / "index.sqlite3"
-        if readonly and not db.exists():
-            raise StoreError(f"{db}: no archive index here")
         self.db = sqlite3.connect(
             str(db), timeout=busy_timeout, check_same_thread=False, isolation_level=None
         )
@@ -358,6 +383,11 @@ class FileStore:
     def _day_dir(self, now: float) -> str:
         """The day directory (relative, ``YYYY/MM/DD``), created (and made durable) once."""
         rel = time.strftime("%Y/%m/%d", time.gmtime(now))
+        self._make_dir(rel)
+        return rel
+
+    def _make_dir(self, rel: str) -> None:
+        """Create the day directory ``rel`` unless known to exist (and make it durable)."""
         if rel not in self._dirs:
             path = self.root / rel
             if not path.is_dir():
@@ -366,7 +396,6 @@ class FileStore:
                     for p in (path.parent.parent.parent, path.parent.parent, path.parent):
                         _fsync_dir(p)
             self._dirs.add(rel)
-        return rel
 
     def _write(self, chunks: Iterable[bytes], rel: str) -> Copy:
         """Write one copy atomically to ``ROOT/rel``; returns its Copy. Straight to the
@@ -380,7 +409,9 @@ class FileStore:
             try:
                 if self._zstd is not None:
                     # Compressor objects are not safe to share between threads: one a copy.
-                    cctx = self._zstd.ZstdCompressor(level=self.level)
+                    # The frame carries a checksum of its content, so that a flipped byte
+                    # fails decompression instead of yielding other text.
+                    cctx = self._zstd.ZstdCompressor(level=self.level, write_checksum=True)
                     if isinstance(chunks, (tuple, list)) and len(chunks) == 1:
                         # One buffer: one-shot compression, a few times cheaper than the
                         # streaming object for a small message (no 128 KB work buffers).
@@ -403,7 +434,18 @@ class FileStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, f"{self._root}/{rel}")
+            try:
+                os.rename(tmp, f"{self._root}/{rel}")
+            except FileNotFoundError:
+                if not os.path.exists(tmp):
+                    raise
+                # The cached day directory is gone (prune removes a past day's directory
+                # it emptied; near midnight that may be the one this writer still uses):
+                # forget it, create it again, and try once more.
+                day = rel.rsplit("/", 1)[0]
+                self._dirs.discard(day)
+                self._make_dir(day)
+                os.rename(tmp, f"{self._root}/{rel}")
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -530,22 +572,63 @@ class FileStore:
         return self._record(row) if row else None
 
     def _open_bytes(self, rel: str) -> bytes:
+        """The uncompressed bytes of the file ``rel``. Raises OSError, or CopyError
+        (``unreadable``) for a zstd file that is not exactly one complete, intact frame:
+        a truncated frame decompresses to fewer bytes (or none) without any error, so the
+        decompressor must be seen to reach the frame's end."""
         data = (self.root / rel).read_bytes()
-        if rel.endswith(".zst"):
-            import zstandard
+        if not rel.endswith(".zst"):
+            return data
+        import zstandard
 
-            return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))
+        d = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            out = bytes(d.decompress(data))
+        except zstandard.ZstdError as e:  # a frame checksum that does not match, ...
+            raise CopyError("unreadable", rel, f"corrupt zstd frame: {e}") from None
+        if not d.eof:
+            raise CopyError("unreadable", rel, "truncated zstd frame")
+        if d.unused_data:
+            raise CopyError("unreadable", rel, "data after the zstd frame")
+        return out
+
+    def _load(self, c: Copy) -> bytes:
+        """The bytes of one copy, checked against the index. Raises CopyError."""
+        try:
+            data = self._open_bytes(c.path)
+        except FileNotFoundError:
+            raise CopyError("missing", c.path, "file missing") from None
+        except OSError as e:  # permissions, I/O error
+            raise CopyError("unreadable", c.path, str(e)) from None
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != c.size or (c.sha256 and digest != c.sha256):
+            raise CopyError(
+                "mismatch",
+                c.path,
+                f"sha256 {digest} size {len(data)}, index says {c.sha256} size {c.size}",
+            )
         return data
 
     def read(self, record: Record, kind: str | None = None) -> bytes:
+        """The bytes of one copy (default: delivered if stored, else received), checked
+        against the size and SHA-256 in the index. Raises CopyError (missing,
+        unreadable, mismatch) instead of returning bytes that are not the archived
+        ones, StoreError when no such copy is stored."""
         if kind is None:
             kind = "delivered" if "delivered" in record.copies else "received"
         c = record.copies.get(kind)
         if c is None:
             raise StoreError(f"{record.id}: no {kind} copy stored")
-        return self._open_bytes(c.path)
+        try:
+            return self._load(c)
+        except CopyError as e:
+            raise CopyError(e.kind, e.path, f"{record.id} {kind} copy: {e.detail}") from None
 
     def search(self, query: Query) -> list[Record]:
+        """Matching records, oldest first; with ``limit`` the newest ``limit`` of them.
+        Raises ValueError for a limit below 1."""
+        if query.limit is not None and query.limit < 1:
+            raise ValueError(f"limit must be at least 1, not {query.limit}")
         where: list[str] = []
         args: list[Any] = []
         if query.sender:
@@ -585,17 +668,23 @@ class FileStore:
         sql = f"SELECT {_COLUMNS} FROM messages"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY received, id"
-        if query.limit:
-            sql += f" LIMIT {int(query.limit)}"
+        if query.limit is None:
+            sql += " ORDER BY received, id"
+        else:  # the newest N, read newest first, then put back in time order
+            sql += f" ORDER BY received DESC, id DESC LIMIT {int(query.limit)}"
         with self._lock:
             rows = self.db.execute(sql, args).fetchall()
+        if query.limit is not None:
+            rows.reverse()
         return [self._record(r) for r in rows]
 
     # --- maintenance ----------------------------------------------------------------------
 
     def delete(self, id: str) -> bool:
-        """Remove one message: the index row first, then its files."""
+        """Remove one message: the index row first, then its files; then the directories
+        of a past day (``YYYY/MM/DD``, and its month and year) that this left empty.
+        Today's (UTC) are kept: writers are using them. A writer that still has a removed
+        directory cached creates it again (see _write)."""
         rec = self.get(id)
         if rec is None:
             return False
@@ -604,6 +693,20 @@ class FileStore:
         for c in rec.copies.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.root / c.path)
+        today = time.strftime("%Y/%m/%d", time.gmtime())
+        for day in {c.path.rsplit("/", 1)[0] for c in rec.copies.values()}:
+            parts = day.split("/")
+            if len(parts) != 3 or day == today:
+                continue
+            for n in (3, 2, 1):  # day, month, year: each only if now empty and not today's
+                rel = "/".join(parts[:n])
+                if today.startswith(rel + "/"):
+                    break
+                try:
+                    os.rmdir(self.root / rel)
+                except OSError:  # not empty (the usual case), or already gone
+                    break
+                self._dirs.discard(day)
         return True
 
     def older_than(self, cutoff: float) -> list[str]:
@@ -622,9 +725,22 @@ class FileStore:
                 for n in names:
                     yield str((Path(dirpath) / n).relative_to(self.root))
 
+    def _indexed(self, id: str, rel: str | None = None) -> bool:
+        """Whether the index has the row ``id`` now (and, given ``rel``, that row names
+        the file ``rel``)."""
+        rec = self.get(id)
+        return rec is not None and (rel is None or rel in {c.path for c in rec.copies.values()})
+
     def verify(self) -> list[Problem]:
         """Every indexed copy present with a matching SHA-256; every file indexed; no
-        temporary files left by dead writers."""
+        temporary files left by dead writers.
+
+        Safe on a live archive: a problem is reported only if it still holds when seen
+        (a copy found missing whose row is gone meanwhile was pruned; a file without a
+        row when the rows were read is looked up again, and one modified less than
+        ORPHAN_SLACK seconds before the run started, or since, is a message being stored
+        now, not an orphan)."""
+        start = time.time()
         problems: list[Problem] = []
         known: set[str] = set()
         with self._lock:
@@ -634,27 +750,26 @@ class FileStore:
             for kind, c in rec.copies.items():
                 known.add(c.path)
                 try:
-                    data = self._open_bytes(c.path)
-                except FileNotFoundError:
-                    problems.append(Problem("missing", rec.id, c.path, f"{kind} copy missing"))
-                    continue
-                except Exception as e:  # corrupt zstd frame, permissions
-                    problems.append(Problem("unreadable", rec.id, c.path, f"{kind}: {e}"))
-                    continue
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != c.sha256 or len(data) != c.size:
-                    problems.append(
-                        Problem(
-                            "mismatch",
-                            rec.id,
-                            c.path,
-                            f"{kind} copy: sha256 {digest} size {len(data)}, "
-                            f"index says {c.sha256} size {c.size}",
-                        )
-                    )
+                    self._load(c)
+                except CopyError as e:
+                    if e.kind == "missing" and not self._indexed(rec.id):
+                        continue  # pruned since the rows were read
+                    problems.append(Problem(e.kind, rec.id, c.path, f"{kind} copy: {e.detail}"))
+                except Exception as e:  # anything else that stops the copy being read
+                    problems.append(Problem("unreadable", rec.id, c.path, f"{kind} copy: {e}"))
         for rel in self.files():
-            if rel not in known:
-                problems.append(Problem("orphan", "", rel, "file not in the index"))
+            if rel in known:
+                continue
+            try:
+                # Written during this run, or just before it (file times come from a
+                # coarse clock; and a copy is renamed in before its row is committed).
+                if os.stat(self.root / rel).st_mtime >= start - ORPHAN_SLACK:
+                    continue
+            except FileNotFoundError:
+                continue  # pruned meanwhile
+            if self._indexed(rel.rsplit("/", 1)[-1].split(".", 1)[0], rel):
+                continue  # its row was committed after the rows were read
+            problems.append(Problem("orphan", "", rel, "file not in the index"))
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.tmp):
                 pid = entry.name.split(".", 1)[0]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import mailbox
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +24,14 @@ from milterd_plugins.archive import (
     prune,
     selected,
 )
-from milterd_plugins.archive.store import FileStore, Query, Record, StoreError, new_id
+from milterd_plugins.archive.store import (
+    CopyError,
+    FileStore,
+    Query,
+    Record,
+    StoreError,
+    new_id,
+)
 
 from milterd import (
     AddHeader,
@@ -333,6 +341,8 @@ def test_verify_reports_each_problem(tmp_path: Path) -> None:
     (root / recs[1].copies["delivered"].path).unlink()
     orphan = root / recs[2].copies["delivered"].path
     (orphan.parent / "stray.eml").write_bytes(b"x")
+    old = time.time() - 60  # not being written now: an orphan (see the live-archive test)
+    os.utime(orphan.parent / "stray.eml", (old, old))
     (root / "tmp" / "999999999.1.abcd").write_bytes(b"partial")
     problems = store(tmp_path).verify()
     got = sorted((p.kind, p.id) for p in problems)
@@ -733,3 +743,262 @@ def test_outcome_disk_work_is_not_queued_behind_a_hung_store(
     assert sum("verdict update not done within" in m for m in log) == 8, log
     assert sum("verdict update not started" in m for m in log) == 1, log
     assert queued == 0
+
+
+# --- review fixes: corrupt copies, mbox, live verify, paths, subjects, release, times ---
+
+
+def _config(tmp_path: Path, extra: str = "") -> Path:
+    config = tmp_path / "milterd.toml"
+    config.write_text(f'[plugins.archive]\npath = "{tmp_path / "arch"}"\n{extra}')
+    return config
+
+
+def test_read_refuses_truncated_flipped_and_mismatched_copies(tmp_path: Path) -> None:
+    import zstandard
+
+    fs = FileStore(tmp_path / "arch", compress=True)
+    body = b"Subject: s\r\n\r\n" + b"some text that compresses\r\n" * 50
+    recs = [fs.store(_rec(), {"delivered": [body]}) for _ in range(3)]
+    root = tmp_path / "arch"
+    paths = [root / r.copies["delivered"].path for r in recs]
+    assert zstandard.get_frame_parameters(paths[0].read_bytes()).has_checksum
+    paths[0].write_bytes(paths[0].read_bytes()[:-12])  # truncated: used to read as b""
+    data = bytearray(paths[1].read_bytes())
+    data[len(data) // 2] ^= 0x01  # flipped byte: the frame checksum catches it
+    paths[1].write_bytes(bytes(data))
+    fs.db.execute("UPDATE messages SET delivered_sha256 = ? WHERE id = ?", ("0" * 64, recs[2].id))
+    s = store(tmp_path)
+    for rec, kind in zip(recs, ["unreadable", "unreadable", "mismatch"], strict=True):
+        got = s.get(rec.id)
+        assert got is not None
+        with pytest.raises(StoreError) as e:
+            s.read(got)
+        assert isinstance(e.value, CopyError) and e.value.kind == kind, e.value
+    assert sorted((p.kind, p.id) for p in s.verify()) == sorted(
+        [("unreadable", recs[0].id), ("unreadable", recs[1].id), ("mismatch", recs[2].id)]
+    )
+    config = _config(tmp_path)
+    for rec in recs:
+        for cmd in (["show", rec.id, "--raw"], ["export", rec.id, "--eml", str(tmp_path / "e")]):
+            r = cli(config, *cmd)
+            assert r.returncode == 1 and r.stdout == "", (cmd, r)
+            assert rec.id in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "e").iterdir())
+    fs.close()
+
+
+def _mbox_entries(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(From line, message) pairs of an mboxrd file, messages un-quoted, by hand."""
+    out = []
+    for chunk in data.split(b"\n\nFrom ")[0:]:
+        sep, _, msg = chunk.removeprefix(b"From ").partition(b"\n")
+        msg = re.sub(rb"(?m)^>(>*From )", rb"\1", msg.removesuffix(b"\n\n"))
+        out.append((b"From " + sep, msg))
+    return out
+
+
+def test_export_mbox_is_byte_exact_atomic_and_0640(tmp_path: Path) -> None:
+    tricky = (
+        b"From: a@example.org\r\nX-A:value\r\nSubject: tricky\r\nContent-Type: multipart/mixed;"
+        b' boundary="b"\r\n\r\nFrom here on\r\n>From quoted\r\nbare\rCR\r\n--b--\r\nno end'
+    )
+    with rig(tmp_path, store="received") as h:
+        h.send(MSG, sender="")
+        h.send(tricky, sender="x y@example.org")
+    r1, r2 = all_records(tmp_path)
+    config = _config(tmp_path)
+    mbox = tmp_path / "out.mbox"
+    r = cli(config, "export", "--mbox", str(mbox), "--since", "1d")
+    assert r.returncode == 0, r.stderr
+    assert mbox.stat().st_mode & 0o777 == 0o640
+    data = mbox.read_bytes()
+    assert b"\r" not in data.replace(b"bare\rCR", b"")  # LF line ends, bare CR kept
+    entries = _mbox_entries(data)
+    asc = [time.asctime(time.gmtime(x.received)).encode() for x in (r1, r2)]
+    assert entries == [
+        (b"From MAILER-DAEMON " + asc[0], MSG.replace(b"\r\n", b"\n").removesuffix(b"\n")),
+        (b"From x_y@example.org " + asc[1], tricky.replace(b"\r\n", b"\n")),
+    ]
+    assert b"\n>From here on\n>>From quoted\n" in data and data.endswith(b"no end\n\n")
+    # Appending: the old contents first, then the new entries.
+    assert cli(config, "export", r1.id, "--mbox", str(mbox)).returncode == 0
+    assert mbox.read_bytes() == data + data[: data.index(b"\n\nFrom ") + 2]
+    # A copy failing its check: exit 1, the mbox untouched, no temporary file left.
+    (tmp_path / "arch" / r2.copies["received"].path).write_bytes(b"changed")
+    before = mbox.read_bytes()
+    r = cli(config, "export", "--mbox", str(mbox), "--since", "1d")
+    assert r.returncode == 1 and "mismatch" in r.stderr
+    assert mbox.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    r = cli(config, "export", r1.id, "--eml", str(tmp_path / "eml"))
+    eml = tmp_path / "eml" / f"{r1.id}.eml"
+    assert eml.read_bytes() == MSG and eml.stat().st_mode & 0o777 == 0o640
+
+
+def test_verify_on_a_live_archive_reports_nothing_false(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = FileStore(tmp_path / "arch")
+    old = [writer.store(_rec(), {"delivered": [b"m%d\r\n" % i]}) for i in range(3)]
+    checker = FileStore(tmp_path / "arch", readonly=True)
+    real_record = checker._record
+    day = tmp_path / "arch" / old[0].copies["delivered"].path.rsplit("/", 1)[0]
+    uncommitted = day / f"{new_id(time.time())}.eml"
+    an_hour_ago = time.time() - 3600
+
+    def record(row: tuple[Any, ...]) -> Record:
+        if row[0] == old[0].id:  # the rows are read; meanwhile, while verify runs:
+            writer.delete(old[2].id)  # one message is pruned,
+            late = writer.store(_rec(), {"delivered": [b"late\r\n"]})  # one is stored
+            # (its file older than the run: renamed in before, committed after the start),
+            os.utime(tmp_path / "arch" / late.copies["delivered"].path, (an_hour_ago,) * 2)
+            uncommitted.write_bytes(b"being stored\r\n")  # and one is not committed yet
+        rec: Record = real_record(row)
+        return rec
+
+    monkeypatch.setattr(checker, "_record", record)
+    assert checker.verify() == []
+    monkeypatch.undo()
+    # Once old enough, a file no row describes is an orphan after all.
+    os.utime(uncommitted, (an_hour_ago,) * 2)
+    assert [(p.kind, p.path) for p in checker.verify()] == [
+        ("orphan", str(uncommitted.relative_to(tmp_path / "arch")))
+    ]
+    writer.close()
+
+
+def test_commands_need_an_existing_archive(tmp_path: Path) -> None:
+    config = tmp_path / "milterd.toml"
+    config.write_text("")
+    missing = tmp_path / "unmounted" / "archive"
+    for args in (
+        ["prune", "--older-than", "1d"],
+        ["prune", "--older-than", "1d", "--dry-run"],
+        ["search"],
+        ["verify"],
+        ["show", "x"],
+        ["export", "--mbox", str(tmp_path / "m"), "--since", "1d"],
+        ["release", "x"],
+    ):
+        r = cli(config, *args, "--path", str(missing))
+        assert r.returncode == 2, (args, r)
+        assert "no archive index" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "unmounted").exists()
+
+
+def test_prune_removes_emptied_past_days_and_the_writer_recovers(tmp_path: Path) -> None:
+    fs = FileStore(tmp_path / "arch")
+    root = tmp_path / "arch"
+    past = time.time() - 40 * 86400
+    a = fs.store(_rec(past), {"delivered": [b"a\r\n"]})
+    today = fs.store(_rec(), {"delivered": [b"t\r\n"]})
+    past_day = root / a.copies["delivered"].path.rsplit("/", 1)[0]
+    assert prune(fs, parse_duration("30d")) == 1
+    assert not past_day.exists()  # emptied: removed (and its month/year if empty too)
+    assert not past_day.parent.exists() or any(past_day.parent.iterdir())
+    # The writer had that day cached: a write into it recreates it instead of failing.
+    b = fs.store(_rec(past), {"delivered": [b"b\r\n"]})
+    assert fs.read(b) == b"b\r\n"
+    # Today's directory is never removed, even when emptied.
+    assert fs.delete(today.id) and fs.delete(b.id)
+    assert (root / today.copies["delivered"].path).parent.is_dir()
+    assert not past_day.exists()
+    assert fs.verify() == []
+    fs.close()
+
+
+def test_subject_unfolded_decoded_and_output_escaped(tmp_path: Path) -> None:
+    folded = MSG.replace(b"Subject: quarterly numbers", b"Subject: quarterly\r\n numbers")
+    encoded = MSG.replace(
+        b"Subject: quarterly numbers",
+        b"Subject: =?utf-8?q?caf=C3=A9_cr=C3=A8me?=\r\n =?iso-8859-1?q?br=FBl=E9e?= \x1b[2J",
+    )
+    broken = MSG.replace(b"Subject: quarterly numbers", b"Subject: =?x-nope?q?abc?= =?utf-8?b?")
+    with rig(tmp_path) as h:
+        for m in (folded, encoded, broken):
+            assert h.send(m, helo="evil\x1b]0;title\x07").verdict == "continue"
+    s = store(tmp_path)
+    assert [r.subject for r in s.search(Query(subject="quarterly numbers"))] == [
+        "quarterly numbers"
+    ]
+    (enc,) = s.search(Query(subject="crème"))
+    assert enc.subject == "café crèmebrûlée \x1b[2J"
+    assert len(s.search(Query(subject="abc"))) == 1  # malformed: kept, never an error
+    config = _config(tmp_path)
+    r = cli(config, "search", "--subject", "café")
+    assert r.returncode == 0 and "café crèmebrûlée \\x1b[2J" in r.stdout
+    r = cli(config, "show", enc.id)
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "evil\\x1b]0;title\\x07" in r.stdout
+    assert "\\u001b" in cli(config, "show", enc.id, "--json").stdout
+
+
+def test_release_non_ascii_addresses_and_8bit_body(tmp_path: Path) -> None:
+    from aiosmtpd.controller import Controller
+
+    from tests.support.postfix import free_port
+    from tests.support.sink import SmtpSink
+
+    body = MSG.replace(b"quarterly numbers", b"quarantine-me").replace(b"Hello", b"H\xc3\xa9llo")
+    with rig(tmp_path) as h:
+        assert h.send(body, sender="jörg@exämple.org", recipients=["bob@example.com"]).verdict == (
+            "quarantine"
+        )
+    (rec,) = all_records(tmp_path)
+    assert rec.sender == "jörg@exämple.org"
+    with SmtpSink() as sink:  # offers SMTPUTF8 and 8BITMIME
+        r = cli(_config(tmp_path), "release", rec.id, "--port", str(sink.port))
+        assert r.returncode == 0, r.stderr
+        (got,) = sink.wait_for(1)
+    assert got.mail_from == "jörg@exämple.org" and got.data == store(tmp_path).read(rec)
+    assert b"H\xc3\xa9llo" in got.data
+    assert {"BODY=8BITMIME", "SMTPUTF8"} <= set(got.mail_options)
+
+    class Plain:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+            return "250 OK"
+
+    port = free_port()
+    ctl = Controller(Plain(), hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
+    ctl.start()
+    try:
+        r = cli(_config(tmp_path), "release", rec.id, "--port", str(port))
+    finally:
+        ctl.stop()
+    assert r.returncode == 1 and "SMTPUTF8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_times_accept_iso_8601_and_bad_values_are_errors(tmp_path: Path) -> None:
+    from milterd_plugins.archive.cli import parse_when
+
+    t = 1796264270.0  # 2026-12-03T02:17:50Z
+    assert parse_when("2026-12-03T02:17:50Z") == t
+    assert parse_when("2026-12-03T02:17:50") == t  # naive: UTC
+    assert parse_when("2026-12-03 02:17") == t - 50
+    assert parse_when("2026-12-03T03:17:50+01:00") == t
+    assert parse_when("2026-12-03") == t - 2 * 3600 - 17 * 60 - 50
+    assert abs(parse_when("2h") - (time.time() - 7200)) < 5
+    with pytest.raises(ValueError, match="not a time"):
+        parse_when("yesterday")
+    with rig(tmp_path) as h:
+        h.send(MSG)
+    (rec,) = all_records(tmp_path)
+    config = _config(tmp_path)
+    shown = json.loads(cli(config, "show", rec.id, "--json").stdout)["received_iso"]
+    r = cli(config, "search", "--since", shown, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] == rec.id
+    r = cli(config, "search", "--since", "yesterday")
+    assert r.returncode == 2 and "--since" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_limit_gives_the_newest_and_must_be_positive(tmp_path: Path) -> None:
+    fs = FileStore(tmp_path / "arch")
+    now = time.time()
+    recs = [fs.store(_rec(now - 100 + i), {"delivered": [b"%d\r\n" % i]}) for i in range(4)]
+    assert [r.id for r in fs.search(Query(limit=2))] == [recs[2].id, recs[3].id]
+    with pytest.raises(ValueError):
+        fs.search(Query(limit=0))
+    r = cli(_config(tmp_path), "search", "--limit", "0")
+    assert r.returncode == 2 and "positive" in r.stderr
+    fs.close()
