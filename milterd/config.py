@@ -37,7 +37,7 @@ class ConfigError(Exception):
 class PluginConfig(BaseModel):
     """Base for plugin config schemas: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 _SOCKET_UNIX = re.compile(r"(?:unix|local):(/.+)")
@@ -66,7 +66,7 @@ def parse_socket(spec: str) -> tuple[str, str, int]:
 class Settings(BaseModel):
     """``[milterd]``: the daemon itself."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     socket: str = "unix:/run/milterd/milterd.sock"
     socket_mode: str = "0660"
@@ -131,7 +131,7 @@ class Settings(BaseModel):
 class DnsSettings(BaseModel):
     """``[dns]``: the resolver every plugin shares."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     nameservers: list[str] = Field(
         default_factory=list, description="HOST or HOST:PORT ([v6]:PORT); empty = resolv.conf"
@@ -164,7 +164,7 @@ def split_hostport(spec: str, default_port: int = 53) -> tuple[str, int]:
 class PluginSettings(BaseModel):
     """The core keys of every ``[plugins.NAME]`` section."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
     order: int | None = None
@@ -179,7 +179,7 @@ CORE_PLUGIN_KEYS = frozenset(PluginSettings.model_fields)
 class Config(BaseModel):
     """The whole file, validated except for each plugin's own keys (see registry)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     milterd: Settings = Settings()
     dns: DnsSettings = DnsSettings()

@@ -94,3 +94,24 @@ def test_the_shipped_default_config_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     c = load(root / "etc" / "milterd.toml")
     Runtime(c, {}, FakeResolver())
+
+
+class Weighted:
+    class Config(PluginConfig):
+        score: float = 1.0
+
+    @hookimpl
+    def config_schema(self) -> type[PluginConfig]:
+        return self.Config
+
+    @hookimpl
+    def eom(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_infinity_are_refused(value: str) -> None:
+    """TOML has nan and inf; a score of nan never compares, inf breaks int()."""
+    msg = error_of(f"[plugins.w]\nscore = {value}\n", {"w": Weighted})
+    assert msg.startswith("/etc/milterd/test.toml: [plugins.w] score:")
+    assert "[dns] timeout:" in error_of(f"[dns]\ntimeout = {value}\n")
