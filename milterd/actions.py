@@ -162,20 +162,29 @@ MAX_LINE = 998
 def _check_header(name: str, value: str) -> str:
     """Check a header field a plugin adds or changes; return the value to use.
 
-    Raises ValueError for an invalid name, a NUL, a line break not followed by white space
-    (which would start another field or end the header block), or a line that cannot be
-    folded under 998 octets. Normalizes: trailing line breaks are dropped; bytes that did
-    not decode (an 8-bit header quoted into a new value) are read as Windows-1252 so that
-    the value is valid UTF-8 for the MTA; lines longer than 78 characters are folded at
-    white space (signature fields excepted).
+    Raises ValueError for an invalid name or a NUL. Otherwise the value is made one valid
+    field, never refused, because it often quotes what a sender wrote and refusing it
+    would defer the message on every retry:
+
+    * trailing line breaks are dropped; a line break not followed by white space (which
+      would start another field or end the header block) gets a space after it, so the
+      text stays inside this field;
+    * bytes that did not decode (an 8-bit header quoted into a new value) are read as
+      Windows-1252, so that the value is valid UTF-8 for the MTA;
+    * lines longer than 78 characters are folded at white space (signature fields
+      excepted); a run without white space that would still pass 998 octets is broken
+      every 900 characters, as MTAs do (unfolding then leaves a space in it).
     """
     if not _HEADER_NAME.fullmatch(name):
         raise ValueError(f"invalid header field name {name!r}")
     if "\0" in value:
         raise ValueError(f"NUL byte in the value of header {name!r}")
     value = value.rstrip("\r\n")
-    if any(line[:1] not in (" ", "\t") for line in _BREAK.split(value)[1:]):
-        raise ValueError(f"line break not followed by white space in header {name!r}")
+    lines = _BREAK.split(value)
+    if any(line[:1] not in (" ", "\t") for line in lines[1:]):
+        value = "\r\n".join(
+            [lines[0]] + [line if line[:1] in (" ", "\t") else " " + line for line in lines[1:]]
+        )
     if _ESCAPED.search(value):
         value = _ESCAPED.sub(
             lambda m: bytes(ord(c) - 0xDC00 for c in m.group()).decode("cp1252", "replace"),
@@ -185,12 +194,21 @@ def _check_header(name: str, value: str) -> str:
     if any(len(line) > FOLD_WIDTH for line in lines) and name.lower() not in _NO_REFOLD:
         value = fold(value, len(name) + 2)
         lines = _BREAK.split(value)
+    first = len(name) + 2
     if any(
-        len(line.encode()) > MAX_LINE - (len(name) + 2 if i == 0 else 0)
-        for i, line in enumerate(lines)
+        len(line.encode()) > MAX_LINE - (first if i == 0 else 0) for i, line in enumerate(lines)
     ):
-        raise ValueError(f"a line of header {name!r} is over {MAX_LINE} octets")
+        value = "\r\n".join(_hard_break(line) for line in lines)
     return value
+
+
+def _hard_break(line: str, size: int = 900) -> str:
+    """``line`` broken every ``size`` characters with a fold (MTAs do the same; 900 UTF-8
+    characters may be more octets, but never past 998 unless they are multi-byte)."""
+    if len(line.encode()) <= MAX_LINE - 100:
+        return line
+    step = size // 4 if len(line.encode()) > len(line) else size  # room for 4-octet chars
+    return "\r\n ".join(line[i : i + step] for i in range(0, len(line), step))
 
 
 def fold(value: str, first: int = 0, width: int = FOLD_WIDTH) -> str:
@@ -225,7 +243,7 @@ class AddHeader(Change):
     ``value`` is the field body without the leading space; fold long values with
     ``"\\r\\n\\t"`` or ``"\\n\\t"`` (the core gives the MTA the form it expects). The
     core folds lines over 78 characters itself and normalizes the value (see
-    ``_check_header``); a break not followed by white space is a ValueError.
+    ``_check_header``): a break not followed by white space stays inside the field.
     """
 
     name: str
