@@ -147,8 +147,8 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
         bind_cpu(index)
     try:
         rt.start("worker")
-    except ConfigError as e:
-        log.error("worker %d: %s", index, e)
+    except Exception as e:
+        log.error("worker %d: %s", index, _why(e))
         os._exit(3)
     bridge.set_runtime(rt)
 
@@ -188,8 +188,8 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
                 try:
                     new_rt = Runtime(loads(text, path))
                     new_rt.start()
-                except ConfigError as e:
-                    log.error("worker %d: reload refused, old config kept: %s", index, e)
+                except Exception as e:
+                    log.error("worker %d: reload refused, old config kept: %s", index, _why(e))
                     continue
                 old = bridge.set_runtime(new_rt)
                 if old is not None:
@@ -276,8 +276,8 @@ class Supervisor:
 
             rt = Runtime(new)  # plugins and their config sections
             rt.start("prefork")  # keys load, rules compile: refused here once, for all
-        except (ConfigError, UnicodeDecodeError) as e:
-            log.error("reload refused, old config kept:\n%s", e)
+        except Exception as e:  # whatever a plugin raises, the running daemon stays
+            log.error("reload refused, old config kept:\n%s", _why(e))
             return
         # The supervisor never ran worker_start, so there is nothing to shut down in the
         # old generation here: dropping it is enough.
@@ -335,8 +335,8 @@ class Supervisor:
                 ", ".join(prefork) or "no plugin",
                 1000 * (time.monotonic() - t0),
             )
-        except ConfigError as e:
-            log.error("%s", e)
+        except Exception as e:  # the configuration cannot start: a restart will not help
+            log.error("%s", _why(e))
             self._unlink_socket()
             return 2
         if settings.metrics_listen:
@@ -381,6 +381,11 @@ class Supervisor:
                 os.unlink(path)
 
 
+def _why(e: BaseException) -> str:
+    """A ConfigError as it is (it names file, section and key); anything else with its type."""
+    return str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+
+
 def _status(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by signal {os.WTERMSIG(status)}"
@@ -395,14 +400,15 @@ def run(path: str) -> int:
         print(f"milterd: {e}", file=sys.stderr)
         return 2
     setup_logging(config.milterd.log_level, config.milterd.log_format)
-    if config.milterd.metrics_listen and config.milterd.worker_count() > 1:
+    if config.milterd.metrics_listen:
+        # Always: even one worker is another process than the supervisor serving /metrics.
         _multiprocess_metrics()
     try:
         from milterd.pipeline import Runtime
 
         Runtime(config)
-    except ConfigError as e:
-        log.error("%s", e)
+    except Exception as e:
+        log.error("%s", _why(e))
         return 2
     try:
         return Supervisor(path, config).run()
@@ -414,7 +420,8 @@ def run(path: str) -> int:
 
 
 def _multiprocess_metrics() -> None:
-    """Several workers: prometheus-client's multiprocess mode, one directory per daemon run.
+    """prometheus-client's multiprocess mode, one directory per daemon run: the workers
+    count, the supervisor serves ``/metrics`` from their files.
 
     Must run before anything imports prometheus_client (it reads the variable at import).
     """

@@ -203,6 +203,8 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
             plugin_config = schema(**options)
         except ValidationError as e:
             raise ConfigError(describe(e, config.path, section)) from None
+        except Exception as e:  # a validator raising something else (re.error, ...)
+            raise ConfigError(f"{config.path}: [{section}]: {type(e).__name__}: {e}") from None
     actions = frozenset(getattr(obj, "actions", ACTIONS))
     unknown = actions - ACTIONS
     if unknown:

@@ -255,6 +255,11 @@ class MilterClient:
         return t
 
 
+#: The index milterd inserts an added field at: past the last one, i.e. the bottom
+#: (milterd.bridge.BOTTOM; smfi_addheader misplaces fields on sendmail).
+BOTTOM = 0x7FFFFFFF
+
+
 def _decode_mod(cmd: bytes, data: bytes) -> tuple[str, tuple[object, ...]]:
     if cmd == b"h":
         name, value = data.rstrip(b"\0").split(b"\0", 1)
