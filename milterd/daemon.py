@@ -20,15 +20,20 @@ the signals and talks to each worker over a pipe:
 * SIGTERM/SIGINT: every worker stops accepting, lets open sessions finish for up to
   ``shutdown_timeout`` seconds and exits; the supervisor exits 0 when all are gone;
 * a worker that dies is logged and restarted, at most 5 times a minute (more means the
-  configuration itself crashes: the supervisor stops with exit status 1);
-* the supervisor's death closes the pipes, and a worker seeing EOF stops the same way, so
-  no worker outlives it (``PR_SET_PDEATHSIG`` backs this up).
+  configuration itself crashes: the supervisor stops with exit status 1). A worker that
+  exits 0 on its own (libmilter stopped it) is restarted without counting as a crash;
+* workers ignore SIGHUP, SIGTERM and SIGINT (libmilter's signal thread would stop them
+  at once, cutting open sessions) and run in their own process group: signals meant for
+  the daemon (``pkill -HUP milterd``, ``systemctl kill``, a terminal's Ctrl-C) act through
+  the supervisor;
+* the supervisor's death closes the pipes, and a worker seeing EOF drains and stops the
+  same way, so no worker outlives it. (No PR_SET_PDEATHSIG: its signal would reach
+  libmilter, which stops at once, cutting the sessions the drain lets finish.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -89,12 +94,6 @@ def _read_line(fd: int) -> bytes:
     return out[:-1]
 
 
-def _pdeathsig() -> None:
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _drop_privileges(user: str | None, group: str | None) -> None:
     if user is None and group is None:
         return
@@ -140,7 +139,6 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
     from milterd import bridge
     from milterd.pipeline import Runtime
 
-    _pdeathsig()
     os.environ["MILTERD_WORKER"] = str(index)
     t0 = time.monotonic()
     if rt.settings.cpu_affinity == "auto":
@@ -250,8 +248,17 @@ class Supervisor:
                 for other in self.workers.values():
                     with contextlib.suppress(OSError):
                         os.close(other.pipe)
-                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
+                # Ignored, so discarded before libmilter's signal thread could take them
+                # (it stops the worker at once on each, cutting open sessions): a worker is
+                # told to reload or drain over its pipe only. ``pkill -HUP milterd`` and
+                # ``systemctl kill`` reach the supervisor too, which does the right thing.
+                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_IGN)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                # Out of the terminal's foreground group: a Ctrl-C meant for the daemon
+                # reaches the supervisor only, which drains the workers.
+                with contextlib.suppress(OSError):
+                    os.setpgid(0, 0)
                 assert self.runtime is not None
                 _worker_main(index, self.runtime, r)
             finally:
@@ -302,6 +309,10 @@ class Supervisor:
             _metrics_process_dead(pid)
             if self.stopping:
                 log.info("worker %d (pid %d) exited", w.index, pid)
+                continue
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                log.warning("worker %d (pid %d) stopped on its own; restarting it", w.index, pid)
+                self.spawn(w.index)
                 continue
             log.error("worker %d (pid %d) died: %s", w.index, pid, _status(status))
             now = time.monotonic()

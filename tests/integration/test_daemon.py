@@ -301,3 +301,41 @@ def test_descriptors_and_threads_stay_bounded_over_many_sessions() -> None:
     assert fds1 <= fds0 + 4, (fds0, fds1)
     assert threads1 <= threads0 + 4, (threads0, threads1)
     assert "Traceback" not in log and " failed at " not in log, log[-2000:]
+
+
+def test_signals_sent_to_the_workers_themselves_do_not_take_the_daemon_down() -> None:
+    """``pkill -HUP milterd`` or ``systemctl kill -s HUP`` reach every worker too: six of
+    them killed at once once made the supervisor give up as if the configuration crashed.
+    Workers ignore HUP, TERM and INT; the supervisor acts on them."""
+    with Daemon("[plugins.t_mark]\n", workers=3) as d:
+        before = d.worker_pids()
+        c = MilterClient(d.socket)  # an open session, which must not be cut
+        c.negotiate()
+        t = Transcript()
+        c.connect(t)
+        for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for pid in before:
+                os.kill(pid, sig)
+        time.sleep(1.0)
+        assert d.worker_pids() == before
+        assert "died" not in d.log_text() and "stopped on its own" not in d.log_text()
+        c.message("a@example.org", ["b@example.com"], HEADERS, BODY, t=t)
+        c.close()
+        assert t.final is not None and t.final.verdict == "accept"
+
+
+def test_ctrl_c_drains_open_sessions_instead_of_cutting_them() -> None:
+    """A terminal's Ctrl-C goes to the foreground process group: only the supervisor is in
+    it, so the workers drain instead of libmilter stopping them mid-session."""
+    d = Daemon("[plugins.t_mark]\n").start()
+    assert d.proc is not None
+    c = MilterClient(d.socket)
+    c.negotiate()
+    t = Transcript()
+    c.connect(t)
+    os.killpg(os.getpgid(d.proc.pid), signal.SIGINT)
+    d.wait_log("stopping")
+    c.message("a@example.org", ["b@example.com"], HEADERS, BODY, t=t)
+    c.close()
+    assert t.final is not None and t.final.verdict == "accept"
+    assert d.proc.wait(20) == 0
