@@ -296,7 +296,12 @@ def test_kill_9_during_load_loses_nothing_that_got_250(kind: Kind) -> None:
                 while _count(archive / "index.sqlite3") < 400 and time.monotonic() < deadline:
                     assert src.poll() is None, src.stdout.read() if src.stdout else ""
                     time.sleep(0.02)
-                os.killpg(d.pid, signal.SIGKILL)  # supervisor and workers, mid-write
+                # Supervisor and workers, mid-write: the supervisor frozen first (it would
+                # restart the workers), then every worker, then the supervisor.
+                os.kill(d.pid, signal.SIGSTOP)
+                for pid in d.worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                os.kill(d.pid, signal.SIGKILL)
                 killed_at = _count(archive / "index.sqlite3")
                 try:
                     out, _ = src.communicate(timeout=60)
