@@ -418,9 +418,26 @@ def _unknown(ctx: Any, cmd: Any) -> int:
     return CONTINUE
 
 
+class SocketError(OSError):
+    """The listening socket cannot be opened: in use, a bad address, no permission."""
+
+
+def _in_use(path: str) -> bool:
+    """Whether something answers on the unix socket ``path`` (a running instance)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return False  # refused or absent: a stale file, safe to replace
+        return True
+
+
 def open_socket(settings: Settings) -> None:
     """Register the callbacks and open libmilter's listening socket (once, before forking
-    workers: every worker accepts on this one socket)."""
+    workers: every worker accepts on this one socket). Raises SocketError (an OSError)
+    when it cannot: a unix socket another process listens on is never taken over (libmilter
+    would unlink it, leaving that process unreachable)."""
     milter.set_flags(0x1FF)  # upper bound; each connection negotiates its own subset
     milter.set_connect_callback(_connect)
     milter.set_helo_callback(_helo)
@@ -436,17 +453,27 @@ def open_socket(settings: Settings) -> None:
     global _listen
     family, where, port = parse_socket(settings.socket)
     _listen = (family, where, port)
+    if family == "unix" and os.path.exists(where) and _in_use(where):
+        raise SocketError(f"{settings.socket}: another process is listening there")
     milter.setconn(settings.socket)
     milter.settimeout(settings.milter_timeout)
     if family == "unix":
         os.makedirs(os.path.dirname(where), exist_ok=True)
-    milter.opensocket(True)
+    try:
+        milter.opensocket(True)
+    except milter.error as e:  # libmilter says little more than "failed": add the address
+        raise SocketError(f"{settings.socket}: cannot listen ({e}; in use?)") from None
     if family == "unix":
-        os.chmod(where, int(settings.socket_mode, 8))
-        if settings.socket_group:
-            import grp
+        try:
+            os.chmod(where, int(settings.socket_mode, 8))
+            if settings.socket_group:
+                import grp
 
-            os.chown(where, -1, grp.getgrnam(settings.socket_group).gr_gid)
+                os.chown(where, -1, grp.getgrnam(settings.socket_group).gr_gid)
+        except (OSError, KeyError):  # not a member of the group, no such group: ours to remove
+            with contextlib.suppress(OSError):
+                os.unlink(where)
+            raise
     else:
         global _reply_data
         _reply_data = True

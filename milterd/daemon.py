@@ -34,7 +34,6 @@ the signals and talks to each worker over a pipe:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -53,6 +52,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("milterd")
 RESTARTS_PER_MINUTE = 5
+#: [milterd] keys a reload cannot apply (the socket is open, the workers forked, ...).
+RESTART_ONLY = (
+    "socket", "socket_mode", "socket_group", "user", "group", "workers", "cpu_affinity",
+    "metrics_listen", "milter_timeout",
+)  # fmt: skip
 
 
 @dataclass
@@ -146,12 +150,14 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
     try:
         rt.start("worker")
     except Exception as e:
-        log.error("worker %d: %s", index, _why(e))
+        for line in _why(e).splitlines():
+            log.error("worker %d: %s", index, line)
         os._exit(3)
     bridge.set_runtime(rt)
 
     def drain_then_stop() -> None:
-        timeout = rt.settings.shutdown_timeout
+        current = bridge.current_runtime()
+        timeout = (current or rt).settings.shutdown_timeout
         bridge.begin_drain()
         if bridge.open_connections():
             log.info(
@@ -187,11 +193,14 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
                     new_rt = Runtime(loads(text, path))
                     new_rt.start()
                 except Exception as e:
-                    log.error("worker %d: reload refused, old config kept: %s", index, _why(e))
+                    for why in _why(e).splitlines():
+                        log.error("worker %d: reload refused, old config kept: %s", index, why)
                     continue
                 old = bridge.set_runtime(new_rt)
                 if old is not None:
                     old.retire()
+                ns = new_rt.settings
+                setup_logging(ns.log_level, ns.log_format)
                 log.info("worker %d: reloaded %s", index, path)
 
     threading.Thread(target=control_loop, name="control", daemon=True).start()
@@ -228,6 +237,8 @@ class Supervisor:
         self.reload_requested = False
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
+        #: The unix socket path this process opened (and may remove at exit), or None.
+        self.opened: str | None = None
 
     def _signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -284,8 +295,15 @@ class Supervisor:
             rt = Runtime(new)  # plugins and their config sections
             rt.start("prefork")  # keys load, rules compile: refused here once, for all
         except Exception as e:  # whatever a plugin raises, the running daemon stays
-            log.error("reload refused, old config kept:\n%s", _why(e))
+            for line in _why(e).splitlines():  # one line each: the log escapes line breaks
+                log.error("reload refused, old config kept: %s", line)
             return
+        old = self.config.milterd
+        for key in RESTART_ONLY:
+            if getattr(old, key) != getattr(new.milterd, key):
+                log.warning("%s changed: it takes effect at the next restart, not on reload", key)
+        if (old.log_level, old.log_format) != (new.milterd.log_level, new.milterd.log_format):
+            setup_logging(new.milterd.log_level, new.milterd.log_format)
         # The supervisor never ran worker_start, so there is nothing to shut down in the
         # old generation here: dropping it is enough.
         self.config, self.runtime = new, rt
@@ -332,8 +350,17 @@ class Supervisor:
         settings = self.config.milterd
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, self._signal)
-        bridge.open_socket(settings)
-        _drop_privileges(settings.user, settings.group)
+        try:
+            bridge.open_socket(settings)
+            family, _, path = settings.socket.partition(":")
+            if family in ("unix", "local"):
+                self.opened = path
+            _drop_privileges(settings.user, settings.group)
+        except (OSError, KeyError) as e:  # in use, no permission, unknown user or group
+            what = f"unknown user or group {e}" if isinstance(e, KeyError) else str(e)
+            log.error("cannot start on %s: %s", settings.socket, what)
+            self._unlink_socket()
+            return 2
         from milterd.pipeline import Runtime
 
         try:
@@ -347,13 +374,19 @@ class Supervisor:
                 1000 * (time.monotonic() - t0),
             )
         except Exception as e:  # the configuration cannot start: a restart will not help
-            log.error("%s", _why(e))
+            for line in _why(e).splitlines():
+                log.error("%s", line)
             self._unlink_socket()
             return 2
         if settings.metrics_listen:
             from milterd.metrics import serve_metrics
 
-            serve_metrics(settings.metrics_listen)
+            try:
+                serve_metrics(settings.metrics_listen)
+            except OSError as e:
+                log.error("cannot serve metrics on %s: %s", settings.metrics_listen, e)
+                self._unlink_socket()
+                return 2
         n = settings.worker_count()
         log.info("milterd listening on %s with %d worker(s)", settings.socket, n)
         for i in range(n):
@@ -372,7 +405,7 @@ class Supervisor:
                 stop_sent = time.monotonic()
             if (
                 stop_sent is not None
-                and time.monotonic() - stop_sent > settings.shutdown_timeout + 5
+                and time.monotonic() - stop_sent > self.config.milterd.shutdown_timeout + 5
             ):
                 for w in list(self.workers.values()):
                     log.warning("worker %d (pid %d) did not stop; killing it", w.index, w.pid)
@@ -386,10 +419,12 @@ class Supervisor:
         return 1 if self.failed else 0
 
     def _unlink_socket(self) -> None:
-        family, _, path = self.config.milterd.socket.partition(":")
-        if family in ("unix", "local"):
+        """Remove the unix socket this process opened: never another path (a reload may
+        have changed ``socket``; that takes a restart) nor one it did not open."""
+        if self.opened is not None:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(self.opened)
+            self.opened = None
 
 
 def _why(e: BaseException) -> str:
@@ -419,15 +454,10 @@ def run(path: str) -> int:
 
         Runtime(config)
     except Exception as e:
-        log.error("%s", _why(e))
+        for line in _why(e).splitlines():
+            log.error("%s", line)
         return 2
-    try:
-        return Supervisor(path, config).run()
-    except OSError as e:
-        if e.errno in (errno.EADDRINUSE, errno.EACCES):
-            log.error("cannot open socket %s: %s", config.milterd.socket, e)
-            return 2
-        raise
+    return Supervisor(path, config).run()
 
 
 def _multiprocess_metrics() -> None:

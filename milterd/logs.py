@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
 
 
 class _Worker(logging.Filter):
@@ -51,6 +52,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# What a sender controls (HELO, addresses, header values) must not start a line of its
+# own or drive the terminal: C0 controls but tab, DEL and the C1 controls are escaped.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    return f"\\x{ord(m.group()):02x}"
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, one line per record: control characters in the message (never in
+    a traceback that follows it) are written as ``\\xNN``, so a sender's CR LF cannot
+    forge a log line. (JSON escapes them by itself.)"""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        if _CONTROL.search(record.message):
+            record.message = _CONTROL.sub(_escape, record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     # Per-record work nobody reads (the logging HOWTO's "Optimization" list): the caller's
     # file and line (a stack walk per record), thread and multiprocessing names. At info
@@ -64,7 +85,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(
+            TextFormatter(
                 "%(asctime)s milterd[%(process)d/w%(worker)s] %(levelname)s %(name)s: %(message)s"
             )
         )

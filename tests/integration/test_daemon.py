@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon
+from tests.integration.daemon import MILTERD, Daemon
 from tests.support.dnsserver import ZoneServer
 from tests.support.milterclient import BOTTOM, MilterClient, P, Transcript
 
@@ -339,3 +341,74 @@ def test_ctrl_c_drains_open_sessions_instead_of_cutting_them() -> None:
     c.close()
     assert t.final is not None and t.final.verdict == "accept"
     assert d.proc.wait(20) == 0
+
+
+def _run_second(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*MILTERD, "-c", str(config), "run"], capture_output=True, text=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+
+
+def test_start_up_errors_exit_2_with_one_line_and_never_take_a_live_socket(
+    tmp_path: Path,
+) -> None:
+    """Exit status 2 is what systemd does not restart on: a socket another instance
+    listens on (libmilter would unlink it, leaving that instance unreachable), an unknown
+    socket group, a metrics port in use."""
+    with Daemon("[plugins.t_mark]\n") as first:
+        second = tmp_path / "second.toml"
+        second.write_text(first.config.read_text())
+        run = _run_second(second)
+        assert run.returncode == 2, run.stderr
+        assert "another process is listening there" in run.stderr
+        assert "Traceback" not in run.stderr
+        t = send(first)  # the first instance is still reachable on its socket
+        assert t.final is not None and t.final.verdict == "accept"
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            sock = tmp_path / "other.sock"
+            for spec, extra, needle in [
+                (f"unix:{sock}", 'socket_group = "no-such-group-here"', "unknown user or group"),
+                (f"unix:{sock}", f'metrics_listen = "127.0.0.1:{port}"', "cannot serve metrics"),
+                (f"inet:{port}@127.0.0.1", "", "cannot listen"),
+            ]:
+                text = first.config.read_text().replace(first.socket, spec)
+                second.write_text(text.replace("[milterd]\n", f"[milterd]\n{extra}\n", 1))
+                run = _run_second(second)
+                assert run.returncode == 2, (extra, run.stderr)
+                assert needle in run.stderr and "Traceback" not in run.stderr, run.stderr
+                assert not sock.exists(), extra
+
+
+def test_reload_applies_the_log_level_and_names_what_needs_a_restart() -> None:
+    with Daemon("[plugins.t_mark]\n") as d:
+        d.config.write_text(
+            d.config.read_text()
+            .replace('log_level = "info"', 'log_level = "warning"')
+            .replace("workers = 1", "workers = 2")
+        )
+        mark = len(d.log_text())
+        d.signal(signal.SIGHUP)
+        d.wait_log("workers changed: it takes effect at the next restart", after=mark)
+        time.sleep(0.5)
+        mark = len(d.log_text())
+        send(d)
+        time.sleep(0.3)
+        assert "verdict=" not in d.log_text()[mark:]  # the info summary line is gone
+
+
+def test_a_senders_line_breaks_cannot_forge_log_lines() -> None:
+    with Daemon("[plugins.t_mark]\n") as d:
+        with MilterClient(d.socket) as c:
+            c.negotiate()
+            t = Transcript()
+            c.connect(t)
+            c.message("evil\r\n2026-01-01 INFO forged verdict=accept@example.org",
+                      ["b@example.com"], HEADERS, BODY, t=t)  # fmt: skip
+        time.sleep(0.3)
+    lines = d.log_text().splitlines()
+    assert not [x for x in lines if x.startswith("2026-01-01 INFO forged")]
+    assert any("evil\\x0d\\x0a2026-01-01 INFO forged" in x for x in lines)
