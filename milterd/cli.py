@@ -30,10 +30,16 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return 2
-    # What the supervisor does before forking (load keys, compile rules, check stores), so
-    # that a config that passes here starts; per-worker state is not opened by a check.
+
+    # What the supervisor does before forking (load keys, compile rules, check stores) and
+    # the other plugins' startup, so that a config that passes here starts; per-worker
+    # state (worker_start: connections, threads) is not opened by a check.
     # As the daemon's user: run as root, a check must not create files root then owns.
-    if _as_daemon_user(config.milterd.user, config.milterd.group, lambda: rt.start("prefork")):
+    def check() -> None:
+        rt.start("prefork")
+        rt.check_startup()
+
+    if _as_daemon_user(config.milterd.user, config.milterd.group, check):
         return 2
     print(f"{args.config}: OK")
     print(f"  socket {config.milterd.socket}, {config.milterd.worker_count()} worker(s)")

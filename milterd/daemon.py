@@ -294,6 +294,9 @@ class Supervisor:
 
             rt = Runtime(new)  # plugins and their config sections
             rt.start("prefork")  # keys load, rules compile: refused here once, for all
+            # The other plugins' startup too, in a throwaway child: a generation every
+            # worker would refuse must not become the one restarted workers inherit.
+            self._check_in_child(rt)
         except Exception as e:  # whatever a plugin raises, the running daemon stays
             for line in _why(e).splitlines():  # one line each: the log escapes line breaks
                 log.error("reload refused, old config kept: %s", line)
@@ -311,6 +314,36 @@ class Supervisor:
         for w in self.workers.values():
             _send(w.pipe, msg)
         log.info("config %s validated and sent to %d worker(s)", self.path, len(self.workers))
+
+    def _check_in_child(self, rt: Runtime, timeout: float = 60.0) -> None:
+        """Run ``rt.check_startup()`` in a forked child; raise ConfigError if it fails."""
+        pid = os.fork()
+        if pid == 0:
+            status = 3
+            try:
+                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                rt.check_startup()
+                status = 0
+            except Exception as e:
+                for line in _why(e).splitlines():
+                    log.error("%s", line)
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise ConfigError(f"plugin start-up did not finish in {timeout:g}s")
+            time.sleep(0.02)
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            raise ConfigError(f"plugin start-up failed ({_status(status)}; see above)")
 
     def reap(self) -> None:
         while True:

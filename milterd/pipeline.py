@@ -196,6 +196,20 @@ class Runtime:
                 raise
             self.started = True
 
+    def check_startup(self) -> None:
+        """After the prefork phase: the ``startup`` of the other plugins, then their
+        ``shutdown``, to find what every worker would refuse before any worker gets the
+        configuration. Raises ConfigError. ``worker_start`` is not called (it opens
+        connections and starts threads); meant for a throwaway process or a one-off check."""
+        services = Services(self.resolver, self.settings, log)
+        done: list[LoadedPlugin] = []
+        try:
+            self._call_lifecycle(
+                "startup", [p for p in self.plugins if not p.prefork], {"services": services}, done
+            )
+        finally:
+            self._shutdown(done)
+
     def _call_lifecycle(
         self,
         hook: str,

@@ -412,3 +412,29 @@ def test_a_senders_line_breaks_cannot_forge_log_lines() -> None:
     lines = d.log_text().splitlines()
     assert not [x for x in lines if x.startswith("2026-01-01 INFO forged")]
     assert any("evil\\x0d\\x0a2026-01-01 INFO forged" in x for x in lines)
+
+
+def test_a_reload_every_worker_would_refuse_is_refused_by_the_supervisor() -> None:
+    """A plugin whose (per-worker) startup fails: the supervisor used to adopt the
+    generation anyway, so the next restarted worker inherited it and failed until the
+    supervisor gave up, taking the daemon down."""
+    with Daemon('[plugins.t_mark]\nvalue = "good"\n', workers=2) as d:
+        d.write('[plugins.t_mark]\nvalue = "bad"\nfail_startup = true\n')
+        mark = len(d.log_text())
+        d.signal(signal.SIGHUP)
+        d.wait_log("reload refused, old config kept", after=mark)
+        before = d.worker_pids()
+        os.kill(before[0], signal.SIGKILL)
+        d.wait_log("died: killed by signal 9", after=mark)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(set(d.worker_pids()) - set(before)) < 1:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert len(d.worker_pids()) == 2 and "giving up" not in d.log_text()
+        for _ in range(4):
+            assert mark_of(send(d)).split()[0] == "good"
+        check = subprocess.run(
+            [*MILTERD, "-c", str(d.config), "config", "check"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert check.returncode == 2 and "startup failed" in check.stderr, check.stderr
