@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -328,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     database) is one line on stderr and exit status 2, not a traceback. ``run`` is left
     alone: the daemon reports its own errors, and its exit status tells systemd whether a
     restart can help."""
+    if "run" in (sys.argv[1:] if argv is None else argv):
+        # Until the supervisor installs its handlers, a SIGHUP (an early `systemctl
+        # reload`) would kill the daemon while it imports the plugins: ignore it till then.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ap, sub = parser()
     _plugin_commands(sub)
     args = ap.parse_args(argv)

@@ -11,8 +11,9 @@ the signals and talks to each worker over a pipe:
   copy-on-write) and forks ``workers`` processes that accept on that one socket (the
   kernel spreads connections). Each worker then runs the other plugins' ``startup`` and
   every plugin's ``worker_start`` (its own connections, sockets, threads);
-* SIGHUP: the supervisor validates the new file once, prefork ``startup`` included; if it
-  is bad, it logs why and keeps the old one; if it is good, it sends its text to every
+* SIGHUP: the supervisor validates the new file once, prefork ``startup`` included, and
+  the other plugins' ``startup`` in a throwaway child; if it is bad, it logs why and keeps
+  the old one; if it is good, it sends its text to every
   worker, which builds a new generation (every ``startup``, then ``worker_start``) for
   new connections while open connections finish on theirs. A worker whose start fails
   keeps its old generation and logs why. A worker forked later (a restart) inherits the
