@@ -81,8 +81,17 @@ def _received(ctx: Context, client: Any) -> bytes:
     return line.encode("utf-8", "surrogateescape")
 
 
+def _tagged(subject: str, template: str) -> bool:
+    """Whether ``subject`` already starts with the text ``template`` puts before the
+    subject (its fixed part, up to the first field: ``[SPAM`` of ``[SPAM {score}] ...``)."""
+    head = template.split("{subject}", 1)[0]
+    static = head.split("{", 1)[0].strip()
+    return bool(static) and subject.strip().startswith(static)
+
+
 DECISION_SYMBOL = "MILTERD_SCORING"
 ACTION_ORDER = ("reject", "quarantine", "rewrite_subject", "add_header", "greylist")
+SPAM_ACTIONS = ("add_header", "rewrite_subject", "quarantine", "reject")
 _GTUBE_B = GTUBE.encode()
 
 
@@ -328,8 +337,8 @@ class ScoringPlugin:
         for rule in self.rules:
             if rule.name in eff.disabled or not (rule.enabled or rule.name in eff.enabled):
                 continue
-            if scan.incomplete:
-                break
+            if scan.incomplete and rule.regex_only:
+                continue  # out of time: only the cheap checks (attachments, client...) run
             opts = rule.match(data, scan)
             if opts is not None:
                 out[rule.name] = (rule.score, rule.description, opts)
@@ -339,7 +348,8 @@ class ScoringPlugin:
         if self.classifier is not None:
             b = cfg.bayes
             tokens = bayes_mod.tokenize(data.headers, content, b.max_tokens)
-            ctx.message_state["bayes"] = (tokens, message.get("Message-ID"))
+            if _GTUBE_B not in raw:  # test mail is never auto-learned, whatever it scores
+                ctx.message_state["bayes"] = (tokens, message.get("Message-ID"))
             try:
                 prob = self.classifier.probability(tokens)
             except Exception as e:
@@ -368,6 +378,10 @@ class ScoringPlugin:
 
         if content.too_deep and not scan.reason:
             scan.reason = "MIME nested deeper than the parser follows"
+        if content.too_deep and cfg.mime.enabled and "MIME_TOO_COMPLEX" not in eff.disabled:
+            # Real mail never nests 64 deep or has hundreds of parts; a MIME bomb does.
+            desc = "MIME structure too deep or too large to parse"
+            out["MIME_TOO_COMPLEX"] = (cfg.mime.too_complex, desc, ())
         if truncated or scan.incomplete or content.too_deep:
             out["SCAN_INCOMPLETE"] = (cfg.scan_incomplete, "scan budget exhausted",
                                       (scan.reason or "incomplete",))  # fmt: skip
@@ -390,9 +404,10 @@ class ScoringPlugin:
             if t is not None and total >= t:
                 action = a
                 break
-        required = eff.thresholds.get("add_header")
-        if required is None:
-            required = eff.thresholds.get("reject")
+        # "required" is where mail starts counting as spam: the lowest threshold of an
+        # action that marks it (add_header may be off while rewrite_subject is on).
+        spam_thresholds = [t for a in SPAM_ACTIONS if (t := eff.thresholds.get(a)) is not None]
+        required = min(spam_thresholds) if spam_thresholds else None
         if action == "greylist" and self._greylist_passes(ctx, cfg, client, recipients):
             action = "no_action"  # a retry after the delay, or a known triplet
         ctx.message_state["bayes_score"] = sum(
@@ -524,7 +539,9 @@ class ScoringPlugin:
             new = cfg.subject_template.format(
                 subject=(subject or "").strip(), score=f"{total:.1f}"
             ).strip()
-            if subject is None:
+            if subject is not None and _tagged(subject, cfg.subject_template):
+                pass  # already tagged (a resent message): no "***SPAM*** ***SPAM*** x"
+            elif subject is None:
                 ctx.add_change(AddHeader("Subject", new))
             else:
                 ctx.add_change(ChangeHeader("Subject", new, 1))

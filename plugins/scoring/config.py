@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
@@ -114,6 +115,9 @@ class ReturnCode(PluginConfig):
     description: str = ""
 
 
+_BIT_NET = ipaddress.ip_network("127.0.0.0/24")
+
+
 class DnsblConfig(PluginConfig):
     """One ``[[plugins.scoring.dnsbl]]`` list (RFC 5782)."""
 
@@ -124,6 +128,9 @@ class DnsblConfig(PluginConfig):
     description: str = ""
     #: answer address or CIDR network (``"127.0.0.2"``, ``"127.0.1.0/24"``) -> symbol.
     returncodes: dict[str, ReturnCode] = {}
+    #: SURBL/URIBL "multi" style: the last octet of an answer 127.0.0.N is a bit field;
+    #: each ``returncodes`` key (an address 127.0.0.B) matches when all of B's bits are in N.
+    bitmask: bool = False
     ipv6: bool = True  # query IPv6 clients (nibble reversal)
     check_test_points: bool = True  # RFC 5782 section 5 at start-up
 
@@ -138,6 +145,18 @@ class DnsblConfig(PluginConfig):
         for key in v:
             ipaddress.ip_network(key, strict=False)
         return v
+
+    @model_validator(mode="after")
+    def _bits(self) -> DnsblConfig:
+        if self.bitmask:
+            for key in self.returncodes:
+                addr = ipaddress.ip_address(key) if "/" not in key else None
+                if addr is None or addr not in _BIT_NET or int(addr) & 0xFF == 0:
+                    raise ValueError(
+                        f"dnsbl {self.zone}: with bitmask = true, returncodes keys are "
+                        f"addresses 127.0.0.1 to 127.0.0.255 (bits of the last octet), not {key!r}"
+                    )
+        return self
 
 
 def _off(v: Any) -> Any:
@@ -184,6 +203,7 @@ class MimeConfig(PluginConfig):
     executable: float = 4.0  # MIME_EXE_ATTACHMENT
     double_extension: float = 3.0  # MIME_DOUBLE_EXTENSION
     archive: float = 0.5  # MIME_ARCHIVE_ATTACHMENT
+    too_complex: float = 3.0  # MIME_TOO_COMPLEX: MIME too deep or too large to parse
     executable_extensions: list[str] = [
         "exe", "scr", "com", "pif", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", "wsh",
         "msi", "msp", "hta", "cpl", "jar", "ps1", "lnk", "reg", "dll", "iso", "img",
@@ -280,6 +300,28 @@ class ScoringConfig(PluginConfig):
     greylist: GreylistConfig = GreylistConfig()
     spamd: SpamdConfig = SpamdConfig()
     rspamd: RspamdConfig = RspamdConfig()
+
+    @field_validator("subject_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        # Checked here so that a typo refuses the configuration at start or reload instead
+        # of failing (and deferring) every message that reaches rewrite_subject.
+        try:
+            v.format(subject="subject", score="1.0")
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"subject_template {v!r}: only {{subject}} and {{score}} are known ({e!r})"
+            ) from e
+        if "\r" in v or "\n" in v:
+            raise ValueError("subject_template must be one line")
+        return v
+
+    @field_validator("spam_header")
+    @classmethod
+    def _header_name(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[!-9;-~]+", v):  # RFC 5322 field name; "" turns it off
+            raise ValueError(f"spam_header {v!r} is not a header field name")
+        return v
 
     @field_validator("results")
     @classmethod

@@ -3,6 +3,10 @@
 * IPv4 ``192.0.2.99`` is queried as ``99.2.0.192.ZONE``; IPv6 as 32 reversed nibbles.
 * An answer in 127.255.255.0/24 is an error code from the list operator (quota, blocked
   resolver), and any answer outside 127.0.0.0/8 is nonsense: neither is ever a listing.
+  Nor is 127.0.0.1 (RFC 5782 section 5: never a listing; URIBL and SURBL answer it to
+  refused or blocked queries) or 127.0.1.255 (Spamhaus DBL: query not allowed).
+* With ``bitmask = true`` the last octet of 127.0.0.N is a bit field (SURBL/URIBL multi):
+  each return code 127.0.0.B whose bits are all set in N adds its symbol.
 * At start-up each list is checked at its RFC 5782 section 5 test points: an IP list must
   list 127.0.0.2 and must not list 127.0.0.1; a URI list must list ``test`` and must not
   list ``invalid``. A list failing either is disabled with a warning.
@@ -19,12 +23,30 @@ from typing import Any
 
 from milterd import DNSTempError, NXDomain, Resolver
 
-from .config import DnsblConfig
+from .config import DnsblConfig, ReturnCode
 
-__all__ = ["ERROR_NET", "Hit", "List", "check_test_points", "query_name", "reverse_ip"]
+__all__ = [
+    "ERROR_ADDRS",
+    "ERROR_NET",
+    "Hit",
+    "List",
+    "check_test_points",
+    "is_error",
+    "query_name",
+    "reverse_ip",
+]
 
 ERROR_NET = ipaddress.ip_network("127.255.255.0/24")
 LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
+#: Answers that are errors, never listings, besides ERROR_NET.
+ERROR_ADDRS = frozenset(ipaddress.ip_address(a) for a in ("127.0.0.1", "127.0.1.255"))
+BIT_NET = ipaddress.ip_network("127.0.0.0/24")
+
+
+def is_error(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """An answer that is an operator's error code (or nonsense), not a listing."""
+    return addr.version != 4 or addr not in LOOPBACK_NET or addr in ERROR_NET or addr in ERROR_ADDRS
+
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -62,6 +84,31 @@ class List:
         self.codes = [
             (ipaddress.ip_network(k, strict=False), rc) for k, rc in cfg.returncodes.items()
         ]
+        self.warned: set[str] = set()  # error codes logged already: once each, not per query
+
+    def _error(self, log: Any, answer: str, item: str) -> None:
+        if log is None:
+            return
+        if answer in self.warned:
+            log.debug("dnsbl %s: error code %s for %s: not a listing", self.zone, answer, item)
+            return
+        self.warned.add(answer)
+        log.warning("dnsbl %s: error code %s for %s: not a listing (blocked or refused "
+                    "query?); further ones are logged at debug level", self.zone, answer,
+                    item)  # fmt: skip
+
+    def _codes_for(self, addr: ipaddress.IPv4Address) -> list[ReturnCode]:
+        if not self.cfg.bitmask:
+            return [rc for net, rc in self.codes if addr in net]
+        if addr not in BIT_NET:
+            return []
+        bits = int(addr) & 0xFF
+        out = []
+        for net, rc in self.codes:
+            mask = int(net.network_address) & 0xFF
+            if bits & mask == mask:
+                out.append(rc)
+        return out
 
     def interpret(self, item: str, answers: list[str], log: Any) -> list[Hit]:
         """Symbols for the A records a query returned; error codes are never a listing."""
@@ -71,23 +118,15 @@ class List:
                 addr = ipaddress.ip_address(a)
             except ValueError:
                 continue
-            if addr.version != 4 or addr not in LOOPBACK_NET:
-                if log:
-                    log.warning("dnsbl %s: answer %s for %s is not in 127/8: ignored",
-                                self.zone, a, item)  # fmt: skip
+            if is_error(addr):
+                self._error(log, a, item)
                 continue
-            if addr in ERROR_NET:
-                if log:
-                    log.warning("dnsbl %s: error code %s for %s: not a listing",
-                                self.zone, a, item)  # fmt: skip
-                continue
-            matched = False
-            for net, rc in self.codes:
-                if addr in net:
-                    matched = True
-                    hits.setdefault(rc.symbol, Hit(rc.symbol, rc.score, rc.description,
-                                                   f"{item}:{a}"))  # fmt: skip
-            if not matched:
+            assert isinstance(addr, ipaddress.IPv4Address)
+            codes = self._codes_for(addr)
+            for rc in codes:
+                hits.setdefault(rc.symbol, Hit(rc.symbol, rc.score, rc.description,
+                                               f"{item}:{a}"))  # fmt: skip
+            if not codes:
                 hits.setdefault(self.cfg.symbol, Hit(self.cfg.symbol, self.cfg.score,
                                                      self.cfg.description or
                                                      f"listed in {self.zone}",
@@ -116,7 +155,7 @@ def check_test_points(
                 addr = ipaddress.ip_address(a)
             except ValueError:
                 continue
-            if addr.version == 4 and addr in LOOPBACK_NET and addr not in ERROR_NET:
+            if not is_error(addr):
                 listed.append(a)
         return "listed" if listed else "nx"
 

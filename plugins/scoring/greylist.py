@@ -8,12 +8,20 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import time
 from typing import Any, Protocol
 
 from ..sqlpool import SQLitePool
 
-__all__ = ["GreyStore", "RedisGrey", "SQLiteGrey", "network_of", "triplet_key"]
+__all__ = [
+    "GreyStore",
+    "RedisGrey",
+    "SQLiteGrey",
+    "network_of",
+    "normalize_sender",
+    "triplet_key",
+]
 
 
 def network_of(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None, v4: int, v6: int) -> str:
@@ -25,8 +33,47 @@ def network_of(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None, v4: i
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
+_BATV = re.compile(r"^(?:prvs|msprvs\d*|btv1)=[^=@]*=", re.I)  # prvs=TAG=user
+_SRS = re.compile(r"^srs([01])[=+-]", re.I)
+_NUMBER = re.compile(r"(?<![a-z])\d+(?![a-z])")
+
+
+def _unsrs(address: str) -> str:
+    """The original address of an SRS one: ``SRS0=HASH=TT=domain=local@forwarder`` and
+    ``SRS1=HASH=forwarder1==HASH=TT=domain=local@forwarder2`` give ``local@domain``."""
+    m = _SRS.match(address)
+    local = address.rpartition("@")[0]
+    if not m or not local:
+        return address
+    rest = local[m.end() :]
+    if m.group(1) == "1":
+        rest = rest.partition("==")[2]
+    parts = rest.split("=", 3)  # hash, timestamp, domain, local (which may hold "=")
+    if len(parts) != 4 or not parts[2] or not parts[3]:
+        return address
+    return f"{parts[3]}@{parts[2]}"
+
+
+def normalize_sender(sender: str) -> str:
+    """The sender as greylisting keys it, so that a retry from a list or forwarder that
+    changes the address per message (VERP, BATV, SRS) is the same triplet: lower case;
+    SRS0/SRS1 turned back into the original address; a BATV ``prvs=TAG=`` prefix and a
+    ``+tag`` dropped; and every number standing alone in the local part (between
+    non-letters: ``bounce-123-x``) replaced by ``#``, as postgrey does."""
+    s = sender.strip().strip("<>").lower()
+    s = _unsrs(s)
+    s = _BATV.sub("", s)
+    local, at, domain = s.rpartition("@")
+    if not at:
+        return s
+    local = local.split("+", 1)[0] or local
+    return f"{_NUMBER.sub('#', local)}@{domain}"
+
+
 def triplet_key(sender: str, recipient: str, network: str) -> str:
-    raw = f"{sender.lower()}\0{recipient.lower()}\0{network}"
+    """The store key of (sender, recipient, client network); the sender normalized by
+    :func:`normalize_sender`."""
+    raw = f"{normalize_sender(sender)}\0{recipient.lower()}\0{network}"
     return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 

@@ -102,20 +102,37 @@ def fold(text: str) -> str:
     return text.translate(table)
 
 
+#: A ``{`` that is not a repeat count the stdlib reads as a literal; ``regex`` may read it
+#: as a fuzzy constraint (``(?:viagra){e<=1}``). Escaped characters are skipped.
+_BRACE = re.compile(r"\\N\{[^}]*\}|\\.|\{(?!\d*(?:,\d*)?\})", re.S)
+
+
 def required_literal(pattern: str, ignorecase: bool) -> tuple[str, bool] | None:
     """The longest literal every match of ``pattern`` must contain, and whether to compare it
-    case-folded; None when there is none worth checking (or the syntax is ``regex``-only).
+    case-folded; None when there is none worth checking.
 
     Only literal runs at the top level of the pattern count (not inside a group, a branch
     or a repetition), so the literal is required: a text without it cannot match, and the
     rule is skipped with a substring test instead of a regex search.
+
+    The pattern is read with the stdlib's parser, but rules run with ``regex``, whose
+    syntax is larger. Where the two could read a pattern differently there is no
+    prefilter (None): syntax the stdlib rejects (``\\p{L}``, ``(?V1)``, ``(?|...)``,
+    ``\\K``...), syntax it warns about (POSIX classes ``[[:alpha:]]``, which it reads as a
+    set followed by ``]``), and a ``{`` that is not a repeat count (a fuzzy match
+    ``{e<=1}``, which it reads as literal text).
     """
     import importlib
+    import warnings
 
     sre_parse: Any = importlib.import_module("re._parser")  # the stdlib's parser (3.11+)
 
+    if any(m.group() == "{" for m in _BRACE.finditer(pattern)):
+        return None
     try:
-        parsed: Any = sre_parse.parse(pattern)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "possible nested set" and the like: no literal
+            parsed: Any = sre_parse.parse(pattern)
     except Exception:
         return None
     if parsed.state.flags & re.IGNORECASE:
@@ -202,6 +219,9 @@ class CompiledRule:
     description: str
     match: Matcher
     enabled: bool = True
+    #: Runs only a regex (no domain list, network, size or attachment check): the rules
+    #: skipped once the scan time is out. The others are cheap and always run.
+    regex_only: bool = False
 
 
 def _show(text: str) -> str:
@@ -325,7 +345,8 @@ def compile_rule(cfg: RuleConfig) -> CompiledRule:
 
     else:  # pragma: no cover - meta goes through compile_meta
         raise ValueError(f"rule {cfg.name}: type {t} is not compiled here")
-    return CompiledRule(cfg.name, cfg.score, cfg.description, m, cfg.enabled)
+    regex_only = cfg.pattern is not None and not (t == "uri" and cfg.domains)
+    return CompiledRule(cfg.name, cfg.score, cfg.description, m, cfg.enabled, regex_only)
 
 
 def mime_rules(

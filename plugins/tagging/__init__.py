@@ -91,18 +91,44 @@ def decision(symbols: list[Symbol], fallback_required: float) -> tuple[str | Non
     return None, fallback_required
 
 
-def _fold(items: list[str], first: int, width: int = 76) -> str:
-    """Join with spaces, folding with CRLF+TAB before ``width`` columns."""
+#: Control characters (and the Unicode line and paragraph separators): text quoted from a
+#: symbol's description or options (an rspamd reply, a rule's description) may carry them,
+#: and a line break in a header value ends the field (the core refuses the value and the
+#: message is deferred). Each run becomes one space.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+#: Where a long value may be folded: after white space or after a comma (a comma list such
+#: as ``tests=A,B,C`` is one word otherwise, and past 998 octets no MTA takes it).
+_FOLD_AT = re.compile(r"(?<=,)(?!\s)|\s+")
+
+
+def _clean(text: str) -> str:
+    return _CONTROLS.sub(" ", text)
+
+
+def _fold(value: str, first: int, width: int = 76) -> str:
+    """``value`` folded with CRLF+TAB before ``width`` columns, at white space or after a
+    comma (as SpamAssassin folds ``tests=A,B,`` CRLF TAB ``C``); ``first`` is the column
+    the value starts at. Unfolding gives back the value, except that a fold after a comma
+    leaves a tab there. A single word longer than a line stays whole."""
+    atoms: list[tuple[str, str]] = []  # (separator before, word)
+    pos = 0
+    sep = ""
+    for m in _FOLD_AT.finditer(value):
+        if m.start() > pos or not atoms:
+            atoms.append((sep, value[pos : m.start()]))
+        sep = m.group()
+        pos = m.end()
+    atoms.append((sep, value[pos:]))
     lines: list[str] = []
     cur = ""
     limit = width - first
-    for it in items:
-        if cur and len(cur) + 1 + len(it) > limit:
+    for sep, word in atoms:
+        if cur and len(cur) + len(sep) + len(word) > limit:
             lines.append(cur)
-            cur = it
+            cur = word
             limit = width - 8
         else:
-            cur = f"{cur} {it}" if cur else it
+            cur += sep + word
     lines.append(cur)
     return "\r\n\t".join(lines)
 
@@ -169,11 +195,14 @@ class Tagging:
             if cfg.status:
                 head = f"{values['yesno']}, score={values['score']} required={values['required']}"
                 tests = "tests=" + (",".join(names) or "none")
-                ctx.add_change(AddHeader("X-Spam-Status", _fold([head, tests], 15)))
+                ctx.add_change(AddHeader("X-Spam-Status", _fold(f"{head} {tests}", 15)))
             if cfg.report and symbols:
                 lines = [
-                    f"* {s.score:5.1f} {s.name} {s.description}".rstrip()
-                    + (f" [{', '.join(s.options)}]" if s.options else "")
+                    _fold(
+                        _clean(f"* {s.score:5.1f} {s.name} {s.description}").rstrip()
+                        + (f" [{_clean(', '.join(s.options))}]" if s.options else ""),
+                        8,
+                    )
                     for s in symbols
                 ]
                 ctx.add_change(AddHeader("X-Spam-Report", "\r\n\t".join(lines)))
@@ -195,7 +224,8 @@ class Tagging:
                 continue
             if any(n in present for n in ch.unless_symbols):
                 continue
-            ctx.add_change(AddHeader(ch.name, ch.value.format_map(_Vars(values))))
+            value = _clean(ch.value.format_map(_Vars(values)))
+            ctx.add_change(AddHeader(ch.name, _fold(value, len(ch.name) + 2)))
 
 
 class _Vars(dict[str, str]):

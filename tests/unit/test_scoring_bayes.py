@@ -181,13 +181,26 @@ def test_relearning_moves_a_message(tmp_path: Path) -> None:
 def test_autolearn_at_score_margins(tmp_path: Path) -> None:
     db = tmp_path / "auto.sqlite"
     section = bayes_section(db, autolearn=True, autolearn_spam=100.0, autolearn_ham=0.0)
+    section["rules"] = [{"name": "CASINO", "type": "body", "pattern": "casino", "score": 200}]
     with Harness({"scoring": section}, plugins={"scoring": ScoringPlugin}) as h:
-        h.send(b"Subject: t\r\nMessage-ID: <g@x>\r\n\r\n" + GTUBE.encode() + b" casino\r\n")
+        h.send(b"Subject: t\r\nMessage-ID: <g@x>\r\n\r\nbig casino\r\n")
         h.send(b"Subject: lunch\r\nMessage-ID: <h@x>\r\n\r\nmeeting tomorrow\r\n")
         h.send(b"Subject: lunch\r\nMessage-ID: <h@x>\r\n\r\nmeeting tomorrow\r\n")  # once
     store = SQLiteStore(str(db))
     assert store.totals() == (1, 1)
     assert store.counts(["casino"]) == {"casino": (1, 0)}
+    store.close()
+
+
+def test_gtube_is_never_auto_learned(tmp_path: Path) -> None:
+    # GTUBE scores 1000, far over autolearn_spam: learning it taught the model that the
+    # words of test mail (often real ham sent to test the filter) are spam.
+    db = tmp_path / "gtube.sqlite"
+    section = bayes_section(db, autolearn=True, autolearn_spam=100.0, autolearn_ham=0.0)
+    with Harness({"scoring": section}, plugins={"scoring": ScoringPlugin}) as h:
+        h.send(b"Subject: t\r\nMessage-ID: <g@x>\r\n\r\n" + GTUBE.encode() + b" casino\r\n")
+    store = SQLiteStore(str(db))
+    assert store.totals() == (0, 0)
     store.close()
 
 

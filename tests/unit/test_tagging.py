@@ -138,3 +138,38 @@ def test_tagging_must_run_after_scoring() -> None:
         Harness(cfg, plugins={"scoring": ScoringPlugin, "tagging": Tagging}),
     ):
         pass
+
+
+def test_long_tests_list_is_folded_after_commas() -> None:
+    # 55 symbols made tests=... one word over 998 octets: the core refused the header and
+    # the message was deferred. It is folded after commas now, as SpamAssassin does.
+    rules = [{"name": f"LONGISH_RULE_NAME_{i:03d}", "type": "body", "pattern": "hello",
+              "score": 0.1} for i in range(60)]  # fmt: skip
+    headers = [{"name": "X-Syms", "value": "{symbols}"}]
+    cfg = {"scoring": {"rules": rules}, "tagging": {"headers": headers}}
+    with Harness(cfg, plugins={"scoring": ScoringPlugin, "tagging": Tagging}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "continue" and out.errors == []
+    raw = out.delivered.decode()  # type: ignore[union-attr]
+    assert max(len(line) for line in raw.split("\r\n")) <= 78
+    status = dict(out.headers())["X-Spam-Status"]
+    assert ",\r\n\tLONGISH_RULE_NAME_" in status or ",\tLONGISH_RULE_NAME_" in status
+    names = status.split("tests=", 1)[1].replace("\r\n", "").replace("\t", "").split(",")
+    assert names == sorted(str(r["name"]) for r in rules)
+
+
+class Controls:
+    actions = frozenset({"add_header"})
+
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        ctx.add_symbol("RSPAMD_MIME_BAD", 1.0, "bad\nattachment\x07", ("evil\r\n.exe", "a\u2028b"))
+
+
+def test_report_replaces_control_characters() -> None:
+    cfg = {"p": {}, "scoring": {}, "tagging": {"report": True}}
+    with Harness(cfg, plugins={"p": Controls, "scoring": ScoringPlugin, "tagging": Tagging}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "continue" and out.errors == []
+    report = dict(out.headers())["X-Spam-Report"]
+    assert "RSPAMD_MIME_BAD bad attachment [evil .exe, a b]" in report

@@ -1,0 +1,348 @@
+"""Fixes from a review of the scoring plugin: linear HTML and Bayes parsing, MIME counting,
+blocklist error codes and bit masks, the literal prefilter, the scan budget, Bayes
+relearning, URL extraction, config checks, greylist sender normalization."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from milterd_plugins.scoring import DECISION_SYMBOL, ScoringPlugin
+from milterd_plugins.scoring.bayes import Classifier, RedisStore, SQLiteStore, tokenize
+from milterd_plugins.scoring.config import DnsblConfig
+from milterd_plugins.scoring.content import Content, extract, html_to_text
+from milterd_plugins.scoring.dnsbl import List
+from milterd_plugins.scoring.greylist import normalize_sender, triplet_key
+from milterd_plugins.tagging import Tagging
+
+from milterd import ConfigError
+from milterd.testing import Harness, Outcome
+
+PLAIN = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hello\r\n\r\nHello there.\r\n"
+
+
+def syms(out: Outcome) -> dict[str, tuple[float, tuple[str, ...]]]:
+    return {s.name: (s.score, s.options) for s in out.symbols if s.name != DECISION_SYMBOL}
+
+
+def decision(out: Outcome) -> dict[str, str]:
+    (d,) = [s for s in out.symbols if s.name == DECISION_SYMBOL]
+    return dict(o.split("=", 1) for o in d.options)
+
+
+def run(section: dict[str, Any], msg: bytes = PLAIN, **kw: Any) -> Outcome:
+    with Harness({"scoring": section}, plugins={"scoring": ScoringPlugin}, **kw) as h:
+        return h.send(msg)
+
+
+# --- 1. no quadratic parsing ----------------------------------------------------------------
+
+N = 200_000
+
+
+@pytest.mark.parametrize(
+    "markup",
+    ["<" * N, "<!--" * (N // 4), "<script" * (N // 7), "<style>" * (N // 7), "<br" * (N // 3),
+     "<a " * (N // 3), "<p<" * (N // 3)],
+)  # fmt: skip
+def test_html_to_text_is_linear(markup: str) -> None:
+    # Each of these took seconds (quadratic regexes) before the scan budget even started.
+    started = time.monotonic()
+    html_to_text(markup)
+    assert time.monotonic() - started < 0.5
+
+
+def test_html_to_text_still_strips_comments_scripts_styles() -> None:
+    text = html_to_text(
+        "a<!-- x -->b<SCRIPT>evil()</script >c<style>p{}</STYLE>d<!--<script>-->e<br>f<p x>g"
+        "<i>h</i> &amp; <!-- unclosed hides the rest"
+    )
+    assert text == "a b c d e\nf\ng h & "
+
+
+@pytest.mark.parametrize("value", ["a" * N, "a." * (N // 2), "x@" + "a-" * (N // 2), "a@" * N])
+def test_bayes_address_tokens_are_linear(value: str) -> None:
+    started = time.monotonic()
+    tokenize([("Subject", value)], Content(), 2000)
+    assert time.monotonic() - started < 0.5
+
+
+def test_bayes_address_tokens_still_found() -> None:
+    toks = tokenize([("From", "Bob <bob.x+y@Deals.Example>")], Content(), 100)
+    assert "fr:@deals.example" in toks
+
+
+def test_huge_html_body_is_scored_quickly() -> None:
+    msg = b"From: a@example.org\r\nContent-Type: text/html\r\n\r\n" + b"<" * 120_000 + b"\r\n"
+    started = time.monotonic()
+    out = run({}, msg)
+    assert out.errors == [] and time.monotonic() - started < 1.0
+
+
+# --- 2. MIME: only real part headers count --------------------------------------------------
+
+
+def _mime(filler: str) -> bytes:
+    html = base64.b64encode(b'<a href="http://phish.example/">x</a> buy viagra').decode()
+    return (
+        "From: a@example.org\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="BB"\r\n\r\n'
+        f"--BB\r\nContent-Type: text/plain\r\n\r\nhello\r\n{filler}"
+        "--BB\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        f"{html}\r\n"
+        "--BB\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; "
+        'filename="invoice.pdf.exe"\r\nContent-Transfer-Encoding: base64\r\n\r\nTVqQ\r\n'
+        "--BB--\r\n"
+    ).encode()
+
+
+def test_multipart_lookalike_text_does_not_switch_mime_parsing_off() -> None:
+    # 257 lines of text that look like a multipart header used to make the message be
+    # read as plain text: base64 not decoded, attachments not listed.
+    content = extract(_mime("content-type: multipart/x; boundary=z\r\n" * 257), 1 << 20)
+    assert not content.too_deep
+    assert "viagra" in content.text and "phish.example" in content.hosts
+    assert [a.filename for a in content.attachments] == ["invoice.pdf.exe"]
+
+
+def _many_multiparts(n: int) -> bytes:
+    head = b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+    inner = (b"--b\r\nContent-Type: multipart/alternative; boundary=c\r\n\r\n"
+             b"--c\r\n\r\nx\r\n--c--\r\n")  # fmt: skip
+    att = (b"--b\r\nContent-Type: application/x-msdownload\r\n"
+           b'Content-Disposition: attachment; filename="run.exe"\r\n\r\nMZ\r\n')  # fmt: skip
+    return head + inner * n + att + b"--b--\r\n"
+
+
+def test_unparsed_mime_still_lists_attachments_and_scores() -> None:
+    content = extract(_many_multiparts(300), 1 << 22)
+    assert content.too_deep
+    assert [a.filename for a in content.attachments] == ["run.exe"]
+    s = syms(run({}, _many_multiparts(300)))
+    assert s["MIME_TOO_COMPLEX"][0] == 3.0 and "MIME_EXE_ATTACHMENT" in s
+    assert "SCAN_INCOMPLETE" in s
+    assert "MIME_TOO_COMPLEX" not in syms(run({}, _many_multiparts(3)))
+
+
+def test_mime_walk_is_fast_on_many_tiny_parts() -> None:
+    msg = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"--b\r\nX: y\r\n" * 200_000
+    started = time.monotonic()
+    content = extract(msg, 1 << 22)
+    assert content.too_deep and time.monotonic() - started < 1.5
+
+
+# --- 3. blocklist answers -------------------------------------------------------------------
+
+
+def _list(**kw: Any) -> List:
+    return List(DnsblConfig(zone="multi.test", type="uri", symbol="URIBL", score=3, **kw))
+
+
+@pytest.mark.parametrize("answer", ["127.0.0.1", "127.0.1.255", "127.255.255.254", "10.0.0.2"])
+def test_error_answers_are_never_listings(answer: str, caplog: pytest.LogCaptureFixture) -> None:
+    lst = _list()
+    log = logging.getLogger("t")
+    with caplog.at_level(logging.DEBUG):
+        assert lst.interpret("x.example", [answer], log) == []
+        assert lst.interpret("y.example", [answer], log) == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # logged once, not once per query
+    assert [h.symbol for h in lst.interpret("x.example", ["127.0.0.2"], None)] == ["URIBL"]
+
+
+def test_bitmask_return_codes() -> None:
+    codes = {"127.0.0.2": {"symbol": "BLACK", "score": 4}, "127.0.0.4": {"symbol": "GREY"},
+             "127.0.0.8": {"symbol": "RED"}}  # fmt: skip
+    lst = _list(returncodes=codes, bitmask=True)
+    assert sorted(h.symbol for h in lst.interpret("x", ["127.0.0.6"], None)) == ["BLACK", "GREY"]
+    assert [h.symbol for h in lst.interpret("x", ["127.0.0.16"], None)] == ["URIBL"]
+    assert lst.interpret("x", ["127.0.0.1"], None) == []  # URIBL: query refused
+    plain = _list(returncodes=codes)
+    assert [h.symbol for h in plain.interpret("x", ["127.0.0.6"], None)] == ["URIBL"]
+    with pytest.raises(ValueError, match="bitmask"):
+        _list(returncodes={"127.0.1.0/24": {"symbol": "X"}}, bitmask=True)
+
+
+def test_uri_list_answering_127_0_0_1_lists_nothing() -> None:
+    zones = {"test.dbl.test": {"A": ["127.0.1.2"]}, "evil.example.dbl.test": {"A": ["127.0.0.1"]}}
+    section = {"dnsbl": [{"zone": "dbl.test", "type": "uri", "symbol": "DBL"}]}
+    msg = b"From: a@example.org\r\n\r\nsee http://www.evil.example/\r\n"
+    assert "DBL" not in syms(run(section, msg, zones=zones))
+
+
+# --- 4. the literal prefilter never hides a match -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [("[[:alpha:]]free money", "Xfree money"), ("(?:viagra){e<=1}", "buy v1agra now"),
+     ("[[:^digit:]]abc", "xabc"), (r"\bcheap(?:pills){i<=1}", "cheappiills")],
+)  # fmt: skip
+def test_regex_only_syntax_is_not_prefiltered(pattern: str, text: str) -> None:
+    rule = {"name": "R", "type": "body", "pattern": pattern, "score": 1.0}
+    msg = b"From: a@example.org\r\n\r\n" + text.encode() + b"\r\n"
+    assert "R" in syms(run({"rules": [rule]}, msg))
+
+
+# --- 7. an exhausted scan budget skips only the regex rules ---------------------------------
+
+
+def test_timeout_keeps_cheap_checks() -> None:
+    body = "ab " * 3000 + "!"
+    msg = (
+        "From: a@example.org\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="BB"\r\n\r\n'
+        f"--BB\r\nContent-Type: text/plain\r\n\r\n{body}\r\n"
+        "--BB\r\nContent-Type: application/octet-stream\r\n"
+        'Content-Disposition: attachment; filename="inv.pdf.exe"\r\n\r\nMZ\r\n--BB--\r\n'
+    ).encode()
+    section = {"scan_time": 0.2, "rules": [
+        {"name": "SLOW", "type": "body", "pattern": r"(?:(?:a|b)+\s?)*\d\Z"},
+        {"name": "AFTER", "type": "body", "pattern": "ab"},
+        {"name": "NET", "type": "client", "networks": ["192.0.2.0/24"]},
+        {"name": "BIG", "type": "size", "min_size": 100},
+    ]}  # fmt: skip
+    with Harness({"scoring": section}, plugins={"scoring": ScoringPlugin}) as h:
+        s = syms(h.send(msg, client_ip="192.0.2.7"))
+    assert "SCAN_INCOMPLETE" in s and "SLOW" not in s and "AFTER" not in s
+    assert {"NET", "BIG", "MIME_EXE_ATTACHMENT", "MIME_DOUBLE_EXTENSION"} <= set(s)
+
+
+# --- 8. Bayes: moving a message takes back what was learned ---------------------------------
+
+
+def _check_move(store: Any) -> None:
+    clf = Classifier(store, 1, 1)
+    assert clf.learn(["alpha", "beta"], True, "d")
+    assert clf.learn(["gamma", "delta"], False, "d")  # same digest, other tokens
+    counts = store.counts(["alpha", "beta", "gamma", "delta"])
+    assert {t: counts.get(t, (0, 0)) for t in ("alpha", "beta", "gamma", "delta")} == {
+        "alpha": (0, 0), "beta": (0, 0), "gamma": (0, 1), "delta": (0, 1)}  # fmt: skip
+    assert store.totals() == (0, 1)
+    store.learn(["gamma", "zeta"], False, -5)  # never below 0
+    assert store.counts(["gamma", "zeta"]).get("gamma", (0, 0)) == (0, 0)
+    assert store.totals() == (0, 0)
+
+
+def test_bayes_move_sqlite(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "b.sqlite"))
+    try:
+        _check_move(store)
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_bayes_move_redis(redis_url: str) -> None:
+    store = RedisStore(redis_url, "t")
+    try:
+        _check_move(store)
+    finally:
+        store.close()
+
+
+# --- 9. URL hosts -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "markup",
+    ['<a href="h&#116;tp://evil.example/">x</a>', '<a href="http&colon;//evil.example/">x</a>',
+     '<a href="//evil.example/x">x</a>', '<a href="http:\\\\evil.example\\x">x</a>',
+     '<a href="ht\ttp://evil.example/">x</a>', '<form action="http://evil.example/p">',
+     "see http://evil.example, now", "see http://evil.example; now", "go http://evil.example!",
+     "go (http://evil.example)."],
+)  # fmt: skip
+def test_url_hosts_are_found(markup: str) -> None:
+    raw = b"From: a@x\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + markup.encode()
+    assert extract(raw, 1 << 20).hosts == ["evil.example"]
+
+
+def test_urls_in_html_attachments_count() -> None:
+    msg = (
+        b"From: a@x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nhi\r\n"
+        b'--b\r\nContent-Type: text/html\r\nContent-Disposition: attachment; filename="p.htm"'
+        b'\r\n\r\n<form action="https://phish.example/login">\r\n--b--\r\n'
+    )
+    content = extract(msg, 1 << 20)
+    assert content.hosts == ["phish.example"] and "phish" not in content.text
+
+
+# --- 10. config errors at load time ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "section",
+    [{"subject_template": "[{Score}] {subject}"}, {"subject_template": "{0} {subject}"},
+     {"subject_template": "{subject"}, {"spam_header": "X Spam"}, {"spam_header": "X-Spam:"}],
+)  # fmt: skip
+def test_bad_template_or_header_name_refuses_the_config(section: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        Harness({"scoring": section}, plugins={"scoring": ScoringPlugin})
+
+
+# --- 11. minor ------------------------------------------------------------------------------
+
+
+def test_required_is_the_first_spam_threshold() -> None:
+    rule = {"name": "R", "type": "body", "pattern": "hello", "score": 9}
+    out = run({"rules": [rule], "actions": {"add_header": False, "rewrite_subject": 8}})
+    assert decision(out) == {"action": "rewrite_subject", "required": "8.0"}
+
+
+@pytest.mark.parametrize("template", ["***SPAM*** {subject}", "[SPAM {score}] {subject}"])
+def test_subject_tag_is_not_stacked(template: str) -> None:
+    rule = {"name": "R", "type": "body", "pattern": "hello", "score": 9}
+    cfg = {"scoring": {"rules": [rule], "subject_template": template}, "tagging": {}}
+    msg = PLAIN.replace(b"Subject: hello", b"Subject: " + template.format(
+        subject="hello", score="9.0").encode())  # fmt: skip
+    with Harness(cfg, plugins={"scoring": ScoringPlugin, "tagging": Tagging}) as h:
+        out = h.send(msg)
+    subjects = [v for n, v in out.headers() if n.lower() == "subject"]
+    assert subjects == [template.format(subject="hello", score="9.0")]
+
+
+def test_greylist_normalizes_verp_batv_srs() -> None:
+    assert normalize_sender("bounce-123-b=y@List.Example") == "bounce-#-b=y@list.example"
+    assert normalize_sender("user+news@x.example") == "user@x.example"
+    assert normalize_sender("prvs=1234abcdef=user@x.example") == "user@x.example"
+    assert normalize_sender("SRS0=HHH=TT=orig.example=alice@fwd.example") == "alice@orig.example"
+    srs1 = "SRS1=HHH=fwd1.example==HHH=TT=orig.example=alice@fwd2.example"
+    assert normalize_sender(srs1) == "alice@orig.example"
+    assert normalize_sender("web2@host3.example") == "web2@host3.example"
+    keys = {triplet_key(f"bounce-{i}-b=y@list.example", "b@y", "192.0.2.0/24") for i in range(3)}
+    assert len(keys) == 1
