@@ -24,7 +24,8 @@ the signals and talks to each worker over a pipe:
   configuration itself crashes: the supervisor stops with exit status 1). A worker that
   exits 0 on its own (libmilter stopped it) is restarted without counting as a crash;
 * workers ignore SIGHUP, SIGTERM and SIGINT (libmilter's signal thread would stop them
-  at once, cutting open sessions) and run in their own process group: signals meant for
+  at once, cutting open sessions; libmilter's loop runs off the main thread so that they
+  are discarded, see _worker_main) and run in their own process group: signals meant for
   the daemon (``pkill -HUP milterd``, ``systemctl kill``, a terminal's Ctrl-C) act through
   the supervisor;
 * the supervisor's death closes the pipes, and a worker seeing EOF drains and stops the
@@ -42,7 +43,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from milterd.config import Config, ConfigError, load, loads
@@ -64,19 +65,37 @@ RESTART_ONLY = (
 class _Worker:
     index: int
     pid: int
-    pipe: int  # write end, supervisor -> worker
+    pipe: int  # write end, supervisor -> worker (non-blocking)
     started: float
+    #: Messages not yet written whole; ``sent`` bytes of the first one are out already.
+    queue: list[bytes] = field(default_factory=list)
+    sent: int = 0
 
+    def post(self, msg: bytes) -> None:
+        """Queue ``msg`` and write what the pipe takes now. A reload replaces a reload
+        queued but not started: a worker busy starting a generation gets only the newest,
+        and the supervisor never blocks on a full pipe."""
+        if msg.startswith(b"reload "):
+            keep = self.queue[:1] if self.sent else []
+            self.queue = keep + [m for m in self.queue[len(keep) :] if not m.startswith(b"reload ")]
+        self.queue.append(msg)
+        self.flush()
 
-def _send(fd: int, data: bytes) -> bool:
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        return True
-    except OSError:
-        return False
+    def flush(self) -> None:
+        while self.queue:
+            head = self.queue[0]
+            try:
+                n = os.write(self.pipe, memoryview(head)[self.sent :])
+            except BlockingIOError:
+                return
+            except OSError:  # the worker is gone; reap() will see it
+                self.queue.clear()
+                self.sent = 0
+                return
+            self.sent += n
+            if self.sent == len(head):
+                self.queue.pop(0)
+                self.sent = 0
 
 
 def _read_exact(fd: int, n: int) -> bytes:
@@ -190,6 +209,24 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
             if line.startswith(b"reload "):
                 text = _read_exact(control, int(line.split()[1])).decode()
                 path = line.split(maxsplit=2)[2].decode() if line.count(b" ") >= 2 else "<reload>"
+                # Reloads queued behind this one (HUPs in a row while a start-up is slow):
+                # only the newest is built; a stop queued behind them wins.
+                stop = False
+                try:
+                    while select.select([control], [], [], 0)[0]:
+                        nxt = _read_line(control)
+                        if nxt == b"stop":
+                            stop = True
+                            break
+                        if nxt.startswith(b"reload "):
+                            text = _read_exact(control, int(nxt.split()[1])).decode()
+                            if nxt.count(b" ") >= 2:
+                                path = nxt.split(maxsplit=2)[2].decode()
+                except (EOFError, OSError):
+                    stop = True
+                if stop:
+                    drain_then_stop()
+                    return
                 try:
                     new_rt = Runtime(loads(text, path))
                     new_rt.start()
@@ -212,10 +249,24 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
         1000 * (time.monotonic() - t0),
         ", ".join(p.name for p in rt.plugins) or "none",
     )
-    try:
-        bridge.run()
-    except Exception:
-        log.exception("worker %d: libmilter main loop failed", index)
+    # libmilter's accept loop runs on a thread of its own: smfi_main blocks SIGHUP, SIGTERM
+    # and SIGINT in the thread that calls it and sigwaits for them. Were that the main
+    # thread, the kernel would queue a signal sent to the worker (it never discards a
+    # blocked signal) and libmilter would stop, cutting open sessions. The main thread
+    # leaves them unblocked and ignored, so they are discarded on arrival.
+    failed: list[BaseException] = []
+
+    def accept_loop() -> None:
+        try:
+            bridge.run()
+        except Exception as e:
+            failed.append(e)
+
+    loop = threading.Thread(target=accept_loop, name="libmilter")
+    loop.start()
+    loop.join()
+    if failed:
+        log.error("worker %d: libmilter main loop failed: %s", index, failed[0])
         os._exit(4)
     current = bridge.current_runtime()
     if current is not None:
@@ -238,6 +289,9 @@ class Supervisor:
         self.reload_requested = False
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
+        # Read after every select, which also wakes for writable pipes and timeouts: a
+        # blocking read would then wait for the next signal.
+        os.set_blocking(self.wake_r, False)
         #: The unix socket path this process opened (and may remove at exit), or None.
         self.opened: str | None = None
 
@@ -276,6 +330,7 @@ class Supervisor:
             finally:
                 os._exit(5)
         os.close(r)
+        os.set_blocking(w, False)
         self.workers[pid] = _Worker(index, pid, w, time.monotonic())
         log.info("started worker %d (pid %d)", index, pid)
 
@@ -313,7 +368,7 @@ class Supervisor:
         self.config, self.runtime = new, rt
         msg = b"reload %d %s\n" % (len(text), self.path.encode()) + text
         for w in self.workers.values():
-            _send(w.pipe, msg)
+            w.post(msg)
         log.info("config %s validated and sent to %d worker(s)", self.path, len(self.workers))
 
     def _check_in_child(self, rt: Runtime, timeout: float = 60.0) -> None:
@@ -427,15 +482,19 @@ class Supervisor:
             self.spawn(i)
         stop_sent: float | None = None
         while self.workers:
+            writing = [w.pipe for w in self.workers.values() if w.queue]
             with contextlib.suppress(InterruptedError):
-                select.select([self.wake_r], [], [], 1.0)
+                select.select([self.wake_r], writing, [], 1.0)
+            for w in self.workers.values():
+                if w.queue:
+                    w.flush()
             with contextlib.suppress(BlockingIOError, OSError):
                 os.read(self.wake_r, 4096)
             self.reap()
             if self.stopping and stop_sent is None:
                 log.info("stopping: %d worker(s) finish their open sessions", len(self.workers))
                 for w in self.workers.values():
-                    _send(w.pipe, b"stop\n")
+                    w.post(b"stop\n")
                 stop_sent = time.monotonic()
             if (
                 stop_sent is not None

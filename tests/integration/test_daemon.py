@@ -310,7 +310,11 @@ def test_signals_sent_to_the_workers_themselves_do_not_take_the_daemon_down() ->
     them killed at once once made the supervisor give up as if the configuration crashed.
     Workers ignore HUP, TERM and INT; the supervisor acts on them."""
     with Daemon("[plugins.t_mark]\n", workers=3) as d:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and d.log_text().count(" ready (pid ") < 3:
+            time.sleep(0.05)
         before = d.worker_pids()
+        assert len(before) == 3
         c = MilterClient(d.socket)  # an open session, which must not be cut
         c.negotiate()
         t = Transcript()
@@ -319,7 +323,7 @@ def test_signals_sent_to_the_workers_themselves_do_not_take_the_daemon_down() ->
             for pid in before:
                 os.kill(pid, sig)
         time.sleep(1.0)
-        assert d.worker_pids() == before
+        assert d.worker_pids() == before, d.log_text()[-3000:]
         assert "died" not in d.log_text() and "stopped on its own" not in d.log_text()
         c.message("a@example.org", ["b@example.com"], HEADERS, BODY, t=t)
         c.close()
@@ -438,3 +442,27 @@ def test_a_reload_every_worker_would_refuse_is_refused_by_the_supervisor() -> No
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
         assert check.returncode == 2 and "startup failed" in check.stderr, check.stderr
+
+
+def test_a_burst_of_reloads_never_blocks_the_supervisor_and_builds_only_the_newest() -> None:
+    """HUPs in a row while each generation takes 1.5 s to start, with a config bigger than
+    a pipe's buffer: the supervisor once blocked writing to the pipe (no signals, no
+    reaping), and the worker built every stale generation in turn before stopping."""
+    pad = "# " + "x" * 98 + "\n"
+    body = '[plugins.t_sleep]\nstage = "worker_start"\nseconds = 1.5\n[plugins.t_mark]\n'
+    with Daemon(body + pad * 800) as d:  # ~80 KB
+        mark = len(d.log_text())
+        for i in range(6):
+            d.write(body + f'value = "v{i}"\n' + pad * 800)
+            d.signal(signal.SIGHUP)
+            d.wait_log("validated and sent to 1 worker(s)", after=len(d.log_text()) - 200)
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        deadline = t0 + 15
+        while time.monotonic() < deadline and mark_of(send(d)).split()[0] != "v5":
+            time.sleep(0.2)
+        assert mark_of(send(d)).split()[0] == "v5", d.log_text()[mark:][-2000:]
+        built = d.log_text()[mark:].count("worker 0: reloaded")
+        assert built <= 3, built  # the one in progress, maybe one more, the newest
+        d.signal(signal.SIGTERM)
+        assert d.proc is not None and d.proc.wait(10) == 0

@@ -87,11 +87,21 @@ class SleepConfig(PluginConfig):
 
 
 class Sleep:
-    """Sleeps in eom (or envrcpt): a plugin hanging past its timeout."""
+    """Sleeps in eom (or envrcpt): a plugin hanging past its timeout; or in worker_start
+    (``stage = "worker_start"``): a slow start of each generation."""
 
     @hookimpl
     def config_schema(self) -> type[SleepConfig]:
         return SleepConfig
+
+    @hookimpl
+    def startup(self, config: SleepConfig) -> None:
+        self.config = config
+
+    @hookimpl
+    def worker_start(self) -> None:
+        if self.config.stage == "worker_start":
+            time.sleep(self.config.seconds)
 
     @hookimpl
     def envrcpt(self, ctx: Context) -> None:
