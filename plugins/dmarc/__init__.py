@@ -160,10 +160,8 @@ def parse_record(text: str) -> DMARCRecord:
     np: str | None = tags.get("np")
     if np is not None:
         np = np.lower()
-        if np not in _DISPOSITIONS:
-            if not rua_ok:
-                raise RecordError(f"invalid np={np!r}")
-            np = None
+        if np not in _DISPOSITIONS:  # RFC 9091 is an extension: a bad np is ignored,
+            np = None  # never a reason to drop the record's p
     adkim, aspf = tags.get("adkim", "r").lower(), tags.get("aspf", "r").lower()
     if adkim not in ("r", "s") or aspf not in ("r", "s"):
         raise RecordError("adkim/aspf must be r or s")
@@ -391,17 +389,19 @@ class DMARCPlugin:
                 target=self._prune_loop, args=(self.store, self._stop), name="dmarc-prune",
                 daemon=True,
             ).start()  # fmt: skip
-        # One sender of failure reports per daemon, too (the spool is shared).
-        if self.spool is not None and os.environ.get("MILTERD_WORKER", "0") == "0":
-            from .failures import FailureSender
+        # One sender of failure reports per daemon (the spool is shared): worker 0's, one
+        # per process across reloads (the old generation lives on while its connections
+        # finish; two senders would send every report twice). A new generation hands it
+        # its settings, or pauses it when failure reports are off.
+        if os.environ.get("MILTERD_WORKER", "0") == "0":
+            from .failures import shared_sender
 
             c, psl = self.config, self.psl
             assert c is not None and psl is not None and self.services is not None
-            self.sender = FailureSender(
-                self.spool, self.services.resolver, psl, c.report_smtp_host,
+            self.sender = shared_sender(
+                self, self.spool, self.services.resolver, psl, c.report_smtp_host,
                 c.report_smtp_port, c.report_email, c.failure_reports_per_hour,
             )  # fmt: skip
-            self.sender.start()
 
     def _prune_loop(self, store: Store, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -418,8 +418,10 @@ class DMARCPlugin:
     def shutdown(self) -> None:
         self._stop.set()
         if self.sender is not None:
-            self.sender.stop.set()
-            self.sender.wake.set()
+            from .failures import release_sender
+
+            release_sender(self)
+
         if self.store is not None:
             self.store.close()
 
@@ -555,9 +557,14 @@ class DMARCPlugin:
             and ev.result in ("pass", "fail")
         ):
             from .failures import wanted
+            from .reports import parse_rua
 
-            if wanted(ev.record.fo, ev.result, ev.dkim_aligned, ev.spf_aligned, ctx.results):
-                ctx.message_state["dmarc_failure"] = ev
+            if parse_rua(ev.record.ruf) and wanted(
+                ev.record.fo, ev.result, ev.dkim_aligned, ev.spf_aligned, ctx.results
+            ):
+                # The header block as received: at outcome the message is as delivered,
+                # with our own fields (a spam report quoting the body, recipients).
+                ctx.message_state["dmarc_failure"] = (ev, message.header_bytes())
 
         if ev.result == "permerror" and not ev.domain and conf.reject_bad_from:
             return Reject("550", "5.7.1", "Message must have exactly one From address")
@@ -578,8 +585,11 @@ class DMARCPlugin:
 
     @hookimpl
     def outcome(self, ctx: Context, verdict: Verdict | None, message: Message) -> None:
-        ev: _Evaluation | None = ctx.message_state.get("dmarc_failure")
-        if ev is None or ev.record is None or self.spool is None:
+        pending: tuple[_Evaluation, bytes] | None = ctx.message_state.get("dmarc_failure")
+        if pending is None or self.spool is None:
+            return
+        ev, received_headers = pending
+        if ev.record is None:
             return
         word = verdict.word if verdict is not None else "continue"
         if word == "tempfail":  # it will come back and be evaluated again
@@ -607,7 +617,7 @@ class DMARCPlugin:
             dkim=(dkim_fail.prop("header.d") or "", dkim_fail.prop("header.s") or "")
             if dkim_fail
             else None,
-            headers=message.header_bytes(),
+            headers=received_headers,
         )
         conf = self.config
         report = failure_report(info, conf.org_name, conf.report_email)

@@ -2,11 +2,12 @@
 
 At end of message (``outcome``: the final verdict is known) a message that the domain's
 ``fo`` tag asks about gets a report, written to a spool directory; the message's own path
-pays for one small file write, never for DNS or SMTP. One thread in one worker sends the
-spool every :data:`INTERVAL` seconds to the ``mailto:`` URIs of ``ruf``, after the same
+pays for one small file write, never for DNS or SMTP. One thread in worker 0 (one per
+process, kept across reloads: :func:`shared_sender`) sends the spool every
+:data:`INTERVAL` seconds to the ``mailto:`` URIs of ``ruf``, after the same
 external-destination check as aggregate reports (RFC 7489 7.1), at most
-``failure_reports_per_hour`` reports per address. The report carries the original
-*header block only* (``text/rfc822-headers``), never the body.
+``failure_reports_per_hour`` sends per address (more wait). The report carries the
+original *header block as received* (``text/rfc822-headers``), never the body.
 
 Spool file: a first line of JSON (``domain``, ``ruf``, ``created``, ``done``: addresses
 already handled) and the report message. A report is dropped after :data:`MAX_AGE`
@@ -39,7 +40,14 @@ from milterd import Resolver, Result, __version__
 
 from .reports import authorize, parse_rua, smtp_reply, smtp_send
 
-__all__ = ["FailureSender", "FailureSpool", "failure_report", "wanted"]
+__all__ = [
+    "FailureSender",
+    "FailureSpool",
+    "failure_report",
+    "release_sender",
+    "shared_sender",
+    "wanted",
+]
 
 log = logging.getLogger("milterd.dmarc")
 
@@ -117,7 +125,7 @@ def failure_report(
     ]
     if info.dkim:
         fields += [("DKIM-Domain", info.dkim[0]), ("DKIM-Selector", info.dkim[1])]
-    text = "".join(f"{k}: {_one_line(v)}\r\n" for k, v in fields if v)
+    text = "".join(f"{k}: {_fold(_one_line(v))}\r\n" for k, v in fields if v)
     msg.make_mixed()
     report = EmailMessage(policy=_POLICY)
     report.set_content(text.encode("ascii", "replace"), maintype="message",
@@ -132,6 +140,14 @@ def failure_report(
     msg.set_type("multipart/report")
     msg.set_param("report-type", "feedback-report")
     return msg.as_bytes()
+
+
+def _fold(v: str) -> str:
+    """Fold a long field value after each ``;`` (Authentication-Results can hold many
+    results; a line over 998 octets is refused by strict MTAs)."""
+    if len(v) <= 900:
+        return v
+    return ";\r\n ".join(part.strip() for part in v.split(";"))
 
 
 def _one_line(v: str) -> str:
@@ -154,8 +170,11 @@ class FailureSpool:
         self.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
 
     def files(self) -> list[Path]:
-        """Waiting reports, oldest first."""
-        return sorted(p for p in self.dir.iterdir() if p.suffix == ".report")
+        """Waiting reports, oldest first (none if the directory went away)."""
+        try:
+            return sorted(p for p in self.dir.iterdir() if p.suffix == ".report")
+        except FileNotFoundError:
+            return []
 
     def put(self, domain: str, ruf: str, report: bytes) -> bool:
         """Write one report (temporary file, rename). False when the spool is full."""
@@ -168,9 +187,25 @@ class FailureSpool:
         head = {"domain": domain, "ruf": ruf, "created": time.time(), "done": []}
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
         tmp = self.dir / f".{name}.tmp"
-        tmp.write_bytes(json.dumps(head).encode() + b"\n" + report)
-        tmp.rename(self.dir / f"{name}.report")
+        try:
+            tmp.write_bytes(json.dumps(head).encode() + b"\n" + report)
+            tmp.rename(self.dir / f"{name}.report")
+        except OSError:  # a full disk: leave no half-written file behind
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         return True
+
+    def sweep(self, older_than: float = 3600.0) -> int:
+        """Remove temporary files a crashed writer left (older than ``older_than`` s)."""
+        n = 0
+        cutoff = time.time() - older_than
+        for p in self.dir.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    n += 1
+        return n
 
     @staticmethod
     def read(path: Path) -> tuple[dict[str, Any], bytes]:
@@ -193,7 +228,7 @@ class FailureSender:
 
     def __init__(
         self,
-        spool: FailureSpool,
+        spool: FailureSpool | None,
         resolver: Resolver,
         psl: PublicSuffixList,
         host: str,
@@ -211,9 +246,13 @@ class FailureSender:
         self.sent: dict[str, deque[float]] = {}
         self.stop = threading.Event()
         self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.owner: object = None  # the plugin generation whose settings are in use
 
     def start(self) -> None:
-        threading.Thread(target=self._loop, name="dmarc-failures", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="dmarc-failures", daemon=True)
+        self.thread.start()
 
     def _loop(self) -> None:
         while not self.stop.is_set():
@@ -224,78 +263,164 @@ class FailureSender:
             self.wake.wait(INTERVAL)
             self.wake.clear()
 
-    def _allow(self, address: str, now: float) -> bool:
-        times = self.sent.setdefault(address.lower(), deque())
+    def configure(
+        self,
+        spool: FailureSpool | None,
+        resolver: Resolver,
+        psl: PublicSuffixList,
+        host: str,
+        port: int,
+        sender: str,
+        per_hour: int,
+    ) -> None:
+        """New settings (a reload), taken at the next pass; ``spool`` None pauses."""
+        with self.lock:
+            self.spool, self.resolver, self.psl = spool, resolver, psl
+            self.host, self.port, self.sender, self.per_hour = host, port, sender, per_hour
+        self.wake.set()
+
+    def _allowed(self, address: str, now: float) -> bool:
+        """Whether ``address`` may get another report this hour (sends are counted by
+        :meth:`_count` once they succeed: a failed attempt uses no quota)."""
+        key = address.lower()
+        times = self.sent.get(key)
+        if times is None:
+            return True
         while times and times[0] <= now - 3600:
             times.popleft()
-        if len(times) >= self.per_hour:
-            return False
-        times.append(now)
-        return True
+        if not times:
+            del self.sent[key]  # no entry per address ever seen, only per recent one
+            return True
+        return len(times) < self.per_hour
+
+    def _count(self, address: str, now: float) -> None:
+        self.sent.setdefault(address.lower(), deque()).append(now)
 
     def run_once(self) -> dict[str, int]:
         """Try every waiting report once. Returns counts by outcome, for the log and tests:
-        ``sent``, ``refused`` (7.1), ``limited`` (per-hour cap: dropped), ``deferred``,
-        ``expired``, ``bad`` (unreadable spool file, removed)."""
+        ``sent``, ``refused`` (7.1, size, 5xx: dropped for that address), ``limited``
+        (per-hour cap reached: kept for a later pass), ``deferred`` (DNS or SMTP trouble:
+        kept), ``expired`` (kept a day: dropped), ``bad`` (unreadable spool file, removed)."""
         counts = {k: 0 for k in ("sent", "refused", "limited", "deferred", "expired", "bad")}
-        for path in self.spool.files():
+        with self.lock:
+            spool = self.spool
+        if spool is None:
+            return counts
+        spool.sweep()
+        for path in spool.files():
             if self.stop.is_set():
                 break
             try:
-                head, report = self.spool.read(path)
-                domain, ruf = str(head["domain"]), str(head["ruf"])
-                done = {str(a).lower() for a in head.get("done", [])}
-                created = float(head.get("created", 0))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("dmarc: removing unreadable failure report %s: %s", path.name, e)
-                counts["bad"] += 1
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                continue
-            allowed, refused, deferred = authorize(
-                self.resolver, self.psl, domain, parse_rua(ruf), timeout=10.0
-            )
-            for d, why in refused:
-                log.info("dmarc: failure report for %s not sent to %s: %s", domain, d.address, why)
-                counts["refused"] += 1
-            pending = len(deferred)
-            for d in allowed:
-                if d.address.lower() in done:
-                    continue
-                if d.limit is not None and len(report) > d.limit:
-                    counts["refused"] += 1
-                elif not self._allow(d.address, time.time()):
-                    counts["limited"] += 1
-                else:
-                    try:
-                        smtp_send(self.host, self.port, self.sender, d.address,
-                                  _addressed(report, d.address))  # fmt: skip
-                    except (OSError, smtplib.SMTPException, ValueError) as e:
-                        code, _text = smtp_reply(e)
-                        if not 500 <= code < 600:
-                            log.warning("dmarc: failure report to %s deferred: %s", d.address, e)
-                            pending += 1
-                            counts["deferred"] += 1
-                            continue
-                        log.warning("dmarc: failure report to %s refused: %s", d.address, e)
-                        counts["refused"] += 1
-                    else:
-                        counts["sent"] += 1
-                done.add(d.address.lower())
-            counts["deferred"] += len(deferred)
-            if pending and time.time() - created < MAX_AGE:
-                head["done"] = sorted(done)
-                self.spool.update(path, head, report)
-                continue
-            if pending:
-                counts["expired"] += 1
-                log.warning("dmarc: failure report for %s dropped after a day", domain)
-            with contextlib.suppress(OSError):
-                path.unlink()
+                self._one(spool, path, counts)
+            except OSError as e:  # this file only: the others are still worth trying
+                log.warning("dmarc: failure report %s: %s", path.name, e)
         if any(counts.values()):
             log.info("dmarc: failure reports: %s",
                      ", ".join(f"{k} {v}" for k, v in counts.items() if v))  # fmt: skip
         return counts
+
+    def _one(self, spool: FailureSpool, path: Path, counts: dict[str, int]) -> None:
+        try:
+            head, report = spool.read(path)
+            domain, ruf = str(head["domain"]), str(head["ruf"])
+            done = {str(a).lower() for a in head.get("done", [])}
+            created = float(head.get("created", 0))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("dmarc: removing unreadable failure report %s: %s", path.name, e)
+            counts["bad"] += 1
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return
+        allowed, refused, deferred = authorize(
+            self.resolver, self.psl, domain, parse_rua(ruf), timeout=10.0, tag="ruf"
+        )
+        for d, why in refused:
+            if d.address.lower() not in done:
+                log.info("dmarc: failure report for %s not sent to %s: %s",
+                         domain, d.address, why)  # fmt: skip
+                counts["refused"] += 1
+                done.add(d.address.lower())
+        pending = len(deferred)
+        counts["deferred"] += len(deferred)
+        for d in allowed:
+            if d.address.lower() in done:
+                continue
+            now = time.time()
+            if d.limit is not None and len(report) > d.limit:
+                counts["refused"] += 1
+            elif not self._allowed(d.address, now):
+                counts["limited"] += 1
+                pending += 1
+                continue
+            else:
+                try:
+                    smtp_send(self.host, self.port, self.sender, d.address,
+                              _addressed(report, d.address))  # fmt: skip
+                except (OSError, smtplib.SMTPException, ValueError) as e:
+                    code, _text = smtp_reply(e)
+                    if not 500 <= code < 600:
+                        log.warning("dmarc: failure report to %s deferred: %s", d.address, e)
+                        pending += 1
+                        counts["deferred"] += 1
+                        continue
+                    log.warning("dmarc: failure report to %s refused: %s", d.address, e)
+                    counts["refused"] += 1
+                else:
+                    self._count(d.address, now)
+                    counts["sent"] += 1
+            done.add(d.address.lower())
+        if pending and time.time() - created < MAX_AGE:
+            head["done"] = sorted(done)
+            spool.update(path, head, report)
+            return
+        if pending:
+            counts["expired"] += 1
+            log.warning("dmarc: failure report for %s dropped after a day", domain)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+_SHARED: FailureSender | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_sender(
+    owner: object,
+    spool: FailureSpool | None,
+    resolver: Resolver,
+    psl: PublicSuffixList,
+    host: str,
+    port: int,
+    sender: str,
+    per_hour: int,
+) -> FailureSender | None:
+    """This process's one sender, started on first use with a spool and reconfigured by
+    later generations (``spool`` None pauses it); ``owner`` is the generation whose
+    settings it now uses (see :func:`release_sender`). Returns it, or None if unneeded."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            if spool is None:
+                return None
+            _SHARED = FailureSender(spool, resolver, psl, host, port, sender, per_hour)
+            _SHARED.owner = owner
+            _SHARED.start()
+        else:
+            _SHARED.configure(spool, resolver, psl, host, port, sender, per_hour)
+            _SHARED.owner = owner
+        return _SHARED
+
+
+def release_sender(owner: object) -> None:
+    """``owner``'s generation shuts down: pause the sender if no newer generation took it
+    over (a reload's new generation configures it before the old one shuts down)."""
+    with _SHARED_LOCK:
+        if _SHARED is not None and _SHARED.owner is owner:
+            with _SHARED.lock:
+                _SHARED.spool = None
+            _SHARED.owner = None
 
 
 def _addressed(report: bytes, address: str) -> bytes:

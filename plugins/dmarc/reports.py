@@ -147,13 +147,15 @@ def authorize(
     policy_domain: str,
     dests: list[Destination],
     timeout: float = 10.0,
+    tag: str = "rua",
 ) -> tuple[list[Destination], list[tuple[Destination, str]], list[tuple[Destination, str]]]:
     """RFC 7489 7.1, verifying external destinations.
 
     Returns (allowed, refused, deferred): refused with why (no authorization record, an
     override naming another host), deferred with the DNS error (try again later).
     A destination in the policy domain's organizational domain needs no check. An
-    authorization record's own ``rua`` replaces the URI when it names the same host.
+    authorization record's own ``tag`` (``rua`` for aggregate reports, ``ruf`` for failure
+    reports) replaces the URI when it names the same host.
     """
     allowed: list[Destination] = []
     refused: list[tuple[Destination, str]] = []
@@ -175,7 +177,7 @@ def authorize(
             refused.append((d, f"{d.domain} does not accept reports for {policy_domain} "
                                f"(no v=DMARC1 record at {name})"))  # fmt: skip
             continue
-        m = re.search(r"(?:^|;)\s*rua\s*=\s*([^;]*)", texts[0])
+        m = re.search(rf"(?:^|;)\s*{tag}\s*=\s*([^;]*)", texts[0])
         override = parse_rua(m.group(1)) if m else []
         if not override:
             allowed.append(d)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import os
+import socket
+import threading
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -21,7 +24,7 @@ from milterd_plugins.dmarc.failures import (
     wanted,
 )
 
-from milterd import Context, Message, Result, TempFail, Verdict, hookimpl
+from milterd import AddHeader, Context, Message, Result, TempFail, Verdict, hookimpl
 from milterd.testing import FakeResolver, Harness
 from tests.support.sink import SmtpSink
 
@@ -162,17 +165,24 @@ def test_failing_mail_is_reported_to_verified_ruf_addresses(tmp_path: Path) -> N
             h.send(msg("a@zero.example", "X-Test-SPF: pass zero.example"))
             h.send(msg("a@norf.example"))
             h.send(msg("a@zero.example", "X-Defer: yes"))
-            # The third failure within the hour goes over failure_reports_per_hour = 2.
+            # The third failure within the hour goes over failure_reports_per_hour = 2:
+            # kept in the spool for a later hour, not sent, not dropped.
             h.send(msg("a@example.org"))
             time.sleep(1.0)
             assert len(sink.messages) == 4, [m.rcpt_tos for m in sink.messages]
-            assert not list(spool.glob("*.report"))
-        before = len(sink.messages)
-        with Harness(cfg, plugins=plugins, zones=ZONES) as h:  # the hour starts again
-            h.send(msg("a@zero.example"))  # fo=0, fail
-            assert [m.rcpt_tos for m in sink.wait_for(before + 1, timeout=20)[before:]] == [
-                ["f@zero.example"]
-            ]
+            (kept,) = spool.glob("*.report")
+            done = json.loads(kept.read_bytes().split(b"\n", 1)[0])["done"]
+            assert done == ["f@nobody.example"]  # refused (7.1); the two others wait
+            # A reload (a new generation) takes the one sender over: no second sender,
+            # so nothing is sent twice, and the hour's count goes on.
+            with Harness(cfg, plugins=plugins, zones=ZONES) as h2:
+                h2.send(msg("a@zero.example"))  # fo=0, fail: another address
+                got = sink.wait_for(5, timeout=20)
+                assert [m.rcpt_tos for m in got[4:]] == [["f@zero.example"]]
+                time.sleep(0.5)
+                assert len(sink.messages) == 5 and len(list(spool.glob("*.report"))) == 1
+                threads = [t for t in threading.enumerate() if t.name == "dmarc-failures"]
+                assert len(threads) == 1
 
 
 def test_sender_keeps_deferred_reports_and_drops_bad_files(tmp_path: Path) -> None:
@@ -200,3 +210,62 @@ def test_failure_reports_need_a_spool() -> None:
     with pytest.raises(ValueError, match="failure_spool"):
         DMARCConfig.model_validate({"failure_reports": True})
     assert json.dumps(DMARCConfig.model_validate({}).failure_reports) == "false"
+
+
+def test_failed_attempts_use_no_quota(tmp_path: Path) -> None:
+    """An MTA down for a while: the report waits, and the hourly cap counts sends only
+    (it used to count attempts, and then drop the report as over the cap)."""
+    spool = FailureSpool(str(tmp_path), 10)
+    spool.put("example.org", "mailto:f@example.org", b"Subject: r\r\n\r\nx\r\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    sender = FailureSender(spool, FakeResolver(), _psl(), "127.0.0.1", dead, "d@mx.test", 1)
+    for _ in range(3):
+        assert sender.run_once()["deferred"] == 1
+    with SmtpSink() as sink:
+        sender.configure(spool, FakeResolver(), _psl(), "127.0.0.1", sink.port, "d@mx.test", 1)
+        assert sender.run_once()["sent"] == 1
+        sink.wait_for(1)
+    assert spool.files() == []
+
+
+class Tagger:
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        ctx.add_change(AddHeader("X-Spam-Report", "quotes the body: SECRET [bcc@example.net]"))
+
+
+def test_the_report_carries_the_header_block_as_received(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    cfg = {"auth": {}, "tag": {}, "dmarc": {"failure_reports": True,
+                                            "failure_spool": str(spool)}}  # fmt: skip
+    plugins = {"auth": FakeAuth, "tag": Tagger, "dmarc": DMARCPlugin}
+    with SmtpSink() as sink:
+        cfg["dmarc"]["report_smtp_port"] = sink.port
+        with Harness(cfg, plugins=plugins, zones=ZONES) as h:
+            out = h.send(msg("a@zero.example"))
+            assert out.header("X-Spam-Report") is not None  # delivered with it
+            (m,) = sink.wait_for(1, timeout=20)
+    assert b"SECRET" not in m.data and b"bcc@example.net" not in m.data
+
+
+def test_ruf_override_and_long_results_and_spool_hygiene(tmp_path: Path) -> None:
+    from milterd_plugins.dmarc.reports import Destination, authorize
+
+    dns = FakeResolver(
+        {"example.org._report._dmarc.ext.example":
+         {"TXT": ["v=DMARC1; rua=mailto:agg@ext.example; ruf=mailto:forensic@ext.example"]}}
+    )  # fmt: skip
+    allowed, _, _ = authorize(dns, _psl(), "example.org", [Destination("f@ext.example")],
+                              tag="ruf")  # fmt: skip
+    assert [d.address for d in allowed] == ["forensic@ext.example"]
+    results = "mx.test; " + "; ".join(f"dkim=fail header.d={'d' * 200}.example" for _ in range(8))
+    info = FailureInfo("example.org", "192.0.2.7", "a@example.org", results, "reject")
+    raw = failure_report(info, "mx.test", "dmarc@mx.test")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    spool = FailureSpool(str(tmp_path / "s"), 5)
+    stale = spool.dir / ".old.tmp"
+    stale.write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert spool.sweep() == 1 and not stale.exists()
