@@ -10,7 +10,9 @@
   ARC-Authentication-Results (copied from our Authentication-Results), ARC-Message-Signature
   and ARC-Seal as our authserv-id, on top, with ``cv=`` from our ``arc=`` result. It runs
   after ``authres`` (``after = ("authres",)``): at ``finalize`` the message already
-  carries the final Authentication-Results header. No A-R of ours, no seal.
+  carries the final Authentication-Results header. Only the A-R added in this pass
+  reaches dkimpy (:func:`only_our_authres`); no A-R of ours, no seal. Every field is
+  added exactly as signed (:func:`seal_ops`, :func:`fold_aar`).
 """
 
 from __future__ import annotations
@@ -19,18 +21,39 @@ import re
 from typing import Any
 
 import dkim
+from pydantic import Field, field_validator
 
-from milterd import AddHeader, Context, Message, PluginConfig, Result, Services, hookimpl
+from milterd import (
+    AddHeader,
+    Context,
+    InsertHeader,
+    Message,
+    PluginConfig,
+    Result,
+    Services,
+    hookimpl,
+)
 
+from ..authres import authserv_id_of
 from ..dkim import DEFAULT_HEADERS, make_fetch
 from ..dkim.keys import FastARC, KeyFileError, SigningKey, load_key
+from ..dkim.names import host_name
 from ..dkim.verify import DNSError, FastARCVerify, NoKey
 
-__all__ = ["MAX_INSTANCES", "ARCConfig", "ARCPlugin", "verify_chain"]
+__all__ = [
+    "MAX_INSTANCES",
+    "ARCConfig",
+    "ARCPlugin",
+    "fold_aar",
+    "only_our_authres",
+    "seal_ops",
+    "verify_chain",
+]
 
 MAX_INSTANCES = 50
 _INSTANCE = re.compile(rb"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 _ARC_NAMES = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
+_SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")  # as dkim's
 
 
 class ARCConfig(PluginConfig):
@@ -41,21 +64,126 @@ class ARCConfig(PluginConfig):
     authserv_id: str | None = None  # default: [milterd] authserv_id
     headers: list[str] = [h for h in DEFAULT_HEADERS if h not in ("list-unsubscribe-post",)]
     insecure_keys: bool = False
-    min_rsa_bits: int = 1024
+    min_rsa_bits: int = Field(1024, ge=1024)  # RFC 8301: smaller keys never pass
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str | None) -> str | None:
+        """The sealing ``d=``: a host name, stored in A-labels."""
+        if v is None:
+            return None
+        name = host_name(v)
+        if name is None:
+            raise ValueError(f"invalid domain {v!r} (not a host name)")
+        return name
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: str | None) -> str | None:
+        if v is not None and not _SELECTOR.fullmatch(v):
+            raise ValueError(f"invalid selector {v!r}")
+        return v
 
 
-def _decodable_authres(a: Any) -> None:
-    """Make every Authentication-Results value of the parsed message UTF-8 (invalid bytes
-    as U+FFFD) in place. dkimpy's ARC signer decodes them all strictly to find ours, so one
-    with 8-bit junk from another hop raised UnicodeDecodeError and sealing failed. Only
-    for the copy dkimpy reads, and only when the AMS does not sign these fields (then
-    their bytes do not matter to the seal; ours is UTF-8 anyway)."""
-    for h in a.headers:
-        if h[0].lower() == b"authentication-results":
-            try:
-                h[1].decode("utf-8")
-            except UnicodeDecodeError:
-                h[1] = h[1].decode("utf-8", "replace").encode("utf-8")
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+
+
+def _unfold(value: bytes) -> bytes:
+    """``value`` without its folds (a line break before white space), ends stripped."""
+    return _FOLD.sub(b"", value).strip()
+
+
+def only_our_authres(headers: list[list[bytes]], ours: list[str], authserv_id: str) -> bool:
+    """Leave in ``headers`` (dkimpy's parsed ``[name, value]`` list, changed in place)
+    only the Authentication-Results fields added in this pass (``ours``: their values, as
+    added) that claim ``authserv_id``, unfolded; drop every other one. True when one is
+    left.
+
+    dkimpy's ARC signer merges *every* A-R whose authserv-id the authres library reads
+    as ours into the ARC-Authentication-Results it seals, including a forgery that
+    ``authres`` did not recognise and left in place: the seal would vouch for results we
+    never produced. Unfolded because the authres library turns a line break inside a
+    quoted reason into ``??``, so the AAR would not say what our A-R says. Only this copy
+    changes: Authentication-Results is never signed by the AMS (dkimpy refuses to), so the
+    signatures do not depend on it."""
+    me = authserv_id.lower()
+    wanted = [_unfold(v.encode("utf-8", "surrogateescape")) for v in ours]
+    wanted = [
+        v
+        for v in wanted
+        if authserv_id_of("authentication-results", v.decode("utf-8", "replace")) == me
+    ]
+    kept: list[list[bytes]] = []
+    found = 0
+    for h in headers:
+        if h[0].lower() != b"authentication-results":
+            kept.append(h)
+            continue
+        value = _unfold(h[1])
+        if value in wanted:
+            wanted.remove(value)  # each added field once
+            # the exact name: dkimpy looks for A-R fields by it, case-sensitively
+            kept.append([b"Authentication-Results", b" " + value + b"\r\n"])
+            found += 1
+    headers[:] = kept
+    return found > 0
+
+
+def _breaks(value: str, quoted: bool) -> list[int]:
+    """Indexes of the white space in ``value`` a fold may go before: outside quoted
+    strings and comments, or (``quoted``) anywhere."""
+    out: list[int] = []
+    depth, in_quote, i = 0, False, 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and (in_quote or depth):
+            i += 2
+            continue
+        if c == '"' and not depth:
+            in_quote = not in_quote
+        elif c == "(" and not in_quote:
+            depth += 1
+        elif c == ")" and not in_quote and depth:
+            depth -= 1
+        elif c in " \t" and i and (quoted or not (in_quote or depth)):
+            out.append(i)
+        i += 1
+    return out
+
+
+def fold_aar(value: str, first: int, width: int = 78) -> str | None:
+    """``value`` (one unfolded line) folded before white space so that no line passes
+    ``width`` columns where it can be helped, and none passes 998 octets; ``first``:
+    columns ``Name: `` takes on the first line. Folds go outside quoted strings and
+    comments; only a line that would still pass 998 octets is folded inside them too.
+    None when even that is not enough (a run of 998 octets without white space).
+
+    Safe after sealing: the ARC-Seal covers the AAR with relaxed canonicalization (RFC
+    8617 5.1.1), which unfolds and compresses white space, so only where the line breaks
+    go changes, never what is signed. Needed because the core never refolds an ARC field
+    but hard-breaks any line over 998 octets, which would change its content."""
+    for quoted in (False, True):
+        lines: list[str] = []
+        rest, limit = value, width - first
+        cuts = _breaks(rest, quoted)
+        offset = 0  # index in value of rest[0]
+        while len(rest) > limit:
+            within = [c - offset for c in cuts if 0 < c - offset <= limit]
+            after = [c - offset for c in cuts if c - offset > limit]
+            if within:
+                cut = within[-1]
+            elif after:
+                cut = after[0]
+            else:
+                break
+            lines.append(rest[:cut])
+            rest, offset, limit = rest[cut:], offset + cut, width
+        lines.append(rest)
+        if all(
+            len(line.encode()) + (first if n == 0 else 0) <= 998 for n, line in enumerate(lines)
+        ):
+            return "\r\n".join(lines)
+    return None
 
 
 def verify_chain(message: bytes, fetch: Any, min_rsa_bits: int = 1024) -> tuple[str, str, int]:
@@ -172,8 +300,15 @@ class ARCPlugin:
             a.signing_key = key
             present = {n.lower() for n, _ in a.headers}
             include = [h.encode() for h in cfg.headers if h.encode() in present]
-            if b"authentication-results" not in include:
-                _decodable_authres(a)
+            added = [
+                c.value
+                for c in ctx.changes
+                if isinstance(c, AddHeader | InsertHeader)
+                and c.name.lower() == "authentication-results"
+            ]
+            if not only_our_authres(a.headers, added, self.authserv_id):
+                ctx.log.debug("not sealing: no Authentication-Results of ours added")
+                return
             fields = a.sign(
                 cfg.selector.encode(),
                 cfg.domain.encode(),
@@ -187,9 +322,41 @@ class ARCPlugin:
         if not fields:
             ctx.log.debug("not sealing: no Authentication-Results of ours or chain ended")
             return
-        # later additions stand above earlier ones: add AAR, then AMS, then AS on top
-        for raw in reversed(fields):
-            name, _, value = raw.decode("utf-8", "surrogateescape").partition(":")
-            value = value.strip(" \r\n").replace("\r\n", "\n")  # LF folds: see dkim
-            ctx.add_change(AddHeader(name.strip(), value))
+        ops = seal_ops(fields)
+        if ops is None:
+            ctx.log.warning("not sealing: an ARC field would not stay as signed")
+            return
+        for op in ops:
+            ctx.add_change(op)
         ctx.log.info("sealed ARC d=%s s=%s", cfg.domain, cfg.selector)
+
+
+def seal_ops(fields: list[bytes]) -> list[AddHeader] | None:
+    """The header additions for dkimpy's new ARC set (``ARC-Seal``, ``ARC-Message-Signature``,
+    ``ARC-Authentication-Results`` as whole fields): AAR first, then AMS, then AS, since
+    later additions stand above earlier ones. The AAR is refolded (:func:`fold_aar`).
+
+    None when the core would change any of them (:class:`AddHeader` normalizes values: it
+    hard-breaks lines over 998 octets, which would break the seal): every value must come
+    out of it exactly as signed. Folds are bare LF: MTAs turn them into CRLF, while a CR
+    in a milter header value reaches the wire as CR CR LF (Postfix)."""
+    ops: list[AddHeader] = []
+    for raw in reversed(fields):
+        name, _, value = raw.decode("utf-8", "surrogateescape").partition(":")
+        name, value = name.strip(), value.strip(" \r\n")
+        if name.lower() == "arc-authentication-results":
+            folded = fold_aar(
+                _unfold(value.encode("utf-8", "surrogateescape")).decode(
+                    "utf-8", "surrogateescape"
+                ),
+                len(name) + 2,
+            )
+            if folded is None:
+                return None
+            value = folded
+        value = value.replace("\r\n", "\n")
+        op = AddHeader(name, value)
+        if op.value != value:
+            return None
+        ops.append(op)
+    return ops

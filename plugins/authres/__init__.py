@@ -34,9 +34,14 @@ from milterd import (
     hookimpl,
 )
 
-__all__ = ["AuthResConfig", "AuthenticationResults", "authserv_id_of", "build_header"]
+__all__ = [
+    "AuthResConfig",
+    "AuthenticationResults",
+    "authserv_id_of",
+    "build_header",
+    "strip_comments",
+]
 
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 _INSTANCE = re.compile(r"^\s*i\s*=\s*\d+\s*;", re.IGNORECASE)
 # What may not appear in a header field value: control characters (NUL, CR, LF...) and
 # the surrogate escapes that stand for bytes that were not UTF-8.
@@ -53,18 +58,51 @@ class AuthResConfig(PluginConfig):
 MAX_VALUE = 256  # a property value or reason in our header: a domain (253) fits
 
 
+def strip_comments(value: str) -> str:
+    """``value`` with every RFC 5322 comment, nested to any depth, replaced by a space.
+
+    One linear pass with a depth counter: a fixed number of regular-expression passes
+    (there were 5) let a forger hide our authserv-id from us behind deeper nesting while
+    other parsers (the authres library, dkimpy's ARC signer) still read it as ours, and
+    repeating them until stable is quadratic in the nesting depth. A backslash quotes the
+    next character inside a comment (quoted-pair); a quoted-string outside comments is
+    copied as it is (a parenthesis there is text). An unclosed comment runs to the end.
+    Never raises."""
+    out: list[str] = []
+    depth = 0
+    i, n = 0, len(value)
+    while i < n:
+        c = value[i]
+        if depth:
+            if c == "\\":
+                i += 1
+            elif c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+                if not depth:
+                    out.append(" ")
+        elif c == "(":
+            depth = 1
+        elif c == '"':
+            end = i + 1
+            while end < n and value[end] != '"':
+                end += 2 if value[end] == "\\" else 1
+            out.append(value[i : end + 1])
+            i = end
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def authserv_id_of(field_name: str, value: str) -> str:
     """The authserv-id an (ARC-)Authentication-Results value claims, lower-cased.
 
-    Comments are ignored; ARC's ``i=N;`` prefix is skipped. Returns ``""`` when there is
-    none. Never raises: forged headers are often malformed on purpose.
+    Comments are ignored, nested to any depth; ARC's ``i=N;`` prefix is skipped. Returns
+    ``""`` when there is none. Never raises: forged headers are often malformed on purpose.
     """
-    text = value
-    for _ in range(5):  # nested comments
-        stripped = _COMMENT.sub(" ", text)
-        if stripped == text:
-            break
-        text = stripped
+    text = strip_comments(value)
     if field_name.lower() == "arc-authentication-results":
         text = _INSTANCE.sub("", text)
     token = text.strip().split(";", 1)[0].strip()

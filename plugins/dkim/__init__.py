@@ -40,6 +40,7 @@ from milterd import (
 )
 
 from .keys import KeyFileError, SigningKey, fast_sign, load_key, parse_headers
+from .names import dns_name, host_name, to_ascii
 from .verify import DNSError, NoKey, SigResult, verify_message
 
 __all__ = [
@@ -116,6 +117,16 @@ Action = Literal["accept", "tempfail", "reject", "quarantine"]
 RESULTS = ("pass", "fail", "neutral", "policy", "temperror", "permerror", "none")
 
 
+def _config_domain(v: str | None) -> str | None:
+    """A configured ``d=``: a host name, stored in A-labels (lower case, no trailing dot)."""
+    if v is None:
+        return None
+    name = host_name(v)
+    if name is None:
+        raise ValueError(f"invalid domain {v!r} (not a host name)")
+    return name
+
+
 class KeyEntry(PluginConfig):
     """One row of the key table."""
 
@@ -123,6 +134,11 @@ class KeyEntry(PluginConfig):
     file: str
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] | None = None  # default: from the key
     domain: str | None = None  # d=; default: the domain of the From address
+
+    @field_validator("domain")
+    @classmethod
+    def _dom(cls, v: str | None) -> str | None:
+        return _config_domain(v)
 
     @field_validator("selector")
     @classmethod
@@ -139,6 +155,24 @@ class SigningRule(PluginConfig):
     keys: list[str] = Field(min_length=1)  # key table names; several = several signatures
     domain: str | None = None  # d= for this rule (overrides the key's and the From domain)
 
+    @field_validator("domain")
+    @classmethod
+    def _dom(cls, v: str | None) -> str | None:
+        return _config_domain(v)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        """Lower case, the domain part in A-labels (label by label: "*" stays), since the
+        From domain is matched in A-labels."""
+        local, at, domain = v.lower().rpartition("@")
+        labels = [
+            lab if "*" in lab or lab.isascii() else to_ascii(lab) for lab in domain.split(".")
+        ]
+        if any(lab is None for lab in labels):
+            raise ValueError(f"invalid pattern {v!r}")
+        return local + at + ".".join(lab or "" for lab in labels)
+
 
 class DKIMConfig(PluginConfig):
     sign: bool = True
@@ -148,7 +182,7 @@ class DKIMConfig(PluginConfig):
     canonicalization: str = "relaxed/relaxed"
     headers: list[str] = list(DEFAULT_HEADERS)
     oversign: list[str] = list(DEFAULT_OVERSIGN)
-    expire: int = 0  # x= seconds after t=; 0: no x= tag
+    expire: int = Field(0, ge=0)  # x= seconds after t=; 0: no x= tag (negative: refused)
     sign_daemons: list[str] = []  # {daemon_name} values whose mail is signed, e.g. submission
     sign_local: bool = True  # local submission: no client address or a loopback one
     insecure_keys: bool = False  # skip the key file permission checks
@@ -292,14 +326,20 @@ def is_trusted_sender(ctx: Context, config: DKIMConfig) -> bool:
 
 
 def make_fetch(ctx: Context) -> Any:
-    """A key fetcher over ``ctx.resolver`` for :func:`verify_message` (and ARC)."""
+    """A key fetcher over ``ctx.resolver`` for :func:`verify_message` (and ARC): returns
+    the key record, raises :class:`NoKey` (also for a name that is no valid DNS name,
+    never looked up) or :class:`DNSError`. Results are cached for the message."""
     cache: dict[str, bytes | Exception] = {}
 
     def fetch(name: str) -> bytes:
         name = name.rstrip(".")
         if name not in cache:
+            ascii_name = dns_name(name)
+            if ascii_name is None:  # the resolver would call it a temporary error
+                cache[name] = NoKey(name)
+                raise NoKey(name)
             try:
-                recs = ctx.resolver.lookup(name, "TXT", timeout=max(0.05, ctx.time_left()))
+                recs = ctx.resolver.lookup(ascii_name, "TXT", timeout=max(0.05, ctx.time_left()))
                 keyrecs = [r for r in recs if "p=" in r] or recs
                 cache[name] = keyrecs[0].encode("utf-8", "replace") if keyrecs else NoKey(name)
             except NXDomain:
@@ -402,11 +442,18 @@ class DKIMPlugin:
         if addr is None:
             ctx.log.warning("not signing: %s", why)
             return
+        local, _, raw_domain = addr.rpartition("@")
+        from_domain = host_name(raw_domain)
+        if from_domain is None:
+            # an address literal, an empty label, a U-label IDNA refuses...: no valid d=
+            # exists for it (a UTF-8 domain used to raise and defer the message)
+            ctx.log.warning("not signing: From domain %r is not a host name", raw_domain)
+            return
+        addr = f"{local}@{from_domain}"  # matched and signed in A-labels
         rule = match_rule(cfg.signing, addr)
         if rule is None:
             ctx.log.debug("not signing: no signing rule for %s", addr)
             return
-        from_domain = addr.rsplit("@", 1)[1]
         try:
             headers = signing_headers(message)
         except dkim.MessageFormatError as e:

@@ -6,7 +6,9 @@ algorithm (``select_headers``, ``Relaxed.canonicalize_headers``, ``hash_headers`
 the signed fields only, without regular expressions for the common case: dkimpy's version
 canonicalizes every field with two ``re.sub`` calls, about a third of the signing time
 that is not RSA (bench/RESULTS.md). The output is byte-for-byte what dkimpy would produce
-(same fields, same folding, same hash input); the unit tests check it against dkimpy,
+(same fields, same folding, same hash input), except that a fold never goes inside a tag
+value other than ``h=``, ``b=``, ``bh=`` (:func:`fold_signature`: dkimpy's broke long
+domains); the unit tests check it against dkimpy,
 field by field on generated headers, and with dkimpy's verifier; the integration tests
 with OpenDKIM.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "SigningKey",
     "check_key_file",
     "fast_sign",
+    "fold_signature",
     "hash_signed_headers",
     "load_key",
     "parse_headers",
@@ -214,6 +217,80 @@ def canonicalize_body(policy: CanonicalizationPolicy, body: bytes) -> bytes:
     return bytes(policy.canonicalize_body(body))
 
 
+#: Tags whose value may be broken anywhere by a fold: base64, where FWS is ignored (RFC 6376
+#: 3.5). ``h=`` may be broken at its white space (FWS around ":"); every other value
+#: (``d=``, ``i=``, ``s=``, ``a=``, ``c=``...) stays whole: a fold inside ``d=`` put a
+#: space into the domain and no verifier found the key.
+_BREAK_ANYWHERE = frozenset((b"b", b"bh"))
+_WHOLE_OK = frozenset((b"h", b"b", b"bh"))  # values dkimpy's fold may break as it does
+_SHORT = 56  # "; " + "k=" + 56 + a space: always a fold point inside 72 columns
+
+
+def fold_signature(
+    fields: list[tuple[bytes, bytes]], namelen: int, linesep: bytes = b"\r\n", end: bytes = b""
+) -> bytes:
+    """The tags ``fields`` joined as ``k=v; k=v`` (plus ``end``) and folded as dkimpy's
+    ``fold`` does (lines of 72 columns, the first one shortened by ``namelen``; a fold
+    replaces the last allowed space before the limit), but only where a fold is allowed:
+    after ``"; "`` between tags, at the spaces of ``h=``, and anywhere inside ``b=`` and
+    ``bh=``. Where dkimpy would break a run without a space it breaks there only inside
+    ``b=``/``bh=``; elsewhere the line runs on to the next allowed break (a 253-octet
+    domain still fits the 998-octet limit). Whenever dkimpy's own fold is valid (no
+    value over ~70 characters outside ``b=``/``bh=``) the output is byte for byte
+    dkimpy's, so signatures stay identical to dkimpy's (tested)."""
+    if all(len(v) <= _SHORT for k, v in fields if k not in _WHOLE_OK):
+        # The common case (domains, selectors shorter than a line): every run without a
+        # space fits in a line, so dkimpy's fold breaks nowhere it should not; and it is
+        # about 7 times faster than the general walk below (measured: 7 against 49 us),
+        # which a signature needs twice.
+        joined = b"; ".join(b"=".join(x) for x in fields) + end
+        return bytes(dkim.fold(joined, namelen=namelen, linesep=linesep))
+    text = bytearray()
+    spaces: list[int] = []  # positions of spaces a fold may replace
+    anywhere: set[int] = set()  # positions a fold may go before (inside b=, bh=)
+    for n, (k, v) in enumerate(fields):
+        if n:
+            spaces.append(len(text) + 1)
+            text += b"; "
+        text += k + b"="
+        if k == b"h":
+            spaces += [len(text) + i for i, c in enumerate(v) if c == 0x20]
+        elif k in _BREAK_ANYWHERE:
+            anywhere.update(range(len(text), len(text) + len(v)))
+        text += v
+    text += end
+    maxleng = 72 - namelen
+    if len(text) <= maxleng:
+        return bytes(text)
+    out = bytearray()
+    start = 0  # text[start:] is still to fold
+    space_set = set(spaces)
+    while len(text) - start > maxleng:
+        window = range(start + maxleng - 1, start, -1)
+        cut = next((i for i in window if i in space_set), None)
+        if cut is not None:  # the space goes: the fold stands for it
+            out += text[start:cut] + linesep + b" "
+            start = cut + 1
+        elif start + maxleng in anywhere:  # as dkimpy: a hard break at the limit
+            out += text[start : start + maxleng] + linesep + b" "
+            start += maxleng
+        else:
+            later = [i for i in spaces if i > start + maxleng]
+            hard = [i for i in anywhere if start < i < start + maxleng]
+            if hard:  # a b=/bh= value starting inside the window
+                cut = max(hard)
+                out += text[start:cut] + linesep + b" "
+                start = cut
+            elif later:
+                cut = later[0]
+                out += text[start:cut] + linesep + b" "
+                start = cut + 1
+            else:
+                break
+        maxleng = 71
+    return bytes(out + text[start:])
+
+
 def fast_sign(
     headers: list[list[bytes]],
     body: bytes,
@@ -254,16 +331,14 @@ def fast_sign(
         fields.append((b"x", str(now + expire).encode()))
     fields += [(b"h", b" : ".join(incl)), (b"bh", bodyhash), (b"b", b"0" * 60)]
     name = b"DKIM-Signature"
-    value = b"; ".join(b"=".join(x) for x in fields)
-    value = dkim.fold(value, namelen=len(name), linesep=b"\r\n")
+    value = fold_signature(fields, len(name))
     value = dkim.RE_BTAG.sub(b"\\1", value)
     h = hashlib.sha256()
     relaxed = policy.header_algorithm.name == b"relaxed"
     hash_signed_headers(h, relaxed, headers, incl, (name, b" " + value))
     sig = key.sign_digest(h.digest())
     fields[-1] = (b"b", base64.b64encode(sig))
-    out = b"; ".join(b"=".join(x) for x in fields) + b"\r\n"
-    out = bytes(dkim.fold(out, namelen=len(name), linesep=b"\r\n"))
+    out = fold_signature(fields, len(name), end=b"\r\n")
     return out.decode("ascii").rstrip("\r\n").lstrip(" ")
 
 
@@ -279,8 +354,7 @@ class FastARC(dkim.ARC):  # type: ignore[misc]
             return super().gen_header(  # type: ignore[no-any-return]
                 fields, include_headers, canon_policy, header_name, pk, standardize
             )
-        header_value = b"; ".join(b"=".join(x) for x in fields)
-        header_value = dkim.fold(header_value, namelen=len(header_name), linesep=b"\r\n")
+        header_value = fold_signature(fields, len(header_name))
         header_value = dkim.RE_BTAG.sub(b"\\1", header_value)
         header = (header_name, b" " + header_value)
         h = dkim.HashThrough(self.hasher(), False)
@@ -292,5 +366,4 @@ class FastARC(dkim.ARC):  # type: ignore[misc]
         sig2 = self.signing_key.sign_digest(h.digest())
         idx = next(i for i in range(len(fields)) if fields[i][0] == b"b")
         fields[idx] = (b"b", base64.b64encode(sig2))
-        out = b"; ".join(b"=".join(x) for x in fields) + self.linesep
-        return dkim.fold(out, namelen=len(header_name), linesep=self.linesep)  # type: ignore[no-any-return]
+        return fold_signature(fields, len(header_name), self.linesep, end=self.linesep)

@@ -6,8 +6,11 @@ One :class:`SigResult` per signature, top down. What dkimpy accepts but we do no
 * RSA keys under 1024 bits never pass (``fail``, RFC 8301 section 3.2);
 * a valid signature whose ``l=`` covers less than the whole body is ``policy``
   (appended text could be anything);
-* DNS trouble is ``temperror``; a missing or unparsable key ``permerror``;
-  an unparsable signature ``neutral`` (RFC 8601 section 2.7.1).
+* a signature whose ``h=`` leaves out From is ``permerror`` (RFC 6376 5.4, 6.1.1);
+* a key name (``s=``, ``d=``) that is no valid DNS name is ``permerror``, without a
+  lookup (the resolver would call it a temporary error);
+* DNS trouble is ``temperror``; a missing or unparsable key ``permerror``; a revoked key
+  (empty ``p=``) ``fail``; an unparsable signature ``neutral`` (RFC 8601 section 2.7.1).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizatio
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from .keys import canonicalize_body, hash_signed_headers
+from .names import key_name
 
 __all__ = [
     "DNSError",
@@ -196,7 +200,18 @@ def verify_message(
         if base["a"] not in ("rsa-sha256", "ed25519-sha256"):
             out.append(SigResult("neutral", f"unknown algorithm {base['a']}", **base))
             continue
-        name = f"{base['s']}._domainkey.{dom}"
+        if b"from" not in [h.strip().lower() for h in tags[b"h"].split(b":")]:
+            # RFC 6376 5.4 and 6.1.1: From MUST be signed; a signature that leaves it out
+            # says nothing about the author and passing it let anyone replace From
+            out.append(SigResult("permerror", "From not signed", **base))
+            continue
+        name = key_name(base["s"], dom)
+        if name is None:
+            # the resolver would report it as a temporary error, retried forever
+            out.append(
+                SigResult("permerror", f"invalid key name {base['s']}._domainkey.{dom}", **base)
+            )
+            continue
         try:
             record = fetch(name)
         except DNSError as e:
@@ -204,6 +219,12 @@ def verify_message(
             continue
         except NoKey:
             out.append(SigResult("permerror", f"no key for signature at {name}", **base))
+            continue
+        if _revoked(record):
+            # RFC 6376 3.6.1: an empty p= means the key was revoked; "fail" as OpenDKIM
+            # (DKIM_STAT_REVOKED, reported with bad signatures) and dkimpy (verify() is
+            # False) report it, not permerror: the signature is known to be invalid
+            out.append(SigResult("fail", f"key revoked at {name}", **base))
             continue
         try:
             _pk, bits, ktag, _ = dkim.evaluate_pk(name.encode(), record)
@@ -243,6 +264,15 @@ def verify_message(
                 continue
         out.append(SigResult("pass", "", **base))
     return out
+
+
+def _revoked(record: bytes) -> bool:
+    """Whether the key record is well formed with an empty ``p=`` (a revoked key)."""
+    try:
+        tags = parse_tag_value(record)
+    except Exception:  # malformed: evaluate_pk reports it
+        return False
+    return b"p" in tags and not _ws(tags[b"p"])
 
 
 def _canon_len(body: bytes, tags: dict[bytes, bytes]) -> int:

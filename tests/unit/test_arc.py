@@ -13,9 +13,10 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from milterd_plugins.arc import ARCPlugin, verify_chain
+from milterd_plugins.arc import ARCPlugin, fold_aar, seal_ops, verify_chain
 from milterd_plugins.dkim.keys import public_txt
 
+from milterd import Context, Result, hookimpl
 from milterd.testing import Harness
 
 MSG = (
@@ -236,3 +237,124 @@ def test_bare_cr_inside_a_field_is_sealed_without_failure(key: dict[str, Any]) -
     out = run(key, msg)
     assert out.errors == [] and out.verdict == "continue"
     assert out.header("ARC-Seal") is not None
+
+
+class Results:
+    """Records fixed results at eom (what a verifying plugin would report)."""
+
+    results: list[Result] = []
+
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        for r in self.results:
+            ctx.add_result(r)
+
+
+def run_with(key: dict[str, Any], data: bytes, results: list[Result], **cfg: Any) -> Any:
+    recorder = type("Rec", (Results,), {"results": results})
+    conf = config(key)
+    conf["plugins"]["authres"].update(cfg)
+    plugins = {"results": recorder, "arc": ARCPlugin}
+    with Harness(conf, plugins=plugins, zones=zones(key)) as h:
+        return h.send(data, client_ip=UNTRUSTED)
+
+
+def unfolded(value: str) -> str:
+    return " ".join(value.split())
+
+
+FORGED = (
+    b"Authentication-Results: ((((((x)))))) mx.example.net; dkim=pass header.d=bank.example\r\n"
+)
+
+
+def test_seal_covers_only_the_authentication_results_we_added(key: dict[str, Any]) -> None:
+    # authres keeps the forgery (remove_forged = false): dkimpy would merge it into the
+    # AAR, since the authres library reads its authserv-id as ours
+    out = run_with(key, FORGED + MSG, [], remove_forged=False)
+    assert "bank.example" in (out.delivered or b"").decode()  # still there, unsealed
+    aar = out.header("ARC-Authentication-Results") or ""
+    assert unfolded(aar) == "i=1; mx.example.net; arc=none"
+    assert dkim.arc_verify(out.delivered, dnsfunc=dnsfunc(key))[0] == dkim.CV_Pass
+
+
+def test_no_seal_without_an_authentication_results_added_now(key: dict[str, Any]) -> None:
+    # a trusted sender gets no A-R of ours: an incoming one claiming our id is not sealed
+    conf = config(key)
+    conf["plugins"]["authres"]["remove_forged"] = False
+    with Harness(conf, plugins={"arc": ARCPlugin}, zones=zones(key)) as h:
+        out = h.send(FORGED + MSG, client_ip=UNTRUSTED, auth="alice")
+    assert out.header("ARC-Seal") is None
+
+
+def test_aar_says_what_our_authentication_results_says(key: dict[str, Any]) -> None:
+    # the core folds our A-R inside the quoted reason; the authres library turned that
+    # line break into "??" in the AAR
+    reason = "the body hash did not match (got 'abc', expected 'def'); " * 3
+    out = run_with(key, MSG, [Result("dkim", "fail", reason=reason)])
+    ar = out.header("Authentication-Results") or ""
+    aar = out.header("ARC-Authentication-Results") or ""
+    assert "\n" in ar  # folded by the core
+    assert unfolded(aar) == "i=1; " + unfolded(ar)
+    assert "??" not in aar
+    assert dkim.arc_verify(out.delivered, dnsfunc=dnsfunc(key))[0] == dkim.CV_Pass
+
+
+def test_long_aar_is_folded_before_the_core_would_break_it(key: dict[str, Any]) -> None:
+    # five 250-character values without white space: one AAR line of 1300 octets, which
+    # the core hard-breaks (inserting a space) after we signed it
+    props = tuple((f"header.{k}", k * 250) for k in "dsiab")
+    out = run_with(key, MSG, [Result("dkim", "neutral", properties=props)])
+    header_block = (out.delivered or b"").split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in header_block.split(b"\r\n")) <= 998
+    ar = out.header("Authentication-Results") or ""
+    assert unfolded(out.header("ARC-Authentication-Results") or "") == "i=1; " + unfolded(ar)
+    cv, _, reason = dkim.arc_verify(out.delivered, dnsfunc=dnsfunc(key))
+    assert cv == dkim.CV_Pass, reason
+
+
+def test_fold_aar_keeps_quoted_strings_whole_unless_a_line_gets_too_long() -> None:
+    value = 'i=1; mx.example.net; dkim=fail reason="' + "word " * 20 + '" header.d=example.com'
+    folded = fold_aar(value, len("ARC-Authentication-Results: "))
+    assert folded is not None and folded.replace("\r\n", "") == value
+    quoted = folded.split('"')[1]
+    assert "\r\n" not in quoted
+    long_quoted = 'i=1; mx.example.net; dkim=fail reason="' + "word " * 300 + '"'
+    folded = fold_aar(long_quoted, 28)
+    assert folded is not None and folded.replace("\r\n", "") == long_quoted
+    assert max(len(line) for line in folded.split("\r\n")) <= 78
+    assert fold_aar("i=1; mx.example.net; x=" + "y" * 1000, 28) is None
+
+
+def test_seal_ops_refuses_a_field_the_core_would_change() -> None:
+    long_run = b"ARC-Message-Signature: i=1; h=" + b"x" * 1200 + b"\r\n"
+    assert seal_ops([long_run]) is None
+    ok = b"ARC-Seal: i=1; cv=none; a=rsa-sha256;\r\n b=abc\r\n"
+    ops = seal_ops([ok])
+    assert ops is not None and [(o.name, o.value) for o in ops] == [
+        ("ARC-Seal", "i=1; cv=none; a=rsa-sha256;\n b=abc")
+    ]
+
+
+@pytest.mark.parametrize("n", [60, 69, 75, 90, 120])
+def test_long_sealing_domain_verifies(key: dict[str, Any], n: int) -> None:
+    # dkimpy's fold broke a d= of 69+ characters inside the value
+    body = "x" * (n - 4)
+    dom = ".".join(body[i : i + 40] for i in range(0, len(body), 40)) + ".com"
+    z = {**zones(key), f"arc1._domainkey.{dom}": {"TXT": [key["txt"]]}}
+    with Harness(config(key, domain=dom), plugins={"arc": ARCPlugin}, zones=z) as h:
+        out = h.send(MSG, client_ip=UNTRUSTED)
+    table = {k + ".": v["TXT"][0].encode() for k, v in z.items()}
+    cv, _, reason = dkim.arc_verify(
+        out.delivered, dnsfunc=lambda name, timeout=5: table.get(name.decode())
+    )
+    assert cv == dkim.CV_Pass, reason
+    fetch = lambda nm: z[nm]["TXT"][0].encode()  # noqa: E731
+    assert verify_chain(out.delivered or b"", fetch)[0] == "pass"
+
+
+def test_config_bounds(key: dict[str, Any]) -> None:
+    with pytest.raises(Exception, match="min_rsa_bits"):
+        Harness(config(key, min_rsa_bits=512), plugins={"arc": ARCPlugin})
+    with pytest.raises(Exception, match="invalid domain"):
+        Harness(config(key, domain="exa mple.net"), plugins={"arc": ARCPlugin})

@@ -4,6 +4,7 @@ forged headers claiming our authserv-id removed wherever they stand."""
 from __future__ import annotations
 
 import re
+import time
 
 import authres
 import pytest
@@ -117,7 +118,12 @@ def test_remove_forged_false_keeps_them() -> None:
         ("Authentication-Results", "(c (nested)) MX.example 1; spf=pass", "mx.example"),
         ("ARC-Authentication-Results", "i=3; mx.example; spf=pass", "mx.example"),
         ("Authentication-Results", "", ""),
-        ("Authentication-Results", "(((", "((("),
+        # an unclosed comment runs to the end (the authres parser refuses the field)
+        ("Authentication-Results", "(((", ""),
+        # nested deeper than the 5 levels once stripped: authres and dkimpy read it as ours
+        ("Authentication-Results", "((((((x)))))) MX.example; dkim=pass", "mx.example"),
+        ("Authentication-Results", "(x\\)) mx.example; spf=pass", "mx.example"),
+        ("Authentication-Results", 'mx.example (a "(" b); spf=pass', "mx.example"),
         # RFC 8601: the authserv-id may be a quoted-string; a forger will use one.
         ("Authentication-Results", '"MX.example"; dkim=pass', "mx.example"),
         ("Authentication-Results", '(x) "mx.example" ; spf=pass', "mx.example"),
@@ -126,6 +132,25 @@ def test_remove_forged_false_keeps_them() -> None:
 )
 def test_authserv_id_of(name: str, value: str, want: str) -> None:
     assert authserv_id_of(name, value) == want
+
+
+def test_authserv_id_of_any_nesting_depth_in_linear_time() -> None:
+    deep = "(" * 50_000 + "x" + ")" * 50_000
+    t = time.perf_counter()
+    assert authserv_id_of("Authentication-Results", f"{deep} mx.example; spf=pass") == "mx.example"
+    assert time.perf_counter() - t < 1.0
+
+
+def test_deeply_nested_comment_does_not_hide_a_forgery() -> None:
+    forged = (
+        b"Authentication-Results: ((((((x)))))) mx.test.example;"
+        b" dkim=pass header.d=bank.example\r\n"
+        b"From: a@bank.example\r\nSubject: x\r\n\r\nbody\r\n"
+    )
+    with Harness(plugins={"authres": AuthenticationResults}) as h:
+        out = h.send(forged)
+    assert out.headers()[0] == ("Authentication-Results", "mx.test.example; none")
+    assert [n for n, _ in out.headers()].count("Authentication-Results") == 1
 
 
 def test_build_header_quotes_values_that_need_it() -> None:

@@ -887,3 +887,190 @@ def test_header_block_dkimpy_cannot_parse_is_delivered_unsigned(
     assert out.errors == [] and out.verdict == "continue"
     assert out.header("DKIM-Signature") is None
     assert "not signing: header block not parseable" in caplog.text
+
+
+# --- review fixes: From not signed, key names, From domains, long domains ---------------------
+
+
+def signed_without_from(keys: dict[str, Any], msg: bytes = MSG) -> bytes:
+    """A valid rsa-sha256 signature whose h= leaves out From (dkimpy's sign refuses to
+    make one; its signer's gen_header does not check)."""
+    import hashlib
+
+    from dkim.canonicalization import CanonicalizationPolicy
+    from dkim.crypto import parse_pem_private_key
+
+    pem = load_key(str(keys["rsa"][0])).pkcs1_pem()
+    policy = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    d = dkim.DKIM(msg)
+    d.hasher = hashlib.sha256
+    bh = base64.b64encode(hashlib.sha256(policy.canonicalize_body(d.body)).digest())
+    fields = [
+        (b"v", b"1"),
+        (b"a", b"rsa-sha256"),
+        (b"c", b"relaxed/relaxed"),
+        (b"d", b"example.com"),
+        (b"s", b"r2026"),
+        (b"h", b"subject : to"),
+        (b"bh", bh),
+        (b"b", b"0" * 60),
+    ]
+    value = d.gen_header(
+        fields, [b"subject", b"to"], policy, b"DKIM-Signature", parse_pem_private_key(pem)
+    )
+    return b"DKIM-Signature: " + bytes(value) + msg
+
+
+def test_signature_not_covering_from_is_permerror(keys: dict[str, Any]) -> None:
+    data = signed_without_from(keys)
+    assert dkim.verify(data, dnsfunc=dnsfunc_for(keys))  # dkimpy alone: valid
+    forged = data.replace(b"From: Alice <alice@example.com>", b"From: CEO <ceo@example.com>")
+    (r,) = verify(keys, forged).results
+    assert (r.result, r.reason) == ("permerror", "From not signed")
+
+
+class Recording:
+    """A resolver that records every lookup and fails like a broken network."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def lookup(self, name: str, rdtype: str, timeout: float | None = None) -> list[str]:
+        from milterd import DNSTempError
+
+        self.names.append(name)
+        raise DNSTempError(f"{name}: timeout")
+
+
+@pytest.mark.parametrize(
+    ("s", "d"),
+    [
+        ("a..b", "example.com"),
+        ("x" * 64, "example.com"),
+        ("s", ("a" * 60 + ".") * 5 + "com"),
+        ("s", "exa mple.com"),
+        ("", "example.com"),
+        ("s\\", "example.com"),
+    ],
+)
+def test_invalid_key_name_is_permerror_without_a_lookup(s: str, d: str) -> None:
+    data = (
+        f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d={d}; s={s}; h=from;"
+        " bh=AAAA; b=AAAA\r\n"
+    ).encode() + MSG
+    res = Recording()
+    cfg = {"dkim": {"actions": {"temperror": "tempfail"}}}
+    with Harness(cfg, plugins={"dkim": DKIMPlugin}, resolver=res) as h:
+        out = h.send(data, client_ip=UNTRUSTED)
+    assert out.verdict == "continue"  # not deferred forever
+    assert [r.result for r in out.results] in (["permerror"], ["neutral"])
+    assert res.names == []
+
+
+def test_utf8_key_name_is_looked_up_as_a_labels(keys: dict[str, Any]) -> None:
+    from milterd_plugins.dkim.names import key_name
+
+    assert key_name("Sel", "Bücher.Example.") == "sel._domainkey.xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(
+    ("from_", "d"),
+    [
+        ("j@bücher.example", "xn--bcher-kva.example"),
+        ("J@B\u00dcCHER.EXAMPLE", "xn--bcher-kva.example"),
+        ("a@example.com.", "example.com"),
+        ("a@[192.0.2.1]", None),
+        ("a@exa_mple.com", None),
+    ],
+)
+def test_from_domain_signed_in_a_labels_or_not_at_all(
+    keys: dict[str, Any], from_: str, d: str | None
+) -> None:
+    msg = f"From: {from_}\r\nTo: b@example.net\r\nSubject: s\r\n\r\nbody\r\n".encode()
+    cfg = sign_config(keys, [{"pattern": "*", "keys": ["rsa"]}], on_error="tempfail")
+    with Harness(cfg, plugins={"dkim": DKIMPlugin}) as h:
+        out = h.send(msg, auth="alice")
+    assert not out.errors and out.verdict == "continue"
+    sig = out.header("DKIM-Signature")
+    assert (sig_tags(sig)["d"] if sig else None) == d
+    if d is not None:
+        z = {f"r2026._domainkey.{d}.": keys["rsa"][1].encode()}
+        assert dkim.verify(dl(out), dnsfunc=lambda n, timeout=5: z.get(n.decode()))
+
+
+def test_signing_table_and_configured_domains_in_a_labels(keys: dict[str, Any]) -> None:
+    rule = SigningRule(pattern="*@Bücher.Example", keys=["rsa"], domain="Bücher.Example.")
+    assert rule.pattern == "*@xn--bcher-kva.example"
+    assert rule.domain == "xn--bcher-kva.example"
+    with pytest.raises(Exception, match="invalid domain"):
+        SigningRule(pattern="*", keys=["rsa"], domain="[192.0.2.1]")
+
+
+def long_domain(n: int) -> str:
+    """A domain of exactly ``n`` characters, labels of at most 40."""
+    body = "x" * (n - 4)
+    return ".".join(body[i : i + 40] for i in range(0, len(body), 40)) + ".com"
+
+
+@pytest.mark.parametrize("canon", [("relaxed", "relaxed"), ("simple", "simple")])
+def test_long_domains_verify(keys: dict[str, Any], canon: tuple[str, str]) -> None:
+    # dkimpy's fold broke d= and i= of 69+ characters inside the value
+    from milterd_plugins.dkim.verify import NoKey, verify_message
+
+    for name in ("rsa", "ed"):
+        key = load_key(str(keys[name][0]))
+        for n in range(40, 121):
+            dom = long_domain(n)
+            hb = f"From: a@{dom}\r\nSubject: s\r\n".encode()
+            value = fast_sign(
+                parse_headers(hb),
+                b"x\r\n",
+                key,
+                domain=dom,
+                selector="s",
+                include_headers=["from", "subject"],
+                canonicalize=canon,
+            )
+            tags = dict((k.strip(), v) for k, _, v in (t.partition("=") for t in value.split(";")))
+            assert tags["d"] == dom and tags["i"] == "@" + dom, value
+            data = b"DKIM-Signature: " + value.encode() + b"\r\n" + hb + b"\r\nx\r\n"
+            rec = keys[name][1].encode()
+            assert dkim.verify(data, dnsfunc=lambda _n, timeout=5, r=rec: r), (n, value)
+
+            def fetch(nm: str, want: str = f"s._domainkey.{dom}", r: bytes = rec) -> bytes:
+                if nm != want:
+                    raise NoKey(nm)
+                return r
+
+            assert [x.result for x in verify_message(data, fetch)] == ["pass"], (n, value)
+
+
+def test_fold_signature_is_dkimpys_fold_when_that_is_valid() -> None:
+    from milterd_plugins.dkim.keys import fold_signature
+
+    fields = [
+        (b"v", b"1"),
+        (b"a", b"rsa-sha256"),
+        (b"d", b"example.com"),
+        (b"h", b"from : to : subject : date : message-id : mime-version : content-type"),
+        (b"bh", b"A" * 44),
+        (b"b", b"B" * 344),
+    ]
+    joined = b"; ".join(b"=".join(f) for f in fields)
+    assert fold_signature(fields, 14) == dkim.fold(joined, namelen=14)
+    assert fold_signature(fields, 14, end=b"\r\n") == dkim.fold(joined + b"\r\n", namelen=14)
+
+
+def test_revoked_key_fails(keys: dict[str, Any]) -> None:
+    data = signed(keys)
+    out = verify(keys, data, extra_zones={"r2026._domainkey.example.com": {"TXT": ["v=DKIM1; p="]}})
+    (r,) = out.results
+    assert r.result == "fail" and "revoked" in r.reason
+
+
+def test_negative_expire_is_refused(keys: dict[str, Any]) -> None:
+    with pytest.raises(Exception, match="expire"):
+        Harness(
+            sign_config(keys, [{"pattern": "*", "keys": ["rsa"]}], expire=-60),
+            plugins={"dkim": DKIMPlugin},
+        )
