@@ -35,9 +35,8 @@ from milterd import (
 )
 
 from ..authres import authserv_id_of
-from ..dkim import DEFAULT_HEADERS, make_fetch
+from ..dkim import DEFAULT_HEADERS, _config_domain, make_fetch
 from ..dkim.keys import FastARC, KeyFileError, SigningKey, load_key
-from ..dkim.names import host_name
 from ..dkim.verify import DNSError, FastARCVerify, NoKey
 
 __all__ = [
@@ -70,12 +69,7 @@ class ARCConfig(PluginConfig):
     @classmethod
     def _domain(cls, v: str | None) -> str | None:
         """The sealing ``d=``: a host name, stored in A-labels."""
-        if v is None:
-            return None
-        name = host_name(v)
-        if name is None:
-            raise ValueError(f"invalid domain {v!r} (not a host name)")
-        return name
+        return _config_domain(v)
 
     @field_validator("selector")
     @classmethod

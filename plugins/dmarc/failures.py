@@ -236,19 +236,13 @@ class FailureSender:
         sender: str,
         per_hour: int,
     ) -> None:
-        self.spool = spool
-        self.resolver = resolver
-        self.psl = psl
-        self.host = host
-        self.port = port
-        self.sender = sender
-        self.per_hour = per_hour
         self.sent: dict[str, deque[float]] = {}
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.owner: object = None  # the plugin generation whose settings are in use
+        self.configure(spool, resolver, psl, host, port, sender, per_hour)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="dmarc-failures", daemon=True)
@@ -275,7 +269,8 @@ class FailureSender:
     ) -> None:
         """New settings (a reload), taken at the next pass; ``spool`` None pauses."""
         with self.lock:
-            self.spool, self.resolver, self.psl = spool, resolver, psl
+            self.spool: FailureSpool | None = spool
+            self.resolver, self.psl = resolver, psl
             self.host, self.port, self.sender, self.per_hour = host, port, sender, per_hour
         self.wake.set()
 
