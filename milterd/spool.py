@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -33,28 +34,41 @@ def header_line(header: Header) -> bytes:
 class Spool:
     """A write-once body buffer: memory up to ``limit`` bytes, then a temporary file."""
 
-    __slots__ = ("_file", "closed", "size")
+    __slots__ = ("_file", "_lock", "closed", "size")
 
     def __init__(self, limit: int, tmpdir: str | None = None) -> None:
         # Closed in close(), which the session calls when the message ends, whatever happens.
         self._file: BinaryIO = tempfile.SpooledTemporaryFile(  # type: ignore[assignment]  # noqa: SIM115
             max_size=limit, dir=tmpdir
         )
+        # One file position, several readers: a plugin abandoned past its deadline may
+        # still be reading on its helper thread while the next plugin reads. Each reader
+        # keeps its own offset and seeks under this lock before every read.
+        self._lock = threading.Lock()
         self.size = 0
         self.closed = False
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
-        self.size += len(chunk)
+        with self._lock:
+            self._file.seek(0, 2)
+            self._file.write(chunk)
+            self.size += len(chunk)
 
     def read(self) -> bytes:
-        self._file.seek(0)
-        return self._file.read()
+        with self._lock:
+            self._file.seek(0)
+            return self._file.read()
 
     def chunks(self, size: int = _CHUNK) -> Iterator[bytes]:
-        """The body in chunks, without loading it whole."""
-        self._file.seek(0)
-        while block := self._file.read(size):
+        """The body in chunks, without loading it whole; readers never disturb each other."""
+        offset = 0
+        while True:
+            with self._lock:
+                self._file.seek(offset)
+                block = self._file.read(size)
+            if not block:
+                return
+            offset += len(block)
             yield block
 
     def close(self) -> None:

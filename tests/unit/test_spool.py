@@ -1,0 +1,40 @@
+"""The body spool: several readers at once (a plugin abandoned past its deadline may still
+be reading while the next one reads) each get the whole body."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+from milterd.spool import Spool
+
+
+def test_interleaved_readers_each_get_the_whole_body() -> None:
+    body = bytes(range(256)) * 10_000  # 2.5 MB: past the memory limit, a temporary file
+    spool = Spool(limit=64 * 1024)
+    for i in range(0, len(body), 65535):
+        spool.write(body[i : i + 65535])
+    a, b = spool.chunks(4096), spool.chunks(10_000)
+    got_a, got_b = bytearray(), bytearray()
+    for chunk_a in a:  # b reads between every two reads of a
+        got_a += chunk_a
+        got_b += next(b, b"")
+    got_b += b"".join(b)
+    assert bytes(got_a) == body and bytes(got_b) == body
+    want = hashlib.sha256(body).hexdigest()
+    results: list[str] = []
+
+    def reader(size: int) -> None:
+        h = hashlib.sha256()
+        for chunk in spool.chunks(size):
+            h.update(chunk)
+        results.append(h.hexdigest())
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in (1000, 4096, 65536, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [want] * 4
+    assert spool.read() == body
+    spool.close()
