@@ -396,7 +396,12 @@ def _early(session: Session, v: Verdict | None, stage: str, refused: dict[str, V
 
 
 def _strip(addr: str) -> str:
+    """An envelope address as the bridge passes it on: angle brackets removed, nothing
+    else (a source route or a quoted local part stays as the MTA sent it). ``Name <a@b>``
+    is accepted for convenience."""
     addr = addr.strip()
     if addr.startswith("<") and addr.endswith(">"):
         return addr[1:-1]
-    return email.utils.parseaddr(addr)[1] or addr
+    if "<" in addr and addr.endswith(">"):
+        return email.utils.parseaddr(addr)[1] or addr
+    return addr

@@ -311,8 +311,33 @@ def _in(address: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: NETS) -> b
     return any(address in n for n in nets)
 
 
+_ROUTE = re.compile(r"^@[^:]*:")  # RFC 5321 source route: @a,@b:user@c
+
+
+def split_sender(sender: str) -> tuple[str, str]:
+    """(local part, domain) of a MAIL FROM address as SPF checks it: a source route
+    dropped, split at the *last* ``@`` (a quoted local part may hold one: pyspf splits at
+    the first, and ``"a@b"@example.org`` was checked as another domain: ``none`` instead of
+    ``fail``), the domain lower case without one trailing dot (``example.org.`` is the same
+    name; pyspf called it malformed: ``none``). No ``@``: the whole string is the domain,
+    as pyspf and spf-engine take it."""
+    sender = _ROUTE.sub("", sender.strip())
+    local, at, domain = sender.rpartition("@")
+    if not at:
+        local, domain = "", sender
+    domain = domain.lower()
+    if domain.endswith(".") and not domain.endswith(".."):
+        domain = domain[:-1]
+    return local, domain
+
+
 def _domain_of(sender: str) -> str:
-    return sender.rpartition("@")[2].lower() if "@" in sender else ""
+    return split_sender(sender)[1]
+
+
+def _strip_dot(name: str) -> str:
+    """A HELO name without one trailing dot (``mx.example.org.`` is the same name)."""
+    return name[:-1] if name.endswith(".") and not name.endswith("..") else name
 
 
 def _reason(result: str, exp: str) -> str:
@@ -325,7 +350,25 @@ def _reason(result: str, exp: str) -> str:
 
 
 def _sanitize(text: str) -> str:
-    return "".join(c if c.isprintable() else " " for c in text)[:400]
+    """Printable ASCII only (a reply text, a header comment); anything else a space."""
+    return "".join(c if " " <= c <= "~" else " " for c in text)[:400]
+
+
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+def _value(text: str) -> str:
+    """An RFC 7208 9.1 key-value-pair value: a dot-atom as it is, else a quoted-string
+    with ``\\`` and ``"`` escaped (a HELO ``a b;c=d`` must not add a pair of its own)."""
+    text = _sanitize(text)
+    if _DOT_ATOM.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(text: str) -> str:
+    """Text for inside ``( )``: parentheses and backslashes escaped."""
+    return re.sub(r"([()\\])", r"\\\1", _sanitize(text))
 
 
 class SPFPlugin:
@@ -389,7 +432,11 @@ class SPFPlugin:
             return "temperror", "no time left for SPF lookups"
         try:
             with _Using(ctx.resolver, deadline):
+                helo = _strip_dot(helo)
                 q = spf.query(i=ip, s=sender, h=helo, timeout=querytime, querytime=querytime)
+                if sender:  # pyspf's own split is wrong for these (see split_sender)
+                    local, domain = split_sender(sender)
+                    q.l, q.o, q.d = local or "postmaster", domain, domain
                 res, _code, exp = q.check()
         except Exception as e:  # pyspf bugs on hostile input must not cost the message
             ctx.log.warning("spf: evaluation of %s failed: %r", sender, e)
@@ -540,8 +587,8 @@ class SPFPlugin:
             ident = "mailfrom" if mfrom else "helo"
             receiver = "" if conf.Hide_Receiver else f" receiver={conn.macros.get('j', '')};"
             value = (
-                f"{result} ({_sanitize(exp) or 'SPF ' + result}) client-ip={ip};"
-                f' envelope-from="{_sanitize(sender)}"; helo={_sanitize(helo)};{receiver}'
+                f"{result} ({_comment(exp) or 'SPF ' + result}) client-ip={ip};"
+                f" envelope-from={_value(sender)}; helo={_value(helo)};{receiver}"
                 f" identity={ident}"
             )
             ctx.add_change(AddHeader("Received-SPF", value))

@@ -321,3 +321,28 @@ def test_no_helo_given_means_no_helo_check() -> None:
 def test_temperror_reason_hides_dns_details() -> None:
     out = send({}, sender="a@slow.example.org", client_ip="192.0.2.2")
     assert mfrom(out).reason == "SPF Temporary Error: DNS lookup failed"
+
+
+@pytest.mark.parametrize(
+    "sender",
+    ['"a@b"@example.org', "@route.example:a@example.org", "a@example.org.", "A@EXAMPLE.ORG"],
+)
+def test_the_checked_domain_is_after_the_last_at_without_a_trailing_dot(sender: str) -> None:
+    """pyspf splits at the first @ and calls example.org. malformed: both gave none, so a
+    forger escaped Mail_From_reject = Fail."""
+    out = send({}, sender=sender, client_ip="192.0.2.2")
+    assert out.verdict == "reject" and mfrom(out).result == "fail"
+    assert mfrom(out).prop("smtp.mailfrom") == "example.org"
+
+
+def test_received_spf_values_are_quoted_and_ascii() -> None:
+    out = send(
+        {"Mail_From_reject": "False", "HELO_reject": "False", "Header_Type": "SPF"},
+        sender='"x\\"y"@example.org',
+        client_ip="192.0.2.2",
+        helo="a b;c=d",
+    )
+    (value,) = [v for n, v in out.headers() if n == "Received-SPF"]
+    assert 'helo="a b;c=d";' in value
+    assert 'envelope-from="\\"x\\\\\\"y\\"@example.org";' in value
+    assert value.isascii()
