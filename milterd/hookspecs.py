@@ -203,8 +203,8 @@ def connect(ctx: Context, event: Connect) -> Verdict | None:
 
     When it fires: once per connection, first (xxfi_connect).
     Arguments: ``event.client`` (hostname, family, address, port), ``event.macros``.
-    Returns: None to continue; a Reject/TempFail refuses the whole session; Accept stops
-    calling this plugin for the connection's first message only.
+    Returns: None to continue; a Reject/TempFail refuses the whole session; Accept: this
+    plugin is not called at HELO (message stages still call it; ``close`` always does).
     Changes: may not be recorded (no message yet).
     Negotiation: unhooked by every plugin → requested with SMFIP_NR_CONN (no reply).
     Since: 0.1.
@@ -319,7 +319,9 @@ def finalize(ctx: Context, message: Message) -> Verdict | None:
     ``ctx.verdict`` is the merged verdict so far (None: continue; or accept, quarantine).
     Returns: None, or a verdict (a TempFail here, e.g. an archive that cannot write, holds
     the message back).
-    Changes: may be recorded; headers added here go on top (signatures cover what follows).
+    Changes: may be recorded. Authentication fields (DKIM-Signature, ARC-*,
+    Authentication-Results, Received-SPF) go on top (signatures cover what follows); other
+    added fields go to the bottom, as at any stage.
     Negotiation: not an MTA stage; body requested if ``message`` is taken. Since: 0.1.
     """
 

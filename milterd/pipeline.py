@@ -494,7 +494,9 @@ class Session:
         end = time.monotonic() + budget
         progress = self.progress if stage in ("eom", "finalize") else None
         for p, impl in self.rt.plan[stage]:
-            if p.name in accepted:
+            # Accept means "done with this message (or connection)"; abort and close are
+            # for releasing what the plugin holds, so they are always called.
+            if p.name in accepted and stage not in ("abort", "close"):
                 continue
             left = end - time.monotonic()
             if left <= 0:
@@ -504,12 +506,17 @@ class Session:
                     p.name,
                     m.info.queue_id if m else "-",
                 )
-                return TempFail(
+                late = TempFail(
                     "451",
                     "4.3.0",
                     "Temporary filter failure, try again later",
                     reason=f"{stage} deadline",
                 )
+                if m is not None and stage not in ("envrcpt", "abort", "close"):
+                    # On the ledger, so that end of message (which merges the ledger)
+                    # tempfails instead of delivering what plugins never saw.
+                    m.ledger.entries.append(Entry(CORE, stage, late))
+                return late
             ctx = self._ctx(p, stage, time.monotonic() + min(left, p.settings.timeout))
             args["ctx"] = ctx
             v = self.rt.call(
@@ -519,7 +526,7 @@ class Session:
                 continue
             if m is not None and stage != "envrcpt":
                 m.ledger.entries.append(Entry(p.name, stage, v))
-            if isinstance(v, Accept):
+            if isinstance(v, Accept) and stage != "envrcpt":  # at RCPT: this recipient only
                 accepted.add(p.name)
             if strongest is None or v.severity > strongest.severity:
                 strongest = v
@@ -597,6 +604,7 @@ class Session:
             )
             m.rcpt_verdicts.append((CORE, recipient, v))  # type: ignore[arg-type]
             return v
+        recorded = len(m.ledger.entries)
         v = self._run(
             "envrcpt",
             {"event": ev.EnvRcpt(recipient, params, macros)},
@@ -604,6 +612,7 @@ class Session:
         )
         if v is not None and v.ends_stage:
             m.rcpt_verdicts.append(("", recipient, v))
+            del m.ledger.entries[recorded:]  # what was recorded for a recipient refused
             return v
         m.info.recipients.append(Recipient(recipient, params))
         return None
@@ -674,7 +683,7 @@ class Session:
             self.msg.over = True
             if stage in self.rt.negotiation.noreply:
                 return None
-            decision = merge([e for e in self.msg.ledger.entries if e.stage != "envrcpt"])
+            decision = merge(self.msg.ledger.entries)
             self._summary(decision, stage)
             self._end_message(None)
         return v
@@ -699,12 +708,17 @@ class Session:
                 "eom", {"event": ev.Eom(macros), "message": message}, budget, all_plugins=True
             )
         headers = m.info.headers if self.rt.negotiation.needs_headers else None
-        entries = [e for e in m.ledger.entries if e.stage != "envrcpt"]
-        decision = merge(entries, headers)
+        decision = merge(m.ledger.entries, headers)
         if decision.delivers and self.rt.plan["finalize"]:
             for p, impl in self.rt.plan["finalize"]:
                 left = end - time.monotonic()
-                if left <= 0:
+                if left <= 0:  # a signer or the archive not run: not delivered without them
+                    log.error("stage finalize out of time before plugin %s (queue id %s)",
+                              p.name, m.info.queue_id or "-")  # fmt: skip
+                    m.ledger.entries.append(Entry(CORE, "finalize", TempFail(
+                        "451", "4.3.0", "Temporary filter failure, try again later",
+                        reason="finalize deadline")))  # fmt: skip
+                    decision = merge(m.ledger.entries, headers)
                     break
                 delivered_headers, body = render(m.info.headers, decision.ops)
                 delivered = Message(delivered_headers, m.spool, body)
@@ -722,8 +736,7 @@ class Session:
                 )
                 if v is not None:
                     m.ledger.entries.append(Entry(p.name, "finalize", v))
-                entries = [e for e in m.ledger.entries if e.stage != "envrcpt"]
-                decision = merge(entries, headers)
+                decision = merge(m.ledger.entries, headers)
                 if not decision.delivers:
                     break
         if self.capture or self.rt.plan["outcome"]:

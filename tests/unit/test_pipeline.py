@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from milterd import (
     Reject,
     Result,
     TempFail,
+    Verdict,
     hookimpl,
 )
 from milterd.testing import FakeResolver, Harness, split_message
@@ -304,3 +306,80 @@ def test_split_message_reads_the_header_block_as_an_mta_does(
     fields, got = split_message(raw)
     assert [n for n, _ in fields] == names
     assert got == body
+
+
+# --- found by a review (2026-12-03) -------------------------------------------------------
+
+
+class RcptChanges:
+    """Records a header and a recipient at RCPT, and refuses recipients named x@...."""
+
+    @hookimpl
+    def envrcpt(self, ctx: Context, event: EnvRcpt) -> Verdict | None:
+        ctx.add_change(AddHeader("X-Rcpt", event.recipient))
+        if event.recipient.startswith("x@"):
+            return Reject("550", "5.1.1", "no such user")
+        return None
+
+
+def test_changes_recorded_at_rcpt_are_applied_except_for_refused_recipients() -> None:
+    with Harness(plugins={"r": RcptChanges}) as h:
+        out = h.send(MSG, recipients=["a@example.com", "x@example.com", "b@example.com"])
+    assert out.verdict == "continue"
+    assert [v for n, v in out.headers() if n == "X-Rcpt"] == ["a@example.com", "b@example.com"]
+
+
+class AcceptPostmaster:
+    """Accepts mail to postmaster at once, refuses blocked recipients; counts aborts."""
+
+    aborts = 0
+
+    @hookimpl
+    def envrcpt(self, ctx: Context, event: EnvRcpt) -> Verdict | None:
+        if event.recipient.startswith("postmaster@"):
+            return Accept()
+        if event.recipient.endswith("@blocked.example"):
+            return Reject("550", "5.7.1", "blocked")
+        return None
+
+    @hookimpl
+    def eom(self, ctx: Context) -> Verdict:
+        return Accept()
+
+    @hookimpl
+    def abort(self, ctx: Context) -> None:
+        AcceptPostmaster.aborts += 1
+
+
+def test_accept_at_rcpt_is_for_that_recipient_and_abort_is_always_called() -> None:
+    with Harness(plugins={"p": AcceptPostmaster}) as h:
+        out = h.send(MSG, recipients=["postmaster@example.com", "x@blocked.example"])
+        assert set(out.refused) == {"x@blocked.example"}
+        with h.session() as s:
+            s.send(MSG)  # accepted at eom
+            s.abandon(after="envrcpt")
+    assert AcceptPostmaster.aborts >= 1
+
+
+class Slow:
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        time.sleep(1.2)
+
+
+class Signer:
+    calls = 0
+
+    @hookimpl
+    def finalize(self, ctx: Context) -> None:
+        Signer.calls += 1
+
+
+def test_out_of_time_at_eom_tempfails_instead_of_delivering_unsigned() -> None:
+    cfg = {"milterd": {"eom_timeout": 1}, "plugins": {
+        "slow": {"isolation": "inline", "on_error": "continue", "timeout": 5},
+        "sign": {}}}  # fmt: skip
+    with Harness(cfg, plugins={"slow": Slow, "sign": Signer}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "tempfail"
+    assert Signer.calls == 0
