@@ -264,4 +264,7 @@ def render(headers: list[Header], ops: list[Op]) -> tuple[list[Header], bytes | 
 
 
 def _header(name: str, value: str) -> Header:
-    return Header(name, value, b" " + value.encode("utf-8", "surrogateescape"))
+    """The field as the MTA will write it: the bridge sends a value that already starts
+    with white space as it is (``Name:<TAB>v``), any other with one space before it."""
+    raw = value.encode("utf-8", "surrogateescape")
+    return Header(name, value, raw if raw[:1] in (b" ", b"\t") else b" " + raw)

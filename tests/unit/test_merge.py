@@ -20,6 +20,7 @@ from milterd.actions import (
 from milterd.context import Entry
 from milterd.events import Header
 from milterd.merge import merge, render
+from milterd.spool import header_line
 
 
 def hdrs(*pairs: tuple[str, str]) -> list[Header]:
@@ -171,3 +172,13 @@ def test_render_replaces_the_body() -> None:
     d = merge([e("a", ReplaceBody(b"new\r\n"))])
     _, body = render([], d.ops)
     assert body == b"new\r\n"
+
+
+def test_a_value_starting_with_white_space_is_rendered_as_the_mta_writes_it() -> None:
+    """The bridge sends such a value as it is and the MTA writes ``Name:<TAB>v``: the model
+    (what finalize signs) must say the same, or a simple-canonicalized signature breaks."""
+    d = merge(
+        [Entry("p", "eom", AddHeader("X-Tab", "\tv")), Entry("p", "eom", AddHeader("X-Sp", "w"))]
+    )
+    headers, _ = render([], d.ops)
+    assert [header_line(h) for h in headers] == [b"X-Tab:\tv\r\n", b"X-Sp: w\r\n"]
