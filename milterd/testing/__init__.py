@@ -310,9 +310,10 @@ class HarnessSession:
                 refused[rcpt] = v
             else:
                 accepted += 1
-        if not accepted:
+        if not accepted:  # the MTA ends the transaction: the strongest refusal is the verdict
             session.on_abort()
-            return _early(session, None, "envrcpt", refused)
+            worst = max(refused.values(), key=lambda v: v.severity) if refused else None
+            return _early(session, worst, "envrcpt", refused)
         # Every stage is fed, even those negotiation would skip: plugins are only called
         # for the stages they hook, and the delivered copy needs the whole message.
         for stage, step in _content(session, message, chunk_size):

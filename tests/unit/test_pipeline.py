@@ -383,3 +383,9 @@ def test_out_of_time_at_eom_tempfails_instead_of_delivering_unsigned() -> None:
         out = h.send(MSG)
     assert out.verdict == "tempfail"
     assert Signer.calls == 0
+
+
+def test_harness_verdict_when_every_recipient_is_refused() -> None:
+    with Harness(plugins={"r": RcptChanges}) as h:
+        out = h.send(MSG, recipients=["x@example.com", "x@example.net"])
+    assert (out.verdict, out.stage) == ("reject", "envrcpt") and out.delivered is None
