@@ -353,13 +353,19 @@ def _fallback_attachments(raw: bytes, walk: _Walk, out: Content) -> None:
     (a MIME bomb must not hide its ``.exe``)."""
     parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
     for start, end in walk.leaves[:MAX_LEAVES]:
-        part = parser.parsebytes(raw[start:end] + b"\r\n\r\n")
-        ctype = part.get_content_type()
-        out.content_types.append(ctype)
-        disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
-        fname = _filename(part)
-        if fname or disposition == "attachment":
-            out.attachments.append(Attachment(fname, ctype))
+        _note_part(parser.parsebytes(raw[start:end] + b"\r\n\r\n"), out)
+
+
+def _note_part(part: email.message.Message, out: Content) -> tuple[str, str, str]:
+    """Record one leaf part's type, and the part as an attachment when it has a file name
+    or says ``attachment``; returns (content type, file name, disposition)."""
+    ctype = part.get_content_type()
+    out.content_types.append(ctype)
+    disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
+    fname = _filename(part)
+    if fname or disposition == "attachment":
+        out.attachments.append(Attachment(fname, ctype))
+    return ctype, fname, disposition
 
 
 def _hrefs(markup: str) -> list[str]:
@@ -396,12 +402,8 @@ def extract(raw: bytes, limit: int) -> Content:
     extra_text: list[str] = []  # read for URLs only: HTML attachments
     leaves, out.too_deep = _leaves(msg)
     for part in leaves:
-        ctype = part.get_content_type()
-        out.content_types.append(ctype)
-        disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
-        fname = _filename(part)
+        ctype, fname, disposition = _note_part(part, out)
         if fname or disposition == "attachment":
-            out.attachments.append(Attachment(fname, ctype))
             if ctype == "text/html" or fname.lower().endswith((".htm", ".html")):
                 # A phishing page sent as an attachment: its links count, its text does
                 # not (it is not the message's text).
