@@ -456,6 +456,9 @@ class Supervisor:
             t0 = time.monotonic()
             self.runtime = Runtime(self.config)
             self.runtime.start("prefork")
+            # As at reload: a configuration every worker would refuse is an exit status 2
+            # (systemd does not restart it), not six worker deaths and a status 1.
+            self._check_in_child(self.runtime)
             prefork = [p.name for p in self.runtime.plugins if p.prefork]
             log.info(
                 "prefork start-up (%s) took %.0f ms, once for every worker",

@@ -466,3 +466,10 @@ def test_a_burst_of_reloads_never_blocks_the_supervisor_and_builds_only_the_newe
         assert built <= 3, built  # the one in progress, maybe one more, the newest
         d.signal(signal.SIGTERM)
         assert d.proc is not None and d.proc.wait(10) == 0
+
+
+def test_a_config_whose_plugin_startup_fails_exits_2_at_start(tmp_path: Path) -> None:
+    d = Daemon("[plugins.t_mark]\nfail_startup = true\n")
+    run = _run_second(d.config)
+    assert run.returncode == 2, run.stderr
+    assert "t_mark told to fail at startup" in run.stderr and "Traceback" not in run.stderr

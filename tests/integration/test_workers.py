@@ -195,13 +195,14 @@ def test_sighup_under_load_good_and_bad() -> None:
 
 
 def test_a_config_whose_workers_cannot_start_does_not_restart_forever() -> None:
+    """Found before any worker forks (the check child), with exit status 2, which systemd
+    does not restart (it used to take six worker deaths and exit 1)."""
     d = Daemon("[plugins.t_mark]\nfail_startup = true\n", workers=1)
-    with pytest.raises(RuntimeError, match="milterd exited 1"):
+    with pytest.raises(RuntimeError, match="milterd exited 2"):
         d.start(timeout=30)
     log = d.log_text()
     assert "t_mark told to fail at startup" in log
-    assert "giving up" in log
-    assert 5 <= log.count("started worker 0") <= 7
+    assert "started worker 0" not in log
 
 
 def test_two_workers_write_the_archive_and_the_greylist_store_concurrently() -> None:
@@ -292,26 +293,30 @@ def test_prefork_startup_runs_once_before_the_fork_and_worker_start_in_each_work
         sup = d.pid
         workers = set(d.worker_pids())
         assert len(workers) == 2
-        # prefork startup once (supervisor); per worker: the other startup, both worker_starts
-        got = _lifecycle_lines(record, 1 + 2 * 3)
+        # prefork startup once (supervisor); the other plugins' startup once in a throwaway
+        # check child (what every worker would refuse is refused before any forks); per
+        # worker: the other startup, both worker_starts
+        got = _lifecycle_lines(record, 1 + 1 + 2 * 3)
         assert got.count(("prefork", "startup", sup)) == 1
         assert [x for x in got if x[2] == sup] == [("prefork", "startup", sup)]
+        checks = [x for x in got if x[2] not in workers | {sup}]
+        assert [x[:2] for x in checks] == [("worker", "startup")], got
         for w in workers:
             assert sorted(x[:2] for x in got if x[2] == w) == [
                 ("prefork", "worker_start"),
                 ("worker", "startup"),
                 ("worker", "worker_start"),
             ]
-        assert len(got) == 7, got
+        assert len(got) == 8, got
 
         # A restarted worker inherits the supervisor's generation: no prefork startup again.
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
         d.wait_log("died: killed by signal 9")
-        got = _lifecycle_lines(record, 10)
-        new = {x[2] for x in got[7:]}
+        got = _lifecycle_lines(record, 11)
+        new = {x[2] for x in got[8:]}
         assert len(new) == 1 and new.isdisjoint(workers | {sup}), got
-        assert sorted(x[:2] for x in got[7:]) == [
+        assert sorted(x[:2] for x in got[8:]) == [
             ("prefork", "worker_start"),
             ("worker", "startup"),
             ("worker", "worker_start"),
@@ -322,8 +327,8 @@ def test_prefork_startup_runs_once_before_the_fork_and_worker_start_in_each_work
         mark = len(d.log_text())
         d.signal(signal.SIGHUP)
         d.wait_log("reloaded", after=mark)
-        got = _lifecycle_lines(record, 10 + 1 + 2 * 4)
-        hup = got[10:]
+        got = _lifecycle_lines(record, 11 + 1 + 1 + 2 * 4)
+        hup = got[11:]
         assert ("prefork", "startup", sup) in hup
         assert len([x for x in hup if x[:2] == ("prefork", "startup")]) == 3, hup
 
