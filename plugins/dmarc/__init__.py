@@ -394,14 +394,14 @@ class DMARCPlugin:
         # finish; two senders would send every report twice). A new generation hands it
         # its settings, or pauses it when failure reports are off.
         if os.environ.get("MILTERD_WORKER", "0") == "0":
-            from .failures import shared_sender
+            from .failures import SenderSettings, shared_sender
 
             c, psl = self.config, self.psl
             assert c is not None and psl is not None and self.services is not None
-            self.sender = shared_sender(
-                self, self.spool, self.services.resolver, psl, c.report_smtp_host,
+            self.sender = shared_sender(self, SenderSettings(
+                self.spool, self.services.resolver, psl, c.report_smtp_host,
                 c.report_smtp_port, c.report_email, c.failure_reports_per_hour,
-            )  # fmt: skip
+            ))  # fmt: skip
 
     def _prune_loop(self, store: Store, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from .reports import authorize, parse_rua, smtp_reply, smtp_send
 __all__ = [
     "FailureSender",
     "FailureSpool",
+    "SenderSettings",
     "failure_report",
     "release_sender",
     "shared_sender",
@@ -223,26 +224,29 @@ class FailureSpool:
         tmp.rename(path)
 
 
+@dataclass(frozen=True)
+class SenderSettings:
+    """What the sender needs from a plugin generation; ``spool`` None pauses it."""
+
+    spool: FailureSpool | None
+    resolver: Resolver
+    psl: PublicSuffixList
+    host: str  # SMTP server reports are handed to
+    port: int
+    sender: str  # envelope sender of reports
+    per_hour: int  # sends per ruf address an hour
+
+
 class FailureSender:
     """Sends the spool: one thread (:meth:`start`), or one pass (:meth:`run_once`)."""
 
-    def __init__(
-        self,
-        spool: FailureSpool | None,
-        resolver: Resolver,
-        psl: PublicSuffixList,
-        host: str,
-        port: int,
-        sender: str,
-        per_hour: int,
-    ) -> None:
+    def __init__(self, settings: SenderSettings) -> None:
+        self.settings = settings  # replaced whole by configure: a pass reads it once
         self.sent: dict[str, deque[float]] = {}
         self.stop = threading.Event()
         self.wake = threading.Event()
-        self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.owner: object = None  # the plugin generation whose settings are in use
-        self.configure(spool, resolver, psl, host, port, sender, per_hour)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="dmarc-failures", daemon=True)
@@ -257,24 +261,12 @@ class FailureSender:
             self.wake.wait(INTERVAL)
             self.wake.clear()
 
-    def configure(
-        self,
-        spool: FailureSpool | None,
-        resolver: Resolver,
-        psl: PublicSuffixList,
-        host: str,
-        port: int,
-        sender: str,
-        per_hour: int,
-    ) -> None:
-        """New settings (a reload), taken at the next pass; ``spool`` None pauses."""
-        with self.lock:
-            self.spool: FailureSpool | None = spool
-            self.resolver, self.psl = resolver, psl
-            self.host, self.port, self.sender, self.per_hour = host, port, sender, per_hour
+    def configure(self, settings: SenderSettings) -> None:
+        """New settings (a reload), taken at the next pass."""
+        self.settings = settings
         self.wake.set()
 
-    def _allowed(self, address: str, now: float) -> bool:
+    def _allowed(self, address: str, now: float, per_hour: int) -> bool:
         """Whether ``address`` may get another report this hour (sends are counted by
         :meth:`_count` once they succeed: a failed attempt uses no quota)."""
         key = address.lower()
@@ -286,7 +278,7 @@ class FailureSender:
         if not times:
             del self.sent[key]  # no entry per address ever seen, only per recent one
             return True
-        return len(times) < self.per_hour
+        return len(times) < per_hour
 
     def _count(self, address: str, now: float) -> None:
         self.sent.setdefault(address.lower(), deque()).append(now)
@@ -297,8 +289,8 @@ class FailureSender:
         (per-hour cap reached: kept for a later pass), ``deferred`` (DNS or SMTP trouble:
         kept), ``expired`` (kept a day: dropped), ``bad`` (unreadable spool file, removed)."""
         counts = {k: 0 for k in ("sent", "refused", "limited", "deferred", "expired", "bad")}
-        with self.lock:
-            spool = self.spool
+        settings = self.settings
+        spool = settings.spool
         if spool is None:
             return counts
         spool.sweep()
@@ -306,7 +298,7 @@ class FailureSender:
             if self.stop.is_set():
                 break
             try:
-                self._one(spool, path, counts)
+                self._one(settings, spool, path, counts)
             except OSError as e:  # this file only: the others are still worth trying
                 log.warning("dmarc: failure report %s: %s", path.name, e)
         if any(counts.values()):
@@ -314,7 +306,9 @@ class FailureSender:
                      ", ".join(f"{k} {v}" for k, v in counts.items() if v))  # fmt: skip
         return counts
 
-    def _one(self, spool: FailureSpool, path: Path, counts: dict[str, int]) -> None:
+    def _one(
+        self, s: SenderSettings, spool: FailureSpool, path: Path, counts: dict[str, int]
+    ) -> None:
         try:
             head, report = spool.read(path)
             domain, ruf = str(head["domain"]), str(head["ruf"])
@@ -329,7 +323,7 @@ class FailureSender:
                 path.unlink()
             return
         allowed, refused, deferred = authorize(
-            self.resolver, self.psl, domain, parse_rua(ruf), timeout=10.0, tag="ruf"
+            s.resolver, s.psl, domain, parse_rua(ruf), timeout=10.0, tag="ruf"
         )
         for d, why in refused:
             if d.address.lower() not in done:
@@ -345,14 +339,13 @@ class FailureSender:
             now = time.time()
             if d.limit is not None and len(report) > d.limit:
                 counts["refused"] += 1
-            elif not self._allowed(d.address, now):
+            elif not self._allowed(d.address, now, s.per_hour):
                 counts["limited"] += 1
                 pending += 1
                 continue
             else:
                 try:
-                    smtp_send(self.host, self.port, self.sender, d.address,
-                              _addressed(report, d.address))  # fmt: skip
+                    smtp_send(s.host, s.port, s.sender, d.address, _addressed(report, d.address))
                 except (OSError, smtplib.SMTPException, ValueError) as e:
                     code, _text = smtp_reply(e)
                     if not 500 <= code < 600:
@@ -381,30 +374,20 @@ _SHARED: FailureSender | None = None
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_sender(
-    owner: object,
-    spool: FailureSpool | None,
-    resolver: Resolver,
-    psl: PublicSuffixList,
-    host: str,
-    port: int,
-    sender: str,
-    per_hour: int,
-) -> FailureSender | None:
+def shared_sender(owner: object, settings: SenderSettings) -> FailureSender | None:
     """This process's one sender, started on first use with a spool and reconfigured by
-    later generations (``spool`` None pauses it); ``owner`` is the generation whose
+    later generations (a ``spool`` of None pauses it); ``owner`` is the generation whose
     settings it now uses (see :func:`release_sender`). Returns it, or None if unneeded."""
     global _SHARED
     with _SHARED_LOCK:
         if _SHARED is None:
-            if spool is None:
+            if settings.spool is None:
                 return None
-            _SHARED = FailureSender(spool, resolver, psl, host, port, sender, per_hour)
-            _SHARED.owner = owner
+            _SHARED = FailureSender(settings)
             _SHARED.start()
         else:
-            _SHARED.configure(spool, resolver, psl, host, port, sender, per_hour)
-            _SHARED.owner = owner
+            _SHARED.configure(settings)
+        _SHARED.owner = owner
         return _SHARED
 
 
@@ -413,8 +396,7 @@ def release_sender(owner: object) -> None:
     over (a reload's new generation configures it before the old one shuts down)."""
     with _SHARED_LOCK:
         if _SHARED is not None and _SHARED.owner is owner:
-            with _SHARED.lock:
-                _SHARED.spool = None
+            _SHARED.configure(replace(_SHARED.settings, spool=None))
             _SHARED.owner = None
 
 

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from milterd_plugins.dmarc.failures import (
     FailureInfo,
     FailureSender,
     FailureSpool,
+    SenderSettings,
     failure_report,
     wanted,
 )
@@ -190,7 +192,7 @@ def test_sender_keeps_deferred_reports_and_drops_bad_files(tmp_path: Path) -> No
     assert spool.put("example.org", "mailto:f@example.org", b"Subject: r\r\n\r\nx\r\n")
     (tmp_path / "0-bad.report").write_bytes(b"not json\n")
     dns = FakeResolver()
-    sender = FailureSender(spool, dns, _psl(), "127.0.0.1", 1, "dmarc@mx.test", 10)
+    sender = FailureSender(SenderSettings(spool, dns, _psl(), "127.0.0.1", 1, "dmarc@mx.test", 10))
     counts = sender.run_once()
     assert counts["bad"] == 1 and counts["deferred"] == 1
     (left,) = spool.files()
@@ -220,11 +222,13 @@ def test_failed_attempts_use_no_quota(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    sender = FailureSender(spool, FakeResolver(), _psl(), "127.0.0.1", dead, "d@mx.test", 1)
+    sender = FailureSender(
+        SenderSettings(spool, FakeResolver(), _psl(), "127.0.0.1", dead, "d@mx.test", 1)
+    )
     for _ in range(3):
         assert sender.run_once()["deferred"] == 1
     with SmtpSink() as sink:
-        sender.configure(spool, FakeResolver(), _psl(), "127.0.0.1", sink.port, "d@mx.test", 1)
+        sender.configure(replace(sender.settings, port=sink.port))
         assert sender.run_once()["sent"] == 1
         sink.wait_for(1)
     assert spool.files() == []
