@@ -42,10 +42,13 @@ deps:
 		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml examples/milterd-example-header/pyproject.toml tests/testplugins/pyproject.toml
+# The test plugins are not installed (tests/conftest.py puts them on the path); a venv
+# made before that loses them here.
+$(STAMP): Makefile pyproject.toml examples/milterd-example-header/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' -e examples/milterd-example-header -e tests/testplugins
+	$(PY) -m pip install -q -e '.[test]' -e examples/milterd-example-header
+	$(PY) -m pip uninstall -q -y milterd-testplugins 2>/dev/null || true
 	touch $@
 
 venv: $(STAMP)

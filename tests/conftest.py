@@ -5,12 +5,25 @@ silently left out."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 STRICT = os.environ.get("MILTERD_STRICT") == "1"
+
+# The test plugins (entry points t_*) are found through the directory's own dist-info, on
+# the path of this process and of every daemon and tool the tests start. They are not
+# installed into the virtual environment, so the daemon `make run` starts and its
+# `milterd plugins` list never see them.
+TESTPLUGINS = str(Path(__file__).parent / "testplugins")
+if TESTPLUGINS not in sys.path:
+    sys.path.insert(0, TESTPLUGINS)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (TESTPLUGINS, os.environ.get("PYTHONPATH", "")) if p
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

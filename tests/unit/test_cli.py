@@ -132,6 +132,20 @@ def test_plugins_contribute_commands() -> None:
     assert res.returncode == 0 and res.stdout.strip() == "echo hello /x.toml"
 
 
+def test_the_test_plugins_are_not_installed_where_make_run_runs_the_daemon() -> None:
+    """Only the suite puts them on the path: an administrator's `milterd plugins` after
+    `make run` (same virtual environment) lists no t_* plugin and no t-mark-echo."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [sys.executable, "-m", "milterd.cli", "-c", "/nonexistent.toml", "plugins"],
+        capture_output=True, text=True, timeout=60, check=False, env=env, cwd="/",
+    )
+    assert res.returncode == 0 and "authres" in res.stdout, res
+    assert "t_mark" not in res.stdout and "testplugins" not in res.stdout
+    with_path = milterd("-c", "/nonexistent.toml", "plugins")
+    assert "t_mark" in with_path.stdout  # the check above can fail
+
+
 def test_a_plugin_whose_commands_hook_raises_does_not_break_the_cli(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
