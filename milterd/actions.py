@@ -82,6 +82,11 @@ class Accept(Verdict):
 
 
 def _check_reply(code: str, xcode: str | None, text: str, first: str) -> None:
+    for what, v, example in (("code", code, f"'{first}50'"), ("text", text, "'Go away'")):
+        if not isinstance(v, str):
+            raise TypeError(f"reply {what} must be a str such as {example}, got {v!r}")
+    if xcode is not None and not isinstance(xcode, str):
+        raise TypeError(f"enhanced status code must be a str such as '{first}.7.1' or None")
     if not _REPLY_CODE.fullmatch(code) or code[0] != first:
         raise ValueError(f"SMTP reply code must be {first}xx, got {code!r}")
     if xcode is not None and (not _ENHANCED_CODE.fullmatch(xcode) or xcode[0] != first):
@@ -175,6 +180,11 @@ def _check_header(name: str, value: str) -> str:
       excepted); a run without white space that would still pass 998 octets is broken
       every 900 characters, as MTAs do (unfolding then leaves a space in it).
     """
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise TypeError(
+            f"header field name and value must be str, got {type(name).__name__} "
+            f"{name!r} and {type(value).__name__} {value!r}"
+        )
     if not _HEADER_NAME.fullmatch(name):
         raise ValueError(f"invalid header field name {name!r}")
     if "\0" in value:

@@ -14,7 +14,10 @@ Lifecycle of one connection::
         -> eoh -> body* -> eom -> finalize | abort }* -> close
 
 ``*`` may repeat or be absent; a connection may carry several messages, and ``abort``
-replaces the rest of a message when the MTA abandons it. Changes may be recorded from
+replaces the rest of a message that ends before end of message: the MTA abandons it, or a
+verdict (a plugin's or a core limit's) rejects, tempfails or discards it at an earlier
+stage. Every message therefore ends with exactly one of ``eom`` (then ``finalize`` and
+``outcome``) or ``abort``. Changes may be recorded from
 ``envfrom`` up to ``finalize``; the core applies them once, after ``finalize``.
 
 Negotiation: a stage that no enabled plugin hooks is still needed by the core for
@@ -345,8 +348,13 @@ def outcome(ctx: Context, verdict: Verdict | None, message: Message) -> None:
 
 @hookspec
 def abort(ctx: Context, event: Abort) -> None:
-    """The MTA abandoned the current message (RSET, lost client, another filter's reject).
+    """The current message ended before end of message.
 
+    When it fires: once per message that does not reach ``eom``, for every plugin (also the
+    one whose verdict ended it, and plugins that returned Accept): the MTA abandoned it
+    (RSET, a new MAIL, lost client, another filter's reject), or a verdict before end of
+    message (a plugin's Reject/TempFail/Discard at envfrom, data, header, eoh or body, or
+    a core limit) ended it. Not for a single refused recipient.
     Release per-message resources. The ledger of the message is discarded.
     Returns: ignored. Changes: may not be recorded.
     Negotiation: always sent by the MTA; costs nothing when unhooked. Since: 0.1.

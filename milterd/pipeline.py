@@ -685,7 +685,10 @@ class Session:
                 return None
             decision = merge(self.msg.ledger.entries)
             self._summary(decision, stage)
-            self._end_message(None)
+            # The message ends here: every plugin hears so (abort), as when the MTA abandons
+            # it, so that per-message resources are released. The MTA's own abort that
+            # follows finds no message and calls nobody twice.
+            self._end_message("abort")
         return v
 
     # --- end of message -----------------------------------------------------------------
@@ -707,6 +710,8 @@ class Session:
             self._run(
                 "eom", {"event": ev.Eom(macros), "message": message}, budget, all_plugins=True
             )
+        else:  # the plugins saw the message end there: abort in place of eom
+            self._run("abort", {"event": ev.Abort()}, self.rt.settings.command_timeout)
         headers = m.info.headers if self.rt.negotiation.needs_headers else None
         decision = merge(m.ledger.entries, headers)
         if decision.delivers and self.rt.plan["finalize"]:

@@ -25,6 +25,8 @@ A plugin may declare, as class or module attributes:
 from __future__ import annotations
 
 import importlib.metadata as md
+import inspect
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +35,7 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from milterd import hookspecs
-from milterd.config import Config, ConfigError, PluginSettings, describe
+from milterd.config import CORE_PLUGIN_KEYS, Config, ConfigError, PluginSettings, describe
 
 __all__ = [
     "ACTIONS",
@@ -59,6 +61,12 @@ ACTIONS = frozenset(
     }
 )
 MACRO_STAGES = ("connect", "helo", "envfrom", "envrcpt", "data", "eoh", "eom")
+HOOKS = (*hookspecs.STAGES, *hookspecs.LIFECYCLE)
+#: The arguments each hook may take (an implementation takes any subset).
+HOOK_ARGS: dict[str, tuple[str, ...]] = {
+    h: tuple(inspect.signature(getattr(hookspecs, h)).parameters) for h in HOOKS
+}
+log = logging.getLogger("milterd")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +164,7 @@ def load_plugins(
     for name in config.enabled_plugins():
         source = sources[name] if name in sources else load_entry_point(name)
         obj = _instantiate(name, source)
+        _check_hooks(name, obj)
         try:
             pm.register(obj, name=name)
         except (pluggy.PluginValidationError, ValueError) as e:
@@ -179,6 +188,75 @@ def load_plugins(
     return pm, loaded
 
 
+def _params(fn: Any) -> list[str] | None:
+    """The arguments pluggy would pass by name: positional ones without a default (a bound
+    method's, so without ``self``). None when the signature cannot be read."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in positional and p.default is inspect.Parameter.empty
+    ]
+
+
+def _check_hooks(name: str, obj: object) -> None:
+    """What pluggy would accept silently or report obscurely, said plainly.
+
+    Raises ConfigError when a marked hook takes an argument milterd never passes. Logs a
+    warning for a method that looks like a hook (a hook's name and only that hook's
+    argument names) but is not marked with ``@hookimpl``, so is never called, and for a
+    plugin with no hook at all.
+    """
+    marked = 0
+    for hook in HOOKS:
+        fn = getattr(obj, hook, None)
+        if not callable(fn):
+            continue
+        params = _params(fn)
+        accepted = HOOK_ARGS[hook]
+        if getattr(fn, f"{hookspecs.PROJECT}_impl", None) is not None:
+            marked += 1
+            extra = [a for a in params or () if a not in accepted]
+            if extra:
+                raise ConfigError(
+                    f"plugin {name!r}: hook {hook}({', '.join(params or ())}) takes "
+                    f"{', '.join(map(repr, extra))}, which milterd does not pass; {hook} "
+                    f"takes any of: {', '.join(accepted) or 'no arguments'}"
+                )
+        elif params is not None and (
+            (params and set(params) <= set(accepted)) or (not params and hook == "config_schema")
+        ):
+            log.warning(
+                "plugin %r: %s(%s) is not marked @hookimpl (from milterd import hookimpl), "
+                "so milterd never calls it", name, hook, ", ".join(params),
+            )  # fmt: skip
+    if not marked and not any(
+        getattr(getattr(obj, a, None), f"{hookspecs.PROJECT}_impl", None) is not None
+        for a in dir(obj)
+        if not a.startswith("__")
+    ):
+        log.warning("plugin %r has no @hookimpl-marked hook: it does nothing", name)
+
+
+def _names(name: str, attr: str, value: Any) -> tuple[str, ...]:
+    """A plugin attribute that lists names: a string would be read letter by letter."""
+    if isinstance(value, str | bytes):
+        raise ConfigError(
+            f"plugin {name!r}: {attr} must be a list of names such as [{value!r}], "
+            f"not a string"
+        )
+    try:
+        return tuple(str(v) for v in value)
+    except TypeError:
+        raise ConfigError(
+            f"plugin {name!r}: {attr} must be a list of names, got {value!r}"
+        ) from None
+
+
 def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) -> LoadedPlugin:
     settings = config.plugin_settings(name)
     impls: dict[str, Impl] = {}
@@ -191,6 +269,20 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
     schema: type[BaseModel] | None = None
     if "config_schema" in impls:
         schema = impls.pop("config_schema").function()
+        if schema is not None and not (
+            isinstance(schema, type) and issubclass(schema, BaseModel)
+        ):
+            raise ConfigError(
+                f"plugin {name!r}: config_schema must return a model class (a subclass of "
+                f"milterd.PluginConfig), not {schema!r}"
+            )
+        clash = sorted(CORE_PLUGIN_KEYS & set(schema.model_fields)) if schema else []
+        if clash:
+            raise ConfigError(
+                f"plugin {name!r}: its config_schema declares {', '.join(clash)}, which the "
+                f"core reserves in every [plugins.NAME] section "
+                f"({', '.join(sorted(CORE_PLUGIN_KEYS))}); rename the field"
+            )
     if schema is None:
         if options:
             raise ConfigError(
@@ -205,14 +297,21 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
             raise ConfigError(describe(e, config.path, section)) from None
         except Exception as e:  # a validator raising something else (re.error, ...)
             raise ConfigError(f"{config.path}: [{section}]: {type(e).__name__}: {e}") from None
-    actions = frozenset(getattr(obj, "actions", ACTIONS))
+    actions = frozenset(_names(name, "actions", getattr(obj, "actions", ACTIONS)))
     unknown = actions - ACTIONS
     if unknown:
-        raise ConfigError(f"plugin {name!r} declares unknown actions {sorted(unknown)}")
+        raise ConfigError(
+            f"plugin {name!r} declares unknown actions {sorted(unknown)}; actions are: "
+            f"{', '.join(sorted(ACTIONS))}"
+        )
     raw_macros: dict[str, Any] = dict(getattr(obj, "macros", {}) or {})
     bad = set(raw_macros) - set(MACRO_STAGES)
     if bad:
-        raise ConfigError(f"plugin {name!r} declares macros for unknown stages {sorted(bad)}")
+        raise ConfigError(
+            f"plugin {name!r} declares macros for unknown stages {sorted(bad)}; stages with "
+            f"macros are: {', '.join(MACRO_STAGES)}"
+        )
+    macros = {k: _names(name, f"macros[{k!r}]", v) for k, v in raw_macros.items()}
     declared = settings.isolation or getattr(obj, "isolation", "thread")
     isolation: dict[str, str] = (
         {str(k): str(v) for k, v in declared.items()}
@@ -239,9 +338,9 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
             if k in hookspecs.STAGES or k in ("startup", "worker_start", "shutdown")
         },
         actions=actions,
-        macros={k: tuple(v) for k, v in raw_macros.items()},
+        macros=macros,
         isolation=isolation,
-        after=tuple(getattr(obj, "after", ())),
+        after=_names(name, "after", getattr(obj, "after", ())),
         reads_body=bool(getattr(obj, "reads_body", True)),
         prefork=bool(getattr(obj, "prefork", False)),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from milterd import AddHeader, ChangeHeader, InsertHeader
+from milterd import AddHeader, ChangeHeader, InsertHeader, Reject, TempFail
 from milterd.actions import fold
 
 
@@ -60,3 +60,13 @@ def test_a_run_too_long_to_fold_is_broken_as_mtas_do() -> None:
     wide = AddHeader("X-Long", "\u00e9" * 1000).value  # 2000 octets
     assert max(len(line.encode()) for line in wide.split("\r\n")) <= 990
     assert AddHeader("X-Long", "x" * 900).value == "x" * 900  # long, but legal: kept
+
+
+def test_wrong_argument_types_say_what_is_expected() -> None:
+    # An int where the wire needs text would otherwise fail deep inside a regex or join.
+    with pytest.raises(TypeError, match=r"reply code must be a str such as '550', got 550"):
+        Reject(550)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"reply text must be a str such as 'Go away'"):
+        TempFail("451", "4.7.1", None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"name and value must be str, got str 'X-A' and int 3"):
+        AddHeader("X-A", 3)  # type: ignore[arg-type]

@@ -338,3 +338,60 @@ def test_harness_session_refused_at_connect_answers_every_message() -> None:
     assert [(o.verdict, o.stage) for o in outs] == [("reject", "connect")] * 2
     with Harness() as h, h.session() as s, pytest.raises(ValueError, match="after: one of"):
         s.abandon(after="eom")
+
+
+@pytest.mark.parametrize(
+    "stage", ["envfrom", "data", "header", "eoh", "body", "core-limit", "core-limit-noreply"]
+)
+def test_a_message_ended_before_eom_gets_abort_for_every_plugin(stage: str) -> None:
+    """Every message ends with eom or abort: a plugin holding something per message (opened
+    at envfrom) is told when another plugin's or the core's verdict ends it early."""
+    held: list[str] = []
+
+    class Holder:
+        @hookimpl
+        def envfrom(self, ctx: Context) -> None:
+            held.append("open")
+
+        @hookimpl
+        def eom(self, message: Message) -> None:  # reads the body: the MTA sends it
+            held.remove("open")
+
+        @hookimpl
+        def abort(self) -> None:
+            held.remove("open")
+
+    class Refuser:
+        @hookimpl
+        def envfrom(self) -> Reject | None:
+            return Reject() if stage == "envfrom" else None
+
+        @hookimpl
+        def data(self) -> Reject | None:
+            return Reject() if stage == "data" else None
+
+        @hookimpl
+        def header(self) -> Reject | None:
+            return Reject() if stage == "header" else None
+
+        @hookimpl
+        def eoh(self) -> Reject | None:
+            return Reject() if stage == "eoh" else None
+
+        @hookimpl
+        def body(self) -> Reject | None:
+            return Reject() if stage == "body" else None
+
+    core = {"max_message_size": 100} if stage.startswith("core-limit") else {}
+    # noreply: no plugin hooks the body (it is sent without reply, for eom's message), so
+    # the limit's verdict waits for end of message
+    plugins: dict[str, type] = {"holder": Holder}
+    if not stage.endswith("noreply"):
+        plugins["refuser"] = Refuser
+    config = {"milterd": core, "plugins": {n: {} for n in plugins}}
+    with Harness(config, plugins=plugins) as h, h.session() as s:
+        assert ("body" in h.runtime.negotiation.noreply) == stage.endswith("noreply")
+        out = s.send(MSG + b"x" * 200)
+        assert out.verdict == "reject" and held == []  # abort ran, once
+        s.send(MSG)  # the session goes on: the next message opens and ends normally
+        assert held == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from milterd import hookimpl
+from milterd import PluginConfig, hookimpl
 from milterd.config import ConfigError, from_dict
 from milterd.pipeline import Runtime
 from milterd.registry import installed
@@ -158,3 +158,79 @@ def test_a_new_generation_gets_fresh_plugin_objects() -> None:
     build({"counter": Counter})
     build({"counter": Counter})
     assert Counter.made == 2
+
+
+def test_an_argument_a_hook_never_gets_is_refused_with_what_it_takes() -> None:
+    class WrongArg:
+        @hookimpl
+        def finalize(self, ctx: object, event: object) -> None:  # finalize has no event
+            return None
+
+    with pytest.raises(ConfigError, match=r"finalize takes any of: ctx, message$"):
+        build({"p": WrongArg})
+
+    class Defaulted:  # pluggy passes nothing for an argument with a default: allowed
+        @hookimpl
+        def eom(self, ctx: object, extra: object = None) -> None:
+            return None
+
+    build({"p": Defaulted})
+
+
+def test_an_unmarked_hook_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    class Unmarked:
+        def envrcpt(self, ctx: object, event: object) -> None:
+            return None
+
+        def close(self) -> None:  # an ordinary method named like a hook: no warning
+            return None
+
+    build({"p": Unmarked})
+    text = caplog.text
+    assert "envrcpt(ctx, event) is not marked @hookimpl" in text
+    assert "close" not in text and "'p' has no @hookimpl-marked hook" in text
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({"actions": "add_header"}, r"actions must be a list of names such as \['add_header'\]"),
+        (
+            {"actions": {"delete_header"}},
+            r"unknown actions \['delete_header'\]; actions are: add_header, add_recipient, ",
+        ),
+        ({"after": "spf"}, r"after must be a list of names such as \['spf'\], not a string"),
+        ({"macros": {"envfrom": "{auth_authen}"}}, r"macros\['envfrom'\] must be a list"),
+        ({"macros": {"rcpt": ["{x}"]}}, r"unknown stages \['rcpt'\]; stages with macros"),
+    ],
+)
+def test_plugin_attributes_that_would_be_misread_are_refused(
+    attrs: dict[str, object], message: str
+) -> None:
+    def eom(self: object) -> None:
+        return None
+
+    plugin = type("P", (), {**attrs, "eom": hookimpl(eom)})
+    with pytest.raises(ConfigError, match=message):
+        build({"p": plugin})
+
+
+def test_a_schema_field_named_like_a_core_key_is_refused() -> None:
+    class Cfg(PluginConfig):
+        timeout: float = 30.0  # would silently be the core's per-hook deadline
+
+    class Timeouts:
+        @hookimpl
+        def config_schema(self) -> type[PluginConfig]:
+            return Cfg
+
+    with pytest.raises(ConfigError, match="declares timeout, which the core reserves"):
+        build({"p": Timeouts})
+
+    class Instance:
+        @hookimpl
+        def config_schema(self) -> object:
+            return PluginConfig()
+
+    with pytest.raises(ConfigError, match="config_schema must return a model class"):
+        build({"p": Instance})
