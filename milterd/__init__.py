@@ -26,7 +26,7 @@ from milterd.actions import (
     TempFail,
     Verdict,
 )
-from milterd.config import ConfigError, PluginConfig
+from milterd.config import ConfigError, ConfigPath, PluginConfig
 from milterd.config import load as load_config
 from milterd.context import ConnectionInfo, Context, MessageInfo, Recipient, Services
 from milterd.dns import DNSTempError, NXDomain, Resolver, make_resolver
@@ -60,6 +60,7 @@ __all__ = [
     "Client",
     "Close",
     "ConfigError",
+    "ConfigPath",
     "Connect",
     "ConnectionInfo",
     "Context",

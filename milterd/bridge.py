@@ -164,7 +164,9 @@ def _addr(b: bytes) -> str:
 class _Conn:
     """libmilter's private data for one connection."""
 
-    __slots__ = ("actions", "ctx", "leadspc", "macros", "proto", "refuse", "rt", "session")
+    __slots__ = (
+        "actions", "ctx", "failed", "leadspc", "macros", "proto", "refuse", "rt", "session",
+    )  # fmt: skip
 
     def __init__(self, ctx: Any, rt: Runtime, refuse: bool = False) -> None:
         self.ctx = ctx
@@ -175,6 +177,7 @@ class _Conn:
         self.actions = 0
         self.proto = 0
         self.leadspc = False
+        self.failed = False  # a core error at a no-reply stage: end of message tempfails
 
     def symvals(self, stage: str) -> dict[str, str]:
         out = {}
@@ -266,10 +269,22 @@ def _guard(stage: str) -> Callable[[Callback], Callback]:
 
     def deco(fn: Callback) -> Callback:
         def wrapper(ctx: Any, *args: Any) -> int:
+            c: _Conn | None = None
+            with contextlib.suppress(Exception):
+                c = ctx.getpriv()
             try:
+                if stage == "envfrom" and c is not None:
+                    c.failed = False  # a new message
+                if stage == "eom" and c is not None and c.failed:
+                    raise RuntimeError("an earlier stage of this message failed (logged)")
                 return fn(ctx, *args)
             except Exception:
                 log.exception("internal error at %s; tempfailing", stage)
+                if c is not None and c.proto & STAGE_FLAGS.get(stage, (0, 0))[1]:
+                    # Sent without reply: the MTA reads none now, so end of message
+                    # answers for it (a reply here would be out of step with the MTA).
+                    c.failed = True
+                    return NOREPLY
                 with contextlib.suppress(Exception):
                     ctx.setreply("451", "4.3.0", "Temporary filter failure, try again later")
                 return TEMPFAIL

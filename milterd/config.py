@@ -13,14 +13,23 @@ import re
 import socket as _socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 __all__ = [
     "CORE_PLUGIN_KEYS",
     "Config",
     "ConfigError",
+    "ConfigPath",
     "DnsSettings",
     "PluginConfig",
     "PluginSettings",
@@ -32,6 +41,30 @@ __all__ = [
 
 class ConfigError(Exception):
     """A configuration problem. ``str()`` names the file, the section and the key."""
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    base = (info.context or {}).get("config_dir")
+    if value and base and not os.path.isabs(value):
+        return os.path.normpath(os.path.join(base, value))
+    return value
+
+
+#: A file or directory key: a relative path is taken relative to the directory of the
+#: config file it is written in (not the working directory, which is ``/`` under
+#: systemd), so ``config check`` run anywhere and the daemon agree. Plugin schemas use it
+#: for their path keys: ``key_file: ConfigPath | None = None``.
+ConfigPath = Annotated[str, AfterValidator(_resolve_path)]
+
+
+def validation_context(path: str) -> dict[str, Any]:
+    """The context config models are validated with: the config file's directory."""
+    if path.startswith("<"):  # "<memory>": a dict or text with no file
+        return {}
+    return {"config_dir": os.path.dirname(os.path.abspath(path))}
 
 
 class PluginConfig(BaseModel):
@@ -80,7 +113,7 @@ class Settings(BaseModel):
     authserv_id: str = Field(default_factory=_socket.getfqdn)
     internal_networks: list[str] = ["127.0.0.0/8", "::1/128"]
     spool_memory: int = Field(default=1 << 20, ge=0, description="body bytes kept in memory")
-    spool_dir: str | None = None
+    spool_dir: ConfigPath | None = None
     max_message_size: int = Field(default=50 << 20, gt=0)
     max_header_bytes: int = Field(default=1 << 20, gt=0)
     max_headers: int = Field(default=2000, gt=0)
@@ -117,8 +150,8 @@ class Settings(BaseModel):
     def _metrics(cls, v: str | None) -> str | None:
         if v is not None:
             host, _, port = v.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError("HOST:PORT, e.g. 127.0.0.1:9899")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9899")
         return v
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -126,6 +159,34 @@ class Settings(BaseModel):
 
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+
+def check_accounts(settings: Settings, socket: bool = False) -> None:
+    """The accounts ``[milterd]`` names exist here; with ``socket`` (just before opening
+    it), an unprivileged process can also give its socket to ``socket_group``. Raises
+    ConfigError naming the key. (Not a model validator: a file written for another host
+    still loads; ``config check`` and ``run`` call this.)"""
+    import grp
+    import pwd
+
+    for key in ("user", "group", "socket_group"):
+        name = getattr(settings, key)
+        if name is None:
+            continue
+        try:
+            (pwd.getpwnam if key == "user" else grp.getgrnam)(name)
+        except KeyError:
+            kind = "user" if key == "user" else "group"
+            raise ConfigError(f"[milterd] {key}: no {kind} {name!r} on this host") from None
+    unix = settings.socket.startswith(("unix:", "local:"))
+    if socket and unix and settings.socket_group and os.geteuid() != 0:
+        gid = grp.getgrnam(settings.socket_group).gr_gid
+        if gid != os.getegid() and gid not in os.getgroups():
+            raise ConfigError(
+                f"[milterd] socket_group: this process (uid {os.geteuid()}) is not in group "
+                f"{settings.socket_group!r}, so it cannot give the socket to it: add the "
+                f"group to the service (systemd: SupplementaryGroups={settings.socket_group})"
+            )
 
 
 class DnsSettings(BaseModel):
@@ -190,6 +251,14 @@ class Config(BaseModel):
         section = self.plugins.get(name, {})
         return PluginSettings(**{k: v for k, v in section.items() if k in CORE_PLUGIN_KEYS})
 
+    def plugin_model(self, name: str, schema: type[_M]) -> _M:
+        """``[plugins.NAME]``'s own keys validated against ``schema`` as the daemon does
+        (relative :data:`ConfigPath` values resolved against this file's directory), for a
+        plugin's command-line tools. Raises pydantic's ValidationError."""
+        return schema.model_validate(
+            self.plugin_options(name), context=validation_context(self.path)
+        )
+
     def plugin_options(self, name: str) -> dict[str, Any]:
         section = self.plugins.get(name, {})
         return {k: v for k, v in section.items() if k not in CORE_PLUGIN_KEYS}
@@ -253,7 +322,7 @@ def from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
         except ValidationError as e:
             raise ConfigError(describe(e, path, f"plugins.{name}")) from None
     try:
-        return Config(**data, path=path)
+        return Config.model_validate({**data, "path": path}, context=validation_context(path))
     except ValidationError as e:
         raise ConfigError(describe(e, path, "")) from None
     except (TypeError, ValueError) as e:

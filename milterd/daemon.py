@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from milterd.config import Config, ConfigError, load, loads
+from milterd.config import Config, ConfigError, check_accounts, load, loads
 from milterd.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -118,6 +118,9 @@ def _read_line(fd: int) -> bytes:
     return out[:-1]
 
 
+_metrics_dir: str | None = None  # the metrics directory this process made (see below)
+
+
 def _drop_privileges(user: str | None, group: str | None) -> None:
     if user is None and group is None:
         return
@@ -125,11 +128,17 @@ def _drop_privileges(user: str | None, group: str | None) -> None:
     import pwd
 
     gid = grp.getgrnam(group).gr_gid if group else (pwd.getpwnam(user).pw_gid if user else None)
+    uid = pwd.getpwnam(user).pw_uid if user else None
+    if _metrics_dir is not None:
+        # Made by root before the drop: the workers (and the supervisor, which removes it
+        # at exit) write and delete their files in it as the new user.
+        for p in (_metrics_dir, *(e.path for e in os.scandir(_metrics_dir))):
+            os.chown(p, -1 if uid is None else uid, -1 if gid is None else gid)
     if gid is not None:
         os.setgroups([])
         os.setgid(gid)
-    if user:
-        os.setuid(pwd.getpwnam(user).pw_uid)
+    if uid is not None:
+        os.setuid(uid)
     log.info("running as uid=%d gid=%d", os.getuid(), os.getgid())
 
 
@@ -440,6 +449,11 @@ class Supervisor:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, self._signal)
         try:
+            check_accounts(settings, socket=True)
+        except ConfigError as e:
+            log.error("cannot start on %s: %s", settings.socket, e)
+            return 2
+        try:
             bridge.open_socket(settings)
             family, _, path = settings.socket.partition(":")
             if family in ("unix", "local"):
@@ -475,7 +489,7 @@ class Supervisor:
 
             try:
                 serve_metrics(settings.metrics_listen)
-            except OSError as e:
+            except (OSError, OverflowError, ValueError) as e:  # in use, bad host or port
                 log.error("cannot serve metrics on %s: %s", settings.metrics_listen, e)
                 self._unlink_socket()
                 return 2
@@ -566,9 +580,11 @@ def _multiprocess_metrics() -> None:
     import shutil
     import tempfile
 
+    global _metrics_dir
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         path = tempfile.mkdtemp(prefix="milterd-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        _metrics_dir = path
         owner = os.getpid()
 
         def cleanup() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ipaddress
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +29,7 @@ from typing import Any, Literal
 from milterd import events as ev
 from milterd import hookspecs
 from milterd.actions import Accept, Reject, TempFail, Verdict
-from milterd.config import Config
+from milterd.config import Config, ConfigError, check_accounts
 from milterd.context import (
     ConnectionInfo,
     Context,
@@ -181,6 +182,7 @@ class Runtime:
         services = Services(self.resolver, self.settings, log)
         args: dict[str, object] = {"services": services}
         if phase in ("prefork", "all"):
+            self.check_settings()
             self._call_lifecycle("startup", [p for p in self.plugins if p.prefork], args)
         if phase in ("worker", "all"):
             done: list[LoadedPlugin] = [p for p in self.plugins if p.prefork]
@@ -196,11 +198,29 @@ class Runtime:
                 raise
             self.started = True
 
+    def check_settings(self) -> None:
+        """What ``[milterd]`` names must work for this process (the daemon's user, after
+        the privilege drop), found at start rather than at the first large message:
+        ``spool_dir`` takes a file; the accounts exist (see ``check_accounts``). Raises
+        ConfigError."""
+        check_accounts(self.settings)
+        d = self.settings.spool_dir
+        if d is None:
+            return
+        try:
+            tempfile.TemporaryFile(dir=d).close()
+        except OSError as e:
+            raise ConfigError(
+                f"[milterd] spool_dir {d}: cannot create a file there: {e.strerror or e} "
+                f"(it must be a directory writable by the daemon's user)"
+            ) from None
+
     def check_startup(self) -> None:
         """After the prefork phase: the ``startup`` of the other plugins, then their
         ``shutdown``, to find what every worker would refuse before any worker gets the
         configuration. Raises ConfigError. ``worker_start`` is not called (it opens
         connections and starts threads); meant for a throwaway process or a one-off check."""
+        self.check_settings()
         services = Services(self.resolver, self.settings, log)
         done: list[LoadedPlugin] = []
         try:
@@ -664,7 +684,14 @@ class Session:
             m.ledger.entries.append(Entry(CORE, "body", v))
             return self._early(v, "body")
         if m.spool is not None:
-            m.spool.write(chunk)
+            try:
+                m.spool.write(chunk)
+            except OSError as e:  # spool_dir gone, full or not writable: 451, not a hang
+                log.error("spool write failed (queue id %s): %s", m.info.queue_id or "-", e)
+                failed = TempFail("451", "4.3.0", "Temporary filter failure, try again later",
+                                  reason="spool write failed")  # fmt: skip
+                m.ledger.entries.append(Entry(CORE, "body", failed))
+                return self._early(failed, "body")
         if not self.rt.plan["body"]:
             return None
         return self._early(

@@ -35,7 +35,14 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from milterd import hookspecs
-from milterd.config import CORE_PLUGIN_KEYS, Config, ConfigError, PluginSettings, describe
+from milterd.config import (
+    CORE_PLUGIN_KEYS,
+    Config,
+    ConfigError,
+    PluginSettings,
+    describe,
+    validation_context,
+)
 
 __all__ = [
     "ACTIONS",
@@ -292,7 +299,7 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
         plugin_config = None
     else:
         try:
-            plugin_config = schema(**options)
+            plugin_config = schema.model_validate(options, context=validation_context(config.path))
         except ValidationError as e:
             raise ConfigError(describe(e, config.path, section)) from None
         except Exception as e:  # a validator raising something else (re.error, ...)

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 
 from milterd import (
     AddHeader,
+    ConfigPath,
     Context,
     InsertHeader,
     Message,
@@ -59,7 +60,7 @@ class ARCConfig(PluginConfig):
     verify: bool = True
     selector: str | None = None  # sealing needs selector, domain and key_file
     domain: str | None = None
-    key_file: str | None = None
+    key_file: ConfigPath | None = None
     authserv_id: str | None = None  # default: [milterd] authserv_id
     headers: list[str] = [h for h in DEFAULT_HEADERS if h not in ("list-unsubscribe-post",)]
     insecure_keys: bool = False

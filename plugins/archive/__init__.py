@@ -30,7 +30,16 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from milterd import Context, Message, PluginConfig, Services, TempFail, Verdict, hookimpl
+from milterd import (
+    ConfigPath,
+    Context,
+    Message,
+    PluginConfig,
+    Services,
+    TempFail,
+    Verdict,
+    hookimpl,
+)
 
 from .store import ArchiveBackend, FileStore, Record, new_id
 
@@ -90,7 +99,7 @@ class Rule(PluginConfig):
 
 
 class ArchiveConfig(PluginConfig):
-    path: str = "/var/lib/milterd/archive"
+    path: ConfigPath = "/var/lib/milterd/archive"
     store: Literal["delivered", "received", "both"] = "delivered"
     compress: Literal["none", "zstd"] = "none"
     compress_level: int = Field(3, ge=1, le=19)

@@ -106,17 +106,16 @@ def _safe(text: Any) -> str:
 def _config(args: argparse.Namespace) -> Any:
     from . import ArchiveConfig
 
-    options: dict[str, Any] = {}
+    conf = ArchiveConfig.model_validate({})
     try:
-        cfg = load_config(args.config)
-        options = cfg.plugin_options("archive")
+        conf = load_config(args.config).plugin_model("archive", ArchiveConfig)
     except ConfigError as e:
         if args.path is None:
             raise
         print(f"warning: {e}; using --path", file=sys.stderr)
     if args.path is not None:
-        options["path"] = args.path
-    return ArchiveConfig(**options)
+        conf = conf.model_copy(update={"path": args.path})
+    return conf
 
 
 def _backend(args: argparse.Namespace, readonly: bool = True, cfg: Any = None) -> Any:

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from milterd import (
     AddHeader,
+    ConfigPath,
     Context,
     DNSTempError,
     Message,
@@ -131,7 +132,7 @@ class KeyEntry(PluginConfig):
     """One row of the key table."""
 
     selector: str
-    file: str
+    file: ConfigPath
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] | None = None  # default: from the key
     domain: str | None = None  # d=; default: the domain of the From address
 

@@ -89,7 +89,7 @@ def testkey(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config)
-        dk = DKIMConfig.model_validate(cfg.plugin_options("dkim"))
+        dk = cfg.plugin_model("dkim", DKIMConfig)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from pydantic import Field, model_validator
 
 from milterd import (
     AddHeader,
+    ConfigPath,
     Context,
     DNSTempError,
     Message,
@@ -82,17 +83,17 @@ class DMARCConfig(PluginConfig):
     never_reject_disposition: Literal["none", "quarantine"] = "none"
     trusted_arc_sealers: list[str] = []  # honour arc=pass when one of these sealed
     check_trusted: bool = False  # also evaluate mail from authenticated/internal clients
-    history_db: str | None = None  # SQLite file for aggregate reports; None: no history
+    history_db: ConfigPath | None = None  # SQLite file for aggregate reports; None: no history
     # Rows older than this are deleted (hourly); at least 8: reports catch up 7 days.
     history_days: int = Field(31, ge=8)
-    psl_file: str | None = None  # a public_suffix_list.dat; default: the package's copy
+    psl_file: ConfigPath | None = None  # a public_suffix_list.dat; default: the package's copy
     org_name: str = "milterd"
     report_email: str = "postmaster@localhost"
     report_contact: str | None = None
     report_smtp_host: str = "127.0.0.1"  # where `dmarc report --send` hands reports over
     report_smtp_port: int = Field(25, gt=0, lt=65536)
     failure_reports: bool = False  # RFC 7489 7.3 reports to ruf (headers only; failures.py)
-    failure_spool: str | None = None  # directory of reports waiting to be sent
+    failure_spool: ConfigPath | None = None  # directory of reports waiting to be sent
     failure_reports_per_hour: int = Field(10, ge=1)  # per ruf address; more are dropped
     failure_spool_max: int = Field(1000, ge=1)  # reports waiting; more are not written
 

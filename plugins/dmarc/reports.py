@@ -518,11 +518,10 @@ def report_command(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     config = None
-    options: dict[str, Any] = {}
+    conf = DMARCConfig.model_validate({})
     if getattr(args, "config", None) and Path(args.config).exists():
         config = load_config(args.config)
-        options = config.plugin_options("dmarc")
-    conf = DMARCConfig.model_validate(options)
+        conf = config.plugin_model("dmarc", DMARCConfig)
     if args.send and not args.since and not args.until:
         periods = catch_up(args.days)
     else:

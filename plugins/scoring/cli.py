@@ -38,14 +38,13 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> BayesConfig:
-    options: dict[str, Any] = {}
+    scoring = ScoringConfig.model_validate({})
     try:
-        cfg = load_config(args.config)
-        options = cfg.plugin_options("scoring")
+        scoring = load_config(args.config).plugin_model("scoring", ScoringConfig)
     except ConfigError as e:
         if args.path is None and args.redis_url is None:
             raise SystemExit(f"milterd bayes: {e}") from None
-    b = ScoringConfig.model_validate(options).bayes
+    b = scoring.bayes
     if args.path:
         b = b.model_copy(update={"backend": "sqlite", "path": args.path})
     if args.redis_url:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from milterd import PluginConfig
+from milterd import ConfigPath, PluginConfig
 
 __all__ = [
     "ActionThresholds",
@@ -214,7 +214,7 @@ class MimeConfig(PluginConfig):
 class BayesConfig(PluginConfig):
     enabled: bool = False
     backend: Literal["sqlite", "redis"] = "sqlite"
-    path: str = "/var/lib/milterd/bayes.sqlite"
+    path: ConfigPath = "/var/lib/milterd/bayes.sqlite"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "milterd:bayes"
     min_spam: int = Field(default=20, ge=1)  # messages learned before classifying
@@ -232,7 +232,7 @@ class BayesConfig(PluginConfig):
 
 class GreylistConfig(PluginConfig):
     backend: Literal["sqlite", "redis"] = "sqlite"
-    path: str = "/var/lib/milterd/greylist.sqlite"
+    path: ConfigPath = "/var/lib/milterd/greylist.sqlite"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "milterd:grey"
     delay: float = Field(default=300.0, ge=0)  # seconds a new triplet is refused

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,66 @@ def test_nan_and_infinity_are_refused(value: str) -> None:
     msg = error_of(f"[plugins.w]\nscore = {value}\n", {"w": Weighted})
     assert msg.startswith("/etc/milterd/test.toml: [plugins.w] score:")
     assert "[dns] timeout:" in error_of(f"[dns]\ntimeout = {value}\n")
+
+
+def test_relative_paths_are_taken_from_the_config_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`config check` in /etc/milterd and the daemon under systemd (working directory /)
+    must read the same files."""
+    from milterd_plugins.archive import ArchiveConfig
+
+    from milterd.registry import load_plugins
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "milterd.toml").write_text(
+        '[milterd]\nspool_dir = "spool"\n'
+        '[plugins.scoring.bayes]\npath = "/abs/bayes.sqlite"\n'
+        '[plugins.archive]\npath = "../archive"\n'
+    )
+    monkeypatch.chdir("/")
+    cfg = load(etc / "milterd.toml")
+    assert cfg.milterd.spool_dir == str(etc / "spool")
+    _, loaded = load_plugins(cfg)
+    archive = {p.name: p.config for p in loaded}["archive"]
+    assert archive.path == str(tmp_path / "archive")
+    assert cfg.plugin_model("archive", ArchiveConfig).path == str(tmp_path / "archive")
+    assert {p.name: p.config for p in loaded}["scoring"].bayes.path == "/abs/bayes.sqlite"
+    # text without a file (the harness, tests): nothing to resolve against, left as written
+    assert loads('[milterd]\nspool_dir = "spool"\n').milterd.spool_dir == "spool"
+
+
+def test_accounts_are_checked_naming_the_key() -> None:
+    from milterd.config import check_accounts
+
+    with pytest.raises(ConfigError, match=r"\[milterd\] socket_group: no group 'nosuchgroup'"):
+        check_accounts(loads('[milterd]\nsocket_group = "nosuchgroup"\n').milterd)
+    with pytest.raises(ConfigError, match=r"\[milterd\] user: no user 'nosuchuser'"):
+        check_accounts(loads('[milterd]\nuser = "nosuchuser"\n').milterd)
+    check_accounts(loads('[milterd]\nuser = "nobody"\nsocket_group = "nogroup"\n').milterd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_an_unprivileged_daemon_outside_socket_group_is_told_how_to_fix_it() -> None:
+    # The systemd unit runs milterd unprivileged; a socket_group not in its
+    # SupplementaryGroups= failed with a bare "Operation not permitted".
+    from milterd.config import check_accounts
+
+    settings = loads('[milterd]\nsocket = "unix:/tmp/x.sock"\nsocket_group = "root"\n').milterd
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            check_accounts(settings)  # without socket=True: only names are checked
+            try:
+                check_accounts(settings, socket=True)
+            except ConfigError as e:
+                code = 0 if "SupplementaryGroups=root" in str(e) else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

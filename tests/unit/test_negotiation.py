@@ -93,3 +93,41 @@ def test_only_offered_protocol_bits_are_answered() -> None:
     n = runtime(example=HeaderAtEom).negotiation
     _, proto = protocol_flags(n, offered=Milter.P_NOHDRS | Milter.P_NOBODY)
     assert proto == Milter.P_NOHDRS | Milter.P_NOBODY
+
+
+def test_a_core_error_at_a_no_reply_stage_is_answered_at_end_of_message() -> None:
+    """The MTA reads no reply at a stage negotiated with SMFIP_NR_*: answering there would
+    put milterd out of step with it. The error is kept for end of message, which 451s."""
+    from milterd import bridge
+
+    class Ctx:
+        def __init__(self, conn: object) -> None:
+            self.conn = conn
+            self.replies: list[tuple[str, ...]] = []
+
+        def getpriv(self) -> object:
+            return self.conn
+
+        def setreply(self, *args: str) -> None:
+            self.replies.append(args)
+
+    conn = bridge._Conn.__new__(bridge._Conn)
+    conn.proto, conn.failed = Milter.P_NR_BODY, False
+    ctx = Ctx(conn)
+
+    def broken(ctx: object, *args: object) -> int:
+        raise RuntimeError("core bug")
+
+    def fine(ctx: object, *args: object) -> int:
+        return bridge.CONTINUE
+
+    def failed() -> bool:  # read at each call (mypy would narrow the attribute)
+        return bool(conn.failed)
+
+    assert bridge._guard("body")(broken)(ctx, b"chunk") == bridge.NOREPLY and failed()
+    assert ctx.replies == []
+    assert bridge._guard("eom")(fine)(ctx) == bridge.TEMPFAIL
+    assert ctx.replies == [("451", "4.3.0", "Temporary filter failure, try again later")]
+    assert bridge._guard("envfrom")(fine)(ctx) == bridge.CONTINUE and not failed()
+    conn.proto = 0  # negotiated with a reply: answered at once, as before
+    assert bridge._guard("body")(broken)(ctx, b"chunk") == bridge.TEMPFAIL and not failed()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from pathlib import Path
+
+import pytest
 
 from milterd.spool import Spool
 
@@ -38,3 +41,28 @@ def test_interleaved_readers_each_get_the_whole_body() -> None:
     assert results == [want] * 4
     assert spool.read() == body
     spool.close()
+
+
+def test_a_spool_dir_that_fails_is_refused_at_start_and_tempfails_a_message_later(
+    tmp_path: Path,
+) -> None:
+    from milterd import Message, hookimpl
+    from milterd.config import ConfigError
+    from milterd.testing import Harness
+
+    class Reader:  # takes the message: the body is spooled
+        @hookimpl
+        def eom(self, message: Message) -> None:
+            message.body()
+
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError, match=r"spool_dir .*nope: cannot create a file there"):
+        Harness({"milterd": {"spool_dir": str(missing)}, "plugins": {"r": {}}},
+                plugins={"r": Reader})  # fmt: skip
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    config = {"milterd": {"spool_dir": str(spool), "spool_memory": 10}, "plugins": {"r": {}}}
+    with Harness(config, plugins={"r": Reader}) as h:
+        spool.rmdir()  # gone while running (a cleaner, a full or remounted disk)
+        out = h.send(b"Subject: s\r\n\r\n" + b"x" * 100 + b"\r\n")
+        assert out.verdict == "tempfail"  # an answer, with the queue id in the log
