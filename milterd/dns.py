@@ -4,7 +4,9 @@ that never outlives the caller's deadline, and a TTL-honouring LRU cache.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Protocol
 
 import dns.exception
@@ -16,6 +18,10 @@ import dns.resolver
 from milterd.config import Config, DnsSettings, split_hostport
 
 __all__ = ["DNSTempError", "NXDomain", "Resolver", "StubResolver", "make_resolver", "text_of"]
+
+log = logging.getLogger("milterd.dns")
+HEALTH_WINDOW = 60.0  # seconds: at most one "lookups failing" warning per window
+HEALTH_MIN_FAILED = 5  # ... and only when at least this many, and half or more, failed
 
 
 class NXDomain(LookupError):
@@ -54,6 +60,12 @@ class StubResolver:
         self.settings = settings
         self._local = threading.local()  # dnspython resolvers are not shared across threads
         self.cache = dns.resolver.LRUCache(settings.cache_size) if settings.cache_size else None
+        # Health over a window: one domain's broken DNS is ordinary, most lookups failing
+        # (the resolver is down or unreachable) deserves a warning an admin sees.
+        self._health = threading.Lock()
+        self._window = time.monotonic()
+        self._ok = self._failed = 0
+        self._last_error = ""
 
     def _resolver(self) -> dns.resolver.Resolver:
         r: dns.resolver.Resolver | None = getattr(self._local, "r", None)
@@ -71,7 +83,35 @@ class StubResolver:
             self._local.r = r
         return r
 
+    def _count(self, error: str | None, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._health:
+            if error is None:
+                self._ok += 1
+            else:
+                self._failed += 1
+                self._last_error = error
+            if now - self._window < HEALTH_WINDOW:
+                return
+            ok, failed, last = self._ok, self._failed, self._last_error
+            self._window, self._ok, self._failed = now, 0, 0
+        if failed >= HEALTH_MIN_FAILED and failed >= ok:
+            servers = ", ".join(self.settings.nameservers) or "resolv.conf"
+            log.warning(
+                "DNS: %d of %d lookups failed in the last %.0f s (resolver %s; last: %s)",
+                failed, ok + failed, HEALTH_WINDOW, servers, last,
+            )  # fmt: skip
+
     def lookup(self, name: str, rdtype: str, timeout: float | None = None) -> list[str]:
+        try:
+            answer = self._lookup(name, rdtype, timeout)
+        except DNSTempError as e:
+            self._count(str(e))
+            raise
+        self._count(None)
+        return answer
+
+    def _lookup(self, name: str, rdtype: str, timeout: float | None) -> list[str]:
         r = self._resolver()
         lifetime = self.settings.timeout if timeout is None else min(timeout, self.settings.timeout)
         if lifetime <= 0:

@@ -64,11 +64,16 @@ def _escape(m: re.Match[str]) -> str:
 class TextFormatter(logging.Formatter):
     """The text format, one line per record: control characters in the message (never in
     a traceback that follows it) are written as ``\\xNN``, so a sender's CR LF cannot
-    forge a log line. (JSON escapes them by itself.)"""
+    forge a log line. (JSON escapes them by itself.) A plugin's line (``ctx.log``) starts
+    with the message's queue id (``NOQUEUE`` before the MTA has one), as the core's
+    summary line and Postfix's own lines do."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         if _CONTROL.search(record.message):
             record.message = _CONTROL.sub(_escape, record.message)
+        qid = getattr(record, "queue_id", None)
+        if qid is not None and hasattr(record, "plugin"):  # ctx.log: as Postfix's lines
+            record.message = f"{_CONTROL.sub(_escape, qid) or 'NOQUEUE'}: {record.message}"
         return super().formatMessage(record)
 
 

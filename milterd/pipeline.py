@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from milterd import events as ev
 from milterd import hookspecs
-from milterd.actions import Accept, Reject, TempFail, Verdict
+from milterd.actions import Accept, Reject, Result, TempFail, Verdict
 from milterd.config import Config, ConfigError, check_accounts
 from milterd.context import (
     ConnectionInfo,
@@ -449,6 +449,15 @@ class _MessageState:
     rcpt_verdicts: list[tuple[str, str, Verdict]] = field(default_factory=list)
 
 
+def _labelled(r: Result) -> str:
+    """``spf=fail(smtp.mailfrom=example.org)``: which identity a result is about (an SPF
+    HELO and MAIL FROM result, or two signatures, are otherwise alike in the log)."""
+    if not r.properties:
+        return f"{r.method}={r.result}"
+    key, value = r.properties[0]
+    return f"{r.method}={r.result}({key}={value[:64]})"
+
+
 class Session:
     """One MTA connection: turns its events into guarded plugin calls, in order.
 
@@ -823,7 +832,8 @@ class Session:
         if not log.isEnabledFor(logging.INFO):
             return
         info = m.info
-        results = ", ".join(f"{r.method}={r.result}" for r in m.ledger.results)
+        labelled = [_labelled(r) for r in m.ledger.results]
+        results = ", ".join(labelled)
         times = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in m.ledger.timings.items())
         reasons = "; ".join(
             f"{p}: {v.word}" + (f" ({v.reason})" if v.reason else "") for p, v in decision.reasons
@@ -841,7 +851,7 @@ class Session:
             "decided_by": decision.plugin,
             "stage": stage,
             "score": m.ledger.score,
-            "results": [f"{r.method}={r.result}" for r in m.ledger.results],
+            "results": labelled,
             "plugin_ms": {k: round(v * 1000, 2) for k, v in m.ledger.timings.items()},
             "errors": [f"{p}@{s}: {d}" for p, s, d in m.ledger.errors],
             "conflicts": decision.conflicts,

@@ -1,0 +1,37 @@
+"""The shared resolver's health warning: a dead resolver shows up in the log at WARNING,
+one broken domain does not."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from milterd.config import DnsSettings
+from milterd.dns import HEALTH_WINDOW, DNSTempError, StubResolver
+
+
+def test_most_lookups_failing_is_warned_once_a_window(caplog: pytest.LogCaptureFixture) -> None:
+    # A loopback port nothing listens on: the lookup fails at once (or after 0.2 s).
+    r = StubResolver(DnsSettings(nameservers=["127.0.0.1:9"], timeout=0.2, cache_size=0))
+    for _ in range(5):
+        with pytest.raises(DNSTempError):
+            r.lookup("example.org", "TXT")
+    assert "lookups failed" not in caplog.text  # the window is not over yet
+    r._count(None, now=time.monotonic() + HEALTH_WINDOW)  # the first lookup after it
+    warnings = [rec for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "5 of 6 lookups failed in the last 60 s (resolver 127.0.0.1:9; " in text
+    assert "last: example.org/TXT" in text
+
+
+def test_a_few_failures_among_many_answers_are_not_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    r = StubResolver(DnsSettings(nameservers=["127.0.0.1:9"], timeout=0.2))
+    start = time.monotonic()
+    for i in range(20):
+        r._count("broken.example/TXT: SERVFAIL" if i % 3 == 0 else None, now=start + i)
+    r._count(None, now=start + HEALTH_WINDOW + 1)
+    assert "lookups failed" not in caplog.text
