@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 __all__ = ["METRICS", "serve_metrics"]
 
+VERDICT_WORDS = ("continue", "accept", "quarantine", "tempfail", "reject", "discard")
+FAILURE_KINDS = ("exception", "timeout", "bad-return")
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -37,7 +39,42 @@ class _Metrics:
         self.connections = Gauge(
             "milterd_connections_open", "Open MTA connections", multiprocess_mode="livesum"
         )
+        self.decisions = Counter(
+            "milterd_decisions",
+            "Messages not simply passed, by final verdict and the plugin that decided it",
+            ["plugin", "verdict"],
+        )
+        self.results = Counter(
+            "milterd_results", "Authentication results recorded, by method and result",
+            ["method", "result"],
+        )  # fmt: skip
         self._by_verdict: dict[str, Counter] = {}
+        self._children: dict[tuple[str, ...], Counter] = {}
+
+    def declare(self, plugins: list[tuple[str, list[str]]]) -> None:
+        """Create the series a worker may count, at 0, so that ``rate()`` and alerts see
+        0 rather than no data before the first failure: every verdict word, and each
+        plugin's failures per hooked stage and kind. ``plugins``: (name, stages)."""
+        for verdict in VERDICT_WORDS:
+            self.messages.labels(verdict)
+        for name, stages in plugins:
+            self.abandoned.labels(name)
+            for stage in stages:
+                for kind in FAILURE_KINDS:
+                    self.plugin_errors.labels(name, stage, kind)
+
+    def decided(self, plugin: str, verdict: str) -> None:
+        self._child(self.decisions, ("d", plugin, verdict), plugin, verdict).inc()
+
+    def result(self, method: str, result: str) -> None:
+        self._child(self.results, ("r", method, result), method, result).inc()
+
+    def _child(self, metric: Counter, key: tuple[str, ...], *labels: str) -> Counter:
+        child = self._children.get(key)
+        if child is None:
+            # Bounded: plugin names and RFC 8601 words, never message content.
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def message(self, verdict: str) -> None:
         """Count one message: ``.labels()`` takes a lock and hashes on every call, so the

@@ -133,7 +133,7 @@ class Negotiation:
 
 @dataclass(slots=True)
 class _Failure:
-    kind: str  # "exception", "timeout", "bad-return", "refused"
+    kind: str  # metrics.FAILURE_KINDS: "exception", "timeout", "bad-return"
     detail: str
 
 
@@ -197,6 +197,9 @@ class Runtime:
                 self._shutdown(done)
                 raise
             self.started = True
+            METRICS.declare(
+                [(p.name, [st for st in p.impls if st in hookspecs.STAGES]) for p in self.plugins]
+            )
 
     def check_settings(self) -> None:
         """What ``[milterd]`` names must work for this process (the daemon's user, after
@@ -829,6 +832,10 @@ class Session:
         if m is None:
             return
         METRICS.message(decision.word)
+        if decision.plugin and decision.word != "continue":
+            METRICS.decided(decision.plugin, decision.word)
+        for r in m.ledger.results:
+            METRICS.result(r.method, r.result)
         if not log.isEnabledFor(logging.INFO):
             return
         info = m.info
