@@ -289,6 +289,12 @@ def describe(err: ValidationError, path: str, section: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            if not sect:  # a misspelt section name: [plugin.dkim], [milter], [DNS]
+                lines.append(
+                    f"{path}: [{key}]: unknown section (sections are [milterd], [dns] and "
+                    f"[plugins.NAME])"
+                )
+                continue
         lines.append(f"{path}: [{sect}] {key}: {msg}")
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ A plugin may declare, as class or module attributes:
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as md
 import inspect
 import logging
@@ -98,11 +99,15 @@ def installed() -> list[Installed]:
 
 def load_entry_point(name: str) -> object:
     """Import one plugin's entry point. Raises ConfigError naming it on any failure."""
-    eps = [ep for ep in md.entry_points(group=GROUP) if ep.name == name]
+    found = md.entry_points(group=GROUP)
+    eps = [ep for ep in found if ep.name == name]
     if not eps:
+        close = difflib.get_close_matches(name, sorted({ep.name for ep in found}), n=1)
+        hint = f"; did you mean [plugins.{close[0]}]?" if close else ""
         raise ConfigError(
-            f"plugin {name!r} is enabled but not installed (no entry point "
-            f"{name!r} in group {GROUP!r})"
+            f"[plugins.{name}]: plugin {name!r} is enabled but not installed (no entry "
+            f"point {name!r} in group {GROUP!r}; `milterd plugins` lists those installed)"
+            f"{hint}"
         )
     try:
         return eps[0].load()
@@ -169,7 +174,10 @@ def load_plugins(
     pm = new_manager()
     loaded: list[LoadedPlugin] = []
     for name in config.enabled_plugins():
-        source = sources[name] if name in sources else load_entry_point(name)
+        try:
+            source = sources[name] if name in sources else load_entry_point(name)
+        except ConfigError as e:
+            raise ConfigError(f"{config.path}: {e}") from e
         obj = _instantiate(name, source)
         _check_hooks(name, obj)
         try:

@@ -122,6 +122,11 @@ def load_key(path: str, algorithm: str | None = None, *, insecure: bool = False)
             check_key_file(path)
         except FileNotFoundError:
             raise KeyFileError(f"{path}: no such key file") from None
+        except PermissionError as e:  # a directory on the way this user cannot enter
+            raise KeyFileError(
+                f"{path}: cannot read: {e.strerror} (the daemon's user must be able to "
+                f"enter every directory on the path)"
+            ) from None
     try:
         data = Path(path).read_bytes()
     except OSError as e:

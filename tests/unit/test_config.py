@@ -89,6 +89,14 @@ def test_sockets() -> None:
 
 def test_enabled_plugin_not_installed_is_named() -> None:
     assert "plugin 'nonesuch' is enabled but not installed" in error_of("[plugins.nonesuch]\n")
+    assert error_of("[plugins.dkmi]\n").endswith("did you mean [plugins.dkim]?")
+
+
+def test_a_misspelt_section_is_named_as_a_section() -> None:
+    assert error_of("[plugin.authres]\n") == (
+        "/etc/milterd/test.toml: [plugin]: unknown section (sections are [milterd], [dns] and "
+        "[plugins.NAME])"
+    )
 
 
 def test_the_shipped_default_config_is_valid() -> None:

@@ -7,8 +7,11 @@ signing code, which uses OpenSSL); OpenDKIM cross-checks are in the integration 
 from __future__ import annotations
 
 import base64
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -386,6 +389,32 @@ def test_startup_refuses_wrong_algorithm_and_missing_file(
     cfg = {"dkim": {"keys": {"k": {"selector": "s", "file": str(tmp_path / "nope.pem")}}}}
     with pytest.raises(Exception, match=r"nope\.pem: no such key file"):
         Harness(cfg, plugins={"dkim": DKIMPlugin})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_key_behind_a_directory_the_user_cannot_enter_is_named(keys: dict[str, Any]) -> None:
+    from milterd_plugins.dkim.keys import KeyFileError, load_key
+
+    d = Path(tempfile.mkdtemp(prefix="milterd-keys-"))  # root's, 0700
+    try:
+        key = d / "k.pem"
+        shutil.copy(keys["rsa"][0], key)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    load_key(str(key))
+                except KeyFileError as e:
+                    code = 0 if "k.pem: cannot read: Permission denied (the daemon" in str(e) else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(d)
 
 
 def test_config_errors() -> None:
