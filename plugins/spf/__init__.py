@@ -19,10 +19,14 @@ called, and only at start-up.
 Results on the ledger (RFC 8601 words): ``spf=<result> smtp.mailfrom=<domain>`` for the
 MAIL FROM identity (for the null sender the HELO domain, ``postmaster@HELO`` being the
 identity checked) and ``spf=<result> smtp.helo=<helo>`` when the HELO check was done.
+
+Test mode (``test_mode = true``, or spf-engine's ``TestOnly = 0``): results and headers
+are recorded as usual, but no reject or defer is ever given (each is logged instead).
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import sys
@@ -32,10 +36,12 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import spf
-from pydantic import field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from milterd import (
     AddHeader,
+    ConfigError,
+    ConfigPath,
     Context,
     DNSTempError,
     EnvFrom,
@@ -51,7 +57,14 @@ from milterd import (
     hookimpl,
 )
 
-__all__ = ["RESULTS", "SPFConfig", "SPFPlugin", "load_policyd_conf", "policy_table"]
+__all__ = [
+    "RESULTS",
+    "SPFConfig",
+    "SPFPlugin",
+    "load_policyd_conf",
+    "policy_table",
+    "policyd_config",
+]
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 NETS = list[ipaddress.IPv4Network | ipaddress.IPv6Network]
@@ -61,8 +74,6 @@ Action = Literal["reject", "defer", "prepend"]
 #: settings of the policy daemon / pyspf-milter). Accepted so a file carries over; ignored.
 IGNORED_NAMES = (
     "debugLevel",
-    "TestOnly",
-    "defaultSeedOnly",
     "Authserv_Id",
     "Mock",
     "QueueID",
@@ -117,10 +128,10 @@ class SPFConfig(PluginConfig):
     SPF_Enhanced_Status_Codes: bool = True
     Reason_Message: str = "Message {rejectdefer} due to: {spf}. Please see {url}"
     Reason_URL: str = ""
+    TestOnly: int = 1  # 0 = test mode (see test_mode); spf-engine's name and meaning
+    defaultSeedOnly: int = 1  # noqa: N815 - TestOnly's old name (used when TestOnly unset)
     # Accepted for compatibility with policyd-spf.conf, not used (see IGNORED_NAMES).
     debugLevel: int = 1  # noqa: N815 - spf-engine's name
-    TestOnly: int = 1
-    defaultSeedOnly: int = 1  # noqa: N815 - spf-engine's name
     Authserv_Id: str = ""
     Mock: bool = False
     QueueID: bool = True
@@ -136,11 +147,14 @@ class SPFConfig(PluginConfig):
     Mail_From_pass_restriction: str = ""
     HELO_pass_restriction: str = ""
     # milterd's own keys.
-    policyd_spf_conf: str | None = None  # read this policyd-spf.conf; keys here override it
+    policyd_spf_conf: ConfigPath | None = None  # read this policyd-spf.conf; keys here win
+    # Record results and headers, never reject or defer. Unset: TestOnly decides.
+    test_mode: bool | None = None
     decide_at: Literal["envfrom", "envrcpt"] = "envfrom"
     postmaster_exempt: bool = True  # with decide_at = envrcpt: postmaster@ is never refused
     check_trusted: bool = False  # also check authenticated / internal-network clients
-    deadline_margin: float = 0.5  # seconds kept free below the hook's deadline
+    # Seconds kept free below the hook's deadline, at most a quarter of the time left.
+    deadline_margin: float = Field(default=0.5, ge=0)
 
     @field_validator(
         "skip_addresses",
@@ -172,6 +186,16 @@ class SPFConfig(PluginConfig):
     def _bools(cls, v: Any) -> bool:
         return _yes(v)
 
+    @property
+    def testing(self) -> bool:
+        """Test mode: ``test_mode`` when given, else spf-engine's ``TestOnly == 0`` (or its
+        old name ``defaultSeedOnly == 0`` when ``TestOnly`` is not given)."""
+        if self.test_mode is not None:
+            return self.test_mode
+        if "TestOnly" in self.model_fields_set:
+            return self.TestOnly == 0
+        return self.defaultSeedOnly == 0
+
     @field_validator("Header_Type")
     @classmethod
     def _header_type(cls, v: str) -> str:
@@ -188,23 +212,78 @@ class SPFConfig(PluginConfig):
         return v
 
 
+#: milterd's own keys: in ``[plugins.spf]`` only, not in a policyd-spf.conf.
+NATIVE_KEYS = (
+    "policyd_spf_conf",
+    "test_mode",
+    "decide_at",
+    "postmaster_exempt",
+    "check_trusted",
+    "deadline_margin",
+)
+
+
+def _read_policyd_conf(path: str) -> dict[str, tuple[int, str]]:
+    """Name -> (line number, value). Raises ConfigError naming the file (and line)."""
+    out: dict[str, tuple[int, str]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                text = line.split("#", 1)[0].strip()
+                if not text:
+                    continue
+                name, eq, value = text.partition("=")
+                if not eq or not name.strip():
+                    raise ConfigError(f"{path}:{lineno}: expected 'Name = value', got {text!r}")
+                out[name.strip()] = (lineno, value.strip())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: cannot read: not UTF-8 text ({e.reason})") from None
+    return out
+
+
 def load_policyd_conf(path: str) -> dict[str, str]:
     """Read a ``policyd-spf.conf`` (``Name = value`` lines, ``#`` comments) into a dict.
 
     The same format spf-engine reads (``Reason_URL`` may contain ``=``); names are checked
-    by :class:`SPFConfig` afterwards, so an unknown name is a configuration error.
+    by :class:`SPFConfig` afterwards (:func:`policyd_config`), so an unknown name is a
+    configuration error. An unreadable file or a line without ``=`` raises ConfigError
+    naming the file.
     """
-    out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            name, eq, value = text.partition("=")
-            if not eq:
-                raise ValueError(f"{path}:{lineno}: expected 'Name = value'")
-            out[name.strip()] = value.strip()
-    return out
+    return {name: value for name, (_line, value) in _read_policyd_conf(path).items()}
+
+
+def policyd_config(path: str, overrides: dict[str, Any] | None = None) -> SPFConfig:
+    """The policyd-spf.conf at ``path`` validated as SPFConfig, ``overrides`` (the keys
+    given in ``[plugins.spf]``) winning. Raises ConfigError, one line per problem, each
+    naming the file, the line and the option."""
+    entries = _read_policyd_conf(path)
+    known = sorted(n for n in SPFConfig.model_fields if n not in NATIVE_KEYS)
+    problems = []
+    for name, (lineno, _value) in entries.items():
+        if name in NATIVE_KEYS:
+            problems.append(f"{path}:{lineno}: {name}: a milterd key: set it in [plugins.spf]")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    merged: dict[str, Any] = {name: value for name, (_line, value) in entries.items()}
+    merged.update(overrides or {})
+    try:
+        return SPFConfig.model_validate(merged)
+    except ValidationError as err:
+        for e in err.errors():
+            name = str(e["loc"][0]) if e["loc"] else "(file)"
+            where = f"{path}:{entries[name][0]}" if name in entries else path
+            if e["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                msg = f"unknown option ({hint}known: {', '.join(known)})"
+            else:
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                if name in entries:
+                    msg += f" (got {entries[name][1]!r})"
+            problems.append(f"{where}: {name}: {msg}")
+        raise ConfigError("\n".join(problems)) from None
 
 
 # --- spf-engine, imported carefully ---------------------------------------------------------
@@ -340,6 +419,11 @@ def _strip_dot(name: str) -> str:
     return name[:-1] if name.endswith(".") and not name.endswith("..") else name
 
 
+def _temperror_text(domain: str) -> str:
+    """A temperror's explanation: what the client may see (no resolver, no DNS library text)."""
+    return f"SPF temporary error: DNS lookup for {domain or 'the sender domain'} failed"
+
+
 def _reason(result: str, exp: str) -> str:
     """The A-R reason: the explanation, but not DNS error details (server addresses)."""
     if result == "pass":
@@ -393,14 +477,33 @@ class SPFPlugin:
     @hookimpl
     def startup(self, config: SPFConfig, services: Services) -> None:
         if config.policyd_spf_conf:
-            merged: dict[str, Any] = load_policyd_conf(config.policyd_spf_conf)
-            merged.update(config.model_dump(exclude_unset=True))
-            config = SPFConfig.model_validate(merged)
+            config = policyd_config(config.policyd_spf_conf, config.model_dump(exclude_unset=True))
         self.conf = config
         log = services.logger
         for name in IGNORED_NAMES:
             if name in config.model_fields_set:
                 log.info("spf: %s is a policy-daemon setting, ignored in milterd", name)
+        if config.testing:
+            why = (
+                "test_mode = true"
+                if config.test_mode
+                else "TestOnly = 0"
+                if "TestOnly" in config.model_fields_set
+                else "defaultSeedOnly = 0"
+            )
+            log.warning(
+                "spf: TEST MODE (%s): SPF results and headers are recorded, but no message "
+                "is rejected or deferred for SPF",
+                why,
+            )
+        stage = services.settings.command_timeout
+        if config.deadline_margin > stage / 2:
+            log.warning(
+                "spf: deadline_margin %gs is more than half of [milterd] command_timeout "
+                "(%gs); it is cut to a quarter of the time a call has left",
+                config.deadline_margin,
+                stage,
+            )
         self.skip = [ipaddress.ip_network(n, strict=False) for n in config.skip_addresses]
         self.whitelist = [ipaddress.ip_network(n, strict=False) for n in config.Whitelist]
         pe, td = config.PermError_reject, config.TempError_Defer
@@ -417,19 +520,34 @@ class SPFPlugin:
 
     # --- evaluation --------------------------------------------------------------------------
 
-    def _deadline(self, ctx: Context, budget: float) -> float:
+    def _usable(self, ctx: Context) -> float:
+        """Seconds DNS may take now: the call's time left minus ``deadline_margin``, the
+        margin cut to a quarter of the time left. A plugin ``timeout`` (or what remains of
+        the stage) at or below the margin then still leaves time for lookups instead of
+        making every check an instant temperror."""
         assert self.conf is not None
-        left = ctx.time_left() - self.conf.deadline_margin
-        return time.monotonic() + max(0.0, min(budget, left))
+        left = ctx.time_left()
+        return left - min(self.conf.deadline_margin, left / 4)
+
+    def _timeout(self, ctx: Context, budget: float) -> float:
+        """A timeout for one direct lookup (allow-lists, No_Mail)."""
+        return max(0.0, min(budget, self._usable(ctx)))
+
+    def _deadline(self, ctx: Context, budget: float) -> float:
+        return time.monotonic() + max(0.0, min(budget, self._usable(ctx)))
 
     def _check(
         self, ctx: Context, ip: str, sender: str, helo: str, budget: float
     ) -> tuple[str, str]:
-        """(result, explanation) of one SPF evaluation; never raises."""
+        """(result, explanation) of one SPF evaluation; never raises. The explanation may
+        reach the SMTP reply and the headers: a temperror's is only "DNS lookup for
+        <domain> failed" (the DNS error, which names the resolver, goes to the log)."""
+        domain = _domain_of(sender)
         deadline = self._deadline(ctx, budget)
         querytime = deadline - time.monotonic()
         if querytime <= 0:
-            return "temperror", "no time left for SPF lookups"
+            ctx.log.info("spf: temperror for %s: no time left for SPF lookups", domain)
+            return "temperror", _temperror_text(domain)
         try:
             with _Using(ctx.resolver, deadline):
                 helo = _strip_dot(helo)
@@ -440,8 +558,11 @@ class SPFPlugin:
                 res, _code, exp = q.check()
         except Exception as e:  # pyspf bugs on hostile input must not cost the message
             ctx.log.warning("spf: evaluation of %s failed: %r", sender, e)
-            return "permerror", f"SPF evaluation error: {e}"
+            return "permerror", "SPF evaluation error"
         res = {"error": "temperror", "unknown": "permerror", "ambiguous": "permerror"}.get(res, res)
+        if res == "temperror":
+            ctx.log.info("spf: temperror for %s: %s", domain, exp)
+            return res, _temperror_text(domain)
         return (res if res in RESULTS else "permerror"), str(exp or "")
 
     def _bypass(self, ctx: Context, addr: Any, ip: str, sender: str, helo: str) -> str:
@@ -456,7 +577,7 @@ class SPFPlugin:
         if conf.HELO_Whitelist and helo.lower() in {h.lower() for h in conf.HELO_Whitelist}:
             rdtype = "AAAA" if addr.version == 6 else "A"
             try:
-                found = ctx.resolver.lookup(helo, rdtype, timeout=min(budget, ctx.time_left()))
+                found = ctx.resolver.lookup(helo, rdtype, timeout=self._timeout(ctx, budget))
             except (NXDomain, DNSTempError):
                 found = []
             if any(ipaddress.ip_address(a) == addr for a in found):
@@ -467,7 +588,7 @@ class SPFPlugin:
         if conf.Domain_Whitelist_PTR:
             try:
                 names = ctx.resolver.lookup(
-                    addr.reverse_pointer, "PTR", timeout=min(budget, ctx.time_left())
+                    addr.reverse_pointer, "PTR", timeout=self._timeout(ctx, budget)
                 )
             except (NXDomain, DNSTempError):
                 names = []
@@ -477,8 +598,10 @@ class SPFPlugin:
         return ""
 
     def _no_mail_record(self, ctx: Context, domain: str) -> bool:
+        assert self.conf is not None
         try:
-            recs = ctx.resolver.lookup(domain, "TXT", timeout=ctx.time_left())
+            timeout = self._timeout(ctx, self.conf.Lookup_Time)
+            recs = ctx.resolver.lookup(domain, "TXT", timeout=timeout)
         except (NXDomain, DNSTempError):
             return False
         return [r for r in recs if r.lower().startswith("v=spf1")] == ["v=spf1 -all"]
@@ -518,6 +641,9 @@ class SPFPlugin:
             ).strip()
         )
         reason = f"spf {scope} {identity} {result}"
+        if conf.testing:
+            ctx.log.info("spf: test mode: would %s (%s): %s", action, reason, text)
+            return None
         if action == "defer":
             return TempFail("451", "4.7.24" if enhanced else "4.7.1", text, reason=reason)
         xcode = ("5.7.24" if result == "permerror" else "5.7.23") if enhanced else "5.7.1"
