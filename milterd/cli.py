@@ -1,4 +1,5 @@
 """The ``milterd`` command line: run, plugins, config check, check."""
+# (The module docstring is for the docs; --help prints DESCRIPTION, plain text.)
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = os.environ.get("MILTERD_CONFIG", "/etc/milterd/milterd.toml")
+DESCRIPTION = (
+    "milterd, a milter daemon driven by plugins: run the daemon, list the installed "
+    "plugins, check the configuration, or run one message through the pipeline. "
+    "Installed plugins add their own commands (listed below)."
+)
+EPILOG = "Run 'milterd COMMAND --help' for a command's options."
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -82,14 +89,26 @@ def _as_daemon_user(user: str | None, group: str | None, fn: Callable[[], None])
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from milterd import hookspecs
-    from milterd.config import Config, ConfigError, load
+    from milterd.config import Config, ConfigError, loads
     from milterd.registry import installed, load_entry_point
 
+    # An inventory of what is installed, also wanted before any config exists: a config
+    # that cannot be read is a warning (none shown as enabled), one that is invalid an error.
     try:
-        config = load(args.config) if Path(args.config).exists() else Config()
-    except ConfigError as e:
-        print(f"milterd: {e}", file=sys.stderr)
-        return 2
+        text = Path(args.config).read_text(encoding="utf-8")
+    except OSError as e:
+        print(
+            f"milterd: warning: {args.config}: cannot read: {e.strerror}; "
+            "listing installed plugins, none enabled",
+            file=sys.stderr,
+        )
+        config = Config()
+    else:
+        try:
+            config = loads(text, args.config)
+        except ConfigError as e:
+            print(f"milterd: {e}", file=sys.stderr)
+            return 2
     enabled = config.enabled_plugins()
     rows: list[dict[str, Any]] = []
     for p in installed():
@@ -134,7 +153,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from milterd.actions import Reject, TempFail
+    from milterd.actions import Reject, TempFail, Verdict
     from milterd.config import ConfigError, load
     from milterd.dns import StubResolver
     from milterd.logs import setup_logging
@@ -164,28 +183,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
     if args.output and out.delivered is not None:
         Path(args.output).write_bytes(out.delivered)
+
+    def reply(v: Verdict) -> dict[str, str]:
+        """The SMTP reply a Reject or TempFail makes the MTA give."""
+        if not isinstance(v, Reject | TempFail):
+            return {}
+        return {"reply": f"{v.code} {v.xcode or ''} {v.text}".replace("  ", " ")}
+
+    # An early verdict (before end of message) has its decision too: plugin and reasons.
+    reasons = out.decision.reasons or (
+        [(out.decided_by or "milterd", out.early)] if out.early is not None else []
+    )
     report: dict[str, Any] = {
         "verdict": out.verdict,
         "stage": out.stage,
-        "decided_by": out.decision.plugin,
+        "decided_by": out.decided_by,
         "reasons": [
-            {
-                "plugin": p,
-                "verdict": v.word,
-                "reason": v.reason,
-                **(
-                    {"reply": f"{v.code} {v.xcode or ''} {v.text}".replace("  ", " ")}
-                    if isinstance(v, Reject | TempFail)
-                    else {}
-                ),
-            }
-            for p, v in out.decision.reasons
-        ]
-        + (
-            [{"plugin": "", "verdict": out.early.word, "reason": out.early.reason}]
-            if out.early is not None and not out.decision.reasons
-            else []
-        ),
+            {"plugin": p, "verdict": v.word, "reason": v.reason, **reply(v)} for p, v in reasons
+        ],
         "refused_recipients": {r: v.word for r, v in out.refused.items()},
         "changes": [
             {
@@ -222,15 +237,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(
-            f"verdict: {report['verdict']}"
-            + (f" (by {report['decided_by']})" if report["decided_by"] else "")
-        )
+        who, where = report["decided_by"], (f" at {out.stage}" if out.stage != "eom" else "")
+        print(f"verdict: {report['verdict']}" + (f" (by {who}{where})" if who else where))
         for r in report["reasons"]:
             who = r["plugin"] or "milterd"
             print(f"  {who}: {r['verdict']} {r.get('reply', '')} {r['reason']}".rstrip())
-        for rcpt, word in report["refused_recipients"].items():
-            print(f"  recipient {rcpt}: {word}")
+        for rcpt, v in out.refused.items():
+            print(f"  recipient {rcpt}: {v.word} {reply(v).get('reply', '')}".rstrip())
         print("changes:" + ("" if report["changes"] else " none"))
         for c in report["changes"]:
             print(
@@ -260,7 +273,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def parser() -> tuple[argparse.ArgumentParser, Any]:
-    ap = argparse.ArgumentParser(prog="milterd", description=__doc__)
+    ap = argparse.ArgumentParser(prog="milterd", description=DESCRIPTION, epilog=EPILOG)
     ap.add_argument(
         "-c",
         "--config",
@@ -282,17 +295,29 @@ def parser() -> tuple[argparse.ArgumentParser, Any]:
         "check", help="validate the config file and every enabled plugin's section"
     ).set_defaults(fn=_cmd_config_check)
 
-    p = sub.add_parser("check", help="run one message through the pipeline in process")
+    p = sub.add_parser(
+        "check",
+        help="run one message through the pipeline in process",
+        description="Run one message through the configured pipeline in process (DNS from "
+        "[dns]) and print the verdict, who decided it, each plugin's verdict, the changes, "
+        "the results, the score, the errors and each plugin's time.",
+    )
     p.add_argument("file", help="the message (RFC 5322), or - for standard input")
-    p.add_argument("--from", dest="sender", default="", help="envelope sender ('' = <>)")
-    p.add_argument("--rcpt", action="append", help="envelope recipient (repeatable)")
-    p.add_argument("--client-ip", default="127.0.0.1")
-    p.add_argument("--client-name", default=None)
-    p.add_argument("--helo", default="localhost")
+    p.add_argument(
+        "--from", dest="sender", default="", help="envelope sender (default '': the null <>)"
+    )
+    p.add_argument(
+        "--rcpt",
+        action="append",
+        help="envelope recipient, repeatable (default postmaster@localhost)",
+    )
+    p.add_argument("--client-ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    p.add_argument("--client-name", default=None, help="client host name (default [IP])")
+    p.add_argument("--helo", default="localhost", help="HELO name (default localhost)")
     p.add_argument("--auth", default=None, help="SASL login name, as {auth_authen}")
     p.add_argument("--output", help="write the message as it would be delivered")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level to stderr")
     p.set_defaults(fn=_cmd_check)
     return ap, sub
 

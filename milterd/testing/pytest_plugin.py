@@ -1,8 +1,11 @@
 """Opt-in pytest fixtures for plugin authors: ``pytest -p milterd.testing.pytest_plugin``
 or ``pytest_plugins = ["milterd.testing.pytest_plugin"]`` in a conftest.py.
 
-``milterd_harness(config=None, plugins=None, zones=None)`` builds a :class:`Harness` and
-closes it after the test; ``fake_resolver`` is an empty :class:`FakeResolver` to fill.
+``milterd_harness`` is a factory: ``milterd_harness(config=None, *, plugins=None,
+zones=None, resolver=None, raise_errors=False)`` takes :class:`Harness`'s arguments, builds
+one and closes it after the test. ``fake_resolver`` is an empty :class:`FakeResolver` to
+fill (``fake_resolver.zones[name] = {"TXT": [...]}``); a harness uses it when given as
+``resolver=fake_resolver``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,16 @@ def milterd_harness() -> Iterator[Callable[..., Harness]]:
     made: list[Harness] = []
 
     def make(
-        config: Any = None, *, plugins: Any = None, zones: Any = None, resolver: Any = None
+        config: Any = None,
+        *,
+        plugins: Any = None,
+        zones: Any = None,
+        resolver: Any = None,
+        raise_errors: bool = False,
     ) -> Harness:
-        h = Harness(config, plugins=plugins, zones=zones, resolver=resolver)
+        h = Harness(
+            config, plugins=plugins, zones=zones, resolver=resolver, raise_errors=raise_errors
+        )
         made.append(h)
         return h
 

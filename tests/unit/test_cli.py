@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from milterd_testplugins import Mark
 
-from milterd import cli, hookimpl
+from milterd import Reject, cli, hookimpl
 
 MSG = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -177,3 +177,72 @@ def test_a_tools_error_is_one_line_with_status_2(
         return
     assert cli.main(["-c", "/nonexistent.toml", "t-fail"]) == 2
     assert capsys.readouterr().err == f"milterd t-fail: {error}\n"
+
+
+def test_check_reports_who_decided_a_verdict_given_before_end_of_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A reject at MAIL (as SPF gives) names its plugin and the SMTP reply, as a reject at
+    end of message does."""
+
+    def envfrom(self: object) -> Reject:
+        return Reject("550", "5.7.23", "SPF validation failed", reason="spf fail")
+
+    monkeypatch.setattr(Mark, "envfrom", hookimpl(envfrom), raising=False)
+    # check sets up the daemon's logging (no propagation): not in this process's tests.
+    monkeypatch.setattr("milterd.logs.setup_logging", lambda *args: None)
+    cfg = tmp_path / "m.toml"
+    cfg.write_text("[plugins.t_mark]\n")
+    eml = tmp_path / "in.eml"
+    eml.write_bytes(MSG)
+    assert cli.main(["-c", str(cfg), "check", str(eml), "--from", "a@example.org", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verdict"] == "reject" and report["stage"] == "envfrom"
+    assert report["decided_by"] == "t_mark"
+    assert report["reasons"] == [
+        {
+            "plugin": "t_mark",
+            "verdict": "reject",
+            "reason": "spf fail",
+            "reply": "550 5.7.23 SPF validation failed",
+        }
+    ]
+    assert cli.main(["-c", str(cfg), "check", str(eml), "--from", "a@example.org"]) == 0
+    text = capsys.readouterr().out
+    assert "verdict: reject (by t_mark at envfrom)\n" in text
+    assert "  t_mark: reject 550 5.7.23 SPF validation failed spf fail\n" in text
+
+
+def test_check_names_the_plugin_that_refused_every_recipient(config: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "in.eml"
+    eml.write_bytes(MSG)
+    res = milterd("check", str(eml), "--rcpt", "reject-x@example.com", "--json", config=config)
+    report = json.loads(res.stdout)
+    assert report["verdict"] == "reject" and report["stage"] == "envrcpt"
+    assert report["decided_by"] == "t_reject_rcpt"
+    assert report["reasons"][0]["reply"] == "550 5.1.1 Recipient refused by test plugin"
+    text = milterd("check", str(eml), "--rcpt", "reject-x@example.com", config=config).stdout
+    assert "verdict: reject (by t_reject_rcpt at envrcpt)" in text
+    assert "recipient reject-x@example.com: reject 550 5.1.1 Recipient refused" in text
+
+
+def test_top_level_help_is_plain_text_and_names_every_command() -> None:
+    res = milterd("--help")
+    assert res.returncode == 0 and "``" not in res.stdout
+    for command in ("run", "plugins", "config", "check", "t-mark-echo"):
+        assert command in res.stdout
+    check = milterd("check", "--help").stdout
+    for option in ("--client-name", "--verbose", "standard input", "postmaster@localhost"):
+        assert option in check
+
+
+def test_plugins_warns_when_the_config_cannot_be_read_and_still_lists(tmp_path: Path) -> None:
+    res = milterd("plugins", "--json", config=tmp_path / "missing.toml")
+    assert res.returncode == 0, res.stderr
+    assert f"warning: {tmp_path / 'missing.toml'}: cannot read: No such file" in res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)}  # stdout stays valid JSON
+    assert "authres" in rows and not any(r["enabled"] for r in rows.values())
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[plugins.example_header\n")
+    res = milterd("plugins", config=bad)  # unreadable is a warning, broken an error
+    assert res.returncode == 2 and "not valid TOML" in res.stderr

@@ -1,0 +1,309 @@
+"""The plugin author's harness (milterd.testing): what it shows of failures, the macros it
+delivers, its configuration forms, and how it reports verdicts given before end of message."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import pytest
+
+from milterd import AddHeader, Context, Reject, hookimpl
+from milterd.events import Connect, EnvFrom, EnvRcpt, Eom, Helo
+from milterd.testing import Harness, PluginFailed
+
+MSG = b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+
+
+class Counter:
+    """Fails at eom as a plugin author's typo would: a KeyError deep in its own code."""
+
+    actions = frozenset({"add_header"})
+
+    def tally(self, ctx: Context) -> int:
+        return int(ctx.message_state["hits"])  # never set: KeyError
+
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        ctx.add_change(AddHeader("X-Hits", str(self.tally(ctx))))
+
+
+def frames(exc: BaseException) -> list[str]:
+    return [f.name for f in traceback.extract_tb(exc.__traceback__)]
+
+
+# --- 1. a plugin's exception, with its traceback ---------------------------------------------
+
+
+@pytest.mark.parametrize("isolation", ["thread", "inline"])
+def test_outcome_carries_the_exception_with_the_plugins_traceback(isolation: str) -> None:
+    cfg = {"plugins": {"counter": {"on_error": "continue", "isolation": isolation}}}
+    with Harness(cfg, plugins={"counter": Counter}) as h:
+        out = h.send(MSG)
+    assert out.errors == [("counter", "eom", "exception: KeyError: 'hits'")]
+    [(plugin, stage, exc)] = out.exceptions
+    assert (plugin, stage) == ("counter", "eom") and isinstance(exc, KeyError)
+    assert frames(exc)[-2:] == ["eom", "tally"]  # where it happened, in the plugin
+
+
+def test_raise_errors_raises_after_the_send_chained_to_the_plugins_exception() -> None:
+    cfg = {"counter": {"on_error": "continue"}}
+    with (
+        Harness(cfg, plugins={"counter": Counter}, raise_errors=True) as h,
+        pytest.raises(PluginFailed) as info,
+    ):
+        h.send(MSG)
+    err = info.value
+    assert isinstance(err.__cause__, KeyError) and frames(err.__cause__)[-1] == "tally"
+    assert err.errors == [("counter", "eom", "exception: KeyError: 'hits'")]
+    assert "plugin 'counter' failed at eom: exception: KeyError: 'hits'" in str(err)
+    # The pipeline finished first (on_error applied): the outcome is there to inspect.
+    assert err.outcome is not None and err.outcome.verdict == "continue"
+
+
+def test_raise_errors_stays_quiet_when_nothing_fails() -> None:
+    class Fine:
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.message_state["hits"] = 1
+
+    with Harness(plugins={"fine": Fine}, raise_errors=True) as h, h.session() as s:
+        assert s.send(MSG).errors == []
+        assert s.abandon(MSG, after="header") == []
+    assert s.errors == []
+
+
+# --- 2. failures outside the message ledger ---------------------------------------------------
+
+
+class Everywhere:
+    """Fails at every connection-level stage, in three different ways."""
+
+    @hookimpl
+    def connect(self, ctx: Context) -> None:
+        raise RuntimeError("at connect")
+
+    @hookimpl
+    def helo(self, ctx: Context) -> str:
+        return "not a verdict"  # bad-return
+
+    @hookimpl
+    def outcome(self, ctx: Context) -> None:
+        raise RuntimeError("at outcome")
+
+    @hookimpl
+    def abort(self, ctx: Context) -> None:
+        raise RuntimeError("at abort")
+
+    @hookimpl
+    def close(self, ctx: Context) -> None:
+        time.sleep(0.3)  # past the 0.1 s deadline: a timeout
+
+
+CONTINUE = {"plugins": {"every": {"on_error": "continue", "timeout": 0.1}}}
+
+
+def test_connection_level_failures_reach_the_outcome_of_a_send() -> None:
+    with Harness(CONTINUE, plugins={"every": Everywhere}) as h:
+        out = h.send(MSG)
+    assert [(s, d.split(":")[0]) for _, s, d in out.errors] == [
+        ("connect", "exception"),
+        ("helo", "bad-return"),
+        ("outcome", "exception"),
+        ("close", "timeout"),
+    ]
+    assert [(s, str(e)) for _, s, e in out.exceptions] == [
+        ("connect", "at connect"),
+        ("outcome", "at outcome"),
+    ]
+
+
+def test_a_session_exposes_connection_errors_and_abandon_returns_abort_failures() -> None:
+    with Harness(CONTINUE, plugins={"every": Everywhere}) as h:
+        with h.session() as s:
+            assert [st for _, st, _ in s.errors] == ["connect", "helo"]
+            out = s.send(MSG)
+            assert out.errors == [("every", "outcome", "exception: RuntimeError: at outcome")]
+            abandoned = s.abandon(MSG, after="header")
+            assert abandoned == [("every", "abort", "exception: RuntimeError: at abort")]
+        assert [st for _, st, _ in s.errors] == ["connect", "helo", "outcome", "abort", "close"]
+        assert s.exceptions[-1][1] == "abort" and str(s.exceptions[-1][2]) == "at abort"
+
+
+def test_raise_errors_reports_connection_failures_too() -> None:
+    with (
+        Harness(CONTINUE, plugins={"every": Everywhere}, raise_errors=True) as h,
+        pytest.raises(PluginFailed) as info,
+    ):
+        h.send(MSG)
+    assert [s for _, s, _ in info.value.errors] == ["connect", "helo", "outcome", "close"]
+    assert str(info.value.__cause__) == "at connect"
+
+
+# --- 3. only the negotiated macros ------------------------------------------------------------
+
+
+def macro_spy(declared: dict[str, list[str]]) -> tuple[type, dict[str, dict[str, str]]]:
+    seen: dict[str, dict[str, str]] = {}
+
+    class Spy:
+        macros = declared
+
+        @hookimpl
+        def connect(self, event: Connect) -> None:
+            seen["connect"] = dict(event.macros)
+
+        @hookimpl
+        def helo(self, event: Helo) -> None:
+            seen["helo"] = dict(event.macros)
+
+        @hookimpl
+        def envfrom(self, event: EnvFrom) -> None:
+            seen["envfrom"] = dict(event.macros)
+
+        @hookimpl
+        def envrcpt(self, event: EnvRcpt) -> None:
+            seen.setdefault("envrcpt", {}).update(event.macros)
+
+        @hookimpl
+        def eom(self, ctx: Context, event: Eom) -> None:
+            seen["eom"] = dict(event.macros)
+            seen["connection"] = dict(ctx.connection.macros)
+
+    return Spy, seen
+
+
+def test_undeclared_macros_never_reach_a_plugin() -> None:
+    spy, seen = macro_spy({})
+    with Harness(plugins={"spy": spy}) as h:
+        h.send(MSG, macros={"{tls_version}": "TLSv1.3", "{daemon_name}": "submission"})
+    # The core's macros (CORE_MACROS), with the test's value for {daemon_name}...
+    assert seen["connect"] == {
+        "j": "mx.test.example",
+        "{daemon_name}": "submission",
+        "{client_addr}": "192.0.2.1",
+    }
+    assert seen["helo"] == {} and seen["envfrom"] == {"i": "4TESTQID"}
+    # ...and nothing else: the daemon never asks the MTA for {tls_version}.
+    assert "{tls_version}" not in seen["connection"]
+
+
+def test_declared_macros_arrive_at_the_declared_stage_only() -> None:
+    spy, seen = macro_spy({"helo": ["{tls_version}"], "envrcpt": ["{rcpt_addr}"]})
+    with Harness(plugins={"spy": spy}) as h:
+        h.send(MSG, recipients=["a@example.com", "b@example.com"],
+               macros={"{tls_version}": "TLSv1.3"})  # fmt: skip
+    assert seen["helo"] == {"{tls_version}": "TLSv1.3"}
+    assert "{tls_version}" not in seen["connect"]
+    assert seen["envrcpt"] == {"i": "4TESTQID", "{rcpt_addr}": "b@example.com"}
+    assert seen["eom"] == {"i": "4TESTQID"}
+
+
+def test_auth_macros_are_delivered_at_mail() -> None:
+    spy, seen = macro_spy({})
+    with Harness(plugins={"spy": spy}) as h:
+        h.send(MSG, auth="alice")
+    assert seen["envfrom"] == {"i": "4TESTQID", "{auth_authen}": "alice", "{auth_type}": "PLAIN"}
+
+
+# --- 4. a fixed authserv_id in every config form -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"authres": {"trusted": True}},  # shorthand
+        {"milterd": {"log_level": "info"}, "plugins": {"authres": {"trusted": True}}},
+        {"plugins": {"authres": {"trusted": True}}},
+        '[milterd]\nlog_level = "info"\n[plugins.authres]\ntrusted = true\n',  # TOML
+        "[plugins.authres]\ntrusted = true\n",
+    ],
+)
+def test_authserv_id_is_the_harness_default_in_every_form(config: Any) -> None:
+    with Harness(config) as h:
+        out = h.send(MSG)
+    assert h.config.milterd.authserv_id == "mx.test.example"
+    assert out.header("Authentication-Results") == "mx.test.example; none"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"milterd": {"authserv_id": "mx.mine"}, "plugins": {"authres": {"trusted": True}}},
+        '[milterd]\nauthserv_id = "mx.mine"\n[plugins.authres]\ntrusted = true\n',
+    ],
+)
+def test_an_authserv_id_the_test_sets_wins(config: Any) -> None:
+    with Harness(config) as h:
+        assert h.send(MSG).header("Authentication-Results") == "mx.mine; none"
+
+
+def test_toml_enables_the_plugins_given_as_objects_like_the_dict_forms() -> None:
+    class Marker:
+        actions = frozenset({"add_header"})
+
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.add_change(AddHeader("X-Marker", "1"))
+
+    with Harness('[milterd]\nlog_level = "info"\n', plugins={"marker": Marker}) as h:
+        assert h.send(MSG).header("X-Marker") == "1"
+
+
+# --- 6. who decided a verdict given before end of message ---------------------------------------
+
+
+class Refuser:
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def _maybe(self, stage: str) -> Reject | None:
+        if stage == self.stage:
+            return Reject("550", "5.7.23", f"refused at {stage}", reason=f"policy at {stage}")
+        return None
+
+    @hookimpl
+    def connect(self) -> Reject | None:
+        return self._maybe("connect")
+
+    @hookimpl
+    def envfrom(self) -> Reject | None:
+        return self._maybe("envfrom")
+
+    @hookimpl
+    def envrcpt(self) -> Reject | None:
+        return self._maybe("envrcpt")
+
+    @hookimpl
+    def eoh(self) -> Reject | None:
+        return self._maybe("eoh")
+
+
+@pytest.mark.parametrize("stage", ["connect", "envfrom", "envrcpt", "eoh"])
+def test_an_early_verdict_names_the_plugin_that_gave_it(stage: str) -> None:
+    with Harness(plugins={"quiet": Refuser("none"), "refuser": Refuser(stage)}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "reject" and out.stage == stage
+    assert out.decided_by == "refuser" and out.decision.plugin == "refuser"
+    [(who, verdict)] = out.decision.reasons
+    assert who == "refuser" and isinstance(verdict, Reject) and verdict.code == "550"
+    assert verdict.text == f"refused at {stage}"
+
+
+def test_an_early_verdict_from_a_failure_policy_names_the_failing_plugin() -> None:
+    class Broken:
+        @hookimpl
+        def envfrom(self) -> None:
+            raise OSError("database gone")
+
+    with Harness({"broken": {"on_error": "tempfail"}}, plugins={"broken": Broken}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "tempfail" and out.stage == "envfrom" and out.decided_by == "broken"
+
+
+def test_an_early_verdict_by_the_cores_limits_names_milterd() -> None:
+    with Harness({"milterd": {"max_headers": 1}, "plugins": {}},
+                 plugins={"quiet": Refuser("none")}) as h:  # fmt: skip
+        out = h.send(MSG)
+    assert out.verdict == "reject" and out.stage == "header" and out.decided_by == "milterd"
