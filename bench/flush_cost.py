@@ -14,6 +14,9 @@ COUNT operations of each kind on each filesystem:
   journaled filesystem a journal commit);
 - ``atomic``: the archive's sequence: write to ``tmp/``, fsync, rename into a directory,
   fsync the directory;
+- ``atomic-tmpfile``: the same guarantee without a name for the temporary file: an
+  unnamed file (O_TMPFILE) in the target directory, fsync, linked into place, fsync of
+  the directory (no directory entry to create and rename away; a crash frees it);
 - ``overwrite+fdatasync``: rewrite 4 KB of an existing, allocated file and fdatasync it
   (what a steady-state SQLite WAL commit asks of the filesystem).
 
@@ -47,7 +50,7 @@ from benchlib import BENCH_DIR, CLK_TCK, WORK, machine_busy, wait_quiet
 OUT = BENCH_DIR / "out" / "flush_cost.jsonl"
 DATA = (b"X" * 76 + b"\r\n") * 64  # 5,120 bytes, like the archive bench's message
 PAGE = b"Y" * 4096
-KINDS = ("write", "write+fsync", "atomic", "overwrite+fdatasync")
+KINDS = ("write", "write+fsync", "atomic", "atomic-tmpfile", "overwrite+fdatasync")
 
 
 def _new_file(path: str, sync: bool) -> None:
@@ -86,6 +89,21 @@ def one_kind(root: Path, kind: str, count: int) -> dict[str, float]:
         def ops(i: int) -> None:
             _new_file(f"{d}/tmp/{i}", True)
             os.rename(f"{d}/tmp/{i}", f"{d}/day/{i}.eml")
+            _fsync_dir(f"{d}/day")
+
+    elif kind == "atomic-tmpfile":
+        # os.link() calls link(2), which does not follow the /proc symlink; a dir fd
+        # makes it linkat(2) with AT_SYMLINK_FOLLOW (the path is absolute: fd unused).
+        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+        def ops(i: int) -> None:
+            f = os.open(f"{d}/day", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o640)
+            try:
+                os.write(f, DATA)
+                os.fsync(f)
+                os.link(f"/proc/self/fd/{f}", f"{d}/day/{i}.eml", src_dir_fd=fd)
+            finally:
+                os.close(f)
             _fsync_dir(f"{d}/day")
 
     else:

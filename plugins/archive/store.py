@@ -6,11 +6,14 @@ entry-point group ``milterd.archive_backends`` (see :func:`open_backend`).
 
 :class:`FileStore` keeps each copy as one file, ``ROOT/YYYY/MM/DD/ID.eml`` (``.eml.zst``
 when compressed; the as-received copy is ``ID.received.eml[.zst]``), and the metadata in an
-SQLite index ``ROOT/index.sqlite3`` in WAL mode. A copy is written to ``ROOT/tmp/`` first
-(named after the writing process), flushed with fsync, renamed into place and the
-directory fsynced; only then is the index row committed. A crash therefore leaves either
-nothing, a stale file in ``tmp/`` (removed by the next start of any writer whose process
-id it does not carry), or a complete file without an index row (``verify`` reports it).
+SQLite index ``ROOT/index.sqlite3`` in WAL mode. A copy is written as an unnamed temporary
+file in its day directory (O_TMPFILE), flushed with fsync, linked into place under its
+name and the directory fsynced; only then is the index row committed. (Where the
+filesystem has no O_TMPFILE, the temporary file is ``ROOT/tmp/PID....``, renamed into
+place.) A crash therefore leaves either nothing (an unnamed file is freed by the
+filesystem; a named one in ``tmp/`` is removed by the next start of any writer whose
+process id it does not carry), or a complete file without an index row (``verify``
+reports it).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
 ]
 
 KINDS = ("delivered", "received")
+_TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
 # verify: a file without an index row modified less than this many seconds before the
 # run started may be a message being stored right now; it is not reported as an orphan.
 ORPHAN_SLACK = 2.0
@@ -359,6 +363,10 @@ class FileStore:
             self.db.close()
             raise
         self._committer: _GroupCommit | None = None
+        # Unnamed temporary files (O_TMPFILE) linked into place, where the filesystem and
+        # /proc allow it (probed once); else a named one in tmp/, renamed into place.
+        self._proc_fd = -1
+        self.tmpfile = not readonly and self._probe_tmpfile()
         self._zstd: Any = None
         if compress:
             import zstandard
@@ -366,6 +374,37 @@ class FileStore:
             self._zstd = zstandard
 
     # --- writing --------------------------------------------------------------------------
+
+    def _probe_tmpfile(self) -> bool:
+        """Whether copies can be written as unnamed files (O_TMPFILE) and linked into place
+        by ``linkat(2)`` through ``/proc/self/fd``. The same guarantee as a named temporary
+        file and a rename (a name appears only for a complete, flushed copy; a crash leaves
+        nothing behind, not even a stale file), with one directory entry less to create,
+        rename and journal a message: 0.97 against 1.17 ms of machine CPU per copy on a
+        journaled ext4 (bench/flush_cost.py). Not every filesystem has O_TMPFILE."""
+        if not hasattr(os, "O_TMPFILE"):
+            return False
+        probe = f"{self._tmp}/probe.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            # os.link() calls link(2), which does not follow the /proc symlink; giving a
+            # directory descriptor makes it linkat(2) with AT_SYMLINK_FOLLOW (the source
+            # path is absolute, so the descriptor itself is not used).
+            self._proc_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(self._tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o640)
+            try:
+                os.link(f"/proc/self/fd/{fd}", probe, src_dir_fd=self._proc_fd)
+            finally:
+                os.close(fd)
+            os.unlink(probe)
+            return True
+        except OSError:
+            if self._proc_fd >= 0:
+                os.close(self._proc_fd)
+                self._proc_fd = -1
+            return False
+
+    def _link(self, fd: int, path: str) -> None:
+        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=self._proc_fd)
 
     def clean_temp(self) -> int:
         """Remove temporary files left by writers that no longer run. Returns the count."""
@@ -401,10 +440,21 @@ class FileStore:
         """Write one copy atomically to ``ROOT/rel``; returns its Copy. Straight to the
         file descriptor, no buffered file object: the plugin hands a small message over
         as one chunk, which becomes one write(2)."""
-        tmp = f"{self._tmp}/{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}"
+        final = f"{self._root}/{rel}"
+        tmp: str | None = None
+        if self.tmpfile:
+            day = rel.rsplit("/", 1)[0]
+            try:
+                fd = os.open(f"{self._root}/{day}", _TMPFILE_FLAGS, 0o640)
+            except FileNotFoundError:  # the day directory is gone: see below
+                self._dirs.discard(day)
+                self._make_dir(day)
+                fd = os.open(f"{self._root}/{day}", _TMPFILE_FLAGS, 0o640)
+        else:
+            tmp = f"{self._tmp}/{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         digest = hashlib.sha256()
         size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
             try:
                 if self._zstd is not None:
@@ -432,10 +482,20 @@ class FileStore:
                         _write_all(fd, c)
                 if self.fsync:
                     os.fsync(fd)
+                if tmp is None:  # unnamed: given its name, complete and flushed
+                    try:
+                        self._link(fd, final)
+                    except FileNotFoundError:
+                        day = rel.rsplit("/", 1)[0]
+                        self._dirs.discard(day)
+                        self._make_dir(day)
+                        self._link(fd, final)
             finally:
                 os.close(fd)
+            if tmp is None:
+                return Copy(rel, size, digest.hexdigest())
             try:
-                os.rename(tmp, f"{self._root}/{rel}")
+                os.rename(tmp, final)
             except FileNotFoundError:
                 if not os.path.exists(tmp):
                     raise
@@ -445,10 +505,11 @@ class FileStore:
                 day = rel.rsplit("/", 1)[0]
                 self._dirs.discard(day)
                 self._make_dir(day)
-                os.rename(tmp, f"{self._root}/{rel}")
+                os.rename(tmp, final)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if tmp is not None:  # (an unnamed file vanishes with its descriptor)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             raise
         return Copy(rel, size, digest.hexdigest())
 
@@ -782,6 +843,10 @@ class FileStore:
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self.db.close()
+        if self._proc_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._proc_fd)
+            self._proc_fd = -1
 
 
 def _text(s: Any) -> Any:

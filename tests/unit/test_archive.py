@@ -279,17 +279,20 @@ def test_aborted_transactions_leave_nothing(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "arch" / "tmp") == []
 
 
+def break_store(tmp_path: Path) -> None:
+    """Make the next copy's write fail, even for root (who ignores permissions), whichever
+    way the store writes (an unnamed file in the day directory, or a named one in tmp/):
+    the year's directory and tmp/ become plain files."""
+    arch = tmp_path / "arch"
+    (arch / "tmp").rmdir()
+    (arch / "tmp").write_text("not a directory")
+    (arch / time.strftime("%Y", time.gmtime())).write_text("not a directory")
+
+
 def test_write_failure_required_tempfails(tmp_path: Path) -> None:
     with rig(tmp_path) as h:
-        (tmp_path / "arch" / "tmp").chmod(0o500)
-        try:
-            if os.geteuid() == 0:  # root ignores permissions: make the temp dir a file
-                (tmp_path / "arch" / "tmp").rmdir()
-                (tmp_path / "arch" / "tmp").write_text("not a directory")
-            out = h.send(MSG)
-        finally:
-            if (tmp_path / "arch" / "tmp").is_dir():
-                (tmp_path / "arch" / "tmp").chmod(0o755)
+        break_store(tmp_path)
+        out = h.send(MSG)
     assert out.verdict == "tempfail"
     v = out.decision.verdict
     assert (v.code, v.xcode) == ("451", "4.3.0")  # type: ignore[union-attr]
@@ -301,12 +304,33 @@ def test_write_failure_not_required_passes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with rig(tmp_path, required=False) as h:
-        (tmp_path / "arch" / "tmp").rmdir()
-        (tmp_path / "arch" / "tmp").write_text("not a directory")
+        break_store(tmp_path)
         out = h.send(MSG)
     assert out.verdict == "continue" and out.delivered is not None
     assert "archive write failed" in caplog.text
     assert all_records(tmp_path) == [] and layout_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_both_ways_of_writing_a_copy_leave_only_the_copy(tmp_path: Path, tmpfile: bool) -> None:
+    """An unnamed temporary file linked into place (O_TMPFILE, where the filesystem has it)
+    or a named one in tmp/ renamed into place (elsewhere): the same result."""
+    s = FileStore(tmp_path / "arch")
+    assert s.tmpfile  # this machine's filesystems have O_TMPFILE: the fast path is used
+    s.tmpfile = tmpfile
+    try:
+        rec = s.store(Record(id=new_id(time.time()), received=time.time(), sender="a@x",
+                             recipients=["b@y"], verdict="continue"),
+                      {"delivered": [MSG], "received": [MSG]})  # fmt: skip
+        assert s.read(rec, "delivered") == MSG and s.read(rec, "received") == MSG
+        assert s.verify() == []
+        assert os.listdir(tmp_path / "arch" / "tmp") == []
+        day = tmp_path / "arch" / rec.copies["delivered"].path.rsplit("/", 1)[0]
+        assert sorted(os.listdir(day)) == sorted(
+            p.rsplit("/", 1)[1] for p in (c.path for c in rec.copies.values())
+        )
+    finally:
+        s.close()
 
 
 def test_unwritable_store_refuses_startup_when_required(tmp_path: Path) -> None:
