@@ -80,6 +80,9 @@ VARIANTS: dict[str, str] = {
     # nothing to do): what archiving costs on top of any pipeline that reads the body.
     "base-body": "[plugins.dkim]\nsign = false\nverify = false\n",
     "archive": "[plugins.archive]\npath = '{dir}'\n",
+    # the same with named temporary files renamed into place (MILTERD_ARCHIVE_TMPFILE=0),
+    # as before unnamed O_TMPFILE files linked into place
+    "archive-rename": "[plugins.archive]\npath = '{dir}'\n",
     "both-zstd": "[plugins.archive]\npath = '{dir}'\nstore = 'both'\ncompress = 'zstd'\n",
     "nofsync": "[plugins.archive]\npath = '{dir}'\nfsync = false\nindex_synchronous = 'normal'\n",
     "inline": "[plugins.archive]\npath = '{dir}'\nisolation = 'inline'\n",
@@ -88,6 +91,9 @@ VARIANTS: dict[str, str] = {
     "inline-nofsync": "[plugins.archive]\npath = '{dir}'\nisolation = 'inline'\nfsync = false\n"
     "index_synchronous = 'normal'\n",
 }
+
+
+VARIANT_ENV: dict[str, dict[str, str]] = {"archive-rename": {"MILTERD_ARCHIVE_TMPFILE": "0"}}
 
 
 def config(sock: str, workers: int, extra: str, affinity: str = "auto") -> str:
@@ -111,7 +117,8 @@ def run_variant(
     conf.write_text(
         config(str(sock), a.workers, VARIANTS[name].format(dir=archive), a.cpu_affinity)
     )
-    proc = Proc(f"milterd-{name}", [MILTERD, "-c", str(conf), "run"], vdir / "milterd.log")
+    proc = Proc(f"milterd-{name}", [MILTERD, "-c", str(conf), "run"], vdir / "milterd.log",
+                VARIANT_ENV.get(name))  # fmt: skip
     try:
         wait_for(lambda: unix_listening(str(sock)), 30, f"{name} socket", proc)
         wait_for(lambda: len(tree_pids(proc.pid)) >= 1 + a.workers, 30, "workers", proc)
@@ -207,7 +214,8 @@ def run_variant_postfix(
     conf.write_text(
         config(str(sock), a.workers, VARIANTS[name].format(dir=archive), a.cpu_affinity)
     )
-    proc = Proc(f"milterd-{name}", [MILTERD, "-c", str(conf), "run"], vdir / "milterd.log")
+    proc = Proc(f"milterd-{name}", [MILTERD, "-c", str(conf), "run"], vdir / "milterd.log",
+                VARIANT_ENV.get(name))  # fmt: skip
     try:
         wait_for(lambda: unix_listening(str(sock)), 30, f"{name} socket", proc)
         wait_for(lambda: len(tree_pids(proc.pid)) >= 1 + a.workers, 30, "workers", proc)

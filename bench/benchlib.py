@@ -275,14 +275,20 @@ def retry_disturbed(row: dict[str, object]) -> bool:
 class Proc:
     """A process this suite started, stopped by its PID (and its descendants by theirs)."""
 
-    def __init__(self, name: str, argv: list[str], logfile: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], logfile: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.logfile = logfile
         logfile.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(logfile, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env else None,
         )
         self.pid = self.popen.pid
 

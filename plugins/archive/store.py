@@ -366,7 +366,13 @@ class FileStore:
         # Unnamed temporary files (O_TMPFILE) linked into place, where the filesystem and
         # /proc allow it (probed once); else a named one in tmp/, renamed into place.
         self._proc_fd = -1
-        self.tmpfile = not readonly and self._probe_tmpfile()
+        # MILTERD_ARCHIVE_TMPFILE=0: named temporary files always (a filesystem that
+        # claims O_TMPFILE but misbehaves; bench/archive.py's archive-rename variant).
+        self.tmpfile = (
+            not readonly
+            and os.environ.get("MILTERD_ARCHIVE_TMPFILE", "1") != "0"
+            and self._probe_tmpfile()
+        )
         self._zstd: Any = None
         if compress:
             import zstandard

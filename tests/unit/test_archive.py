@@ -1026,3 +1026,14 @@ def test_limit_gives_the_newest_and_must_be_positive(tmp_path: Path) -> None:
     r = cli(_config(tmp_path), "search", "--limit", "0")
     assert r.returncode == 2 and "positive" in r.stderr
     fs.close()
+
+
+def test_named_temporary_files_can_be_forced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MILTERD_ARCHIVE_TMPFILE", "0")
+    s = FileStore(tmp_path / "arch")
+    try:
+        assert not s.tmpfile
+    finally:
+        s.close()
