@@ -29,11 +29,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    from milterd.config import ConfigError, load
+    from milterd.config import ConfigError, check_accounts, load
     from milterd.pipeline import Runtime
 
     try:
         config = load(args.config)
+        check_accounts(config.milterd)  # before becoming the user: name the key if unknown
         rt = Runtime(config)
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)

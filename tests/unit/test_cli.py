@@ -46,6 +46,14 @@ def test_config_check_ok_and_broken(config: Path, tmp_path: Path) -> None:
     assert res.returncode == 2 and f"{bad}: [plugins.example_header] greeting:" in res.stderr
 
 
+def test_config_check_names_an_unknown_account_by_its_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "u.toml"
+    cfg.write_text('[milterd]\nuser = "nosuchuser"\n')
+    res = milterd("config", "check", config=cfg)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "milterd: [milterd] user: no user 'nosuchuser' on this host"
+
+
 def test_config_check_runs_prefork_startup_so_a_missing_key_is_caught(tmp_path: Path) -> None:
     cfg = tmp_path / "dkim.toml"
     missing = tmp_path / "nope.key"
