@@ -375,7 +375,8 @@ def test_start_up_errors_exit_2_with_one_line_and_never_take_a_live_socket(
             port = busy.getsockname()[1]
             sock = tmp_path / "other.sock"
             for spec, extra, needle in [
-                (f"unix:{sock}", 'socket_group = "no-such-group-here"', "unknown user or group"),
+                (f"unix:{sock}", 'socket_group = "no-such-group-here"',
+                 "socket_group: no group 'no-such-group-here'"),
                 (f"unix:{sock}", f'metrics_listen = "127.0.0.1:{port}"', "cannot serve metrics"),
                 (f"inet:{port}@127.0.0.1", "", "cannot listen"),
             ]:
