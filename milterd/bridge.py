@@ -165,7 +165,8 @@ class _Conn:
     """libmilter's private data for one connection."""
 
     __slots__ = (
-        "actions", "ctx", "failed", "leadspc", "macros", "proto", "refuse", "rt", "session",
+        "actions", "ctx", "failed", "failed_conn", "leadspc", "macros", "proto", "refuse",
+        "rt", "session",
     )  # fmt: skip
 
     def __init__(self, ctx: Any, rt: Runtime, refuse: bool = False) -> None:
@@ -177,7 +178,10 @@ class _Conn:
         self.actions = 0
         self.proto = 0
         self.leadspc = False
-        self.failed = False  # a core error at a no-reply stage: end of message tempfails
+        # A core error at a stage sent without reply (its name): end of message tempfails
+        # (for the message; failed_conn: at connect/helo, for every message of the session)
+        self.failed = ""
+        self.failed_conn = ""
 
     def symvals(self, stage: str) -> dict[str, str]:
         out = {}
@@ -273,17 +277,25 @@ def _guard(stage: str) -> Callable[[Callback], Callback]:
             with contextlib.suppress(Exception):
                 c = ctx.getpriv()
             try:
-                if stage == "envfrom" and c is not None:
-                    c.failed = False  # a new message
                 if stage == "eom" and c is not None and c.failed:
-                    raise RuntimeError("an earlier stage of this message failed (logged)")
+                    # The message (or the connection) had a core error at a stage sent
+                    # without reply: end it for the plugins and answer 451 here, with the
+                    # usual summary line. A connection-wide one fails every message.
+                    failed, c.failed = c.failed, c.failed_conn
+                    if c.session.msg is None:  # (it failed before the message began)
+                        raise RuntimeError(f"core error at {failed} (logged above)")
+                    c.session.core_failure(failed)
+                elif stage == "envfrom" and c is not None:
+                    c.failed = c.failed_conn  # a new message
                 return fn(ctx, *args)
             except Exception:
                 log.exception("internal error at %s; tempfailing", stage)
                 if c is not None and c.proto & STAGE_FLAGS.get(stage, (0, 0))[1]:
                     # Sent without reply: the MTA reads none now, so end of message
                     # answers for it (a reply here would be out of step with the MTA).
-                    c.failed = True
+                    c.failed = stage
+                    if stage in ("connect", "helo"):  # the session is half set up
+                        c.failed_conn = stage
                     return NOREPLY
                 with contextlib.suppress(Exception):
                     ctx.setreply("451", "4.3.0", "Temporary filter failure, try again later")

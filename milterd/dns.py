@@ -32,6 +32,11 @@ class DNSTempError(OSError):
     """No usable answer in time: timeout, SERVFAIL, refused. Retrying later may help."""
 
 
+class _ServerFailure(DNSTempError):
+    """The servers did not answer usefully (timeout, SERVFAIL, refused): what the health
+    warning counts. Raised to callers as a plain DNSTempError."""
+
+
 class Resolver(Protocol):
     """What plugins call. ``lookup`` returns record texts; NODATA is an empty list."""
 
@@ -94,20 +99,23 @@ class StubResolver:
             if now - self._window < HEALTH_WINDOW:
                 return
             ok, failed, last = self._ok, self._failed, self._last_error
+            span = now - self._window  # the window closes at the first lookup after it
             self._window, self._ok, self._failed = now, 0, 0
         if failed >= HEALTH_MIN_FAILED and failed >= ok:
             servers = ", ".join(self.settings.nameservers) or "resolv.conf"
             log.warning(
                 "DNS: %d of %d lookups failed in the last %.0f s (resolver %s; last: %s)",
-                failed, ok + failed, HEALTH_WINDOW, servers, last,
+                failed, ok + failed, span, servers, last,
             )  # fmt: skip
 
     def lookup(self, name: str, rdtype: str, timeout: float | None = None) -> list[str]:
         try:
             answer = self._lookup(name, rdtype, timeout)
-        except DNSTempError as e:
-            self._count(str(e))
-            raise
+        except _ServerFailure as e:
+            # Only the servers' failures count: a name that is not valid DNS (a sender's
+            # 64-octet label) fails without asking them.
+            self._count(str(e)[:200])
+            raise DNSTempError(str(e)) from None
         self._count(None)
         return answer
 
@@ -127,7 +135,7 @@ class StubResolver:
             dns.resolver.NoNameservers,
             dns.resolver.LifetimeTimeout,
         ) as e:
-            raise DNSTempError(f"{name}/{rdtype}: {e}") from None
+            raise _ServerFailure(f"{name}/{rdtype}: {e}") from None
         except dns.exception.DNSException as e:
             raise DNSTempError(f"{name}/{rdtype}: {e}") from None
         if answer.rrset is None:

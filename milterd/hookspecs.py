@@ -334,7 +334,10 @@ def outcome(ctx: Context, verdict: Verdict | None, message: Message) -> None:
     """The message's fate is sealed: observe it (archive rejected mail, report, learn).
 
     When it fires: once per message that reached end of message, after the final merge,
-    whatever the verdict, in pipeline order; before the bridge answers the MTA.
+    whatever the verdict, in pipeline order; before the bridge answers the MTA. Not for a
+    message that ended earlier for the plugins (they had ``abort`` instead), even when the
+    MTA still sends its end of message (a core limit reached at a stage sent without
+    reply).
     Arguments: ``verdict``, the final verdict (None: delivered unchanged in kind, i.e.
     continue); ``message``, the message as it will be delivered when it is delivered, as
     received otherwise; ``ctx.results``, ``ctx.symbols``, ``ctx.score``, ``ctx.verdict`` final.

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from milterd import events as ev
 from milterd import hookspecs
 from milterd.actions import Accept, Reject, Result, TempFail, Verdict
-from milterd.config import Config, ConfigError, check_accounts
+from milterd.config import Config, ConfigError
 from milterd.context import (
     ConnectionInfo,
     Context,
@@ -202,11 +202,10 @@ class Runtime:
             )
 
     def check_settings(self) -> None:
-        """What ``[milterd]`` names must work for this process (the daemon's user, after
-        the privilege drop), found at start rather than at the first large message:
-        ``spool_dir`` takes a file; the accounts exist (see ``check_accounts``). Raises
-        ConfigError."""
-        check_accounts(self.settings)
+        """``spool_dir`` must take a file for this process (the daemon's user, after the
+        privilege drop), found at start rather than at the first large message. (The
+        accounts are checked by ``config check`` and ``run`` only: ``milterd check`` and
+        the harness may use a file written for another host.) Raises ConfigError."""
         d = self.settings.spool_dir
         if d is None:
             return
@@ -750,7 +749,7 @@ class Session:
                 "eom", {"event": ev.Eom(macros), "message": message}, budget, all_plugins=True
             )
         else:  # the plugins saw the message end there: abort in place of eom
-            self._run("abort", {"event": ev.Abort()}, self.rt.settings.command_timeout)
+            self._abort(m)
         headers = m.info.headers if self.rt.negotiation.needs_headers else None
         decision = merge(m.ledger.entries, headers)
         if decision.delivers and self.rt.plan["finalize"]:
@@ -788,7 +787,8 @@ class Session:
             final = Message(delivered_headers, m.spool, body) if decision.delivers else message
             if self.capture:
                 self.delivered = final.as_bytes() if decision.delivers else None
-            self._observe(decision, final)
+            if not m.over:  # over: the plugins had abort, which ends a message for them
+                self._observe(decision, final)
         self._summary(decision, "eom")
         self._end_message(None)
         return decision
@@ -814,12 +814,31 @@ class Session:
         METRICS.connections.dec()
         self.rt.release()
 
+    def _abort(self, m: _MessageState) -> None:
+        """Every plugin's ``abort``. What it returns (or its ``on_error`` verdict) is
+        ignored, as the hookspec says: the message's verdict is already decided."""
+        mark = len(m.ledger.entries)
+        self._run("abort", {"event": ev.Abort()}, self.rt.settings.command_timeout)
+        del m.ledger.entries[mark:]
+
+    def core_failure(self, stage: str) -> None:
+        """A core error at ``stage`` of the current message that could not be answered
+        there (sent without reply): the message ends now for the plugins, and end of
+        message answers 451 for it, with the usual summary line."""
+        m = self.msg
+        if m is None or m.over:
+            return
+        m.ledger.entries.append(Entry(CORE, stage, TempFail(
+            "451", "4.3.0", "Temporary filter failure, try again later",
+            reason=f"core error at {stage}")))  # fmt: skip
+        m.over = True
+
     def _end_message(self, event: str | None) -> None:
         m = self.msg
         if m is None:
             return
         if event == "abort":
-            self._run("abort", {"event": ev.Abort()}, self.rt.settings.command_timeout)
+            self._abort(m)
         if m.spool is not None:
             m.spool.close()
         self.last_ledger = m.ledger

@@ -7,6 +7,7 @@ import Milter
 from milterd import Context, EnvRcpt, Message, hookimpl
 from milterd.bridge import protocol_flags
 from milterd.config import from_dict
+from milterd.merge import merge
 from milterd.pipeline import Runtime
 from milterd.testing import FakeResolver
 
@@ -97,13 +98,26 @@ def test_only_offered_protocol_bits_are_answered() -> None:
 
 def test_a_core_error_at_a_no_reply_stage_is_answered_at_end_of_message() -> None:
     """The MTA reads no reply at a stage negotiated with SMFIP_NR_*: answering there would
-    put milterd out of step with it. The error is kept for end of message, which 451s."""
+    put milterd out of step with it. End of message answers 451 instead, the plugins get
+    abort (not eom), and a failure at connect or helo fails every message of the session."""
     from milterd import bridge
+    from milterd.events import Client
+
+    seen: list[str] = []
+
+    class Rec:
+        @hookimpl
+        def eom(self, message: Message) -> None:
+            seen.append("eom")
+
+        @hookimpl
+        def abort(self) -> None:
+            seen.append("abort")
 
     class Ctx:
-        def __init__(self, conn: object) -> None:
-            self.conn = conn
+        def __init__(self) -> None:
             self.replies: list[tuple[str, ...]] = []
+            self.conn: object = None
 
         def getpriv(self) -> object:
             return self.conn
@@ -111,23 +125,54 @@ def test_a_core_error_at_a_no_reply_stage_is_answered_at_end_of_message() -> Non
         def setreply(self, *args: str) -> None:
             self.replies.append(args)
 
-    conn = bridge._Conn.__new__(bridge._Conn)
-    conn.proto, conn.failed = Milter.P_NR_BODY, False
-    ctx = Ctx(conn)
+        def getsymval(self, name: str) -> None:
+            return None
+
+        def progress(self) -> None:
+            return None
+
+    rt = Runtime(from_dict({"plugins": {"rec": {}}}), {"rec": Rec}, FakeResolver())
+    rt.start()
 
     def broken(ctx: object, *args: object) -> int:
         raise RuntimeError("core bug")
 
-    def fine(ctx: object, *args: object) -> int:
-        return bridge.CONTINUE
+    def connection(proto: int) -> tuple[Ctx, bridge._Conn]:
+        ctx = Ctx()
+        conn = bridge._Conn(ctx, rt)
+        conn.proto, ctx.conn = proto, conn
+        return ctx, conn
 
-    def failed() -> bool:  # read at each call (mypy would narrow the attribute)
-        return bool(conn.failed)
+    def message(ctx: Ctx, conn: bridge._Conn, body: bool = True) -> int:
+        assert bridge._guard("envfrom")(lambda c: 0)(ctx) == 0
+        conn.session.on_envfrom("a@example.org", {}, {})
+        conn.session.on_envrcpt("b@example.com", {}, {})
+        if body:
+            conn.session.on_body(b"text\r\n")
+        return bridge._guard("eom")(bridge._eom)(ctx)
 
-    assert bridge._guard("body")(broken)(ctx, b"chunk") == bridge.NOREPLY and failed()
-    assert ctx.replies == []
-    assert bridge._guard("eom")(fine)(ctx) == bridge.TEMPFAIL
+    nr = Milter.P_NR_BODY | Milter.P_NR_CONN
+    ctx, conn = connection(nr)
+    conn.session.on_connect("c", Client("c", "inet", None), {})
+    conn.session.on_envfrom("a@example.org", {}, {})
+    assert bridge._guard("body")(broken)(ctx, b"chunk") == bridge.NOREPLY and ctx.replies == []
+    assert bridge._guard("eom")(bridge._eom)(ctx) == bridge.TEMPFAIL
     assert ctx.replies == [("451", "4.3.0", "Temporary filter failure, try again later")]
-    assert bridge._guard("envfrom")(fine)(ctx) == bridge.CONTINUE and not failed()
-    conn.proto = 0  # negotiated with a reply: answered at once, as before
-    assert bridge._guard("body")(broken)(ctx, b"chunk") == bridge.TEMPFAIL and not failed()
+    assert seen == ["abort"]  # the message ended for the plugins; no eom, no outcome
+    assert conn.session.last_ledger is not None
+    assert merge(conn.session.last_ledger.entries).plugin == "milterd"
+    seen.clear()
+    assert message(ctx, conn) == bridge.ACCEPT and seen == ["eom"]  # the next one is fine
+
+    ctx, conn = connection(nr)  # a core error at connect: the session is half set up
+    assert bridge._guard("connect")(broken)(ctx, "c", 0, None) == bridge.NOREPLY
+    for _ in range(2):
+        assert message(ctx, conn) == bridge.TEMPFAIL
+
+    ctx, conn = connection(Milter.P_NR_MAIL)  # before the message began: no message state
+    assert bridge._guard("envfrom")(broken)(ctx, "<a@example.org>") == bridge.NOREPLY
+    assert bridge._guard("eom")(bridge._eom)(ctx) == bridge.TEMPFAIL
+
+    ctx, conn = connection(0)  # negotiated with a reply: answered at once, as before
+    assert bridge._guard("body")(broken)(ctx, b"chunk") == bridge.TEMPFAIL and not conn.failed
+    rt.stop()

@@ -46,14 +46,25 @@ def test_interleaved_readers_each_get_the_whole_body() -> None:
 def test_a_spool_dir_that_fails_is_refused_at_start_and_tempfails_a_message_later(
     tmp_path: Path,
 ) -> None:
-    from milterd import Message, hookimpl
+    from milterd import Message, Reject, hookimpl
     from milterd.config import ConfigError
     from milterd.testing import Harness
+
+    ended: list[str] = []
 
     class Reader:  # takes the message: the body is spooled
         @hookimpl
         def eom(self, message: Message) -> None:
             message.body()
+
+        @hookimpl
+        def abort(self) -> Reject:  # ignored, as abort's contract says: not a 550 instead
+            ended.append("abort")
+            return Reject()
+
+        @hookimpl
+        def outcome(self) -> None:  # a message gets abort or outcome, never both
+            ended.append("outcome")
 
     missing = tmp_path / "nope"
     with pytest.raises(ConfigError, match=r"spool_dir .*nope: cannot create a file there"):
@@ -66,3 +77,4 @@ def test_a_spool_dir_that_fails_is_refused_at_start_and_tempfails_a_message_late
         spool.rmdir()  # gone while running (a cleaner, a full or remounted disk)
         out = h.send(b"Subject: s\r\n\r\n" + b"x" * 100 + b"\r\n")
         assert out.verdict == "tempfail"  # an answer, with the queue id in the log
+        assert ended == ["abort"] and out.decided_by == "milterd"
