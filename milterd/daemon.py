@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from milterd.config import Config, ConfigError, check_accounts, load, loads
 from milterd.logs import setup_logging
@@ -352,6 +352,7 @@ class Supervisor:
                 text = f.read()
         except OSError as e:
             log.error("reload refused, old config kept: %s: %s", self.path, e.strerror)
+            _metrics().reloads.labels("refused").inc()
             return
         try:
             new = loads(text.decode("utf-8"), self.path)
@@ -365,6 +366,7 @@ class Supervisor:
         except Exception as e:  # whatever a plugin raises, the running daemon stays
             for line in _why(e).splitlines():  # one line each: the log escapes line breaks
                 log.error("reload refused, old config kept: %s", line)
+            _metrics().reloads.labels("refused").inc()
             return
         old = self.config.milterd
         for key in RESTART_ONLY:
@@ -379,6 +381,7 @@ class Supervisor:
         for w in self.workers.values():
             w.post(msg)
         log.info("config %s validated and sent to %d worker(s)", self.path, len(self.workers))
+        _metrics().reloads.labels("accepted").inc()
 
     def _check_in_child(self, rt: Runtime, timeout: float = 60.0) -> None:
         """Run ``rt.check_startup()`` in a forked child; raise ConfigError if it fails."""
@@ -428,9 +431,11 @@ class Supervisor:
                 continue
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 log.warning("worker %d (pid %d) stopped on its own; restarting it", w.index, pid)
+                _metrics().worker_exits.labels("stopped").inc()
                 self.spawn(w.index)
                 continue
             log.error("worker %d (pid %d) died: %s", w.index, pid, _status(status))
+            _metrics().worker_exits.labels("died").inc()
             now = time.monotonic()
             self.restarts = [t for t in self.restarts if now - t < 60] + [now]
             if len(self.restarts) > RESTARTS_PER_MINUTE:
@@ -489,6 +494,7 @@ class Supervisor:
 
             try:
                 serve_metrics(settings.metrics_listen)
+                _metrics().declare_supervisor()
             except (OSError, OverflowError, ValueError) as e:  # in use, bad host or port
                 log.error("cannot serve metrics on %s: %s", settings.metrics_listen, e)
                 self._unlink_socket()
@@ -592,6 +598,14 @@ def _multiprocess_metrics() -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
         atexit.register(cleanup)
+
+
+def _metrics() -> Any:
+    """The metrics, imported late: prometheus-client must not be imported before
+    ``_multiprocess_metrics`` has set its directory."""
+    from milterd.metrics import METRICS
+
+    return METRICS
 
 
 def _metrics_process_dead(pid: int) -> None:

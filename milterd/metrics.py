@@ -48,8 +48,25 @@ class _Metrics:
             "milterd_results", "Authentication results recorded, by method and result",
             ["method", "result"],
         )  # fmt: skip
+        # The supervisor's: configuration reloads and workers it had to restart.
+        self.reloads = Counter(
+            "milterd_reloads", "Configuration reloads (SIGHUP) by result", ["result"]
+        )
+        self.worker_exits = Counter(
+            "milterd_worker_exits",
+            "Workers that ended while the daemon ran, restarted: died (crash, signal) or "
+            "stopped (exited 0 on its own)",
+            ["how"],
+        )
         self._by_verdict: dict[str, Counter] = {}
         self._children: dict[tuple[str, ...], Counter] = {}
+
+    def declare_supervisor(self) -> None:
+        """The supervisor's series at 0 (see :meth:`declare`)."""
+        for result in ("accepted", "refused"):
+            self.reloads.labels(result)
+        for how in ("died", "stopped"):
+            self.worker_exits.labels(how)
 
     def declare(self, plugins: list[tuple[str, list[str]]]) -> None:
         """Create the series a worker may count, at 0, so that ``rate()`` and alerts see

@@ -372,3 +372,41 @@ def test_cpu_affinity_none_leaves_workers_unbound() -> None:
         log = d.log_text()
     assert per_worker == [{cpus}, {cpus}]
     assert "bound to CPU" not in log
+
+
+def test_the_supervisor_counts_reloads_and_worker_restarts() -> None:
+    """Alerts on a refused reload or a crashing worker: the series exist at 0 from the
+    start, and count what happened."""
+    port = free_port()
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        found = re.findall(
+            r'^(milterd_(?:reloads|worker_exits)_total\{\w+="\w+"\}) (\S+)$',
+            text.decode(), re.MULTILINE,
+        )  # fmt: skip
+        return {k: float(v) for k, v in found}
+
+    extra = f'metrics_listen = "127.0.0.1:{port}"'
+    with Daemon("[plugins.t_mark]\n", workers=1, milterd_extra=extra) as d:
+        assert scrape() == {
+            'milterd_reloads_total{result="accepted"}': 0.0,
+            'milterd_reloads_total{result="refused"}': 0.0,
+            'milterd_worker_exits_total{how="died"}': 0.0,
+            'milterd_worker_exits_total{how="stopped"}': 0.0,
+        }
+        d.signal(signal.SIGHUP)
+        d.wait_log("validated and sent to 1 worker(s)")
+        d.write("[plugins.t_mark]\nbogus = 1\n")
+        d.signal(signal.SIGHUP)
+        d.wait_log("reload refused")
+        (victim,) = d.worker_pids()
+        os.kill(victim, signal.SIGKILL)
+        d.wait_log("died: killed by signal 9")
+        deadline = time.monotonic() + 10  # counted just after that line is logged
+        while (counts := scrape())['milterd_worker_exits_total{how="died"}'] == 0:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.05)
+    assert counts['milterd_reloads_total{result="accepted"}'] == 1
+    assert counts['milterd_reloads_total{result="refused"}'] == 1
+    assert counts['milterd_worker_exits_total{how="died"}'] == 1
