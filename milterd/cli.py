@@ -50,6 +50,10 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
     if _as_daemon_user(config.milterd.user, config.milterd.group, check):
         return 2
+    from milterd.registry import check_disabled
+
+    for problem in check_disabled(config):  # enabling it later would fail: say so now
+        print(f"milterd: warning: {problem}", file=sys.stderr)
     print(f"{args.config}: OK")
     print(f"  socket {config.milterd.socket}, {config.milterd.worker_count()} worker(s)")
     print("  pipeline: " + (" -> ".join(p.name for p in rt.plugins) or "(no plugins enabled)"))

@@ -203,6 +203,30 @@ def load_plugins(
     return pm, loaded
 
 
+def check_disabled(config: Config) -> list[str]:
+    """Problems in the sections of plugins that are present but disabled (``enabled =
+    false``), which the daemon never loads: a misspelt key there would otherwise surface
+    only the day the plugin is enabled. For ``config check``, as warnings."""
+    out = []
+    names = sorted({ep.name for ep in md.entry_points(group=GROUP)})
+    for name in config.plugins:
+        if config.plugin_settings(name).enabled:
+            continue
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean [plugins.{close[0]}]?" if close else ""
+            out.append(f"[plugins.{name}] (disabled): no plugin {name!r} is installed{hint}")
+            continue
+        try:
+            obj = _instantiate(name, load_entry_point(name))
+            pm = new_manager()
+            pm.register(obj, name=name)
+            _describe(name, obj, config, pm)
+        except (ConfigError, pluggy.PluginValidationError, ValueError) as e:
+            out.append(f"[plugins.{name}] (disabled): {e}")
+    return out
+
+
 def _params(fn: Any) -> list[str] | None:
     """The arguments pluggy would pass by name: positional ones without a default (a bound
     method's, so without ``self``). None when the signature cannot be read."""

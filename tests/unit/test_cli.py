@@ -254,3 +254,18 @@ def test_plugins_warns_when_the_config_cannot_be_read_and_still_lists(tmp_path: 
     bad.write_text("[plugins.example_header\n")
     res = milterd("plugins", config=bad)  # unreadable is a warning, broken an error
     assert res.returncode == 2 and "not valid TOML" in res.stderr
+
+
+def test_config_check_warns_about_the_sections_of_disabled_plugins(tmp_path: Path) -> None:
+    # Never loaded by the daemon: a typo there would surface only the day it is enabled.
+    cfg = tmp_path / "dis.toml"
+    cfg.write_text(
+        '[plugins.authres]\n[plugins.spf]\nenabled = false\nHELO_rejct = "Fail"\n'
+        "[plugins.dkmi]\nenabled = false\n"
+    )
+    res = milterd("config", "check", config=cfg)
+    assert res.returncode == 0 and "pipeline: authres" in res.stdout
+    assert f"warning: [plugins.spf] (disabled): {cfg}: [plugins.spf] HELO_rejct: unknown key" in (
+        res.stderr
+    )
+    assert "[plugins.dkmi] (disabled): no plugin 'dkmi' is installed; did you mean " in res.stderr
