@@ -467,6 +467,9 @@ def add_commands(subparsers: Any) -> None:
         help="--send without a period: each complete UTC day of the last N (default 7)",
     )  # fmt: skip
     r.set_defaults(fn=report_command)
+    from .migrate import add_command as add_import  # `dmarc import-opendmarc`
+
+    add_import(sub)
 
 
 def _when(text: str) -> int:
