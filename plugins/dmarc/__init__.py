@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from publicsuffixlist import PublicSuffixList
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from milterd import (
     AddHeader,
@@ -96,6 +96,34 @@ class DMARCConfig(PluginConfig):
     failure_spool: ConfigPath | None = None  # directory of reports waiting to be sent
     failure_reports_per_hour: int = Field(10, ge=1)  # per ruf address; more are dropped
     failure_spool_max: int = Field(1000, ge=1)  # reports waiting; more are not written
+
+    @field_validator("reject_text")
+    @classmethod
+    def _reject_text(cls, v: str) -> str:
+        # Formatted for every rejected message: a placeholder other than {domain} would
+        # raise there and tempfail each one.
+        try:
+            text = v.format(domain="example.org")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"only {{domain}} may be used (write {{{{ and }}}} for a brace): {e}"
+            ) from None
+        if "\r" in text or "\n" in text:
+            raise ValueError("must be one line")
+        return v
+
+    @field_validator("never_reject", "trusted_arc_sealers")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        # Compared with the From domain in its ASCII (A-label) form: so must these be.
+        out = []
+        for d in v:
+            name = d.strip().rstrip(".").lower()
+            try:
+                out.append(name.encode("idna").decode("ascii"))
+            except UnicodeError:
+                raise ValueError(f"not a domain name: {d!r}") from None
+        return out
 
     @model_validator(mode="after")
     def _spool_needed(self) -> DMARCConfig:

@@ -194,6 +194,19 @@ def test_never_reject_domains() -> None:
     assert dmarc(out).result == "fail" and "local_policy" in dmarc(out).reason
 
 
+def test_config_domains_in_unicode_match_and_a_bad_reject_text_is_refused() -> None:
+    from milterd_plugins.dmarc import DMARCConfig
+
+    conf = DMARCConfig.model_validate(
+        {"never_reject": ["Bücher.Example."], "trusted_arc_sealers": ["lists.bücher.example"]}
+    )  # compared with the From domain in its A-label form, which is what these become
+    assert conf.never_reject == ["xn--bcher-kva.example"]
+    assert conf.trusted_arc_sealers == ["lists.xn--bcher-kva.example"]
+    with pytest.raises(ValueError, match="only {domain} may be used"):
+        DMARCConfig.model_validate({"reject_text": "See {url} for {domain}"})
+    assert DMARCConfig.model_validate({"reject_text": "{{x}} {domain}"}).reject_text
+
+
 def test_trusted_arc_sealer_overrides_only_with_arc_pass() -> None:
     seal = "ARC-Seal: i=1; a=rsa-sha256; cv=none; d=lists.example.net; s=s; b=xyz"
     cfg = {"trusted_arc_sealers": ["lists.example.net"]}
