@@ -1,4 +1,4 @@
-"""``milterd dkim keygen`` and ``milterd dkim testkey``."""
+"""``milterd dkim keygen``, ``milterd dkim testkey`` and ``milterd dkim import-opendkim``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from milterd import ConfigError, DNSTempError, NXDomain, load_config, make_resol
 
 from .keys import KeyFileError, load_key, public_txt
 
-__all__ = ["add_commands", "dns_record", "keygen", "testkey"]
+__all__ = ["add_commands", "dns_record", "import_opendkim", "keygen", "testkey"]
 
 
 def add_commands(subparsers: Any) -> None:
@@ -31,6 +31,16 @@ def add_commands(subparsers: Any) -> None:
     t = sub.add_parser("testkey", help="check DNS publishes every configured selector's key")
     t.add_argument("--timeout", type=float, default=None)
     t.set_defaults(fn=testkey)
+    m = sub.add_parser(
+        "import-opendkim",
+        help="print a milterd.toml fragment converted from an opendkim.conf",
+        description="Convert an opendkim.conf (and the KeyTable, SigningTable and other "
+        "data set files it names) to a milterd.toml fragment on standard output; what has "
+        "no equivalent is a comment there and a line on standard error. Exit 2 when a file "
+        "cannot be read or is malformed.",
+    )
+    m.add_argument("file", nargs="?", default="/etc/opendkim.conf")
+    m.set_defaults(fn=import_opendkim)
 
 
 def dns_record(domain: str, selector: str, txt: str) -> str:
@@ -132,3 +142,20 @@ def testkey(args: argparse.Namespace) -> int:
                 print(f"FAIL {kname}: {name} publishes a different key")
                 bad += 1
     return 1 if bad else 0
+
+
+def import_opendkim(args: argparse.Namespace) -> int:
+    from .migrate import MigrateError, convert_file
+
+    try:
+        result = convert_file(args.file)
+    except MigrateError as e:
+        print(f"milterd dkim import-opendkim: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(result.toml)
+    for line in result.notes:
+        if "converted:" not in line or "not converted" in line:  # the rest is in the TOML
+            print(f"note: {line}", file=sys.stderr)
+    for line in result.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
