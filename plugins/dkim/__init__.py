@@ -387,6 +387,11 @@ class DKIMPlugin:
                     )
                 except KeyFileError as e:
                     raise ValueError(f"[plugins.dkim] keys.{name}: {e}") from None
+        if config.sign and config.keys and not config.signing:
+            services.logger.warning(
+                "dkim: %d key(s) configured but no [[plugins.dkim.signing]] rule: nothing "
+                "is signed", len(config.keys),
+            )  # fmt: skip
         self.sign_order = sign_order(config.headers, config.oversign)
         self.keys, self.config = keys, config  # one assignment each: never half a table
 

@@ -417,6 +417,15 @@ def test_a_key_behind_a_directory_the_user_cannot_enter_is_named(keys: dict[str,
         shutil.rmtree(d)
 
 
+def test_keys_without_a_signing_rule_are_warned_about(
+    keys: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = {"dkim": {"keys": {"k": {"selector": "s", "file": str(keys["rsa"][0])}}}}
+    with Harness(cfg, plugins={"dkim": DKIMPlugin}):
+        pass
+    assert "1 key(s) configured but no [[plugins.dkim.signing]] rule" in caplog.text
+
+
 def test_config_errors() -> None:
     with pytest.raises(Exception, match="no key 'missing'"):
         Harness(
