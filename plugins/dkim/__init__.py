@@ -406,7 +406,10 @@ class DKIMPlugin:
     @hookimpl
     def eom(self, ctx: Context, message: Message) -> Verdict | None:
         cfg: DKIMConfig = ctx.config
-        if not cfg.verify or is_trusted_sender(ctx, cfg):
+        if not cfg.verify or (is_trusted_sender(ctx, cfg) and self._signs(cfg, message)):
+            # Mail we sign is ours: not verified. Trusted mail we do not sign (a relay of
+            # another domain's mail, fetchmail on loopback, sign = false) is verified, as
+            # OpenDKIM does, so that DMARC and the log have its result.
             return None
         results = verify_message(
             message.as_bytes(),
@@ -424,6 +427,18 @@ class DKIMPlugin:
             elif r.result in ("fail", "policy", "neutral", "permerror"):
                 ctx.add_symbol("DKIM_INVALID", 0.0, f"dkim={r.result} d={r.d}: {r.reason}")
         return self._action(cfg, overall(results))
+
+    @staticmethod
+    def _signs(cfg: DKIMConfig, message: Message) -> bool:
+        """Whether finalize will sign this message (for a trusted sender)."""
+        if not cfg.sign or not cfg.signing:
+            return False
+        addr, _ = from_address(message)
+        if addr is None:
+            return False
+        local, _, raw_domain = addr.rpartition("@")
+        domain = host_name(raw_domain)
+        return domain is not None and match_rule(cfg.signing, f"{local}@{domain}") is not None
 
     @staticmethod
     def _action(cfg: DKIMConfig, result: str) -> Verdict | None:

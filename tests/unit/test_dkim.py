@@ -150,6 +150,29 @@ def test_signs_authenticated_mail_rsa_ed25519_and_dual(
     assert [r.result for r in out2.results] == ["pass"] * len(algs)
 
 
+def test_trusted_mail_we_do_not_sign_is_verified(keys: dict[str, Any]) -> None:
+    """As OpenDKIM: mail from a trusted client that no rule signs (another domain's mail
+    relayed by an internal host, sign = false) is verified; mail we sign is not."""
+    signer = sign_config(keys, [{"pattern": "example.com", "keys": ["rsa"]}])
+    with Harness(signer, plugins={"dkim": DKIMPlugin}) as h:
+        signed = dl(h.send(MSG, auth="alice"))  # From: example.com, signed by us
+    tampered = signed.replace(b"\r\n\r\n", b"\r\n\r\nX", 1)
+    for cfg in (
+        sign_config(keys, [{"pattern": "example.org", "keys": ["rsa"]}]),  # no rule matches
+        {"dkim": {"sign": False}},
+    ):
+        with Harness(cfg, plugins={"dkim": DKIMPlugin}, zones=zones(keys)) as h:
+            for client in (UNTRUSTED, "127.0.0.1"):  # authenticated, and local submission
+                auth = "relay" if client == UNTRUSTED else None
+                out = h.send(signed, client_ip=client, auth=auth)
+                assert [r.result for r in out.results] == ["pass"], (cfg, client)
+                out = h.send(tampered, client_ip=client, auth=auth)
+                assert [r.result for r in out.results] == ["fail"], (cfg, client)
+    with Harness(signer, plugins={"dkim": DKIMPlugin}, zones=zones(keys)) as h:
+        out = h.send(signed, auth="alice")  # ours to sign: not verified
+    assert [r.method for r in out.results] == []
+
+
 def test_fast_sign_is_byte_identical_to_dkimpy(
     keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
