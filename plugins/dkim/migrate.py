@@ -10,11 +10,13 @@ plain comma list; databases (``db:``, ``dsn:``, ``ldap:``, ``lua:``, ...) are re
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import ipaddress
 import json
 import os
 import re
+import socket
 import stat
 import textwrap
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MigrateError", "Result", "convert", "convert_file"]
+__all__ = ["HostList", "MigrateError", "Result", "convert", "convert_file", "host_list"]
 
 #: libopendkim's default SignHeaders (RFC 4871 5.5 / RFC 6376 5.4.1 "SHOULD be signed").
 OPENDKIM_SIGN_HEADERS = (
@@ -486,6 +488,139 @@ def refile_patterns(pat: str) -> list[str] | None:
     return [pat[:i] + "*@*" + pat[i + 1 :] for i, c in enumerate(pat) if c == "*"]
 
 
+# --- client address lists (OpenDKIM InternalHosts, OpenDMARC IgnoreHosts) ----------------
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _spelled(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The address as OpenDKIM and OpenDMARC write it for their list look-ups (inet_ntop)."""
+    return socket.inet_ntop(socket.AF_INET if addr.version == 4 else socket.AF_INET6, addr.packed)
+
+
+def host_entry(entry: str, daemon: str, negated: bool = False) -> tuple[Net | None, str]:
+    """One InternalHosts (``daemon`` "OpenDKIM") or IgnoreHosts ("OpenDMARC") entry, its
+    ``!`` removed, read as the daemon matched it. Both look a client up only as strings
+    (``dkimf_checkip``, ``dmarcf_checkip``): its address, then ``NET/BITS`` for BITS from the
+    full length down to 0, NET being the address with the lower bits cleared (OpenDMARC also
+    ``NET/DOTTED-MASK`` for IPv4; OpenDKIM also ``[ADDR]`` and ``[NET]/BITS``). Returns
+    (network, "") for an entry that matched those clients; (network, why) for one converted
+    with a difference; (None, why) for an address or network that never matched anything;
+    (None, "") for a host or domain name."""
+    low = entry.lower()
+    bracket = low.startswith("[")
+    if bracket:
+        inner, close, rest = low[1:].partition("]")
+        if not close or (rest and not rest.startswith("/")):
+            return None, ""
+        addr_text, slash, prefix = inner, rest[:1], rest[1:]
+    else:
+        addr_text, slash, prefix = low.partition("/")
+    try:
+        addr = ipaddress.ip_address(addr_text)
+    except ValueError:
+        return None, ""
+    never = f"{daemon} never matched it"
+    if "%" in addr_text:
+        return None, f"{never}: it looked client addresses up without a scope (%zone)"
+    bang, hint = "!" if negated else "", ""
+    with contextlib.suppress(ValueError):
+        meant = ipaddress.ip_network(f"{addr}/{prefix}" if slash else addr, strict=False)
+        hint = f"; write {bang}{meant.network_address if not slash else meant} if that was meant"
+    if addr_text != _spelled(addr):
+        return None, f"{never}: it looked the address up only as {_spelled(addr)}{hint}"
+    maxbits: int = addr.max_prefixlen
+    bits: int
+    if not slash:
+        bits = maxbits
+    elif prefix.isdigit() and prefix == str(int(prefix)) and int(prefix) <= maxbits:
+        bits = int(prefix)
+    elif daemon == "OpenDMARC" and addr.version == 4 and not bracket:
+        try:
+            bits = ipaddress.IPv4Network(f"0.0.0.0/{prefix}").prefixlen
+        except ValueError:
+            return None, f"{never}: /{prefix} is neither a prefix length nor a netmask{hint}"
+        if str(ipaddress.IPv4Network(f"0.0.0.0/{bits}").netmask) != prefix:
+            return None, f"{never}: /{prefix} is neither a prefix length nor a netmask{hint}"
+    else:
+        return None, f"{never}: it looked networks up only as NETWORK/BITS{hint}"
+    net = ipaddress.ip_network((addr, bits), strict=False)
+    if net.network_address != addr:
+        return None, (
+            f"{never}: host bits set, and it looked the network up only as {net}; "
+            f"write {bang}{net} if the network was meant"
+        )
+    if bracket and daemon == "OpenDMARC":
+        if slash:
+            return None, f"{never}: it looked networks up only as NETWORK/BITS{hint}"
+        if negated:
+            return None, (
+                "it had no effect: OpenDMARC compared a bracketed address only with the "
+                "client's host name, and an excluded host name did not stop its address "
+                "from matching a listed network"
+            )
+        return net, (
+            f"OpenDMARC compared it only with the client's host name, which the MTA sends "
+            f"as {low} when the client has no host name (reverse DNS); milterd trusts "
+            f"{net.network_address} whatever its host name"
+        )
+    return net, ""
+
+
+def carve(pos: list[Net], neg: list[Net]) -> list[str]:
+    """The networks of ``pos`` without the clients a more precise (or equal) ``neg`` entry
+    excludes, as OpenDKIM and OpenDMARC decide: the most precise listed entry wins, an
+    exclusion over an equal entry."""
+    out: list[Any] = []
+    for p in pos:
+        parts: list[Any] = [p]
+        for n in neg:
+            if n.version != p.version:
+                continue
+            if n == p:
+                parts = []
+            elif n.subnet_of(p):  # type: ignore[arg-type]
+                nxt: list[Any] = []
+                for part in parts:
+                    if n.subnet_of(part):
+                        nxt += list(part.address_exclude(n))
+                    else:
+                        nxt.append(part)
+                parts = nxt
+        out += parts
+    v4 = ipaddress.collapse_addresses(x for x in out if x.version == 4)
+    v6 = ipaddress.collapse_addresses(x for x in out if x.version == 6)
+    return [str(n) for n in [*v4, *v6]]
+
+
+@dataclass
+class HostList:
+    networks: list[str]  # what to put in internal_networks
+    names: list[str]  # host and domain names (as written, "!" kept): not convertible
+    problems: list[tuple[str, str]]  # (where, text): entries dropped or converted differently
+
+
+def host_list(rows: list[tuple[str, str]], daemon: str) -> HostList:
+    """``(entry, "file:line")`` rows of an InternalHosts/IgnoreHosts list as networks."""
+    pos: list[Net] = []
+    neg: list[Net] = []
+    names: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for entry, where in rows:
+        bang = entry.startswith("!")
+        net, why = host_entry(entry[1:] if bang else entry, daemon, bang)
+        if net is None and not why:
+            names.append(entry)
+            continue
+        if net is None:
+            problems.append((where, f"{entry}: not converted: {why}"))
+            continue
+        if why:
+            problems.append((where, f"{entry}: converted to {net}: {why}"))
+        (neg if bang else pos).append(net)
+    return HostList(carve(pos, neg), names, problems)
+
+
 # --- conversion ---------------------------------------------------------------------------
 
 
@@ -649,6 +784,10 @@ class Converter:
             return
         sub = self.get("subdomains")
         subdomains = _bool(sub) if sub else False
+        # OpenDKIM (mlfi_eoh): the From domain itself, then "*", then with SubDomains its
+        # parents from the longest (a.b.example.com: b.example.com, then example.com): every
+        # exact rule comes first, then the *.DOMAIN rules, longest DOMAIN first.
+        parents: list[Rule] = []
         for raw, _, where in ds.rows:
             key = raw.lower().rstrip(".")
             if ds.kind == "refile":
@@ -668,9 +807,12 @@ class Converter:
                     continue
                 self.rules.append(Rule(key, [sel.value], comment=[f"Domain {where}"]))
                 continue
+            if key == "*":  # OpenDKIM signs every domain (d= the From domain) for "*"
+                self.rules.append(Rule("*", [sel.value], comment=[f"Domain {where}: any domain"]))
+                continue
             self.rules.append(Rule(_esc(key), [sel.value], comment=[f"Domain {where}"]))
             if subdomains:
-                self.rules.append(
+                parents.append(
                     Rule(
                         "*." + _esc(key),
                         [sel.value],
@@ -678,6 +820,9 @@ class Converter:
                         comment=[f"SubDomains: d={key}, the listed domain"],
                     )
                 )
+        exact = [r for r in self.rules if r.pattern != "*"]
+        self.rules = exact + [r for r in self.rules if r.pattern == "*"]
+        self.rules += sorted(parents, key=lambda r: -len(r.domain or ""))
         self.note(dom, f"converted: {len(self.rules)} signing rule(s)")
         if sub:
             self.note(sub, "converted: *.DOMAIN rules signing as DOMAIN")
@@ -868,8 +1013,14 @@ class Converter:
         local = any(ipaddress.ip_address("127.0.0.1") in ipaddress.ip_network(n) for n in nets)
         self.dkim["sign_local"] = local
         self.milterd_comments.append(
-            "internal_networks is milterd-wide: these clients are also trusted by spf, dmarc, "
-            "authres and scoring (OpenDKIM's InternalHosts only decided sign vs verify)"
+            "internal_networks is milterd-wide. In dkim it does what InternalHosts did: mail "
+            "from these clients is signed when a signing rule matches, verified otherwise. "
+            "Every other plugin trusts them too, which OpenDKIM's InternalHosts did not "
+            "decide: spf and dmarc do not check their mail (unless check_trusted = true), "
+            "scoring does not score it (unless scan_trusted = true), tagging does not tag it "
+            "(unless tag_trusted = true) nor remove its X-Spam fields, authres adds no "
+            "Authentication-Results to it (unless trusted = true), and archive counts it as "
+            "outbound"
         )
         self.comments.append(
             "sign_local = "
@@ -918,39 +1069,11 @@ class Converter:
         if ds.kind == "db":
             self.note(o, f"not converted: data set {ds.spec}")
             return [], []
-        pos: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        neg: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        names: list[str] = []
-        for key, _, _where in ds.rows:
-            bang = key.startswith("!")
-            k = key[1:] if bang else key
-            k = k.strip("[]").replace("]/", "/")
-            try:
-                net = ipaddress.ip_network(k, strict=False)
-            except ValueError:
-                names.append(key)
-                continue
-            (neg if bang else pos).append(net)
-        out: list[Any] = []
-        for p in pos:  # the most precise entry decides: holes for narrower exclusions
-            parts: list[Any] = [p]
-            for n in neg:
-                if n.version == p.version and n.subnet_of(p) and n != p:  # type: ignore[arg-type]
-                    nxt: list[Any] = []
-                    for part in parts:
-                        if n.subnet_of(part):
-                            nxt += list(part.address_exclude(n))
-                        else:
-                            nxt.append(part)
-                    parts = nxt
-                elif n == p:
-                    parts = []
-            out += parts
-        v4 = ipaddress.collapse_addresses(x for x in out if x.version == 4)
-        v6 = ipaddress.collapse_addresses(x for x in out if x.version == 6)
-        nets = [str(n) for n in [*v4, *v6]]
-        self.note(o, f"converted: [milterd] internal_networks ({len(nets)} network(s))")
-        return nets, names
+        hl = host_list([(key, where) for key, _, where in ds.rows], "OpenDKIM")
+        for where, text in hl.problems:
+            self.warn(where, f"InternalHosts {text}")
+        self.note(o, f"converted: [milterd] internal_networks ({len(hl.networks)} network(s))")
+        return hl.networks, hl.names
 
     # signature details
 

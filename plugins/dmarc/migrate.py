@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import email.utils
-import ipaddress
 import json
 import os
 import sys
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..dkim.migrate import HostList, host_list
 
 __all__ = ["Converted", "OpenDMARCError", "Option", "add_command", "convert", "parse"]
 
@@ -211,9 +212,9 @@ def _comment(text: str) -> list[str]:
     ]
 
 
-def _ignore_hosts(opt: Option, path: str, base: str) -> tuple[list[str], list[str], list[str]]:
-    """(networks, host names, "!" exclusions) of an IgnoreHosts file, read as OpenDMARC
-    reads it (first word of each line, ``#`` comments)."""
+def _ignore_hosts(opt: Option, path: str, base: str) -> HostList:
+    """An IgnoreHosts file read as OpenDMARC reads it (``dmarcf_loadlist``: the first word of
+    each line, ``#`` comments) and matched (``dmarcf_checkhost``, ``dmarcf_checkip``)."""
     where = opt.value if os.path.isabs(opt.value) else os.path.join(base, opt.value)
     try:
         with open(where, encoding="utf-8", errors="replace") as f:
@@ -222,25 +223,12 @@ def _ignore_hosts(opt: Option, path: str, base: str) -> tuple[list[str], list[st
         raise OpenDMARCError(
             f"{path}:{opt.line}: IgnoreHosts: cannot read {where}: {e.strerror}"
         ) from None
-    nets: list[str] = []
-    hosts: list[str] = []
-    negated: list[str] = []
-    for raw in lines:
+    rows: list[tuple[str, str]] = []
+    for number, raw in enumerate(lines, 1):
         words = raw.split("#", 1)[0].split()
-        if not words:
-            continue
-        entry = words[0]
-        if entry.startswith("!"):
-            negated.append(entry)
-            continue
-        try:
-            net = ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            hosts.append(entry)
-            continue
-        if str(net) not in nets:
-            nets.append(str(net))
-    return nets, hosts, negated
+        if words:
+            rows.append((words[0], f"{where}:{number}"))
+    return host_list(rows, "OpenDMARC")
 
 
 def convert(text: str, path: str) -> Converted:
@@ -273,26 +261,24 @@ def convert(text: str, path: str) -> Converted:
 
     ignore_auth = on("IgnoreAuthenticatedClients")
     if "IgnoreHosts" in opts:
-        nets, hosts, negated = _ignore_hosts(opts["IgnoreHosts"], path, base)
-        f.set("milterd", "internal_networks", nets,
-              f"{opts['IgnoreHosts']}: the addresses and networks in that file. Clients in "
-              "internal_networks are trusted by every plugin, not only dmarc (not evaluated, "
-              "not SPF-checked, signed by dkim): merge the lists of the other milters "
-              "(OpenDKIM InternalHosts) that milterd replaces.")  # fmt: skip
-        if hosts:
+        hl = _ignore_hosts(opts["IgnoreHosts"], path, base)
+        f.set("milterd", "internal_networks", hl.networks,
+              f"{opts['IgnoreHosts']}: the addresses and networks in that file, without the "
+              "clients its ! entries excluded (the most precise entry decides, as in "
+              "OpenDMARC). Clients in internal_networks are trusted by every plugin, not only "
+              "dmarc (not evaluated, not SPF-checked, signed by dkim): merge the lists of the "
+              "other milters (OpenDKIM InternalHosts) that milterd replaces.")  # fmt: skip
+        if hl.names:
             why = (
-                f"host names {', '.join(hosts)} in IgnoreHosts are not converted: "
+                f"host names {', '.join(hl.names)} in IgnoreHosts are not converted: "
                 "internal_networks takes addresses only (add theirs); until then mail "
                 "from them is evaluated, and may be rejected, where OpenDMARC ignored it"
             )
             f.note("milterd", why)
             f.differs.append(f"IgnoreHosts: {why}")
-        if negated:
-            why = (f"exclusions {', '.join(negated)} in IgnoreHosts are not converted: "
-                   "milterd has none, so clients they excluded are now trusted (not "
-                   "evaluated) when inside a listed network")  # fmt: skip
-            f.note("milterd", why)
-            f.differs.append(f"IgnoreHosts: {why}")
+        for where, problem in hl.problems:
+            f.note("milterd", f"{where}: {problem}")
+            f.differs.append(f"IgnoreHosts {where}: {problem}")
     else:
         f.note("milterd", "IgnoreHosts unset: OpenDMARC ignored 127.0.0.1 only; milterd's "
                "default internal_networks (kept) is 127.0.0.0/8 and ::1, whose mail is not "
@@ -495,7 +481,12 @@ def convert(text: str, path: str) -> Converted:
               "systemd/milterd-dmarc-report.timer (daily, after midnight UTC). The old "
               "history is not imported: send OpenDMARC's last reports before switching. Set "
               "org_name and report_email (opendmarc-reports' --report-org and "
-              "--report-email).")  # fmt: skip
+              "--report-email). The daemon creates the file at start-up, so its directory "
+              "must exist and be writable by the user milterd runs as (and by the "
+              "one `milterd dmarc report` runs as): /var/lib/milterd is the systemd unit's "
+              "StateDirectory= (systemd/milterd.service), created by systemd for the milterd "
+              "user; "
+              "elsewhere, create the directory or choose a writable path.")  # fmt: skip
         if on("RecordAllMessages"):
             f.missing(
                 opts["RecordAllMessages"],
@@ -539,7 +530,11 @@ def convert(text: str, path: str) -> Converted:
             "ruf addresses, headers only. Differences: " + "; ".join(diffs) + ".",
         )
         f.set(d, "failure_spool", "/var/lib/milterd/dmarc-failures", "Reports wait here "
-              "(a directory milterd may write) for worker 0's sender.")  # fmt: skip
+              "for worker 0's sender. The daemon creates the directory at start-up (mode "
+              "0750), so its parent must be writable by the user milterd runs as: "
+              "/var/lib/milterd is the systemd unit's StateDirectory= "
+              "(systemd/milterd.service), created by systemd for the milterd user; "
+              "elsewhere, create it or choose a writable path.")  # fmt: skip
     elif "FailureReports" in opts or "FailureReportsOnNone" in opts:
         f.note(d, f"{said('FailureReports', 'false')}: no failure reports.")
     if "FailureReportsBcc" in opts:

@@ -114,6 +114,12 @@ def test_single_key_form(conf: Path, keys: tuple[Path, dict[str, str]]) -> None:
     assert signatures(cfg, "bob@Example.ORG", dns) == [("example.org", "mail")]
     assert signatures(cfg, "x@sub.example.com", dns) == []  # SubDomains not set
     assert signatures(cfg, "alice@example.com", dns, client_ip="192.0.2.1") == []
+    # internal_networks is milterd-wide: the comment says what else trusts these clients
+    said = " ".join(" ".join(x[2:].split()) for x in text.splitlines() if x.startswith("# "))
+    assert "only decided sign vs verify" not in said
+    for what in ("spf and dmarc do not check their mail", "scoring does not score it",
+                 "authres adds no Authentication-Results"):  # fmt: skip
+        assert what in said, what
 
 
 def test_subdomains_sign_as_the_listed_domain(conf: Path, keys: Any) -> None:
@@ -125,6 +131,42 @@ def test_subdomains_sign_as_the_listed_domain(conf: Path, keys: Any) -> None:
     assert signatures(cfg, "a@deep.sub.example.com", dns) == [("example.com", "mail")]
     assert signatures(cfg, "a@example.com", dns) == [("example.com", "mail")]
     assert signatures(cfg, "a@example.org", dns) == []
+
+
+def test_subdomains_nested_domains_exact_first_then_longest_parent(conf: Path, keys: Any) -> None:
+    """OpenDKIM (mlfi_eoh) tries the From domain itself in Domain, then with SubDomains its
+    parents, longest first: a listed subdomain signs as itself, and its subdomains as it."""
+    p = conf / "single.conf"
+    domains = "Domain example.com, lists.example.com\nSubDomains yes"
+    p.write_text(p.read_text().replace("Domain\t\t\texample.com, example.org", domains))
+    cfg, _, res = load(p)
+    assert [(r["pattern"], r.get("domain")) for r in cfg.plugin_options("dkim")["signing"]] == [
+        ("example.com", None), ("lists.example.com", None),
+        ("*.lists.example.com", "lists.example.com"), ("*.example.com", "example.com"),
+    ]  # fmt: skip
+    assert not res.warnings
+    pub = keys[1]["mail.private"]
+    dns = {"mail._domainkey.example.com": pub, "mail._domainkey.lists.example.com": pub}
+    assert signatures(cfg, "x@lists.example.com", dns) == [("lists.example.com", "mail")]
+    assert signatures(cfg, "y@a.lists.example.com", dns) == [("lists.example.com", "mail")]
+    assert signatures(cfg, "z@b.example.com", dns) == [("example.com", "mail")]
+    assert signatures(cfg, "w@example.com", dns) == [("example.com", "mail")]
+
+
+def test_domain_star_signs_every_domain(conf: Path, keys: Any) -> None:
+    """Domain "*": OpenDKIM's back-compatible "any domain" (d= the From domain), tried after
+    the exact domains and before the SubDomains parents."""
+    p = conf / "single.conf"
+    p.write_text(p.read_text().replace("Domain\t\t\texample.com, example.org",
+                                       "Domain *, example.com\nSubDomains yes"))  # fmt: skip
+    cfg, _, _ = load(p)
+    assert [r["pattern"] for r in cfg.plugin_options("dkim")["signing"]] == [
+        "example.com", "*", "*.example.com",
+    ]  # fmt: skip
+    pub = keys[1]["mail.private"]
+    dns = {"mail._domainkey.other.test": pub, "mail._domainkey.a.example.com": pub}
+    assert signatures(cfg, "x@other.test", dns) == [("other.test", "mail")]
+    assert signatures(cfg, "x@a.example.com", dns) == [("a.example.com", "mail")]
 
 
 def test_keytable_and_refile_signing_table(conf: Path, keys: Any) -> None:
@@ -157,6 +199,15 @@ def test_keytable_and_refile_signing_table(conf: Path, keys: Any) -> None:
     nets = cfg.milterd.internal_networks
     assert "192.0.2.7/32" in nets and "::1/128" in nets and "10.1.2.0/24" not in nets
     assert any("mail.example.com" in w and ".example.net" in w for w in res.warnings)
+    # Entries OpenDKIM never matched (it looks up ADDR and NET/BITS with NET masked) stay out.
+    assert not any(n.startswith(("198.51.100.", "172.16.")) for n in nets)
+    assert signatures(cfg, "alice@example.com", dns, client_ip="198.51.100.9") == []
+    assert signatures(cfg, "alice@example.com", dns, client_ip="172.16.0.1") == []
+    (bits,) = [w for w in res.warnings if "198.51.100.5/24" in w]
+    assert "trusted.hosts:" in bits and "never matched" in bits
+    assert "write 198.51.100.0/24 if the network was meant" in bits
+    assert any("172.16.0.0/255.240.0.0" in w and "never matched" in w for w in res.warnings)
+    assert "198.51.100.5/24" in text  # a WARNING comment in the fragment too
     assert dk["sign_daemons"] == ["ORIGINATING"]
     assert dk["expire"] == 604800 and dk["min_rsa_bits"] == 2048
     assert dk["headers"] == ["from", "to", "subject", "date", "message-id"]  # Received dropped

@@ -5,6 +5,7 @@ and lets through what it let through."""
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 import tomllib
@@ -164,20 +165,61 @@ def test_reject_multi_value_from_refuses_several_from_addresses(tmp_path: Path) 
 def test_ignore_hosts_become_internal_networks(tmp_path: Path) -> None:
     res = converted("enforce.conf", tmp_path)
     cfg = load(res, tmp_path)
-    assert cfg.milterd.internal_networks == [
-        "127.0.0.1/32", "::1/128", "10.0.0.0/8", "192.0.2.128/25",
-    ]  # fmt: skip
+    nets = cfg.milterd.internal_networks
+    assert {"127.0.0.1/32", "::1/128", "192.0.2.128/25", "203.0.113.9/32"} <= set(nets)
     bad = {"sender": "x@bounce.example.com"}
     out = send(cfg, message(), client_ip="10.1.2.3", **bad)  # listed: not evaluated
     assert out.verdict == "continue" and not [r for r in out.results if r.method == "dmarc"]
     out = send(cfg, message(), client_ip="192.0.2.200", **bad)  # 192.0.2.128/255.255.255.128
     assert out.verdict == "continue"
-    out = send(cfg, message(), client_ip="192.0.2.1", **bad)  # not listed: evaluated
+    out = send(cfg, message(), client_ip="198.51.100.1", **bad)  # not listed: evaluated
     assert out.verdict == "reject"
-    # A host name and an exclusion cannot be converted: said, not dropped silently.
+    # A host name cannot be converted: said, not dropped silently.
     assert any("relay.example.net" in d for d in res.differs)
-    assert any("!10.9.9.9" in d for d in res.differs)
-    assert "relay.example.net" in comments(res) and "!10.9.9.9" in comments(res)
+    assert "relay.example.net" in comments(res)
+
+
+def test_ignore_hosts_exclusions_are_cut_out(tmp_path: Path) -> None:
+    """!10.9.9.9 inside 10.0.0.0/8: OpenDMARC's dmarcf_checkip tries the most precise entry
+    first (the "!" form before the plain one), so that client was evaluated; still is."""
+    res = converted("enforce.conf", tmp_path)
+    cfg = load(res, tmp_path)
+    nets = [ipaddress.ip_network(n) for n in cfg.milterd.internal_networks]
+    ten = [n for n in nets if n.version == 4 and n.subnet_of(ipaddress.IPv4Network("10.0.0.0/8"))]
+    assert sum(n.num_addresses for n in ten) == 2**24 - 1
+    assert not any(ipaddress.ip_address("10.9.9.9") in n for n in nets)
+    bad = {"sender": "x@bounce.example.com"}
+    assert send(cfg, message(), client_ip="10.9.9.9", **bad).verdict == "reject"
+    assert send(cfg, message(), client_ip="10.9.9.8", **bad).verdict == "continue"
+    assert not any("!10.9.9.9" in d for d in res.differs)
+    assert "milterd has none" not in comments(res)
+
+
+def test_ignore_hosts_entries_opendmarc_never_matched_stay_out(tmp_path: Path) -> None:
+    """192.0.2.5/24: OpenDMARC looked up 192.0.2.0/24 (the address masked), never that
+    string, so the entry matched nothing; trusting 192.0.2.0/24 would skip mail it checked."""
+    res = converted("enforce.conf", tmp_path)
+    cfg = load(res, tmp_path)
+    assert not any(n.startswith("192.0.2.0/") for n in cfg.milterd.internal_networks)
+    out = send(cfg, message(), client_ip="192.0.2.1", sender="x@bounce.example.com")
+    assert out.verdict == "reject"  # evaluated, as by OpenDMARC
+    (why,) = [d for d in res.differs if "192.0.2.5/24" in d]
+    assert "ignore.hosts:8" in why and "never matched" in why
+    assert "write 192.0.2.0/24 if the network was meant" in why
+    assert "write 192.0.2.0/24 if the network was meant" in comments(res)
+
+
+def test_ignore_hosts_bracketed_address(tmp_path: Path) -> None:
+    """[203.0.113.9]: OpenDMARC compared it with the host name the MTA passes, which is
+    "[203.0.113.9]" when the client has no name; converted to the address, the difference
+    (also trusted when it has a name) said."""
+    res = converted("enforce.conf", tmp_path)
+    cfg = load(res, tmp_path)
+    assert "203.0.113.9/32" in cfg.milterd.internal_networks
+    out = send(cfg, message(), client_ip="203.0.113.9", sender="x@bounce.example.com")
+    assert out.verdict == "continue"
+    (why,) = [d for d in res.differs if "[203.0.113.9]" in d]
+    assert "host name" in why and "whatever its host name" in why
 
 
 def test_an_unreadable_ignore_hosts_file_is_an_error(tmp_path: Path) -> None:
@@ -290,6 +332,7 @@ def test_history_file_becomes_history_db(tmp_path: Path) -> None:
             ("example.org", "fail")
         ]
     assert any(n.startswith("RecordAllMessages true") for n in res.not_converted)
+    assert "writable by the user milterd runs as" in said and "StateDirectory=" in said
     res = converted("enforce.conf", tmp_path)
     assert "history_db" not in [k for k in load(res, tmp_path).plugins["dmarc"]]
 
@@ -303,6 +346,8 @@ def test_failure_reports(tmp_path: Path) -> None:
     assert out.verdict == "reject"
     spool = tmp_path / "state" / "dmarc-failures"
     assert [p.suffix for p in spool.iterdir()] == [".report"]
+    said = comments(res)
+    assert "creates the directory at start-up" in said and "StateDirectory=" in said
     for name in ("FailureReportsBcc", "ReportCommand", "CopyFailuresTo", "SoftwareHeader"):
         assert any(n.startswith(name) for n in res.not_converted), name
     # FailureReportsOnNone true: milterd reports p=none failures too, no difference listed.
