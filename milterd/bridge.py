@@ -273,23 +273,27 @@ def _guard(stage: str) -> Callable[[Callback], Callback]:
 
     def deco(fn: Callback) -> Callback:
         def wrapper(ctx: Any, *args: Any) -> int:
-            c: _Conn | None = None
-            with contextlib.suppress(Exception):
-                c = ctx.getpriv()
             try:
-                if stage == "eom" and c is not None and c.failed:
-                    # The message (or the connection) had a core error at a stage sent
-                    # without reply: end it for the plugins and answer 451 here, with the
-                    # usual summary line. A connection-wide one fails every message.
-                    failed, c.failed = c.failed, c.failed_conn
-                    if c.session.msg is None:  # (it failed before the message began)
-                        raise RuntimeError(f"core error at {failed} (logged above)")
-                    c.session.core_failure(failed)
-                elif stage == "envfrom" and c is not None:
-                    c.failed = c.failed_conn  # a new message
+                if stage in ("eom", "envfrom"):
+                    c: _Conn | None = ctx.getpriv()
+                    if c is not None and stage == "envfrom":
+                        c.failed = c.failed_conn  # a new message
+                    elif c is not None and c.failed:
+                        # The message (or the connection) had a core error at a stage sent
+                        # without reply: end it for the plugins and answer 451 here, with
+                        # the usual summary line. A connection-wide one fails every message.
+                        failed, c.failed = c.failed, c.failed_conn
+                        if c.session.msg is None:  # (it failed before the message began)
+                            raise RuntimeError(f"core error at {failed} (logged above)")
+                        c.session.core_failure(failed)
                 return fn(ctx, *args)
             except Exception:
                 log.exception("internal error at %s; tempfailing", stage)
+                # (The connection looked up here, not before every call: header and body
+                # callbacks come many times a message.)
+                c = None
+                with contextlib.suppress(Exception):
+                    c = ctx.getpriv()
                 if c is not None and c.proto & STAGE_FLAGS.get(stage, (0, 0))[1]:
                     # Sent without reply: the MTA reads none now, so end of message
                     # answers for it (a reply here would be out of step with the MTA).
