@@ -172,7 +172,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
         setup_logging("warning" if not args.verbose else "debug", "text")
-        harness = Harness(config, resolver=StubResolver(config.dns))
+        notes = _dry_run_notes(args.verbose)
+        # A dry run: the plugins decide as the daemon would, but store, learn, record and
+        # send nothing (run as root, a file created here would be root's).
+        harness = Harness(config, resolver=StubResolver(config.dns), dry_run=True)
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return 2
@@ -238,6 +241,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         "errors": [{"plugin": p, "stage": s, "error": d} for p, s, d in out.errors],
         "conflicts": out.decision.conflicts,
         "plugin_ms": {k: round(v * 1000, 3) for k, v in out.timings.items()},
+        "dry_run": [{"plugin": p, "note": n} for p, n in notes],
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -268,6 +272,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(
             "time: " + (", ".join(f"{k} {v:.2f} ms" for k, v in report["plugin_ms"].items()) or "-")
         )
+        print("dry run: nothing stored, learned, recorded or sent")
+        for p, n in notes:
+            print(f"  {p}: {n.removeprefix('dry run: ')}")
         if args.output:
             print(
                 f"written: {args.output}"
@@ -275,6 +282,30 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 else "not written: the message would not be delivered"
             )
     return 0
+
+
+def _dry_run_notes(verbose: bool) -> list[tuple[str, str]]:
+    """Collect what the plugins log about what a dry run skipped (INFO lines starting
+    with ``dry run:``) as (plugin, text), for ``milterd check`` to print; the stderr log
+    keeps its level."""
+    import logging
+
+    notes: list[tuple[str, str]] = []
+
+    class Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if text.startswith("dry run:"):
+                who = getattr(record, "plugin", "") or record.name.removeprefix("milterd.")
+                notes.append((who.split(".")[0], text))
+
+    root = logging.getLogger("milterd")
+    if not verbose:  # the notes are INFO records: let them reach the collector only
+        for h in root.handlers:
+            h.setLevel(logging.WARNING)
+        root.setLevel(logging.INFO)
+    root.addHandler(Notes(logging.INFO))
+    return notes
 
 
 def parser() -> tuple[argparse.ArgumentParser, Any]:

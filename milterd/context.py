@@ -33,11 +33,21 @@ __all__ = [
 
 @dataclass(slots=True)
 class Services:
-    """Shared services handed to every plugin at :func:`~milterd.hookspecs.startup`."""
+    """Shared services handed to every plugin at :func:`~milterd.hookspecs.startup`.
+
+    ``dry_run``: True in a dry run (``milterd check``, a ``Harness(dry_run=True)``):
+    compute everything (verdicts, results, symbols, changes as the daemon would), but
+    change no persistent state, create no files or directories, and send nothing (DNS
+    lookups are fine). A plugin that stores, learns, records or sends skips that and may
+    log at INFO what it would have done (``"dry run: would ..."``); it opens the state it
+    reads read-only, and only when it exists. The same flag is ``ctx.dry_run`` at every
+    hook. The daemon never runs dry.
+    """
 
     resolver: Resolver
     settings: Settings
     logger: logging.Logger
+    dry_run: bool = False
 
 
 @dataclass(slots=True)
@@ -144,6 +154,7 @@ class Context:
 
     __slots__ = (
         "_actions",
+        "_dry_run",
         "_ledger",
         "_live",
         "_log",
@@ -174,6 +185,7 @@ class Context:
         message_state: dict[str, Any] | None,
         deadline: float,
         actions: frozenset[str],
+        dry_run: bool = False,
     ) -> None:
         self.name = name
         self._stage = stage
@@ -188,6 +200,7 @@ class Context:
         self.message_state = message_state if message_state is not None else {}
         self.deadline = deadline
         self._actions = actions
+        self._dry_run = dry_run
         self._live = True
         #: At ``finalize``: the merged verdict so far (None = continue); at ``outcome``: the
         #: final one. None at every other stage.
@@ -202,6 +215,12 @@ class Context:
             qid = self.message.queue_id if self.message is not None else ""
             self._log = logging.LoggerAdapter(self._logger, {"plugin": self.name, "queue_id": qid})
         return self._log
+
+    @property
+    def dry_run(self) -> bool:
+        """True in a dry run (``milterd check``): decide as usual, but store, learn,
+        record and send nothing; see :class:`Services`."""
+        return self._dry_run
 
     def time_left(self) -> float:
         """Seconds until this call's deadline (never negative). Pass it to slow I/O."""

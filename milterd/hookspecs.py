@@ -134,7 +134,12 @@ def startup(config: Any, services: Services) -> None:
             :func:`config_schema`, or None).
         services: shared services: ``services.resolver`` (the one DNS resolver),
             ``services.settings`` (the validated ``[milterd]`` section),
-            ``services.logger``.
+            ``services.logger``, ``services.dry_run``: True in a dry run (``milterd
+            check``, ``Harness(dry_run=True)``): compute everything, change no persistent
+            state, create no files, send nothing (DNS lookups are fine). Open what you
+            read read-only and only if it exists; skip writes, learning and sending (log
+            at INFO ``"dry run: would ..."``). Also ``ctx.dry_run`` at every hook. The
+            daemon never runs dry.
 
     Returns: nothing. An exception here refuses the configuration: at start-up the daemon
     does not start, at reload the old configuration stays in force.
@@ -154,7 +159,9 @@ def worker_start(services: Services) -> None:
     reseeds ``random`` in a forked child, and ``secrets``/``os.urandom`` are per call.
 
     Arguments:
-        services: as for :func:`startup`.
+        services: as for :func:`startup`. In a dry run (``services.dry_run``: ``milterd
+            check``) open no connection that writes, create no files, start no thread
+            that stores or sends.
 
     Returns: nothing. An exception refuses the generation in this process, like one from
     :func:`startup`: a new worker exits (the supervisor restarts it, within its restart

@@ -149,8 +149,13 @@ class Runtime:
         config: Config,
         sources: Mapping[str, object] | None = None,
         resolver: Resolver | None = None,
+        dry_run: bool = False,
     ) -> None:
+        """``dry_run``: plugins compute everything but change no persistent state
+        (``services.dry_run``, ``ctx.dry_run``); ``milterd check`` runs dry, the daemon
+        never does."""
         self.config = config
+        self.dry_run = dry_run
         self.settings = config.milterd
         self.pm, self.plugins = load_plugins(config, sources)
         self.resolver: Resolver = resolver or StubResolver(config.dns)
@@ -179,7 +184,7 @@ class Runtime:
         then every plugin's ``worker_start``. ``"all"`` (one process: harness, ``milterd
         check``, a worker's reload): both, in that order.
         """
-        services = Services(self.resolver, self.settings, log)
+        services = Services(self.resolver, self.settings, log, self.dry_run)
         args: dict[str, object] = {"services": services}
         if phase in ("prefork", "all"):
             self.check_settings()
@@ -223,7 +228,7 @@ class Runtime:
         configuration. Raises ConfigError. ``worker_start`` is not called (it opens
         connections and starts threads); meant for a throwaway process or a one-off check."""
         self.check_settings()
-        services = Services(self.resolver, self.settings, log)
+        services = Services(self.resolver, self.settings, log, self.dry_run)
         done: list[LoadedPlugin] = []
         try:
             self._call_lifecycle(
@@ -512,6 +517,7 @@ class Session:
             m.plugin_state.setdefault(p.name, {}) if m is not None else None,
             deadline,
             p.actions,
+            self.rt.dry_run,
         )
 
     def _run(

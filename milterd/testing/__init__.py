@@ -261,6 +261,8 @@ class Harness:
     ``zones`` builds a FakeResolver; ``resolver`` is used instead when given.
     ``raise_errors``: raise :class:`PluginFailed`, chained to the plugin's exception, when
     a plugin call failed (after the pipeline applied its ``on_error`` policy).
+    ``dry_run``: run as ``milterd check`` does: the plugins decide as usual but store,
+    learn, record and send nothing (``services.dry_run``, ``ctx.dry_run``).
     """
 
     def __init__(
@@ -271,12 +273,13 @@ class Harness:
         zones: Mapping[str, Mapping[str, Any]] | None = None,
         resolver: Any = None,
         raise_errors: bool = False,
+        dry_run: bool = False,
     ) -> None:
         self.plugins = dict(plugins or {})
         self.resolver = resolver if resolver is not None else FakeResolver(zones)
         self.raise_errors = raise_errors
         self.config = _config(config, self.plugins)
-        self.runtime = Runtime(self.config, self.plugins, self.resolver)
+        self.runtime = Runtime(self.config, self.plugins, self.resolver, dry_run=dry_run)
         # Every plugin call goes through Runtime.call: watch it to see failures at every
         # stage (not only those with a message ledger) and the exceptions themselves.
         self._sessions: dict[int, HarnessSession] = {}

@@ -12,6 +12,8 @@
   verdict the rules do not select is removed again.
 
 Nothing is written before ``finalize``/``outcome``, so aborted transactions leave nothing.
+In a dry run (``milterd check``: ``services.dry_run``) the store is neither opened nor
+created and nothing is written or pruned: the plugin logs at INFO what it would archive.
 Storage is behind :class:`~milterd_plugins.archive.store.ArchiveBackend`.
 """
 
@@ -288,6 +290,7 @@ class ArchivePlugin:
         self._pool: cf.ThreadPoolExecutor | None = None
         self._stuck = 0  # helper threads still in disk work past its call's deadline
         self._pool_lock = threading.Lock()
+        self.dry_run = False
 
     @hookimpl
     def config_schema(self) -> type[ArchiveConfig]:
@@ -301,6 +304,9 @@ class ArchivePlugin:
         # own in worker_start.
         self.cfg = config
         self.log = services.logger.getChild("archive")
+        self.dry_run = services.dry_run
+        if self.dry_run:  # milterd check: no store opened, created or cleaned
+            return
         try:
             backend = open_backend(config)
         except Exception as e:
@@ -321,6 +327,8 @@ class ArchivePlugin:
     def worker_start(self) -> None:
         config = self.cfg
         assert config is not None
+        if self.dry_run:  # no store, no pruner: finalize and outcome only say what they would do
+            return
         try:
             self.backend = open_backend(config)
         except Exception as e:
@@ -400,20 +408,35 @@ class ArchivePlugin:
     def eom(self, ctx: Context, message: Message) -> None:
         ctx.message_state["received"] = message
 
-    def _write(self, ctx: Context, delivered: Message | None, verdict: str) -> Record:
-        if self.backend is None:
-            raise OSError(f"archive store {ctx.config.path} is not available")
+    @staticmethod
+    def _copies(ctx: Context, delivered: Message | None) -> dict[str, Message]:
+        """The copies to store: ``delivered`` and/or ``received``, as configured."""
         received: Message | None = ctx.message_state.get("received")
         want = ctx.config.store
         copies = {}
         if delivered is not None and want in ("delivered", "both"):
-            copies["delivered"] = _chunks(delivered)
+            copies["delivered"] = delivered
         if received is not None and (want in ("received", "both") or delivered is None):
-            copies["received"] = _chunks(received)
-        meta_src = delivered if delivered is not None else received
+            copies["received"] = received
+        return copies
+
+    def _would_write(self, ctx: Context, delivered: Message | None, verdict: str) -> None:
+        """A dry run's stand-in for :meth:`_write`: log what would be stored."""
+        copies = self._copies(ctx, delivered)
+        what = ", ".join(
+            f"{kind} copy, {len(m.header_bytes()) + 2 + m.body_size} bytes"
+            for kind, m in copies.items()
+        )
+        ctx.log.info("dry run: would archive (%s; verdict %s)", what, verdict)
+
+    def _write(self, ctx: Context, delivered: Message | None, verdict: str) -> Record:
+        if self.backend is None:
+            raise OSError(f"archive store {ctx.config.path} is not available")
+        copies = self._copies(ctx, delivered)
+        meta_src = delivered if delivered is not None else copies.get("received")
         assert meta_src is not None
         rec = _record(ctx, meta_src, verdict, time.time())
-        stored = self.backend.store(rec, copies)
+        stored = self.backend.store(rec, {k: _chunks(m) for k, m in copies.items()})
         if ctx.time_left() <= 0:
             # The core gave up on this call (on_error applied): the message was not
             # answered with our copy in mind, so take the copy back.
@@ -432,6 +455,10 @@ class ArchivePlugin:
         # may still change it, and outcome() then corrects the stored verdict or removes it.
         word = ctx.verdict.word if ctx.verdict is not None else "continue"
         if not selected(cfg, direction, sender, rcpts, word):
+            return None
+        if ctx.dry_run:
+            self._would_write(ctx, message, word)
+            ctx.message_state["archived"] = ""  # outcome: what would have been stored
             return None
         try:
             rec = self._write(ctx, message, word)
@@ -454,6 +481,13 @@ class ArchivePlugin:
         rcpts = [r.address for r in info.recipients] if info else []
         want = selected(cfg, _direction(ctx), sender, rcpts, word)
         done: str | None = ctx.message_state.get("archived")
+        if ctx.dry_run:
+            if done is not None and not want:
+                ctx.log.info("dry run: would remove the copy again (final verdict %s)", word)
+            elif done is None and want:
+                ctx.message_state.setdefault("received", message)
+                self._would_write(ctx, message if word in DELIVERING else None, word)
+            return
         if self.backend is None:
             if want and done is None:
                 ctx.log.error("archive store unavailable: %s message not archived", word)

@@ -11,6 +11,11 @@ Aggregate reporting: with ``history_db`` set, one row per evaluated message (pol
 goes into a SQLite file (WAL mode, safe for several worker processes), and
 ``milterd dmarc report`` writes RFC 7489 aggregate XML per policy domain and mails it to
 the verified ``rua`` addresses (``--send``; :mod:`.reports`).
+
+In a dry run (``milterd check``: ``services.dry_run``) the results and verdicts are the
+same, but ``history_db`` and ``failure_spool`` are neither opened nor created, no row is
+written, no failure report is spooled or sent and no thread starts: what would have been
+written is logged at INFO.
 """
 
 from __future__ import annotations
@@ -389,6 +394,8 @@ class DMARCPlugin:
         self.config: DMARCConfig | None = None
         self.spool: FailureSpool | None = None
         self.sender: FailureSender | None = None
+        self.failure_reports = False
+        self.dry_run = False
 
     @hookimpl
     def config_schema(self) -> type[DMARCConfig]:
@@ -401,6 +408,10 @@ class DMARCPlugin:
         self.history_days = config.history_days
         self.services = services
         self.config = config
+        self.failure_reports = bool(config.failure_reports and config.failure_spool)
+        self.dry_run = services.dry_run
+        if self.dry_run:  # milterd check: no database, no spool directory
+            return
         if config.history_db:  # create it (WAL, schema) now: a bad path refuses the config
             Store(config.history_db).close()
         if config.failure_reports and config.failure_spool:
@@ -410,6 +421,8 @@ class DMARCPlugin:
 
     @hookimpl
     def worker_start(self) -> None:
+        if self.dry_run:  # no store, no pruner, no sender: nothing is written or sent
+            return
         self.store = Store(self.history_db) if self.history_db else None
         # One pruner per daemon (worker 0, or the only process): the history would
         # otherwise grow by a row per message for ever.
@@ -579,8 +592,11 @@ class DMARCPlugin:
         ctx.add_result(Result("dmarc", ev.result, reason=reason[:200], properties=tuple(props)))
         if ev.record is not None and self.store is not None:
             self._remember(ctx, ev)
+        elif ev.record is not None and ctx.dry_run and self.history_db:
+            ctx.log.info("dry run: would record a history row (%s, dmarc=%s)",
+                         ev.policy_domain, ev.result)  # fmt: skip
         if (
-            self.spool is not None
+            self.failure_reports
             and ev.record is not None
             and ev.record.ruf
             and ev.result in ("pass", "fail")
@@ -615,7 +631,7 @@ class DMARCPlugin:
     @hookimpl
     def outcome(self, ctx: Context, verdict: Verdict | None, message: Message) -> None:
         pending: tuple[_Evaluation, bytes] | None = ctx.message_state.get("dmarc_failure")
-        if pending is None or self.spool is None:
+        if pending is None or not self.failure_reports:
             return
         ev, received_headers = pending
         if ev.record is None:
@@ -650,6 +666,12 @@ class DMARCPlugin:
         )
         conf = self.config
         report = failure_report(info, conf.org_name, conf.report_email)
+        if ctx.dry_run:
+            ctx.log.info("dry run: would queue a failure report for %s to %s (%d bytes)",
+                         ev.domain, ev.record.ruf, len(report))  # fmt: skip
+            return
+        if self.spool is None:
+            return
         try:
             if not self.spool.put(ev.policy_domain, ev.record.ruf, report):
                 ctx.log.warning("dmarc: failure report spool full: report for %s not written",

@@ -20,6 +20,12 @@ At end of message, in this order:
 
 ``milterd bayes train --spam PATH --ham PATH`` trains the classifier from mbox files and
 Maildir folders.
+
+In a dry run (``milterd check``: ``services.dry_run``) the score and action are the same,
+but nothing is learned or recorded and no database file is created: Bayes classifies from
+its database opened read-only (no Bayes symbol when it does not exist), autolearn only
+logs what it would learn, and greylisting decides from the triplet's row as it is (an
+unknown triplet is tempfailed, as the daemon would) without recording it.
 """
 
 from __future__ import annotations
@@ -125,6 +131,7 @@ class ScoringPlugin:
         self.grey: grey_mod.SQLiteGrey | grey_mod.RedisGrey | None = None
         self.config: ScoringConfig | None = None
         self.log = logging.getLogger("milterd.scoring")
+        self.dry_run = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -136,6 +143,7 @@ class ScoringPlugin:
     def startup(self, config: ScoringConfig, services: Services) -> None:
         self.log = services.logger
         self.resolver = services.resolver
+        self.dry_run = services.dry_run
         rules: list[CompiledRule] = []
         metas: list[MetaRule] = []
         for rc in config.rules:
@@ -183,14 +191,19 @@ class ScoringPlugin:
         b = config.bayes
         opened: list[bayes_mod.Store | grey_mod.GreyStore] = []
         if b.enabled:
-            self.store = bayes_mod.open_store(b.backend, b.path, b.redis_url, b.redis_prefix,
-                                              b.timeout)  # fmt: skip
-            self.classifier = bayes_mod.Classifier(self.store, b.min_spam, b.min_ham)
-            opened.append(self.store)
+            # A dry run reads the database if there is one, and creates nothing.
+            opener = bayes_mod.open_store_readonly if self.dry_run else bayes_mod.open_store
+            store = opener(b.backend, b.path, b.redis_url, b.redis_prefix, b.timeout)
+            self.store = store
+            self.classifier = (
+                bayes_mod.Classifier(store, b.min_spam, b.min_ham) if store is not None else None
+            )
+            if store is not None:
+                opened.append(store)
         if config.actions.greylist is not None or any(
             ov.actions.get("greylist") is not None for ov in config.domains.values()
         ):
-            self.grey = grey_mod.open_grey(config.greylist)
+            self.grey = grey_mod.open_grey(config.greylist, readonly=self.dry_run)
             opened.append(self.grey)
         return opened
 
@@ -509,13 +522,26 @@ class ScoringPlugin:
         sender = ctx.message.sender if ctx.message else ""
         ok = True
         now = time.time()
+        new: list[str] = []
         for rcpt in recipients:
+            key = grey_mod.triplet_key(sender, rcpt, net)
             try:
-                passed = self.grey.check(grey_mod.triplet_key(sender, rcpt, net), now)
+                if ctx.dry_run:  # decide from the row as it is; record nothing
+                    passed, known = self.grey.peek(key, now)
+                    if not known:
+                        new.append(rcpt)
+                else:
+                    passed = self.grey.check(key, now)
             except Exception as e:  # store down: do not hold mail back
                 ctx.log.warning("greylist store unavailable: %s", e)
                 return True
             ok = ok and passed
+        if ctx.dry_run:
+            ctx.log.info(
+                "dry run: greylist would %s (%s), not recorded",
+                "pass" if ok else "tempfail",
+                f"new triplet for {', '.join(new)}" if new else "known triplet",
+            )
         return ok
 
     def _act(
@@ -562,6 +588,10 @@ class ScoringPlugin:
         b = cfg.bayes
         spam = True if score >= b.autolearn_spam else False if score <= b.autolearn_ham else None
         if spam is None:
+            return
+        if ctx.dry_run:
+            ctx.log.info("dry run: bayes would auto-learn as %s (score %.2f)",
+                         "spam" if spam else "ham", score)  # fmt: skip
             return
         digest = bayes_mod.digest_of(message_id, tokens)
         if self.classifier.learn(tokens, spam, digest):

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from ..sqlpool import SQLitePool
 from .content import Content
+from .rosqlite import ReadOnlyPool, connect_readonly
 
 __all__ = [
     "Classifier",
@@ -26,6 +27,7 @@ __all__ = [
     "Store",
     "chi2q",
     "open_store",
+    "open_store_readonly",
     "tokenize",
 ]
 
@@ -114,6 +116,21 @@ class Store(Protocol):
 
 class SQLiteStore:
     """Token counts in one SQLite file (WAL), through a small connection pool."""
+
+    pool: SQLitePool | ReadOnlyPool
+
+    @classmethod
+    def readonly(cls, path: str, timeout: float = 5.0) -> SQLiteStore | None:
+        """The store at ``path`` opened read-only (a dry run: classify, never learn), or
+        None when it does not exist; creates no file. Learning raises."""
+        db = connect_readonly(path, "tokens", timeout)
+        if db is None:
+            return None
+        db.close()
+        store = cls.__new__(cls)
+        store.path = path
+        store.pool = ReadOnlyPool(path, "tokens", timeout)
+        return store
 
     def __init__(self, path: str, timeout: float = 5.0) -> None:
         self.path = path
@@ -268,6 +285,17 @@ def open_store(backend: str, path: str, redis_url: str, prefix: str, timeout: fl
     if backend == "redis":
         return RedisStore(redis_url, prefix, timeout)
     return SQLiteStore(os.path.expanduser(path), timeout=max(timeout, 1.0))
+
+
+def open_store_readonly(
+    backend: str, path: str, redis_url: str, prefix: str, timeout: float
+) -> Store | None:
+    """For a dry run: the store to classify with, never to learn in, or None when the
+    SQLite file does not exist (nothing is created). Redis is only read from (the
+    classifier writes only when it learns)."""
+    if backend == "redis":
+        return RedisStore(redis_url, prefix, timeout)
+    return SQLiteStore.readonly(os.path.expanduser(path), timeout=max(timeout, 1.0))
 
 
 def digest_of(message_id: str | None, tokens: Sequence[str]) -> str:

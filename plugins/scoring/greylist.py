@@ -13,6 +13,7 @@ import time
 from typing import Any, Protocol
 
 from ..sqlpool import SQLitePool
+from .rosqlite import connect_readonly
 
 __all__ = [
     "GreyStore",
@@ -79,6 +80,7 @@ def triplet_key(sender: str, recipient: str, network: str) -> str:
 
 class GreyStore(Protocol):
     def check(self, key: str, now: float) -> bool: ...
+    def peek(self, key: str, now: float) -> tuple[bool, bool]: ...
     def close(self) -> None: ...
 
 
@@ -106,9 +108,20 @@ class _Policy:
 
 
 class SQLiteGrey(_Policy):
-    def __init__(self, path: str, delay: float, expire: float, pending_expire: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        delay: float,
+        expire: float,
+        pending_expire: float,
+        readonly: bool = False,
+    ) -> None:
+        """``readonly`` (a dry run): only :meth:`peek`; no file is created or changed."""
         super().__init__(delay, expire, pending_expire)
         self.path = os.path.expanduser(path)
+        self.readonly = readonly
+        if readonly:
+            return
         self.pool = SQLitePool(self.path, 5.0, autocommit=True)
         with self.pool.conn() as db:
             db.execute(
@@ -116,7 +129,24 @@ class SQLiteGrey(_Policy):
                 " passed INTEGER NOT NULL, expires REAL NOT NULL) WITHOUT ROWID"
             )
 
+    def peek(self, key: str, now: float) -> tuple[bool, bool]:
+        """(passes, known): what :meth:`check` would answer now, recording nothing; a
+        missing database is an empty one."""
+        db = connect_readonly(self.path, "triplets")
+        if db is None:
+            return self.decide(None, now)[0], False
+        try:
+            r = db.execute(
+                "SELECT first, passed, expires FROM triplets WHERE key = ?", (key,)
+            ).fetchone()
+        finally:
+            db.close()
+        row = (float(r[0]), int(r[1]), float(r[2])) if r else None
+        return self.decide(row, now)[0], row is not None
+
     def check(self, key: str, now: float) -> bool:
+        if self.readonly:
+            raise RuntimeError("greylist store opened read-only (dry run)")
         with self.pool.conn() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -136,7 +166,8 @@ class SQLiteGrey(_Policy):
         return ok
 
     def close(self) -> None:
-        self.pool.close()
+        if not self.readonly:
+            self.pool.close()
 
 
 class RedisGrey(_Policy):
@@ -149,13 +180,21 @@ class RedisGrey(_Policy):
         self.r: Any = redis.Redis.from_url(url, socket_timeout=timeout,
                                            socket_connect_timeout=timeout)  # fmt: skip
 
+    def _row(self, k: str) -> tuple[float, int, float] | None:
+        raw = self.r.get(k)
+        if not raw:
+            return None
+        first, passed, expires = json.loads(raw)
+        return float(first), int(passed), float(expires)
+
+    def peek(self, key: str, now: float) -> tuple[bool, bool]:
+        """(passes, known): what :meth:`check` would answer now, recording nothing."""
+        row = self._row(f"{self.prefix}:{key}")
+        return self.decide(row, now)[0], row is not None
+
     def check(self, key: str, now: float) -> bool:
         k = f"{self.prefix}:{key}"
-        raw = self.r.get(k)
-        row = None
-        if raw:
-            first, passed, expires = json.loads(raw)
-            row = (float(first), int(passed), float(expires))
+        row = self._row(k)
         ok, new = self.decide(row, now)
         if new != row:
             ttl = max(1, int(new[2] - now) + 1)
@@ -166,11 +205,13 @@ class RedisGrey(_Policy):
         self.r.close()
 
 
-def open_grey(cfg: Any) -> SQLiteGrey | RedisGrey:
+def open_grey(cfg: Any, readonly: bool = False) -> SQLiteGrey | RedisGrey:
+    """The configured store. ``readonly`` (a dry run): use :meth:`~SQLiteGrey.peek` only;
+    the SQLite file is not created (Redis is only read by ``peek``)."""
     if cfg.backend == "redis":
         return RedisGrey(cfg.redis_url, cfg.redis_prefix, cfg.delay, cfg.expire,
                          cfg.pending_expire)  # fmt: skip
-    return SQLiteGrey(cfg.path, cfg.delay, cfg.expire, cfg.pending_expire)
+    return SQLiteGrey(cfg.path, cfg.delay, cfg.expire, cfg.pending_expire, readonly)
 
 
 def now() -> float:
