@@ -3,16 +3,22 @@ are read, if they exist, without creating or changing any file.
 
 A plain ``mode=ro`` connection to a WAL database creates the ``-wal`` and ``-shm`` files
 when they are missing (and leaves them, owned by whoever ran the check: root, which
-the daemon then cannot write). So: ``mode=ro`` only while both exist (a writer has the
-database open and SQLite shares them), else ``immutable=1``, which reads the database
-file alone and creates nothing (no writer has uncommitted pages in a WAL then).
+the daemon then cannot write), and rebuilds a ``-shm`` a crashed writer left. So:
+
+* no ``-wal``, or an empty one: ``immutable=1``, which reads the database file alone and
+  touches nothing (there is nothing committed elsewhere);
+* a ``-wal`` with content (a daemon running, or one that crashed): the database and its
+  ``-wal`` are copied to a private temporary directory, SQLite recovers the copy there,
+  and the result is read into memory; the state directory is never opened for writing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 
@@ -24,11 +30,12 @@ def connect_readonly(path: str, table: str, timeout: float = 5.0) -> sqlite3.Con
     file or it has no table ``table`` (a database never written to)."""
     if not os.path.isfile(path):
         return None
-    live = os.path.exists(path + "-wal") and os.path.exists(path + "-shm")
-    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?" + (
-        "mode=ro" if live else "mode=ro&immutable=1"
-    )
-    db = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
+    wal = path + "-wal"
+    if os.path.isfile(wal) and os.path.getsize(wal) > 0:
+        db = _recovered_copy(path, wal, timeout)
+    else:
+        uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro&immutable=1"
+        db = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
     try:
         found = db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
@@ -42,10 +49,25 @@ def connect_readonly(path: str, table: str, timeout: float = 5.0) -> sqlite3.Con
     return db
 
 
+def _recovered_copy(path: str, wal: str, timeout: float) -> sqlite3.Connection:
+    """The database with its WAL applied, in memory, from a private copy (see above)."""
+    with tempfile.TemporaryDirectory(prefix="milterd-dry-run-") as tmp:
+        copy = os.path.join(tmp, "db.sqlite")
+        shutil.copyfile(path, copy)
+        shutil.copyfile(wal, copy + "-wal")
+        src = sqlite3.connect(copy, timeout=timeout)
+        try:
+            mem = sqlite3.connect(":memory:", check_same_thread=False)
+            src.backup(mem)
+        finally:
+            src.close()
+    return mem
+
+
 class ReadOnlyPool:
     """What :class:`~plugins.sqlpool.SQLitePool` offers the stores (``conn()``,
     ``close()``), read-only: a fresh connection per use, closed after it (a dry run reads
-    a handful of times). A write raises ``sqlite3.OperationalError``."""
+    a handful of times). A write never reaches the file."""
 
     def __init__(self, path: str, table: str, timeout: float = 5.0) -> None:
         self.path = path

@@ -359,3 +359,43 @@ def test_milterd_check_is_a_dry_run(tmp_path: Path) -> None:
     assert "dry run: nothing stored, learned, recorded or sent" in text.stdout
     assert "  archive: would archive (received copy" in text.stdout
     assert not [ln for ln in text.stderr.splitlines() if " INFO " in ln]  # log level kept
+
+
+@pytest.mark.parametrize("shm", [True, False])
+def test_a_crashed_writers_wal_is_read_and_left_untouched(tmp_path: Path, shm: bool) -> None:
+    """A daemon killed with rows only in its WAL: the dry run sees them (as the daemon
+    will), and neither the database nor its -wal/-shm is changed (SQLite would rebuild a
+    -shm, or ignore the WAL, when reading the files in place)."""
+    import hashlib
+    import sqlite3
+
+    from milterd_plugins.scoring.rosqlite import connect_readonly
+
+    db = tmp_path / "state.sqlite"
+    pid = os.fork()
+    if pid == 0:  # the writer: commits, then dies without a checkpoint
+        try:
+            c = sqlite3.connect(db, isolation_level=None)
+            c.execute("PRAGMA journal_mode = WAL")
+            c.execute("PRAGMA wal_autocheckpoint = 0")
+            c.execute("CREATE TABLE t (v INTEGER)")
+            c.execute("INSERT INTO t VALUES (42)")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.path.getsize(f"{db}-wal") > 0
+    if not shm:
+        os.unlink(f"{db}-shm")
+
+    def state() -> dict[str, tuple[str, int]]:
+        return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+                for p in sorted(tmp_path.iterdir())}  # fmt: skip
+
+    before = state()
+    conn = connect_readonly(str(db), "t")
+    assert conn is not None
+    try:
+        assert conn.execute("SELECT v FROM t").fetchall() == [(42,)]
+    finally:
+        conn.close()
+    assert state() == before
