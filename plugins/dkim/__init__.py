@@ -86,6 +86,7 @@ DEFAULT_HEADERS = (
     "list-archive",
     "resent-date",
     "resent-from",
+    "resent-sender",
     "resent-to",
     "resent-cc",
     "resent-message-id",

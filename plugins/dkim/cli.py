@@ -111,7 +111,7 @@ def testkey(args: argparse.Namespace) -> int:
             if kname in rule.keys:
                 if rule.domain:
                     domains.add(rule.domain)
-                elif not entry.domain and "*" not in rule.pattern and "?" not in rule.pattern:
+                elif not entry.domain and not any(c in rule.pattern for c in "*?["):
                     domains.add(rule.pattern.rsplit("@", 1)[-1])
         try:
             key = load_key(entry.file, entry.algorithm, insecure=dk.insecure_keys)

@@ -21,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from milterd_plugins.dkim import (
+    DEFAULT_HEADERS,
     DKIMPlugin,
     SigningRule,
     match_rule,
@@ -33,6 +34,7 @@ from milterd_plugins.dkim.keys import (
     parse_headers,
     public_txt,
 )
+from milterd_plugins.dkim.migrate import OPENDKIM_SIGN_HEADERS
 
 from milterd import AddHeader, ChangeHeader, Context, hookimpl
 from milterd.testing import Harness
@@ -329,6 +331,36 @@ def test_signed_names_counts_fields_and_oversigns() -> None:
         "from", "from", "to", "to",
     ]  # fmt: skip
     assert signed_names(order, [[b"Date", b" x\r\n"], *fields]).count("date") == 2
+
+
+def test_default_headers_cover_rfc6376_list() -> None:
+    """Every field RFC 6376 section 5.4.1 says SHOULD be signed is in the default list, and
+    so is everything OpenDKIM signs by default (Resent-Sender, which the RFC leaves out)."""
+    rfc = [
+        "from",
+        "reply-to",
+        "subject",
+        "date",
+        "to",
+        "cc",
+        "resent-date",
+        "resent-from",
+        "resent-to",
+        "resent-cc",
+        "in-reply-to",
+        "references",
+        "list-id",
+        "list-help",
+        "list-unsubscribe",
+        "list-subscribe",
+        "list-post",
+        "list-owner",
+        "list-archive",
+    ]
+    assert set(rfc) <= set(DEFAULT_HEADERS)
+    assert set(OPENDKIM_SIGN_HEADERS) <= set(DEFAULT_HEADERS)
+    order = sign_order(list(DEFAULT_HEADERS), [])
+    assert "resent-sender" in signed_names(order, [[b"Resent-Sender", b" a@b.example\r\n"]])
 
 
 def test_signature_covers_other_plugins_changes(keys: dict[str, Any]) -> None:
@@ -726,6 +758,10 @@ def test_keygen_and_testkey(tmp_path: Path, ktype: str, alg: str) -> None:
         conf.write_text(conf.read_text().replace('selector = "s2"', 'selector = "s3"'))
         missing = milterd("dkim", "testkey", config=conf)
         assert missing.returncode == 1 and "no such name" in missing.stdout
+        # a character class is a wildcard too: nothing to look up, not a bogus name
+        conf.write_text(conf.read_text().replace('"example.com"', '"[ab].example.com"'))
+        cls = milterd("dkim", "testkey", config=conf)
+        assert cls.returncode == 0 and "SKIP a: no fixed domain" in cls.stdout, cls.stdout
 
 
 def test_signing_is_fast(keys: dict[str, Any]) -> None:
