@@ -101,6 +101,8 @@ class DMARCConfig(PluginConfig):
     failure_spool: ConfigPath | None = None  # directory of reports waiting to be sent
     failure_reports_per_hour: int = Field(10, ge=1)  # per ruf address; more are dropped
     failure_spool_max: int = Field(1000, ge=1)  # reports waiting; more are not written
+    # RFC 6590: local parts of addresses in failure reports replaced by keyed hashes
+    failure_reports_redact: bool = False
 
     @field_validator("reject_text")
     @classmethod
@@ -665,7 +667,9 @@ class DMARCPlugin:
             headers=received_headers,
         )
         conf = self.config
-        report = failure_report(info, conf.org_name, conf.report_email)
+        report = failure_report(
+            info, conf.org_name, conf.report_email, redact=conf.failure_reports_redact
+        )
         if ctx.dry_run:
             ctx.log.info("dry run: would queue a failure report for %s to %s (%d bytes)",
                          ev.domain, ev.record.ruf, len(report))  # fmt: skip

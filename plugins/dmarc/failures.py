@@ -7,7 +7,10 @@ process, kept across reloads: :func:`shared_sender`) sends the spool every
 :data:`INTERVAL` seconds to the ``mailto:`` URIs of ``ruf``, after the same
 external-destination check as aggregate reports (RFC 7489 7.1), at most
 ``failure_reports_per_hour`` sends per address (more wait). The report carries the
-original *header block as received* (``text/rfc822-headers``), never the body.
+original *header block as received* (``text/rfc822-headers``), never the body. With
+``failure_reports_redact`` the local parts of the addresses in it (and in the report's own
+fields) are replaced by keyed hashes (RFC 6590; :class:`Redactor`) before the report is
+written to the spool.
 
 Spool file: a first line of JSON (``domain``, ``ruf``, ``created``, ``done``: addresses
 already handled) and the report message. A report is dropped after :data:`MAX_AGE`
@@ -20,9 +23,13 @@ from __future__ import annotations
 import contextlib
 import email.policy
 import email.utils
+import hashlib
+import hmac
 import json
 import logging
 import os
+import re
+import secrets
 import smtplib
 import threading
 import time
@@ -43,6 +50,7 @@ from .reports import authorize, parse_rua, smtp_reply, smtp_send
 __all__ = [
     "FailureSender",
     "FailureSpool",
+    "Redactor",
     "SenderSettings",
     "failure_report",
     "release_sender",
@@ -93,10 +101,157 @@ class FailureInfo:
     headers: bytes = b""  # the original header block, CRLF line ends
 
 
+# Fields holding mailbox lists (RFC 5322 3.6.2, 3.6.3, 3.6.6 and common extensions): a
+# redacted report rewrites each mailbox as token@domain, dropping display names and
+# comments (a name identifies a person as well as a local part does).
+_MAILBOX_FIELDS = frozenset(
+    {"from", "sender", "reply-to", "to", "cc", "bcc", "resent-from", "resent-sender",
+     "resent-to", "resent-cc", "resent-bcc", "mail-followup-to", "mail-reply-to",
+     "disposition-notification-to"}
+)  # fmt: skip
+# Message identifiers look like addresses but are not personal: kept, as the domain owner
+# finds the message in its logs by them.
+_ID_FIELDS = frozenset(
+    {"message-id", "in-reply-to", "references", "resent-message-id", "content-id",
+     "original-message-id"}
+)  # fmt: skip
+# Fields of tag=value or ptype.property=value pairs: in "header.i=user@d" or "i=user@d"
+# the key before the first "=" stays.
+_KEYED_FIELDS = frozenset(
+    {"authentication-results", "arc-authentication-results", "dkim-signature",
+     "arc-message-signature", "arc-seal", "received-spf"}
+)  # fmt: skip
+# A local part: a quoted string, or a whole run of atext and dots (also non-ASCII, as
+# latin-1 characters of the raw bytes), followed by "@" and the start of a domain. A run is
+# only taken whole (the look-behind) and never backtracked into (possessive): linear time
+# on any header block.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\xff-"
+_LOCAL_PART = re.compile(
+    rf'(?:"(?:[^"\\\r\n]|\\.)*+"|(?<![{_ATEXT}.])[{_ATEXT}.]++)(?=@[A-Za-z0-9\[\x80-\xff])'
+)
+_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)?=")
+
+
+class Redactor:
+    """RFC 6590 redaction of the local parts of email addresses in one failure report.
+
+    Each local part is replaced by ``HMAC-SHA256(key, local part)``, the first 16 hex
+    digits (64 bits): RFC 6590 section 3's recipe (a consistent, collision-resistant
+    transformation of the private string combined with a secret redaction key) applied to
+    section 4's subject, the local part, leaving the domain intact, as the domain is what
+    the report is about. The key is random and new for each report, and never stored:
+
+    * within one report the same local part (compared case-insensitively, quotes removed)
+      always gives the same token, so the report still shows that Original-Mail-From,
+      Return-Path and Sender are one mailbox, or that To and a Received ``for`` clause name
+      the same recipient;
+    * across reports nothing links two tokens, and with the key gone nobody, us included,
+      can test a guessed address against a token (a plain hash, or a fixed key, could be
+      inverted by hashing a list of likely local parts). A fixed string such as
+      ``redacted`` would lose the correlations within a report.
+
+    Lowercase hex is a valid dot-atom local part, so a redacted address is still an
+    address. Mailbox-list fields (From, To, Cc, Reply-To, Sender, ...) are rewritten as
+    ``token@domain`` without display names or comments; in every other field each
+    address's local part is replaced in place. Message identifiers (Message-ID,
+    References, ...) are kept. Only addresses are redacted: a Subject or other free text
+    is not.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self.key = key if key is not None else secrets.token_bytes(32)
+
+    def token(self, local: str) -> str:
+        """The redacted form of one local part (latin-1 text of its raw bytes)."""
+        if len(local) >= 2 and local[0] == local[-1] == '"':
+            local = re.sub(r"\\(.)", r"\1", local[1:-1])
+        data = local.lower().encode("latin-1", "replace")
+        return hmac.new(self.key, data, hashlib.sha256).hexdigest()[:16]
+
+    def address(self, addr: str) -> str:
+        """``local@domain`` with the local part redacted (no ``@``: all of it)."""
+        local, at, domain = addr.rpartition("@")
+        if not at:
+            return self.token(addr) if addr else addr
+        return f"{self.token(local)}@{domain}" if local else addr
+
+    def text(self, text: str, keyed: bool = False) -> str:
+        """``text`` with the local part of every address in it redacted; ``keyed``: in a
+        field of ``key=value`` pairs, where the first ``=`` of a run ends a key."""
+
+        def sub(m: re.Match[str]) -> str:
+            run = m.group(0)
+            k = _KEY.match(run) if keyed else None
+            if k is not None and k.end() < len(run):
+                return run[: k.end()] + self.token(run[k.end() :])
+            return self.token(run)
+
+        return _LOCAL_PART.sub(sub, text)
+
+    def mailboxes(self, value: str) -> str | None:
+        """A mailbox-list field body rewritten as ``token@domain, ...``; None when it
+        does not parse as one (the caller redacts it in place instead)."""
+        parsed = email.utils.getaddresses([value])
+        out = []
+        for _name, addr in parsed:
+            if not addr:
+                continue
+            if "@" in addr and (not addr.rpartition("@")[0] or "@" in addr.rpartition("@")[0]):
+                return None
+            out.append(self.address(addr))
+        return ", ".join(out) if out else None
+
+    def headers(self, block: bytes) -> bytes:
+        """A header block (CRLF line ends) with every address's local part redacted."""
+        text = block.decode("latin-1")  # one character per byte: nothing is lost
+        fields = re.split(r"(?<=\n)(?=[^ \t])", text)
+        out: list[str] = []
+        for f in fields:
+            name, colon, value = f.partition(":")
+            lname = name.strip().lower()
+            if not colon or lname in _ID_FIELDS:
+                out.append(f if colon else self.text(f))
+                continue
+            ending = value[len(value.rstrip("\r\n")) :]
+            body = value[: len(value) - len(ending)]
+            if lname in _MAILBOX_FIELDS:
+                rebuilt = self.mailboxes(re.sub(r"\r?\n(?=[ \t])", "", body).strip())
+                if rebuilt is not None:
+                    sep = ",\r\n " if len(rebuilt) > 900 else ", "
+                    out.append(f"{name}: {rebuilt.replace(', ', sep)}{ending}")
+                    continue
+            out.append(f"{name}:{self.text(body, keyed=lname in _KEYED_FIELDS)}{ending}")
+        return "".join(out).encode("latin-1")
+
+
 def failure_report(
-    info: FailureInfo, org_name: str, report_email: str, to: Sequence[str] = ()
+    info: FailureInfo,
+    org_name: str,
+    report_email: str,
+    to: Sequence[str] = (),
+    redact: bool = False,
 ) -> bytes:
-    """The report as an RFC 6591 ``multipart/report; report-type=feedback-report``."""
+    """The report as an RFC 6591 ``multipart/report; report-type=feedback-report``.
+
+    ``redact``: the local parts of the addresses in Original-Mail-From, our
+    Authentication-Results and the header block are replaced by tokens (:class:`Redactor`,
+    one random key for this report), and the text part says so. RFC 6590 defines no
+    report field that marks a redacted report, so none is added.
+    """
+    note = ""
+    if redact:
+        r = Redactor()
+        info = replace(
+            info,
+            mail_from=r.address(info.mail_from),
+            authentication_results=r.text(info.authentication_results, keyed=True),
+            headers=r.headers(info.headers),
+        )
+        note = (
+            "The local parts of email addresses in this report are redacted (RFC 6590):\n"
+            "each is replaced by a keyed hash, the same for the same local part within\n"
+            "this report only.\n"
+        )
     msg = EmailMessage(policy=_POLICY)
     msg["From"] = email.utils.formataddr((org_name, report_email))
     if to:
@@ -109,7 +264,7 @@ def failure_report(
     msg.set_content(
         f"This is an authentication failure report (RFC 7489 7.3) from {org_name} for a\n"
         f"message with From domain {info.domain}, received from {source}.\n"
-        "The message's header block is attached; its body is not.\n"
+        "The message's header block is attached; its body is not.\n" + note
     )
     fields = [
         ("Feedback-Type", "auth-failure"),
@@ -337,7 +492,8 @@ class FailureSender:
             if d.address.lower() in done:
                 continue
             now = time.time()
-            if d.limit is not None and len(report) > d.limit:
+            data = _addressed(report, d.address)  # the limit applies to what is sent
+            if d.limit is not None and len(data) > d.limit:
                 counts["refused"] += 1
             elif not self._allowed(d.address, now, s.per_hour):
                 counts["limited"] += 1
@@ -345,7 +501,7 @@ class FailureSender:
                 continue
             else:
                 try:
-                    smtp_send(s.host, s.port, s.sender, d.address, _addressed(report, d.address))
+                    smtp_send(s.host, s.port, s.sender, d.address, data)
                 except (OSError, smtplib.SMTPException, ValueError) as e:
                     code, _text = smtp_reply(e)
                     if not 500 <= code < 600:

@@ -11,8 +11,11 @@ Before a report goes to an address outside the policy domain's organizational do
 receiving domain must have agreed (RFC 7489 7.1): a TXT record starting ``v=DMARC1`` at
 ``<policy domain>._report._dmarc.<address domain>``. Without it the address is skipped; a
 DNS failure leaves it for a later run. An address's size limit (``mailto:a@b!10m``) is
-honoured: a larger report is not sent there. Every report sent (or permanently refused)
-is remembered in the history database (table ``sent``): no part of a period is reported
+honoured: the limit is compared with the whole message as handed to the MTA (header
+fields, text part, base64 of the gzip'd XML), and a larger report is not sent there; the
+address gets the short error report of RFC 7489 7.2.1 and 7.2.2 instead
+(:func:`notice_message`). Every report or notice sent (or permanently refused) is
+remembered in the history database (table ``sent``): no part of a period is reported
 twice to an address (``--force`` does). ``--send`` without a period catches up: every
 complete UTC day of the last ``--days`` (7) not yet handled.
 """
@@ -31,6 +34,7 @@ import re
 import smtplib
 import sqlite3
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,6 +59,7 @@ __all__ = [
     "authorize",
     "build_reports",
     "catch_up",
+    "notice_message",
     "parse_rua",
     "report_message",
     "send_reports",
@@ -303,22 +308,33 @@ def _write(reports: list[Report], out_dir: Path) -> list[Path]:
 # --- sending ------------------------------------------------------------------------------
 
 
-def report_message(report: Report, conf: DMARCConfig, to: list[str]) -> EmailMessage:
-    """The report as RFC 7489 7.2.1.1 mail: a short text part and the gzip'd XML."""
+def _mail(conf: DMARCConfig, to: list[str], subject: str) -> EmailMessage:
+    """A message from us with the header fields every report carries."""
     # Lines up to 998 octets are legal (RFC 5322 2.1.1); at 78 the library would move the
     # whole Subject to a continuation line.
     msg = EmailMessage(policy=email.policy.SMTP.clone(max_line_length=998))
     msg["From"] = email.utils.formataddr((conf.org_name, conf.report_email))
     msg["To"] = ", ".join(to)
-    msg["Subject"] = (
-        f"Report Domain: {report.domain} Submitter: {report.receiver} "
-        f"Report-ID: <{report.report_id}@{report.receiver}>"
-    )
+    msg["Subject"] = subject
     msg["Date"] = email.utils.formatdate(usegmt=True)
     msg["Message-ID"] = email.utils.make_msgid(domain=conf.report_email.rpartition("@")[2])
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies to this
-    begin = dt.datetime.fromtimestamp(report.begin, dt.UTC).isoformat()
-    end = dt.datetime.fromtimestamp(report.end, dt.UTC).isoformat()
+    return msg
+
+
+def _iso(ts: int) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+
+
+def report_message(report: Report, conf: DMARCConfig, to: list[str]) -> EmailMessage:
+    """The report as RFC 7489 7.2.1.1 mail: a short text part and the gzip'd XML."""
+    msg = _mail(
+        conf,
+        to,
+        f"Report Domain: {report.domain} Submitter: {report.receiver} "
+        f"Report-ID: <{report.report_id}@{report.receiver}>",
+    )
+    begin, end = _iso(report.begin), _iso(report.end)
     msg.set_content(
         f"DMARC aggregate report (RFC 7489) from {conf.org_name} for {report.domain},\n"
         f"mail received from {begin} to {end}.\n"
@@ -329,6 +345,57 @@ def report_message(report: Report, conf: DMARCConfig, to: list[str]) -> EmailMes
         subtype="gzip",
         filename=f"{report.filename}.xml.gz",
     )
+    return msg
+
+
+def _size_text(limit: int) -> str:
+    """A size limit as a rua URI writes it: the largest unit that divides it exactly."""
+    for unit in ("t", "g", "m", "k"):
+        if limit and limit % _UNITS[unit] == 0:
+            return f"{limit // _UNITS[unit]}{unit}"
+    return str(limit)
+
+
+def notice_message(report: Report, conf: DMARCConfig, dest: Destination, size: int) -> EmailMessage:
+    """The short error report (RFC 7489 7.2.2) sent instead of a report that is ``size``
+    bytes as mailed, more than ``dest``'s size limit (7.2.1: the receiver SHOULD send a
+    short report saying that a report is available but could not be sent).
+
+    A MIME message whose first text/plain part holds the fields 7.2.2 requires, as
+    ``Name: value`` lines like a DSN's: ``Report-Date`` (now, RFC 5322 date),
+    ``Report-Domain``, ``Report-ID`` (as the report's Subject gives it), ``Report-Size``
+    (the bytes the report would have taken, the number compared with the limit),
+    ``Submitter`` (our domain, as in the report) and ``Submitting-URI`` (this address's
+    URI, size limit included); a second text/plain part explains it in a sentence (7.2.2:
+    MAY). Its own Subject is not the report's, so that report parsers do not take it for
+    one.
+    """
+    uri = f"mailto:{dest.address}" + (f"!{_size_text(dest.limit)}" if dest.limit else "")
+    msg = _mail(
+        conf,
+        [dest.address],
+        f"DMARC aggregate report for {report.domain} not sent: too large",
+    )
+    fields = [
+        ("Report-Date", email.utils.format_datetime(dt.datetime.now(dt.UTC))),
+        ("Report-Domain", report.domain),
+        ("Report-ID", f"<{report.report_id}@{report.receiver}>"),
+        ("Report-Size", str(size)),
+        ("Submitter", report.receiver),
+        ("Submitting-URI", uri),
+    ]
+    msg.set_content("".join(f"{k}: {v}\n" for k, v in fields))
+    explanation = (
+        f"The DMARC aggregate report (RFC 7489) from {conf.org_name} for {report.domain}, "
+        f"mail received from {_iso(report.begin)} to {_iso(report.end)}, is {size} bytes "
+        f"as mailed: more than the {dest.limit} bytes that {uri} takes, so it was not sent "
+        "there. Raise or remove the size limit in the rua tag of the domain's DMARC record "
+        "to receive such reports."
+    )
+    text = textwrap.fill(explanation, 76, break_long_words=False, break_on_hyphens=False)
+    msg.add_attachment(text + "\n", disposition="inline")
+    for part in msg.iter_parts():
+        del part["MIME-Version"]
     return msg
 
 
@@ -378,11 +445,18 @@ def send_reports(
 ) -> list[Outcome]:
     """Mail every report to its verified rua addresses over SMTP to ``host:port``.
 
-    ``skipped``: not authorized (7.1), over the size limit, refused by the MTA (5xx), no
-    mailto rua, or already handled for an overlapping period (unless ``force``); all but
-    the last are remembered, so later runs do not ask again. ``failed``: a DNS failure
-    during the check, a temporary SMTP failure or an unreachable server: nothing is
-    remembered, so a later run for the period tries again.
+    A report over an address's size limit (the whole message as it would be handed to
+    the MTA) is not sent there: the address gets :func:`notice_message` instead, after
+    the same 7.1 check, by the same path, and remembered the same way (``sent`` with why
+    ``report too large (N bytes > limit M), notice sent``), so it gets one notice per
+    period, not one per run.
+
+    ``skipped``: not authorized (7.1), over the size limit with no room even for the
+    notice, refused by the MTA (5xx), no mailto rua, or already handled for an
+    overlapping period (unless ``force``); all but the last are remembered, so later runs
+    do not ask again. ``failed``: a DNS failure during the check, a temporary SMTP failure
+    or an unreachable server: nothing is remembered, so a later run for the period tries
+    again.
     """
     outcomes: list[Outcome] = []
 
@@ -391,9 +465,13 @@ def send_reports(
         if dry_run or status not in ("sent", "skipped") or why.startswith("already"):
             return
         key = address or "-"
+        if status == "sent":
+            remembered = f"notice: {why}" if why else "sent"
+        else:
+            remembered = f"skipped: {why}"
         try:
             store.mark(report.domain, report.begin, report.end, key, report.report_id,
-                       status if status == "sent" else f"skipped: {why}")  # fmt: skip
+                       remembered)  # fmt: skip
         except sqlite3.Error as e:  # it went out; the worst case is a second copy later
             outcomes.append(Outcome(report, address, "failed", f"not remembered: {e}"))
 
@@ -417,14 +495,29 @@ def send_reports(
             done(report, d.address, "skipped", why)
         outcomes += [Outcome(report, d.address, "failed", why) for d, why in deferred]
         for d in allowed:
-            msg = report_message(report, conf, [d.address])
-            data = msg.as_bytes()
-            if d.limit is not None and len(data) > d.limit:
-                why = f"report is {len(data)} bytes, the address takes at most {d.limit}"
-                done(report, d.address, "skipped", why)
+            # An address that its 7.1 record put in place of a published one is not in
+            # todo: without this check it got the period again on every run.
+            if (
+                d not in todo
+                and not force
+                and store.handled(report.domain, report.begin, report.end, d.address) is not None
+            ):
+                outcomes.append(Outcome(report, d.address, "skipped", "already sent"))
                 continue
+            data = report_message(report, conf, [d.address]).as_bytes()
+            why = ""
+            if d.limit is not None and len(data) > d.limit:
+                size = len(data)
+                data = notice_message(report, conf, d, size).as_bytes()
+                if len(data) > d.limit:
+                    done(report, d.address, "skipped",
+                         f"report is {size} bytes, the address takes at most {d.limit} "
+                         f"(too little even for the {len(data)}-byte notice)")  # fmt: skip
+                    continue
+                why = f"report too large ({size} bytes > limit {d.limit}), notice sent"
             if dry_run:
-                outcomes.append(Outcome(report, d.address, "would send"))
+                outcomes.append(Outcome(report, d.address, "would send",
+                                        why.replace("notice sent", "notice instead")))  # fmt: skip
                 continue
             try:
                 smtp_send(host, port, conf.report_email, d.address, data)
@@ -435,7 +528,7 @@ def send_reports(
                 else:
                     outcomes.append(Outcome(report, d.address, "failed", f"{host}:{port}: {e}"))
                 continue
-            done(report, d.address, "sent")
+            done(report, d.address, "sent", why)
     return outcomes
 
 

@@ -7,6 +7,7 @@ import email
 import email.policy
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ from milterd_plugins.dmarc.failures import (
     FailureInfo,
     FailureSender,
     FailureSpool,
+    Redactor,
     SenderSettings,
     failure_report,
     wanted,
@@ -87,6 +89,97 @@ def test_report_is_rfc6591_with_the_header_block_only() -> None:
     assert fields["DKIM-Domain"] == "example.org" and fields["DKIM-Selector"] == "s1"
     assert original.get_payload(decode=True) == headers
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+
+
+HEADERS = (
+    b"Received: from mail.example.org (mail.example.org [192.0.2.7])\r\n"
+    b"\tby mx.test with ESMTP id 4XyZ for <bob@example.net>; 1 Dec 2026 10:00:00 +0000\r\n"
+    b"Return-Path: <bounce@example.org>\r\n"
+    b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=s1; i=alice@example.org;\r\n"
+    b"\th=from:to; bh=YWJj; b=eHl6/+==\r\n"
+    b'From: "Alice Anders" <alice@example.org>\r\n'
+    b"Sender: alice@example.org\r\n"
+    b'To: Bob <bob@example.net>,\r\n "Smith, Carol" <carol@example.net>\r\n'
+    b"Cc: BOB@example.net (Bob at home)\r\n"
+    b'Reply-To: "dave x"@example.org\r\n'
+    b"Message-ID: <id.1@example.org>\r\n"
+    b"Subject: caf\xc3\xa9\r\n"
+)
+
+
+def _parts(raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    text, feedback, original = msg.iter_parts()
+    payload = feedback.get_payload()
+    assert isinstance(payload, list) and isinstance(payload[0], EmailMessage)
+    headers = original.get_payload(decode=True)
+    assert isinstance(headers, bytes)
+    return text.get_content(), {k: str(v) for k, v in payload[0].items()}, headers
+
+
+def test_redacted_report_hides_local_parts_and_keeps_domains() -> None:
+    """RFC 6590: every local part becomes a keyed hash, the same within the report; the
+    domains (the From domain above all), message identifiers and the rest stay."""
+    info = FailureInfo(
+        "example.org", "192.0.2.7", "bounce@example.org",
+        "mx.test; dkim=fail header.d=example.org header.i=alice@example.org; "
+        "spf=pass smtp.mailfrom=SRS0=ab=cd=example.com=erin@fwd.example",
+        "reject", [], ("example.org", "s1"), HEADERS,
+    )  # fmt: skip
+    raw = failure_report(info, "mx.test", "dmarc@mx.test", redact=True)
+    for secret in (b"alice", b"Alice", b"Anders", b"bob", b"Bob", b"carol", b"Smith",
+                   b"bounce", b"dave", b"erin", b"at home"):  # fmt: skip
+        assert secret not in raw, secret
+    text, fields, headers = _parts(raw)
+    assert "redacted (RFC 6590)" in text
+    block = headers.decode("latin-1").replace("\r\n", "\n")
+    lines = block.split("\n")
+    token = r"([0-9a-f]{16})"
+
+    def find(pattern: str, where: str) -> str:
+        m = re.search(pattern, where, re.M)
+        assert m is not None, (pattern, where)
+        return m.group(1)
+
+    alice = find(rf"^From: {token}@example\.org$", block)  # the From domain stays
+    assert f"Sender: {alice}@example.org" in lines
+    assert find(rf"i={token}@example\.org;", block) == alice
+    assert find(rf"header\.i={token}@example\.org", fields["Authentication-Results"]) == alice
+    bob, carol = re.findall(rf"^To: {token}@example\.net, {token}@example\.net$", block,
+                            re.M)[0]  # fmt: skip
+    assert bob not in (carol, alice)
+    assert f"Cc: {bob}@example.net" in lines  # the same mailbox (case-insensitive)
+    assert find(rf"for <{token}@example\.net>", block) == bob
+    bounce = find(rf"^Return-Path: <{token}@example\.org>$", block)
+    assert fields["Original-Mail-From"] == f"<{bounce}@example.org>"
+    assert find(rf"^Reply-To: {token}@example\.org$", block) not in (alice, bounce)
+    assert re.search(rf"smtp\.mailfrom={token}@fwd\.example", fields["Authentication-Results"])
+    assert "Message-ID: <id.1@example.org>" in lines  # identifiers are not addresses
+    assert "d=example.org; s=s1;" in block and "b=eHl6/+==" in block
+    assert fields["Reported-Domain"] == "example.org"
+    assert fields["DKIM-Domain"] == "example.org"
+    assert headers.endswith(b"Subject: caf\xc3\xa9\r\n")
+    # A new key for each report: nothing links two reports' tokens.
+    _, _, other = _parts(failure_report(info, "mx.test", "dmarc@mx.test", redact=True))
+    assert f"From: {alice}@example.org".encode() not in other
+    # Off (the default): the header block as received.
+    assert _parts(failure_report(info, "mx.test", "dmarc@mx.test"))[2] == HEADERS
+
+
+def test_redactor_odd_fields() -> None:
+    r = Redactor(b"k")
+    t = r.token
+    assert t("Bob") == t("bob") == t('"bob"') and len(t("bob")) == 16
+    assert r.address("") == "" and r.address("x@example.org") == f"{t('x')}@example.org"
+    assert r.headers(b"To: undisclosed-recipients:;\r\n") == b"To: undisclosed-recipients:;\r\n"
+    a, b = t("a"), t("b")
+    assert r.headers(b"To: a@b@example.org\r\n") == f"To: {a}@{b}@example.org\r\n".encode()
+    jorg = t("j\xc3\xb6rg")  # the raw UTF-8 bytes, one latin-1 character each
+    assert r.headers(b"X-Note: see j\xc3\xb6rg@example.org\r\n") == (
+        f"X-Note: see {jorg}@example.org\r\n".encode()
+    )
+    assert r.headers(b"In-Reply-To: <x@example.org>\r\n") == b"In-Reply-To: <x@example.org>\r\n"
 
 
 ZONES: dict[str, dict[str, Any]] = {
@@ -252,6 +345,26 @@ def test_the_report_carries_the_header_block_as_received(tmp_path: Path) -> None
             assert out.header("X-Spam-Report") is not None  # delivered with it
             (m,) = sink.wait_for(1, timeout=20)
     assert b"SECRET" not in m.data and b"bcc@example.net" not in m.data
+
+
+def test_failure_reports_redact_redacts_what_is_spooled_and_sent(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    cfg: dict[str, Any] = {
+        "auth": {},
+        "dmarc": {"failure_reports": True, "failure_spool": str(spool),
+                  "failure_reports_redact": True},
+    }  # fmt: skip
+    plugins = {"auth": FakeAuth, "dmarc": DMARCPlugin}
+    with SmtpSink() as sink:
+        cfg["dmarc"]["report_smtp_port"] = sink.port
+        with Harness(cfg, plugins=plugins, zones=ZONES) as h:
+            h.send(msg("Alice <alice@zero.example>", "To: bob@example.net"))
+            (m,) = sink.wait_for(1, timeout=20)
+    _, _, headers = _parts(m.data)
+    assert b"alice" not in m.data and b"bob" not in m.data
+    assert re.search(rb"^From: [0-9a-f]{16}@zero\.example\r$", headers, re.M)
+    assert re.search(rb"^To: [0-9a-f]{16}@example\.net\r$", headers, re.M)
+    assert DMARCConfig.model_validate({}).failure_reports_redact is False
 
 
 def test_ruf_override_and_long_results_and_spool_hygiene(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from milterd_plugins.dmarc.reports import (
     authorize,
     build_reports,
     catch_up,
+    notice_message,
     parse_rua,
     period,
     report_message,
@@ -199,7 +200,7 @@ def test_send_reports_once_per_period_and_address(tmp_path: Path) -> None:
             ("d@example.org", "sent"),
             ("r@reports.example", "sent"),
             ("x@none.example", "skipped"),
-            ("t@example.org", "skipped"),  # 600 bytes is less than the report
+            ("t@example.org", "skipped"),  # 600 bytes: less than the report and the notice
         }
         msgs = sink.wait_for(2)
         assert sorted(m.rcpt_tos[0] for m in msgs) == ["d@example.org", "r@reports.example"]
@@ -234,6 +235,112 @@ def test_send_reports_once_per_period_and_address(tmp_path: Path) -> None:
         assert {o.status for o in later if o.address == "d@example.org"} == {"would send"}
         time.sleep(0.2)
         assert len(sink.messages) == 4
+    store.close()
+
+
+def _fields(text: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in text.splitlines() if line)
+
+
+def test_report_over_the_size_limit_gets_a_notice_once(tmp_path: Path) -> None:
+    """RFC 7489 7.2.1: a report larger than a URI's limit is not sent there; the address
+    gets a short error report (7.2.2) instead, after the same 7.1 check, once a period."""
+    conf = DMARCConfig.model_validate({"org_name": "mx.test", "report_email": "dmarc@mx.test"})
+    rua = (
+        "mailto:d@example.org,mailto:t@example.org!2k,mailto:x@reports.example!2k,"
+        "mailto:n@none.example!2k,mailto:s@example.org!1k"
+    )
+    store = Store(str(tmp_path / "history.sqlite"))
+    for i in range(1, 200):  # distinct rows: a report that is more than 2k gzip'd
+        store.add(_row(rua) | {"source_ip": f"198.51.100.{i}", "envelope_from": f"s{i}.example"})
+    dns = FakeResolver({"example.org._report._dmarc.reports.example": {"TXT": ["v=DMARC1"]}})
+    (report,) = build_reports(store, conf, 0, 86400)
+    with SmtpSink() as sink:
+        out = {o.address: o for o in send_reports([report], conf, store, dns, PSL, "127.0.0.1",
+                                                  sink.port)}  # fmt: skip
+        assert {a: o.status for a, o in out.items()} == {
+            "d@example.org": "sent",  # no limit: the report
+            "t@example.org": "sent",  # the notice
+            "x@reports.example": "sent",  # the notice, after the 7.1 check
+            "n@none.example": "skipped",  # not authorized: no notice either
+            "s@example.org": "skipped",  # 1k: not even room for the notice
+        }
+        assert out["d@example.org"].why == ""
+        why = out["t@example.org"].why
+        assert why.startswith("report too large (") and why.endswith(" > limit 2048), notice sent")
+        size = int(why.split("(")[1].split()[0])
+        assert size > 2048
+        assert "does not accept reports" in out["n@none.example"].why
+        assert "too little even for the" in out["s@example.org"].why
+        got = {m.rcpt_tos[0]: m for m in sink.wait_for(3)}
+        assert sorted(got) == ["d@example.org", "t@example.org", "x@reports.example"]
+        notice = email.message_from_bytes(got["t@example.org"].data, policy=email.policy.default)
+        assert isinstance(notice, EmailMessage)
+        assert len(got["t@example.org"].data) <= 2048
+        assert notice["Auto-Submitted"] == "auto-generated" and notice["To"] == "t@example.org"
+        assert not notice["Subject"].startswith("Report Domain:")  # not a report to parse
+        parts = list(notice.iter_parts())  # no XML: two text parts, fields first (7.2.2)
+        assert [p.get_content_type() for p in parts] == ["text/plain", "text/plain"]
+        first, human = parts
+        fields = _fields(first.get_content())
+        assert set(fields) == {"Report-Date", "Report-Domain", "Report-ID", "Report-Size",
+                               "Submitter", "Submitting-URI"}  # fmt: skip
+        assert email.utils.parsedate_to_datetime(fields["Report-Date"]).tzinfo is not None
+        assert fields["Report-Domain"] == "example.org"
+        assert fields["Report-ID"] == f"<{report.report_id}@mx.test>"
+        assert fields["Report-Size"] == str(size)
+        assert fields["Submitter"] == "mx.test"
+        assert fields["Submitting-URI"] == "mailto:t@example.org!2k"
+        assert "not sent" in human.get_content()
+        full = email.message_from_bytes(got["d@example.org"].data, policy=email.policy.default)
+        assert isinstance(full, EmailMessage)
+        (attached,) = list(full.iter_attachments())
+        assert gzip.decompress(attached.get_content()) == report.xml
+
+        # Remembered like a report: the next run sends no second notice.
+        assert str(store.handled("example.org", 0, 86399, "t@example.org")).startswith(
+            "notice: report too large"
+        )
+        again = send_reports(build_reports(store, conf, 0, 86400), conf, store, dns, PSL,
+                             "127.0.0.1", sink.port)  # fmt: skip
+        assert {(o.address, o.why) for o in again} >= {
+            ("t@example.org", "already sent"), ("x@reports.example", "already sent")
+        }  # fmt: skip
+        assert not [o for o in again if o.status == "sent"]
+        dry = send_reports([report], conf, store, dns, PSL, "127.0.0.1", sink.port,
+                           force=True, dry_run=True)  # fmt: skip
+        (o,) = [o for o in dry if o.address == "t@example.org"]
+        assert o.status == "would send" and o.why.endswith("notice instead")
+        time.sleep(0.2)
+        assert len(sink.messages) == 3
+    store.close()
+
+
+def test_notice_message_fields() -> None:
+    conf = DMARCConfig.model_validate({"org_name": "mx.test", "report_email": "dmarc@mx.test"})
+    msg = notice_message(_report(), conf, Destination("t@example.org", 10 << 20), 123456)
+    raw = msg.as_bytes()
+    assert b"Submitting-URI: mailto:t@example.org!10m\r\n" in raw
+    assert b"Report-Size: 123456\r\n" in raw and b"Report-ID: <abc123@mx.test>\r\n" in raw
+    assert raw.count(b"MIME-Version") == 1 and max(map(len, raw.split(b"\r\n"))) <= 78
+    assert b"application/gzip" not in raw
+
+
+def test_an_address_its_authorization_record_put_in_place_is_sent_once(tmp_path: Path) -> None:
+    """7.1: a record's own rua on the same host replaces the address; that address got the
+    same period again on every run, as only the published one was looked up."""
+    conf = DMARCConfig.model_validate({})
+    store = _store_with_rows(tmp_path, "mailto:r@moved.example")
+    dns = FakeResolver({"example.org._report._dmarc.moved.example": {
+        "TXT": ["v=DMARC1; rua=mailto:other@moved.example"]}})  # fmt: skip
+    with SmtpSink() as sink:
+        runs = [send_reports(build_reports(store, conf, 0, 86400), conf, store, dns, PSL,
+                             "127.0.0.1", sink.port) for _ in range(2)]  # fmt: skip
+        assert [(o.address, o.status) for o in runs[0]] == [("other@moved.example", "sent")]
+        assert [(o.address, o.why) for o in runs[1]] == [("other@moved.example", "already sent")]
+        sink.wait_for(1)
+        time.sleep(0.2)
+        assert len(sink.messages) == 1
     store.close()
 
 
