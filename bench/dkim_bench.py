@@ -10,7 +10,8 @@ run each, in rotated order, RUNS rounds of COUNT messages:
   opendkim-sign        OpenDKIM 2.11 (Debian), rsa-2048, relaxed/relaxed
   dkimpy-sign          dkimpy-milter (PyPI), rsa-2048 (dkimpy's pure-Python RSA)
   pymilter-sign        the floor: bare_milter.py --dkim, the least a pymilter signer does
-                       (milterd's callbacks, signing code and header list; no core)
+                       (milterd's callbacks, signing code and header list; no core),
+                       bound to one CPU as milterd's worker is (FLOOR_PIN=0: unbound)
   milterd-sign-rsa     milterd dkim plugin, rsa-2048 (OpenSSL through cryptography)
   milterd-sign-ed25519 milterd dkim plugin, ed25519
   opendkim-verify      OpenDKIM verifying one rsa-2048 signature (TestPublicKeys, no DNS)
@@ -26,7 +27,8 @@ signature (checked with dkimpy) or, for verifiers, dkim=pass in Authentication-R
 Knobs (environment): COUNT (1000), RUNS (3), SESSIONS (20), WARMUP (100), LOAD_COUNT
 (COUNT), CPU_AFFINITY (milterd's ``cpu_affinity``; unset: its default), MILTERD_WORKERS
 (1, as in the shipped etc/milterd.toml; 0 or 2 = one per core here), REUSE (0: a new SMTP
-connection per message; 1: one connection per session, see postfix_bench.py), DKIM_PF_PORT
+connection per message; 1: one connection per session, see postfix_bench.py), FLOOR_PIN
+(1), DKIM_PF_PORT
 (2745), DKIM_SINK_PORT (2746), BENCH_WORK (/var/lib/milterd-bench-dkim). Output: a
 markdown section on stdout, one JSON object a line in bench/out/dkim.jsonl.
 """
@@ -74,6 +76,7 @@ SESSIONS = env_int("SESSIONS", 20)
 WARMUP = env_int("WARMUP", 100)
 LOAD_COUNT = env_int("LOAD_COUNT", COUNT)
 WORKERS = env_int("MILTERD_WORKERS", 1)
+FLOOR_PIN = env_int("FLOOR_PIN", 1)  # pymilter-sign bound to one CPU, as milterd's worker
 PF_PORT = env_int("DKIM_PF_PORT", 2745)
 SINK_PORT = env_int("DKIM_SINK_PORT", 2746)
 OUT = HERE / "out" / "dkim.jsonl"
@@ -221,13 +224,20 @@ def start_milterd(base: Path, name: str, keys: Keys, dns_port: int) -> Running:
 
 def start_floor(base: Path, keys: Keys) -> Running:
     """bench/bare_milter.py --dkim: the least a pymilter DKIM signer does (same callbacks,
-    signing code and header selection as milterd's dkim plugin, no core)."""
+    signing code and header selection as milterd's dkim plugin, no core).
+
+    Bound to the first allowed CPU, as milterd's worker 0 is by its default
+    ``cpu_affinity = "auto"``: like for like (unbound, its threads' GIL handoffs cross
+    CPUs and it costs about 0.4 ms a message more). ``FLOOR_PIN=0``: unbound."""
     d = base / "pymilter-sign"
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o755)
     sock = d / "floor.sock"
+    pin = []
+    if FLOOR_PIN and shutil.which("taskset") and len(os.sched_getaffinity(0)) > 1:
+        pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
     argv = [
-        sys.executable, str(HERE / "bare_milter.py"), f"unix:{sock}", "--name", "floor",
+        *pin, sys.executable, str(HERE / "bare_milter.py"), f"unix:{sock}", "--name", "floor",
         "--dkim", str(keys.rsa), "--dkim-domain", DOMAIN, "--dkim-selector", SELECTOR,
     ]  # fmt: skip
     p = _popen(argv, d / "log")
