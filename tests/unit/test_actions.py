@@ -5,9 +5,11 @@ the same field."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from milterd import AddHeader, ChangeHeader, InsertHeader, Reject, TempFail
-from milterd.actions import fold
+from milterd.actions import _BREAK, _lines, fold
 
 
 @pytest.mark.parametrize(
@@ -70,3 +72,11 @@ def test_wrong_argument_types_say_what_is_expected() -> None:
         TempFail("451", "4.7.1", None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"name and value must be str, got str 'X-A' and int 3"):
         AddHeader("X-A", 3)  # type: ignore[arg-type]
+
+
+@given(
+    st.lists(st.sampled_from(["a", " ", "\t", "\r", "\n", "\r\n", "é"]), max_size=30).map("".join)
+)
+def test_line_split_fast_path_matches_the_regex(value: str) -> None:
+    """_lines (no regex for CRLF-only or CR-free values) splits exactly as _BREAK does."""
+    assert _lines(value) == _BREAK.split(value)
