@@ -10,14 +10,11 @@ through sendmail (:func:`tests.integration.mta.make_mta`, one MTA and one milter
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ import pytest
 from tests.integration.daemon import Daemon
 from tests.integration.mta import KINDS, MTA, make_mta
 from tests.support.postfix import free_port
+from tests.support.rspamd import Rspamd, stop
 from tests.support.sink import SinkMessage, SmtpSink
 from tests.support.smtp import SendResult, send
 
@@ -36,38 +34,6 @@ _REPORT = re.compile(r"\*\s+(-?\d+\.\d)\s+([A-Z][A-Z0-9_]*)")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-RSPAMD_OFF = [
-    "rbl",
-    "asn",
-    "spf",
-    "dkim",
-    "dmarc",
-    "fuzzy_check",
-    "phishing",
-    "hfilter",
-    "mx_check",
-    "url_redirector",
-    "dkim_signing",
-    "arc",
-    "emails",
-    "surbl",
-    "whitelist",
-    "reputation",
-    "neural",
-    "ratelimit",
-    "replies",
-    "history_redis",
-]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
@@ -102,60 +68,14 @@ def spamd_port() -> Iterator[int]:
         _wait_port(port, proc, 60, log)
         yield port
     finally:
-        _stop(proc)
+        stop(proc)
         shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def rspamd_port() -> Iterator[int]:
-    exe = shutil.which("rspamd")
-    assert exe, "Debian package rspamd is required"
-    port, ctl = free_port(), free_port()
-    d = Path(tempfile.mkdtemp(prefix="milterd-rspamd-", dir="/var/tmp"))
-    local = d / "local"
-    (local / "override.d").mkdir(parents=True)
-    for sub in ("db", "run", "log"):
-        (d / sub).mkdir()
-    o = local / "override.d"
-    dead_dns = free_port(udp=True)
-    (o / "options.inc").write_text(
-        f'dns {{ nameserver = ["127.0.0.1:{dead_dns}"]; timeout = 0.3s; retransmits = 0; }}\n'
-    )
-    (o / "worker-normal.inc").write_text(f'bind_socket = "127.0.0.1:{port}";\ncount = 1;\n')
-    (o / "worker-controller.inc").write_text(f'bind_socket = "127.0.0.1:{ctl}";\n')
-    (o / "worker-proxy.inc").write_text("enabled = false;\n")
-    (o / "worker-fuzzy.inc").write_text("enabled = false;\n")
-    (o / "logging.inc").write_text('type = "console";\nlevel = "notice";\n')
-    for module in RSPAMD_OFF:
-        (o / f"{module}.conf").write_text("enabled = false;\n")
-    user = "_rspamd"
-    pw = pwd.getpwnam(user)
-    for p in [d, *d.rglob("*")]:
-        os.chown(p, pw.pw_uid, pw.pw_gid)
-    log = d / "rspamd.out"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [exe, "-f", "-u", user, "-g", user, "-c", "/etc/rspamd/rspamd.conf",
-             f"--var=LOCAL_CONFDIR={local}", f"--var=DBDIR={d / 'db'}",
-             f"--var=RUNDIR={d / 'run'}", f"--var=LOGDIR={d / 'log'}"],
-            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1) as r:
-                    if r.read().strip() == b"pong":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.2)
-        yield port
-    finally:
-        _stop(proc)
-        shutil.rmtree(d, ignore_errors=True)
+    with Rspamd() as r:
+        yield r.port
 
 
 @dataclass
