@@ -240,6 +240,20 @@ QUIET_MAX = env_float("QUIET_MAX", 15.0)  # busy % (of 100 x nproc) that counts 
 QUIET_WAIT = env_float("QUIET_WAIT", 30.0)  # seconds to wait for quiet at most
 OTHER_MAX = env_float("OTHER_MAX", 40.0)  # other load % above which a run is disturbed
 RETRIES = env_int("RETRIES", 2)  # extra attempts for a disturbed run
+# The bare pymilter baseline bound to one CPU, as milterd's worker 0 is by its default
+# (cpu_affinity = "auto"): like for like. Unbound, its threads' GIL handoffs cross CPUs
+# and it costs about twice the CPU a message over the milter protocol. BARE_PIN=0: unbound.
+BARE_PIN = env_int("BARE_PIN", 1)
+
+
+def pin_argv() -> list[str]:
+    """``taskset`` bound to the first CPU this process may use (BARE_PIN), or nothing."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not BARE_PIN or len(cpus) < 2 or not os.path.exists("/usr/bin/taskset"):
+        return []
+    return ["/usr/bin/taskset", "-c", str(cpus[0])]
+
+
 # After this many seconds (from import) the harness stops waiting for quiet and stops
 # re-running disturbed runs: the whole benchmark stays bounded in time.
 _BUDGET_END = time.monotonic() + env_float("BENCH_BUDGET", 1200.0)
@@ -431,7 +445,8 @@ class Milter:
             raise RuntimeError(f"{target.name}: TCP port {ep.port} is in use (set MILTER_PORT)")
         logfile = WORK / "logs" / f"{name}.log"
         if target.kind == "bare":
-            argv = [PYTHON, str(BENCH_DIR / "bare_milter.py"), ep.milter_spec, *target.args]
+            argv = [*pin_argv(), PYTHON, str(BENCH_DIR / "bare_milter.py"), ep.milter_spec,
+                    *target.args]  # fmt: skip
         else:
             conf = WORK / f"{name}.toml"
             conf.write_text(milterd_config(ep, target.workers))

@@ -63,7 +63,16 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
 import dkim  # noqa: E402
-from benchlib import CLK_TCK, WORK, env_int, log, machine_busy, tree_cpu, wait_for  # noqa: E402
+from benchlib import (  # noqa: E402
+    CLK_TCK,
+    WORK,
+    env_int,
+    log,
+    machine_busy,
+    pin_argv,
+    tree_cpu,
+    wait_for,
+)
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa  # noqa: E402
 from make_msg import build_message  # noqa: E402
@@ -233,9 +242,7 @@ def start_floor(base: Path, keys: Keys) -> Running:
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o755)
     sock = d / "floor.sock"
-    pin = []
-    if FLOOR_PIN and shutil.which("taskset") and len(os.sched_getaffinity(0)) > 1:
-        pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
+    pin = pin_argv() if FLOOR_PIN else []
     argv = [
         *pin, sys.executable, str(HERE / "bare_milter.py"), f"unix:{sock}", "--name", "floor",
         "--dkim", str(keys.rsa), "--dkim-domain", DOMAIN, "--dkim-selector", SELECTOR,
