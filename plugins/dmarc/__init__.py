@@ -20,7 +20,6 @@ written is logged at INFO.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ from milterd import (
     hookimpl,
 )
 
+from ..addresses import getaddresses
 from ..sqlpool import SQLitePool
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ def from_domains(message: Message) -> list[str]:
     a domain). Exactly one entry is required to evaluate DMARC."""
     values = [h.value for h in message.headers if h.name.lower() == "from"]
     out: list[str] = []
-    for _name, addr in email.utils.getaddresses(values):
+    for _name, addr in getaddresses(values) or ():  # None: nested too deep to parse
         if not addr:
             continue
         out.append(addr.rpartition("@")[2].strip().lower().rstrip(".") if "@" in addr else "")

@@ -429,3 +429,22 @@ def test_hostile_dns_answers_give_results_not_failures(
                 zones.pop(n, None)
             else:
                 zones[n] = v
+
+
+DEEP = [b"(" * 2000, b"a@example.org " + b"(" * 2000, b"<" * 2000, b'"' + b"\\(" * 2000]
+
+
+@pytest.mark.parametrize("value", DEEP, ids=["parens", "addr-parens", "angles", "quoted"])
+@pytest.mark.parametrize("name", [b"From", b"To", b"Cc", b"Reply-To", b"Sender", b"Subject"])
+def test_deeply_nested_address_syntax_is_no_failure(
+    harness: tuple[Harness, Path], name: bytes, value: bytes
+) -> None:
+    """Python's address parser recurses once per nested comment: a few hundred "(" in an
+    address field must not make a plugin fail (a tempfail for every such message)."""
+    head = BASE.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    head = [h for h in head if not h.lower().startswith(name.lower() + b":")]
+    message = b"\r\n".join([*head, name + b": " + value]) + b"\r\n\r\nbody\r\n"
+    if name != b"From":
+        message = b"From: Alice <alice@example.org>\r\n" + message
+    _check(harness, message, {"sender": "alice@example.org", "client_ip": "192.0.2.1",
+                              "helo": "mail.example.org"})  # fmt: skip
