@@ -45,6 +45,7 @@ from publicsuffixlist import PublicSuffixList
 
 from milterd import Resolver, Result, __version__
 
+from ..addresses import getaddresses
 from .reports import authorize, parse_rua, smtp_reply, smtp_send
 
 __all__ = [
@@ -121,6 +122,7 @@ _KEYED_FIELDS = frozenset(
     {"authentication-results", "arc-authentication-results", "dkim-signature",
      "arc-message-signature", "arc-seal", "received-spf"}
 )  # fmt: skip
+_KEYED_SUFFIXES = ("-authentication-results", "-dkim-signature", "-arc-seal", "-received-spf")
 # A local part: a quoted string, or a whole run of atext and dots (also non-ASCII, as
 # latin-1 characters of the raw bytes), followed by "@" and the start of a domain. A run is
 # only taken whole (the look-behind) and never backtracked into (possessive): linear time
@@ -130,6 +132,17 @@ _LOCAL_PART = re.compile(
     rf'(?:"(?:[^"\\\r\n]|\\.)*+"|(?<![{_ATEXT}.])[{_ATEXT}.]++)(?=@[A-Za-z0-9\[\x80-\xff])'
 )
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)?=")
+
+
+def _raw(text: str) -> str:
+    """``text`` (decoded with surrogateescape) as latin-1 text of its UTF-8 octets: the
+    form the header block is redacted in, so that one mailbox gets one token."""
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def _text(raw: str) -> str:
+    """The inverse of :func:`_raw` (tokens are ASCII, the rest comes back unchanged)."""
+    return raw.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 class Redactor:
@@ -162,10 +175,12 @@ class Redactor:
         self.key = key if key is not None else secrets.token_bytes(32)
 
     def token(self, local: str) -> str:
-        """The redacted form of one local part (latin-1 text of its raw bytes)."""
+        """The redacted form of one local part, given as latin-1 text of its raw bytes
+        (:func:`_raw`): the same octets give the same token wherever they come from, and
+        only ASCII letters are folded to lower case."""
         if len(local) >= 2 and local[0] == local[-1] == '"':
             local = re.sub(r"\\(.)", r"\1", local[1:-1])
-        data = local.lower().encode("latin-1", "replace")
+        data = local.encode("latin-1", "replace").lower()
         return hmac.new(self.key, data, hashlib.sha256).hexdigest()[:16]
 
     def address(self, addr: str) -> str:
@@ -181,9 +196,12 @@ class Redactor:
 
         def sub(m: re.Match[str]) -> str:
             run = m.group(0)
-            k = _KEY.match(run) if keyed else None
-            if k is not None and k.end() < len(run):
-                return run[: k.end()] + self.token(run[k.end() :])
+            k = _KEY.match(run)
+            # "header.i=@d", "i=@d": a key and no local part, kept whole (also outside the
+            # keyed fields: a run ending in "=" is a key, an address's local part is not)
+            if k is not None and (keyed or k.end() == len(run)):
+                rest = run[k.end() :]
+                return run[: k.end()] + (self.token(rest) if rest else "")
             return self.token(run)
 
         return _LOCAL_PART.sub(sub, text)
@@ -191,7 +209,9 @@ class Redactor:
     def mailboxes(self, value: str) -> str | None:
         """A mailbox-list field body rewritten as ``token@domain, ...``; None when it
         does not parse as one (the caller redacts it in place instead)."""
-        parsed = email.utils.getaddresses([value])
+        parsed = getaddresses([value])
+        if parsed is None:  # nested too deep: redacted in place instead
+            return None
         out = []
         for _name, addr in parsed:
             if not addr:
@@ -220,7 +240,10 @@ class Redactor:
                     sep = ",\r\n " if len(rebuilt) > 900 else ", "
                     out.append(f"{name}: {rebuilt.replace(', ', sep)}{ending}")
                     continue
-            out.append(f"{name}:{self.text(body, keyed=lname in _KEYED_FIELDS)}{ending}")
+            # (also the copies other hops keep: X-Original-Authentication-Results,
+            # X-Google-DKIM-Signature, ...)
+            keyed = lname in _KEYED_FIELDS or lname.endswith(_KEYED_SUFFIXES)
+            out.append(f"{name}:{self.text(body, keyed=keyed)}{ending}")
         return "".join(out).encode("latin-1")
 
 
@@ -243,8 +266,8 @@ def failure_report(
         r = Redactor()
         info = replace(
             info,
-            mail_from=r.address(info.mail_from),
-            authentication_results=r.text(info.authentication_results, keyed=True),
+            mail_from=_text(r.address(_raw(info.mail_from))),
+            authentication_results=_text(r.text(_raw(info.authentication_results), keyed=True)),
             headers=r.headers(info.headers),
         )
         note = (

@@ -182,6 +182,37 @@ def test_redactor_odd_fields() -> None:
     assert r.headers(b"In-Reply-To: <x@example.org>\r\n") == b"In-Reply-To: <x@example.org>\r\n"
 
 
+def test_redaction_keeps_keys_without_local_part_and_one_token_per_mailbox() -> None:
+    """A key with no local part after it (``header.i=@d``, ``i=@d``) is kept whole, in
+    our own fields, the keyed fields and their copies, and elsewhere; a non-ASCII sender
+    gets the same token in Original-Mail-From as in the header block; hostile nesting in
+    a mailbox field is redacted in place instead of failing."""
+    r = Redactor(b"k")
+    assert r.text("dkim=fail header.i=@example.org", keyed=True) == (
+        "dkim=fail header.i=@example.org"
+    )
+    assert r.headers(b"DKIM-Signature: v=1; i=@example.org; d=example.org\r\n") == (
+        b"DKIM-Signature: v=1; i=@example.org; d=example.org\r\n"
+    )
+    ar = b"X-Original-Authentication-Results: x; spf=pass smtp.mailfrom=john@example.org\r\n"
+    assert r.headers(ar) == ar.replace(b"john", r.token("john").encode())
+    assert r.headers(b"X-Note: i=@example.org\r\n") == b"X-Note: i=@example.org\r\n"
+    info = FailureInfo(
+        "example.org", "192.0.2.7", "j\u00f6rg@example.org",
+        "mx.test; spf=pass smtp.mailfrom=j\u00f6rg@example.org", "reject", [],
+        None, "Return-Path: <j\u00f6rg@example.org>\r\n".encode(),
+    )  # fmt: skip
+    raw = failure_report(info, "mx.test", "dmarc@mx.test", redact=True)
+    assert "j\u00f6rg".encode() not in raw
+    _text, fields, headers = _parts(raw)
+    token = re.findall(r"([0-9a-f]{16})@example\.org", headers.decode("latin-1"))
+    assert token and fields["Original-Mail-From"] == f"<{token[0]}@example.org>"
+    assert f"smtp.mailfrom={token[0]}@example.org" in fields["Authentication-Results"]
+    deep = b"To: Bob <bob@example.org> " + b"(" * 3000 + b"\r\n"
+    out = r.headers(deep)
+    assert b"bob@" not in out and out.startswith(b"To: Bob <")
+
+
 ZONES: dict[str, dict[str, Any]] = {
     "_dmarc.example.org": {
         "TXT": [
