@@ -485,6 +485,7 @@ def send_reports(
             d for d in dests
             if force or store.handled(report.domain, report.begin, report.end, d.address) is None
         ]  # fmt: skip
+        already = {d.address.lower() for d in dests if d not in todo}
         for d in dests:
             if d not in todo:
                 outcomes.append(Outcome(report, d.address, "skipped", "already sent"))
@@ -502,7 +503,8 @@ def send_reports(
                 and not force
                 and store.handled(report.domain, report.begin, report.end, d.address) is not None
             ):
-                outcomes.append(Outcome(report, d.address, "skipped", "already sent"))
+                if d.address.lower() not in already:  # (said above for a published one)
+                    outcomes.append(Outcome(report, d.address, "skipped", "already sent"))
                 continue
             data = report_message(report, conf, [d.address]).as_bytes()
             why = ""

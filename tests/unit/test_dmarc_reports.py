@@ -344,6 +344,18 @@ def test_an_address_its_authorization_record_put_in_place_is_sent_once(tmp_path:
     store.close()
 
 
+def test_a_substituted_address_also_published_is_said_already_sent_once(tmp_path: Path) -> None:
+    conf = DMARCConfig.model_validate({})
+    store = _store_with_rows(tmp_path, "mailto:r@moved.example,mailto:other@moved.example")
+    dns = FakeResolver({"example.org._report._dmarc.moved.example": {
+        "TXT": ["v=DMARC1; rua=mailto:other@moved.example"]}})  # fmt: skip
+    with SmtpSink() as sink:
+        runs = [send_reports(build_reports(store, conf, 0, 86400), conf, store, dns, PSL,
+                             "127.0.0.1", sink.port) for _ in range(2)]  # fmt: skip
+        assert [(o.address, o.why) for o in runs[1]] == [("other@moved.example", "already sent")]
+    store.close()
+
+
 def test_smtp_or_dns_failure_is_failed_and_not_remembered(tmp_path: Path) -> None:
     conf = DMARCConfig.model_validate({})
     store = _store_with_rows(tmp_path, "mailto:d@example.org,mailto:r@slow.example")
