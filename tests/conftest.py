@@ -25,6 +25,12 @@ if TESTPLUGINS not in sys.path:
         p for p in (TESTPLUGINS, os.environ.get("PYTHONPATH", "")) if p
     )
 
+# Every test talks to loopback only: an HTTP proxy from the environment (a CI runner's)
+# would carry urllib's requests to 127.0.0.1 off the machine. Gone for this process and
+# everything it starts.
+for _var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+    os.environ.pop(_var, None)
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(

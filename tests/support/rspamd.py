@@ -58,6 +58,8 @@ RSPAMD_OFF = (
 )
 
 USER = "_rspamd"
+# Loopback only: never through an http_proxy from the environment.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -161,7 +163,7 @@ class Rspamd:
         while True:
             assert self.proc.poll() is None, self.log_text()[-3000:]
             try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=1) as r:
+                with _LOCAL.open(f"{self.url}/ping", timeout=1) as r:
                     if r.read().strip() == b"pong":
                         return
             except OSError:
@@ -201,6 +203,6 @@ class Rspamd:
         req = urllib.request.Request(
             f"{self.url}/checkv2", data=message, headers=dict(headers or {}), method="POST"
         )
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with _LOCAL.open(req, timeout=timeout) as r:
             reply: dict[str, Any] = json.loads(r.read())
         return reply
