@@ -246,10 +246,11 @@ RETRIES = env_int("RETRIES", 2)  # extra attempts for a disturbed run
 BARE_PIN = env_int("BARE_PIN", 1)
 
 
-def pin_argv() -> list[str]:
-    """``taskset`` bound to the first CPU this process may use (BARE_PIN), or nothing."""
+def pin_argv(enabled: bool = True) -> list[str]:
+    """``taskset`` bound to the first CPU this process may use, or nothing (not
+    ``enabled``, one CPU, no taskset)."""
     cpus = sorted(os.sched_getaffinity(0))
-    if not BARE_PIN or len(cpus) < 2 or not os.path.exists("/usr/bin/taskset"):
+    if not enabled or len(cpus) < 2 or not os.path.exists("/usr/bin/taskset"):
         return []
     return ["/usr/bin/taskset", "-c", str(cpus[0])]
 
@@ -445,8 +446,8 @@ class Milter:
             raise RuntimeError(f"{target.name}: TCP port {ep.port} is in use (set MILTER_PORT)")
         logfile = WORK / "logs" / f"{name}.log"
         if target.kind == "bare":
-            argv = [*pin_argv(), PYTHON, str(BENCH_DIR / "bare_milter.py"), ep.milter_spec,
-                    *target.args]  # fmt: skip
+            script = str(BENCH_DIR / "bare_milter.py")
+            argv = [*pin_argv(bool(BARE_PIN)), PYTHON, script, ep.milter_spec, *target.args]
         else:
             conf = WORK / f"{name}.toml"
             conf.write_text(milterd_config(ep, target.workers))

@@ -242,7 +242,7 @@ def start_floor(base: Path, keys: Keys) -> Running:
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o755)
     sock = d / "floor.sock"
-    pin = pin_argv() if FLOOR_PIN else []
+    pin = pin_argv(bool(FLOOR_PIN))
     argv = [
         *pin, sys.executable, str(HERE / "bare_milter.py"), f"unix:{sock}", "--name", "floor",
         "--dkim", str(keys.rsa), "--dkim-domain", DOMAIN, "--dkim-selector", SELECTOR,
