@@ -435,7 +435,11 @@ DEEP = [b"(" * 2000, b"a@example.org " + b"(" * 2000, b"<" * 2000, b'"' + b"\\("
 
 
 @pytest.mark.parametrize("value", DEEP, ids=["parens", "addr-parens", "angles", "quoted"])
-@pytest.mark.parametrize("name", [b"From", b"To", b"Cc", b"Reply-To", b"Sender", b"Subject"])
+@pytest.mark.parametrize("name", [
+    b"From", b"To", b"Cc", b"Reply-To", b"Sender", b"Subject", b"Content-Type", b"Date",
+    b"Content-Disposition", b"Message-ID", b"List-Id", b"Received", b"Return-Path",
+    b"Authentication-Results", b"DKIM-Signature", b"ARC-Seal", b"MIME-Version",
+])  # fmt: skip
 def test_deeply_nested_address_syntax_is_no_failure(
     harness: tuple[Harness, Path], name: bytes, value: bytes
 ) -> None:
