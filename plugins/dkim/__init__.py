@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -91,6 +92,12 @@ DEFAULT_HEADERS = (
     "resent-cc",
     "resent-message-id",
 )
+#: Fields RFC 5322 3.6 allows at most once (From has its own check: never signed twice).
+ONCE_ONLY = frozenset(
+    {"sender", "reply-to", "to", "cc", "bcc", "subject", "date", "message-id",
+     "in-reply-to", "references"}
+)  # fmt: skip
+
 #: Signed once more than they occur, so that adding one breaks the signature.
 #: Fields an MTA may add *after* the milter signed (sendmail adds Date and Message-ID to a
 #: submission that lacks them). Oversigning them while absent would sign "no such field"
@@ -487,6 +494,16 @@ class DKIMPlugin:
             ctx.log.warning("not signing: header block not parseable: %s", e)
             return
         include = signed_names(self.sign_order, headers)
+        seen = Counter(h[0].lower().decode("ascii", "replace") for h in headers)
+        twice = sorted(n for n in ONCE_ONLY if seen[n] > 1)
+        if twice:
+            # Signed all the same (dkimpy and OpenDKIM verify it), but rspamd fails every
+            # signature over such a message on purpose, and so may others.
+            ctx.log.warning(
+                "signing a message with a field RFC 5322 allows once present more than "
+                "once (%s): some verifiers (rspamd) fail such signatures",
+                ", ".join(twice),
+            )
         body = message.body()
         hc, bc = cfg.canonicalization.split("/")
         for kname in rule.keys:

@@ -260,6 +260,22 @@ def test_never_signs_without_exactly_one_from(
     assert "not signing" in caplog.text
 
 
+def test_duplicated_once_only_field_is_signed_with_a_warning(
+    keys: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two Subject fields: signed (dkimpy verifies it), with a warning, as rspamd fails
+    such signatures on purpose (tests/integration/test_interop_rspamd.py); one of each
+    field, oversigned or not, gives no warning."""
+    cfg = sign_config(keys, [{"pattern": "*", "keys": ["rsa"]}])
+    with caplog.at_level("WARNING"), Harness(cfg, plugins={"dkim": DKIMPlugin}) as h:
+        out = h.send(MSG, auth="alice")
+        assert out.header("DKIM-Signature") is not None
+        assert "allows once" not in caplog.text
+        out = h.send(MSG.replace(b"To:", b"Subject: again\r\nTo:"), auth="alice")
+    assert out.header("DKIM-Signature") is not None
+    assert "allows once present more than once (subject)" in caplog.text
+
+
 def test_signing_table_patterns() -> None:
     rules = [
         SigningRule(pattern="ceo@example.com", keys=["a"]),
