@@ -75,7 +75,9 @@ class Accept(Verdict):
     """This plugin is done with the message and finds nothing wrong.
 
     Accept is *not* "stop checking": it only stops calling this plugin's hooks for the rest
-    of the message. Other plugins still run, and signing and archiving still happen.
+    of the message (``finalize`` included; ``outcome``, ``abort`` and ``close`` are still
+    called). Other plugins still run, and signing and archiving still happen. At RCPT it
+    concerns that recipient only; at connect or HELO it only skips the plugin's HELO calls.
     """
 
     severity = Severity.ACCEPT
@@ -137,7 +139,9 @@ class Quarantine(Verdict):
     """Accept the message but hold it in the MTA's quarantine (Postfix: the hold queue).
 
     Quarantine does not end the stage: later plugins still run and their changes still
-    apply. ``reason`` is passed to the MTA.
+    apply. ``reason`` is passed to the MTA. The plugin must declare the ``quarantine``
+    action (the MTA is asked for it on that plugin's behalf); otherwise returning
+    Quarantine is a ``bad-return`` failure.
     """
 
     severity = Severity.QUARANTINE

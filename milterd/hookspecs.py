@@ -11,7 +11,7 @@ plugin. A stage hook returns ``None`` to continue or a :class:`milterd.Verdict`.
 Lifecycle of one connection::
 
     negotiate (core) -> connect -> helo* -> { envfrom -> envrcpt+ -> data -> header*
-        -> eoh -> body* -> eom -> finalize | abort }* -> close
+        -> eoh -> body* -> (eom -> finalize -> outcome | abort) }* -> close
 
 ``*`` may repeat or be absent; a connection may carry several messages, and ``abort``
 replaces the rest of a message that ends before end of message: the MTA abandons it, or a
@@ -23,8 +23,19 @@ stage. Every message therefore ends with exactly one of ``eom`` (then ``finalize
 Negotiation: a stage that no enabled plugin hooks is still needed by the core for
 connect/helo/envfrom/envrcpt (envelope, logging), which are then requested with no reply
 (``SMFIP_NR_*``: the MTA does not wait for us). data, header, eoh and body are not
-requested at all (``SMFIP_NO*``) when nobody needs them; the body is also requested when a
-plugin's ``eom``/``finalize`` takes the ``message`` argument.
+requested at all (``SMFIP_NO*``) when nobody needs them; the headers and the body are also
+requested when a plugin's ``eom``/``finalize``/``outcome`` takes the ``message`` argument
+(the body not when its class says ``reads_body = False``; ``message.body()`` is then
+empty, in the harness too).
+
+Accept means "this plugin is done": at ``envfrom`` and later none of the plugin's hooks
+for that message run any more (``finalize`` included), except ``outcome``, ``abort`` and
+``close``; at ``envrcpt`` it concerns that recipient only; at ``connect`` and ``helo`` it
+only skips the plugin's ``helo`` calls of that session (each message is new).
+
+Observer hooks (``outcome``, ``abort``, ``close``) return None; a returned Verdict is
+ignored, anything else is a ``bad-return`` failure (logged and counted, shown in the
+harness's ``errors``).
 """
 
 from __future__ import annotations
@@ -324,7 +335,8 @@ def finalize(ctx: Context, message: Message) -> Verdict | None:
     """The message as it will be delivered: for signing, sealing and archiving.
 
     When it fires: after every plugin's :func:`eom`, when the merged verdict delivers the
-    message (continue, accept, quarantine), in pipeline order. ``message`` has every change
+    message (continue, accept, quarantine), in pipeline order; not for a plugin that
+    returned Accept for this message. ``message`` has every change
     recorded so far applied, including earlier ``finalize`` plugins' changes.
     ``ctx.verdict`` is the merged verdict so far (None: continue; or accept, quarantine).
     Returns: None, or a verdict (a TempFail here, e.g. an archive that cannot write, holds
@@ -348,8 +360,10 @@ def outcome(ctx: Context, verdict: Verdict | None, message: Message) -> None:
     Arguments: ``verdict``, the final verdict (None: delivered unchanged in kind, i.e.
     continue); ``message``, the message as it will be delivered when it is delivered, as
     received otherwise; ``ctx.results``, ``ctx.symbols``, ``ctx.score``, ``ctx.verdict`` final.
-    Returns: ignored; exceptions are logged and counted, ``on_error`` does not apply (the
-    verdict is already decided).
+    Also for a plugin that returned Accept earlier.
+    Returns: None (a Verdict is ignored; anything else is a ``bad-return`` failure);
+    exceptions are logged and counted, ``on_error`` does not apply (the verdict is
+    already decided).
     Changes: may not be recorded.
     Negotiation: body requested if ``message`` is taken (unless ``reads_body = False``).
     Since: 0.1.
@@ -366,7 +380,8 @@ def abort(ctx: Context, event: Abort) -> None:
     message (a plugin's Reject/TempFail/Discard at envfrom, data, header, eoh or body, or
     a core limit) ended it. Not for a single refused recipient.
     Release per-message resources. The ledger of the message is discarded.
-    Returns: ignored. Changes: may not be recorded.
+    Returns: None (a Verdict is ignored; anything else is a ``bad-return`` failure, logged).
+    Changes: may not be recorded.
     Negotiation: always sent by the MTA; costs nothing when unhooked. Since: 0.1.
     """
 
@@ -375,6 +390,7 @@ def abort(ctx: Context, event: Abort) -> None:
 def close(ctx: Context, event: Close) -> None:
     """The connection ends. Always the last event of a connection, even after errors.
 
-    Returns: ignored. Changes: may not be recorded.
+    Returns: None (a Verdict is ignored; anything else is a ``bad-return`` failure, logged).
+    Changes: may not be recorded.
     Negotiation: always sent by the MTA. Since: 0.1.
     """

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from milterd import events as ev
 from milterd import hookspecs
-from milterd.actions import Accept, Reject, Result, TempFail, Verdict
+from milterd.actions import Accept, Quarantine, Reject, Result, TempFail, Verdict
 from milterd.config import Config, ConfigError
 from milterd.context import (
     ConnectionInfo,
@@ -405,8 +405,17 @@ class Runtime:
         if timer is None:
             timer = self._timers[(p.name, stage)] = METRICS.plugin_seconds.labels(p.name, stage)
         timer.observe(elapsed)
-        if failure is None and rv is not None and not isinstance(rv, Verdict):
-            failure = _Failure("bad-return", f"returned {type(rv).__name__}, not a Verdict or None")
+        if failure is None and rv is not None:
+            if not isinstance(rv, Verdict):
+                failure = _Failure(
+                    "bad-return", f"returned {type(rv).__name__}, not a Verdict or None"
+                )
+            elif isinstance(rv, Quarantine) and "quarantine" not in p.actions:
+                # The MTA was not asked for the quarantine action on this plugin's behalf:
+                # applying it would fail at end of message (451) in the daemon only.
+                failure = _Failure(
+                    "bad-return", "returned Quarantine without declaring the quarantine action"
+                )
         if failure is None:
             return rv  # type: ignore[no-any-return]
         # The call is over for us: anything it records from now on is refused, and what it
@@ -687,6 +696,8 @@ class Session:
     def on_eoh(self, macros: dict[str, str]) -> Verdict | None:
         if self.msg is None or self.msg.over:
             return None
+        self.conn.macros.update(macros)
+        self.txn_macros.update(macros)
         return self._early(
             self._run("eoh", {"event": ev.Eoh(macros)}, self.rt.settings.command_timeout), "eoh"
         )
@@ -747,7 +758,10 @@ class Session:
         self.txn_macros.update(macros)
         if not m.info.queue_id and macros.get("i"):
             m.info.queue_id = macros["i"]
-        message = Message(m.info.headers, m.spool)
+        # The body plugins see: none unless negotiated, as in the daemon, where the MTA
+        # does not send it then (the harness's capture keeps a copy for `delivered`).
+        spool = m.spool if self.rt.negotiation.needs_body else None
+        message = Message(m.info.headers, spool)
         budget = self.rt.settings.eom_timeout
         end = time.monotonic() + budget
         if not m.over:  # over: a limit already decided, see _early
@@ -760,6 +774,8 @@ class Session:
         decision = merge(m.ledger.entries, headers)
         if decision.delivers and self.rt.plan["finalize"]:
             for p, impl in self.rt.plan["finalize"]:
+                if p.name in m.accepted:  # Accept: done with this message
+                    continue
                 left = end - time.monotonic()
                 if left <= 0:  # a signer or the archive not run: not delivered without them
                     log.error("stage finalize out of time before plugin %s (queue id %s)",
@@ -770,7 +786,7 @@ class Session:
                     decision = merge(m.ledger.entries, headers)
                     break
                 delivered_headers, body = render(m.info.headers, decision.ops)
-                delivered = Message(delivered_headers, m.spool, body)
+                delivered = Message(delivered_headers, spool, body)
                 ctx = self._ctx(p, "finalize", time.monotonic() + min(left, p.settings.timeout))
                 ctx.verdict = decision.verdict
                 v = self.rt.call(
@@ -790,9 +806,13 @@ class Session:
                     break
         if self.capture or self.rt.plan["outcome"]:
             delivered_headers, body = render(m.info.headers, decision.ops)
-            final = Message(delivered_headers, m.spool, body) if decision.delivers else message
+            final = Message(delivered_headers, spool, body) if decision.delivers else message
             if self.capture:
-                self.delivered = final.as_bytes() if decision.delivers else None
+                self.delivered = (
+                    Message(delivered_headers, m.spool, body).as_bytes()
+                    if decision.delivers
+                    else None
+                )
             if not m.over:  # over: the plugins had abort, which ends a message for them
                 self._observe(decision, final)
         self._summary(decision, "eom")

@@ -83,7 +83,9 @@ class Message:
 
     ``headers`` are in order with their raw bytes; the body is read through :meth:`body`
     or :meth:`body_chunks`. A message built for the ``finalize`` stage is the message as it
-    will be delivered (every other plugin's changes applied).
+    will be delivered (every other plugin's changes applied). When no enabled plugin
+    reads the body (every one taking ``message`` says ``reads_body = False``, none hooks
+    ``body``), the MTA does not send it and :meth:`body` is empty (in the harness too).
     """
 
     __slots__ = ("_body_override", "_spool", "headers")

@@ -182,22 +182,27 @@ class Outcome:
         return self.decision.ops
 
     def header(self, name: str) -> str | None:
-        """The first header ``name`` of the delivered message, or None."""
+        """The value of the first header field ``name`` (case-insensitive) of the
+        delivered message, unfolded (RFC 5322 2.2.3: each CRLF before white space goes,
+        the white space stays) and without the leading and trailing white space; or
+        None. The folded bytes are in :attr:`delivered`."""
         if self.delivered is None:
             return None
         for field_name, value in split_message(self.delivered)[0]:
             if field_name.lower() == name.lower():
-                return value.decode("utf-8", "surrogateescape").strip()
+                return _unfold(value)
         return None
 
     def headers(self) -> list[tuple[str, str]]:
-        """The delivered message's header fields in order (name, value without indent)."""
+        """The delivered message's header fields in order: (name, value), each value
+        unfolded and stripped as :meth:`header` returns it."""
         if self.delivered is None:
             return []
-        return [
-            (n, v.decode("utf-8", "surrogateescape").strip())
-            for n, v in split_message(self.delivered)[0]
-        ]
+        return [(n, _unfold(v)) for n, v in split_message(self.delivered)[0]]
+
+
+def _unfold(value: bytes) -> str:
+    return value.replace(b"\r\n", b"").decode("utf-8", "surrogateescape").strip()
 
 
 def _config(
@@ -257,7 +262,8 @@ class Harness:
     (``{"example": {"greeting": "hi"}}``), or a :class:`Config`. ``authserv_id`` is
     ``mx.test.example`` unless the text or dict sets it (a Config is used as it is).
     ``plugins`` maps plugin names to classes or objects used instead of installed entry
-    points (names not given here are loaded from entry points); they are enabled.
+    points (names not given here are loaded from entry points); they are enabled unless
+    their section says ``enabled = false``.
     ``zones`` builds a FakeResolver; ``resolver`` is used instead when given.
     ``raise_errors``: raise :class:`PluginFailed`, chained to the plugin's exception, when
     a plugin call failed (after the pipeline applied its ``on_error`` policy).

@@ -2,7 +2,8 @@
 or ``pytest_plugins = ["milterd.testing.pytest_plugin"]`` in a conftest.py.
 
 ``milterd_harness`` is a factory: ``milterd_harness(config=None, *, plugins=None,
-zones=None, resolver=None, raise_errors=False)`` takes :class:`Harness`'s arguments, builds
+zones=None, resolver=None, raise_errors=False, dry_run=False)`` takes :class:`Harness`'s
+arguments, builds
 one and closes it after the test. ``fake_resolver`` is an empty :class:`FakeResolver` to
 fill (``fake_resolver.zones[name] = {"TXT": [...]}``); a harness uses it when given as
 ``resolver=fake_resolver``.
@@ -34,9 +35,15 @@ def milterd_harness() -> Iterator[Callable[..., Harness]]:
         zones: Any = None,
         resolver: Any = None,
         raise_errors: bool = False,
+        dry_run: bool = False,
     ) -> Harness:
         h = Harness(
-            config, plugins=plugins, zones=zones, resolver=resolver, raise_errors=raise_errors
+            config,
+            plugins=plugins,
+            zones=zones,
+            resolver=resolver,
+            raise_errors=raise_errors,
+            dry_run=dry_run,
         )
         made.append(h)
         return h

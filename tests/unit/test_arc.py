@@ -17,7 +17,7 @@ from milterd_plugins.arc import ARCPlugin, fold_aar, seal_ops, verify_chain
 from milterd_plugins.dkim.keys import public_txt
 
 from milterd import Context, Result, hookimpl
-from milterd.testing import Harness
+from milterd.testing import Harness, split_message
 
 MSG = (
     b"From: Alice <alice@example.com>\r\n"
@@ -294,7 +294,7 @@ def test_aar_says_what_our_authentication_results_says(key: dict[str, Any]) -> N
     out = run_with(key, MSG, [Result("dkim", "fail", reason=reason)])
     ar = out.header("Authentication-Results") or ""
     aar = out.header("ARC-Authentication-Results") or ""
-    assert "\n" in ar  # folded by the core
+    assert b"\n" in dict(split_message(out.delivered or b"")[0])["Authentication-Results"]
     assert unfolded(aar) == "i=1; " + unfolded(ar)
     assert "??" not in aar
     assert dkim.arc_verify(out.delivered, dnsfunc=dnsfunc(key))[0] == dkim.CV_Pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,46 @@ def test_the_shipped_default_config_is_valid() -> None:
     Runtime(c, {}, FakeResolver())
 
 
+
+
+def test_the_shipped_config_shows_defaults_unless_it_says_example() -> None:
+    """etc/milterd.toml says: "the values shown are the defaults unless marked example".
+    Every ``key = value`` line of [milterd] and [dns], commented out or not, and the core
+    keys listed for plugin sections, must hold the code's default or say "example"."""
+    import tomllib
+
+    from pydantic import BaseModel
+
+    from milterd.config import DnsSettings, PluginSettings, Settings
+
+    root = Path(__file__).resolve().parents[2]
+    models: dict[str, type[BaseModel]] = {"milterd": Settings, "dns": DnsSettings}
+    line_re = re.compile(r"#?\s*([a-z_]+)\s*=\s*(.*?)\s*(?:#\s*(.*))?$")
+    section, checked, wrong = "", 0, []
+    for n, line in enumerate((root / "etc" / "milterd.toml").read_text().splitlines(), 1):
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        if "Core keys in every section" in line:
+            section = "plugin-core"
+            continue
+        m = line_re.fullmatch(line.strip())
+        model: type[BaseModel] | None = (
+            PluginSettings if section == "plugin-core" else models.get(section)
+        )
+        if m is None or model is None or m.group(1) not in model.model_fields:
+            continue
+        key, raw, comment = m.group(1), m.group(2), m.group(3) or ""
+        if "example" in comment or raw == "N":
+            continue
+        value = tomllib.loads(f"v = {raw}")["v"]
+        default = model.model_fields[key].get_default(call_default_factory=True)
+        if isinstance(default, list) and all(hasattr(x, "version") for x in default):
+            default = [str(x) for x in default]  # networks
+        checked += 1
+        if value != default and str(value) != str(default):
+            wrong.append(f"line {n}: {key} = {raw}, default {default!r}")
+    assert checked >= 15 and not wrong, wrong
 class Weighted:
     class Config(PluginConfig):
         score: float = 1.0

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from milterd import AddHeader, Context, Reject, hookimpl
+from milterd import Accept, AddHeader, Context, Message, Quarantine, Reject, hookimpl
 from milterd.events import Connect, EnvFrom, EnvRcpt, Eom, Helo
 from milterd.testing import Harness, PluginFailed
 
@@ -307,3 +307,112 @@ def test_an_early_verdict_by_the_cores_limits_names_milterd() -> None:
                  plugins={"quiet": Refuser("none")}) as h:  # fmt: skip
         out = h.send(MSG)
     assert out.verdict == "reject" and out.stage == "header" and out.decided_by == "milterd"
+
+
+def test_eoh_macros_reach_the_connection_macros() -> None:
+    """As DATA's do: a macro declared for eoh is in ctx.connection.macros from then on."""
+    seen: dict[str, str] = {}
+
+    class Spy:
+        macros = {"eoh": ["{x_eoh}"]}
+
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            seen.update(ctx.connection.macros)
+
+    with Harness(plugins={"spy": Spy}) as h:
+        h.send(MSG, macros={"{x_eoh}": "here"})
+    assert seen.get("{x_eoh}") == "here"
+
+
+# --- 4. the harness as the daemon ------------------------------------------------------------
+
+
+def test_quarantine_needs_the_declared_action() -> None:
+    """The MTA is asked for the quarantine action only for plugins that declare it: an
+    undeclared Quarantine would fail when applied in the daemon, so it is a bad-return
+    failure (on_error) here too, not a quarantine the daemon could not do."""
+
+    class Holder:
+        actions = frozenset({"add_header"})
+
+        @hookimpl
+        def eom(self) -> Quarantine:
+            return Quarantine(reason="suspicious")
+
+    class Declared(Holder):
+        actions = frozenset({"quarantine"})
+
+    with Harness({"holder": {"on_error": "continue"}}, plugins={"holder": Holder}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "continue" and out.ops == []
+    assert out.errors == [
+        ("holder", "eom", "bad-return: returned Quarantine without declaring the quarantine action")
+    ]
+    with Harness(plugins={"holder": Declared}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "quarantine" and out.errors == []
+
+
+def test_accept_at_eom_skips_finalize_but_not_outcome() -> None:
+    called: list[str] = []
+
+    class Done:
+        @hookimpl
+        def eom(self) -> Accept:
+            called.append("eom")
+            return Accept()
+
+        @hookimpl
+        def finalize(self) -> None:
+            called.append("finalize")
+
+        @hookimpl
+        def outcome(self) -> None:
+            called.append("outcome")
+
+    with Harness(plugins={"done": Done}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "accept" and called == ["eom", "outcome"]
+
+
+@pytest.mark.parametrize("reader", [False, True])
+def test_the_body_is_seen_only_when_a_plugin_reads_it(reader: bool) -> None:
+    """In the daemon the MTA sends no body when no plugin reads it; the harness must not
+    show a body the daemon would not have (it keeps its own copy for ``delivered``)."""
+    bodies: list[bytes] = []
+
+    class HeadersOnly:
+        reads_body = False
+
+        @hookimpl
+        def eom(self, message: Message) -> None:
+            bodies.append(message.body())
+
+    class BodyReader:
+        @hookimpl
+        def eom(self, message: Message) -> None:
+            message.body()
+
+    plugins: dict[str, object] = {"headers_only": HeadersOnly}
+    if reader:
+        plugins["body_reader"] = BodyReader
+    with Harness(plugins=plugins) as h:
+        out = h.send(MSG)
+    assert bodies == ([b"body\r\n"] if reader else [b""])
+    assert out.delivered is not None and out.delivered.endswith(b"\r\n\r\nbody\r\n")
+
+
+def test_header_is_unfolded() -> None:
+    class Folder:
+        actions = frozenset({"add_header"})
+
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.add_change(AddHeader("X-Long", "first part\n\tsecond part"))
+
+    with Harness(plugins={"folder": Folder}) as h:
+        out = h.send(MSG)
+    assert b"X-Long: first part\r\n\tsecond part\r\n" in (out.delivered or b"")
+    assert out.header("x-long") == "first part\tsecond part"
+    assert ("X-Long", "first part\tsecond part") in out.headers()

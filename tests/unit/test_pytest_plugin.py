@@ -91,3 +91,26 @@ def test_the_readme_documents_the_factory_with_harness_arguments() -> None:
         for i, p in enumerate(params)
     )
     assert found.group(1) == expected
+
+
+DRY = """
+from milterd import AddHeader, Context, hookimpl
+
+class Saver:
+    actions = frozenset({"add_header"})
+
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        ctx.add_change(AddHeader("X-Dry-Run", str(ctx.dry_run)))
+
+def test_dry(milterd_harness):
+    h = milterd_harness(plugins={"saver": Saver}, dry_run=True)
+    assert h.send(b"Subject: x\\r\\n\\r\\nbody\\r\\n").header("X-Dry-Run") == "True"
+"""
+
+
+def test_the_factory_takes_every_harness_argument(tmp_path: Path) -> None:
+    """dry_run= was documented for the factory but refused by it (TypeError)."""
+    res = run(tmp_path, "-p", "milterd.testing.pytest_plugin", test=DRY)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 passed" in res.stdout
