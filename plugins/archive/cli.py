@@ -31,7 +31,7 @@ from milterd import ConfigError, load_config
 
 from .store import CopyError, StoreError
 
-__all__ = ["CommandError", "add_commands", "parse_when"]
+__all__ = ["CommandError", "add_commands", "parse_when", "port_number"]
 
 OUTPUT_MODE = 0o640  # exported files: as the archive's own copies
 
@@ -128,6 +128,17 @@ def _backend(args: argparse.Namespace, readonly: bool = True, cfg: Any = None) -
         return open_backend(cfg, readonly=readonly, create=False)
     except (StoreError, OSError, sqlite3.Error) as e:
         raise CommandError(f"cannot open the archive at {cfg.path}: {e}") from None
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 0 < n < 65536:
+        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
+    return n
 
 
 def _positive(text: str) -> int:
@@ -256,11 +267,30 @@ def mbox_entry(rec: Any, data: bytes) -> bytes:
     return sep.encode("utf-8", "replace") + body + b"\n"
 
 
+def _output(path: Path) -> Path:
+    """The file an export writes: ``path`` with symbolic links resolved (the link stays,
+    its target gets the messages). Raises CommandError (status 2) when something that is
+    not a regular file is there: a directory, a device, a FIFO, a socket is never
+    replaced by the rename that writes the result."""
+    real = Path(os.path.realpath(path))
+    try:
+        st = real.stat()
+    except FileNotFoundError:
+        return real
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CommandError(f"cannot write {path}: not a regular file")
+    return real
+
+
 @contextlib.contextmanager
 def _replacing(path: Path, mode: int) -> Iterator[IO[bytes]]:
     """A new file in ``path``'s directory that replaces ``path`` (rename) only when the
     block ends without an exception; otherwise it is removed and ``path`` untouched.
-    Opening it raises CommandError (status 2: a path error)."""
+    Opening it raises CommandError (status 2: a path error), as does a ``path`` that is
+    not a regular file (see :func:`_output`)."""
+    path = _output(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
@@ -283,6 +313,7 @@ def _export_mbox(store: Any, records: list[Any], path: Path, kind: str | None) -
     written to a new file (a copy of the old contents first) renamed over ``path`` at the
     end: a failure leaves ``path`` as it was. One message in memory at a time."""
     mode, old_size = OUTPUT_MODE, 0
+    path = _output(path)
     with contextlib.suppress(FileNotFoundError):
         st = path.stat()
         mode, old_size = stat.S_IMODE(st.st_mode), st.st_size
@@ -301,7 +332,16 @@ def _export_mbox(store: Any, records: list[Any], path: Path, kind: str | None) -
             out.write(mbox_entry(rec, store.read(rec, kind)))
 
 
+_QUERY_OPTIONS = ("sender", "recipient", "subject", "message_id", "since", "until", "verdict",
+                  "queue_id", "limit")  # fmt: skip
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    given = [o for o in _QUERY_OPTIONS if getattr(args, o) is not None]
+    if args.id and given:
+        names = ", ".join("--" + ("from" if o == "sender" else "to" if o == "recipient"
+                                  else o.replace("_", "-")) for o in given)  # fmt: skip
+        raise CommandError(f"give an ID or query options, not both ({names})")
     store = _backend(args)
     records = _select(store, args)
     if not records:
@@ -375,7 +415,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.id}: verdict {rec.verdict}: nothing to release (--force)", 1)
     data = store.read(rec, args.copy)  # CopyError (exit 1) rather than send other bytes
     host = args.host or cfg.release_host
-    port = args.port or cfg.release_port
+    port = args.port if args.port is not None else cfg.release_port
     sender = args.sender if args.sender is not None else (cfg.release_from or rec.sender)
     rcpts = args.to or rec.recipients
     fail = f"{args.id}: release to {host}:{port} failed"
@@ -421,8 +461,9 @@ def add_commands(subparsers: Any) -> None:
 
     s = add("show", cmd_show, "one message's metadata (or --raw bytes)")
     s.add_argument("id")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--raw", action="store_true", help="write the stored bytes to stdout")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--raw", action="store_true", help="write the stored bytes to stdout")
     s.add_argument("--copy", choices=["delivered", "received"])
 
     s = add("export", cmd_export, "write messages to an mbox file or .eml files")
@@ -445,6 +486,6 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--to", action="append", metavar="ADDRESS", help="default: the recipients")
     s.add_argument("--from", dest="sender", help="envelope sender (default: the original)")
     s.add_argument("--host", help="SMTP host (default: release_host)")
-    s.add_argument("--port", type=int, help="SMTP port (default: release_port)")
+    s.add_argument("--port", type=port_number, help="SMTP port (default: release_port)")
     s.add_argument("--copy", choices=["delivered", "received"])
     s.add_argument("--force", action="store_true", help="also release delivered mail")

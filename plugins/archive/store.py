@@ -347,18 +347,24 @@ class FileStore:
         db = self.root / "index.sqlite3"
         if (readonly or not create) and not db.is_file():
             raise StoreError(f"{db}: no archive index here")
-        if not readonly:
+        if not readonly and create:
             self.root.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir(exist_ok=True)
         self.db = sqlite3.connect(
             str(db), timeout=busy_timeout, check_same_thread=False, isolation_level=None
         )
         try:
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            if (readonly or not create) and self.db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+            ).fetchone() is None:
+                # Another program's SQLite file (or an empty one): not ours to initialise.
+                raise StoreError(f"{db}: not a milterd archive index (no messages table)")
             if not readonly:
                 self.db.execute("PRAGMA journal_mode = WAL")
                 self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
                 self.db.executescript(_SCHEMA)
+            if not readonly:
+                self.tmp.mkdir(exist_ok=True)
         except BaseException:
             self.db.close()
             raise

@@ -9,6 +9,7 @@ import mailbox
 import os
 import re
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -1037,3 +1038,57 @@ def test_named_temporary_files_can_be_forced(
         assert not s.tmpfile
     finally:
         s.close()
+
+
+def test_export_never_replaces_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    """The result is renamed into place: a FIFO, a directory or a device there must be an
+    error (2), not replaced by a regular file; a symbolic link is followed (the link
+    stays, its target gets the messages)."""
+    with rig(tmp_path) as h:
+        h.send(MSG)
+    (rec,) = all_records(tmp_path)
+    config = _config(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for target in (fifo, folder):
+        r = cli(config, "export", rec.id, "--mbox", str(target))
+        assert r.returncode == 2 and "not a regular file" in r.stderr, r.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and folder.is_dir()
+    real = tmp_path / "real.mbox"
+    real.write_bytes(b"")
+    link = tmp_path / "link.mbox"
+    link.symlink_to(real)
+    r = cli(config, "export", rec.id, "--mbox", str(link))
+    assert r.returncode == 0, r.stderr
+    assert link.is_symlink() and real.read_bytes().startswith(b"From sender@example.org ")
+
+
+def test_cli_refuses_contradictory_or_out_of_range_arguments(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        h.send(MSG)
+    (rec,) = all_records(tmp_path)
+    config = _config(tmp_path)
+    r = cli(config, "export", rec.id, "--since", "5x", "--mbox", str(tmp_path / "o.mbox"))
+    assert r.returncode == 2 and "not both (--since)" in r.stderr
+    assert not (tmp_path / "o.mbox").exists()
+    r = cli(config, "show", rec.id, "--json", "--raw")
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+    for port in ("0", "99999", "x"):
+        r = cli(config, "release", rec.id, "--force", "--port", port)
+        assert r.returncode == 2 and "not a port number" in r.stderr
+
+
+def test_cli_does_not_initialise_another_programs_database(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    with sqlite3.connect(other / "index.sqlite3") as db:
+        db.execute("CREATE TABLE t (x)")
+    before = (other / "index.sqlite3").read_bytes()
+    config = _config(tmp_path)
+    for args in (("prune", "--older-than", "1d"), ("search",), ("verify",)):
+        r = cli(config, *args, "--path", str(other))
+        assert r.returncode == 2 and "not a milterd archive index" in r.stderr, r.stderr
+    assert (other / "index.sqlite3").read_bytes() == before
+    assert sorted(p.name for p in other.iterdir()) == ["index.sqlite3"]
