@@ -35,7 +35,12 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
         check_accounts(config.milterd)  # before becoming the user: name the key if unknown
-        rt = Runtime(config)
+        # Root with no user to become: the daemon will likely run as another user (the
+        # systemd unit's User=milterd), so the stores (archive, DMARC history, Bayes) must
+        # not be created here, owned by root, where that user could not write them:
+        # plugins start as in a dry run, which opens nothing that is missing.
+        as_root = os.geteuid() == 0 and config.milterd.user is None and config.milterd.group is None
+        rt = Runtime(config, dry_run=as_root)
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return 2
@@ -57,6 +62,12 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK")
     print(f"  socket {config.milterd.socket}, {config.milterd.worker_count()} worker(s)")
     print("  pipeline: " + (" -> ".join(p.name for p in rt.plugins) or "(no plugins enabled)"))
+    if as_root:
+        print(
+            "  stores not opened (run as root, no [milterd] user: nothing created that the "
+            "daemon's user could not write); to check them too, run this as that user, "
+            "e.g. runuser -u milterd -- milterd -c FILE config check"
+        )
     return 0
 
 
@@ -308,12 +319,23 @@ def _dry_run_notes(verbose: bool) -> list[tuple[str, str]]:
     return notes
 
 
+def _ip_address(text: str) -> str:
+    """An argparse type: an IPv4 or IPv6 address (as given)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+    return text
+
+
 def parser() -> tuple[argparse.ArgumentParser, Any]:
     ap = argparse.ArgumentParser(prog="milterd", description=DESCRIPTION, epilog=EPILOG)
     ap.add_argument(
         "-c",
         "--config",
-        default=DEFAULT_CONFIG,
+        default=None,
         help=f"config file (default {DEFAULT_CONFIG}; env MILTERD_CONFIG)",
     )
     sub = ap.add_subparsers(dest="command", required=True)
@@ -347,7 +369,8 @@ def parser() -> tuple[argparse.ArgumentParser, Any]:
         action="append",
         help="envelope recipient, repeatable (default postmaster@localhost)",
     )
-    p.add_argument("--client-ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    p.add_argument("--client-ip", default="127.0.0.1", type=_ip_address,
+                   help="client address (default 127.0.0.1)")  # fmt: skip
     p.add_argument("--client-name", default=None, help="client host name (default [IP])")
     p.add_argument("--helo", default="localhost", help="HELO name (default localhost)")
     p.add_argument("--auth", default=None, help="SASL login name, as {auth_authen}")
@@ -397,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     ap, sub = parser()
     _plugin_commands(sub)
     args = ap.parse_args(argv)
+    # Whether -c named a file (then it must exist) or the default stands (a tool that can
+    # work without a config, e.g. `dmarc report --db`, may go on when it is absent).
+    args.config_given = args.config is not None
+    if args.config is None:
+        args.config = DEFAULT_CONFIG
     if args.command == "run":
         return int(args.fn(args))
     from milterd.config import ConfigError

@@ -254,10 +254,14 @@ class Config(BaseModel):
     def plugin_model(self, name: str, schema: type[_M]) -> _M:
         """``[plugins.NAME]``'s own keys validated against ``schema`` as the daemon does
         (relative :data:`ConfigPath` values resolved against this file's directory), for a
-        plugin's command-line tools. Raises pydantic's ValidationError."""
-        return schema.model_validate(
-            self.plugin_options(name), context=validation_context(self.path)
-        )
+        plugin's command-line tools. Raises ConfigError naming the file, the section and
+        the key, as :func:`load` does."""
+        try:
+            return schema.model_validate(
+                self.plugin_options(name), context=validation_context(self.path)
+            )
+        except ValidationError as e:
+            raise ConfigError(describe(e, self.path, f"plugins.{name}")) from None
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         section = self.plugins.get(name, {})

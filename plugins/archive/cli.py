@@ -29,9 +29,10 @@ from typing import IO, Any
 
 from milterd import ConfigError, load_config
 
+from ..cliargs import port_number
 from .store import CopyError, StoreError
 
-__all__ = ["CommandError", "add_commands", "parse_when", "port_number"]
+__all__ = ["CommandError", "add_commands", "parse_when"]
 
 OUTPUT_MODE = 0o640  # exported files: as the archive's own copies
 
@@ -128,17 +129,6 @@ def _backend(args: argparse.Namespace, readonly: bool = True, cfg: Any = None) -
         return open_backend(cfg, readonly=readonly, create=False)
     except (StoreError, OSError, sqlite3.Error) as e:
         raise CommandError(f"cannot open the archive at {cfg.path}: {e}") from None
-
-
-def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 1-65535."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 0 < n < 65536:
-        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
-    return n
 
 
 def _positive(text: str) -> int:

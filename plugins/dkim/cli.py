@@ -51,7 +51,16 @@ def dns_record(domain: str, selector: str, txt: str) -> str:
 
 
 def keygen(args: argparse.Namespace) -> int:
-    domain, selector = args.domain.lower().rstrip("."), args.selector
+    from pydantic import ValidationError
+
+    from . import KeyEntry
+
+    try:  # as the config will check them: a record and snippet it would refuse are no use
+        entry = KeyEntry(selector=args.selector, file="-", domain=args.domain)
+    except ValidationError as e:
+        print(f"error: {e.errors()[0]['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    domain, selector = entry.domain or "", entry.selector
     key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     if args.type == "rsa":
         if args.bits < 1024:
@@ -103,6 +112,9 @@ def testkey(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not dk.keys:
+        print(f"error: {args.config}: no keys in [plugins.dkim]: nothing to test", file=sys.stderr)
+        return 1
     r = make_resolver(cfg, timeout=args.timeout)
     bad = 0
     for kname, entry in dk.keys.items():

@@ -49,6 +49,7 @@ from publicsuffixlist import PublicSuffixList
 
 from milterd import ConfigError, DNSTempError, NXDomain, Resolver, load_config, make_resolver
 
+from ..cliargs import port_number
 from . import _DOMAIN, _V, DMARCConfig, Store, _psl, org_domain
 
 __all__ = [
@@ -554,7 +555,7 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--db", help="history database (default: [plugins.dmarc] history_db)")
     r.add_argument("--send", action="store_true", help="mail them to the domains' rua")
     r.add_argument("--smtp-host", help="SMTP server (default: report_smtp_host)")
-    r.add_argument("--smtp-port", type=int, help="SMTP port (default: report_smtp_port)")
+    r.add_argument("--smtp-port", type=port_number, help="SMTP port (default: report_smtp_port)")
     r.add_argument("--force", action="store_true", help="send again what was sent")
     r.add_argument("--dry-run", action="store_true", help="check destinations, send nothing")
     r.add_argument(
@@ -615,9 +616,17 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.dry_run and not args.send:
+        print("milterd dmarc report: --dry-run goes with --send (without --send nothing "
+              "is sent; the XML files are written)", file=sys.stderr)  # fmt: skip
+        return 2
     config = None
     conf = DMARCConfig.model_validate({})
-    if getattr(args, "config", None) and Path(args.config).exists():
+    # The config is read when -c names it (it must exist then) or the default exists;
+    # without one, --db and the defaults (org_name, report_email) are used.
+    if getattr(args, "config", None) and (
+        getattr(args, "config_given", True) or Path(args.config).exists()
+    ):
         config = load_config(args.config)
         conf = config.plugin_model("dmarc", DMARCConfig)
     if args.send and not args.since and not args.until:

@@ -374,11 +374,24 @@ class Classifier:
         return True
 
 
+_FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+
 def iter_messages(path: str) -> Iterator[bytes]:
-    """Messages of an mbox file, a Maildir (cur/ and new/), or a directory of files."""
+    """Messages of an mbox file, a Maildir (cur/ and new/), a directory of files (one
+    message each), or a file holding one message (its first line a header field). Raises
+    ValueError for a file that is none of these (it would teach nothing, or garbage)."""
     import mailbox
 
     p = Path(path)
+    if p.is_file():
+        with p.open("rb") as fh:
+            start = fh.read(1024)
+        if not start.startswith(b"From "):
+            if not _FIELD_LINE.match(start):
+                raise ValueError("not an mbox file, a Maildir or a message")
+            yield p.read_bytes()
+            return
     if p.is_dir():
         if (p / "cur").is_dir() or (p / "new").is_dir():
             md = mailbox.Maildir(str(p), factory=None, create=False)

@@ -41,9 +41,9 @@ def _settings(args: argparse.Namespace) -> BayesConfig:
     scoring = ScoringConfig.model_validate({})
     try:
         scoring = load_config(args.config).plugin_model("scoring", ScoringConfig)
-    except ConfigError as e:
+    except ConfigError:
         if args.path is None and args.redis_url is None:
-            raise SystemExit(f"milterd bayes: {e}") from None
+            raise  # one line and exit status 2 (milterd's main)
     b = scoring.bayes
     if args.path:
         b = b.model_copy(update={"backend": "sqlite", "path": args.path})
@@ -68,11 +68,27 @@ def learn_bytes(classifier: bayes_mod.Classifier, raw: bytes, spam: bool, max_to
     return classifier.learn(tokens, spam, bayes_mod.digest_of(mid, tokens))
 
 
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import redis
+    except ImportError:
+        return ()
+    return (redis.exceptions.RedisError,)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if not args.spam and not args.ham:
         print("milterd bayes train: give --spam and/or --ham", file=sys.stderr)
         return 2
     b = _settings(args)
+    try:
+        return _train(args, b)
+    except _redis_errors() as e:  # a Redis server down or refusing: one line, not a traceback
+        print(f"milterd bayes train: Redis at {b.redis_url}: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace, b: BayesConfig) -> int:
     store = bayes_mod.open_store(b.backend, b.path, b.redis_url, b.redis_prefix, 10.0)
     clf = bayes_mod.Classifier(store, b.min_spam, b.min_ham)
     try:
@@ -83,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     for raw in bayes_mod.iter_messages(path):
                         seen += 1
                         learned += learn_bytes(clf, raw, label == "spam", b.max_tokens)
-                except (OSError, mailbox.Error) as e:
+                except (OSError, mailbox.Error, ValueError) as e:
                     print(f"milterd bayes train: {path}: {e}", file=sys.stderr)
                     return 1
             if paths:
@@ -97,11 +113,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     b = _settings(args)
-    store = bayes_mod.open_store(b.backend, b.path, b.redis_url, b.redis_prefix, 10.0)
     try:
-        nspam, nham = store.totals()
-    finally:
-        store.close()
+        # Read-only: a mistyped --path (or a store the daemon has not created yet) is
+        # reported, not created empty (as root, where the daemon could not write it).
+        store = bayes_mod.open_store_readonly(
+            b.backend, b.path, b.redis_url, b.redis_prefix, 10.0
+        )
+        if store is None:
+            print(f"milterd bayes stats: no Bayes database at {b.path}", file=sys.stderr)
+            return 1
+        try:
+            nspam, nham = store.totals()
+        finally:
+            store.close()
+    except _redis_errors() as e:
+        print(f"milterd bayes stats: Redis at {b.redis_url}: {e}", file=sys.stderr)
+        return 2
     ready = nspam >= b.min_spam and nham >= b.min_ham
     print(f"spam {nspam}, ham {nham}; classifying: {'yes' if ready else 'no'} "
           f"(needs {b.min_spam} spam and {b.min_ham} ham)")  # fmt: skip

@@ -89,6 +89,22 @@ def test_config_check_as_root_checks_as_the_daemon_user_and_creates_nothing(
     shutil.rmtree(base)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: what root creates")
+def test_config_check_as_root_without_a_user_creates_no_store(tmp_path: Path) -> None:
+    """docs/operations.md has admins run config check as root with `user` unset (the unit
+    starts milterd as milterd): stores it created would be root's, and the daemon could
+    not write them (with archive required = true, every message 451)."""
+    cfg = tmp_path / "stores.toml"
+    cfg.write_text(
+        f'[plugins.dmarc]\nhistory_db = "{tmp_path / "dmarc" / "history.sqlite"}"\n'
+        f'[plugins.archive]\npath = "{tmp_path / "archive"}"\n'
+    )
+    res = milterd("config", "check", config=cfg)
+    assert res.returncode == 0, res.stderr
+    assert "stores not opened" in res.stdout and "runuser -u milterd" in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stores.toml"]
+
+
 def test_plugins_lists_installed_enabled_order_hooks_and_broken_ones(config: Path) -> None:
     res = milterd("plugins", "--json", config=config)
     rows = {r["name"]: r for r in json.loads(res.stdout)}
@@ -269,3 +285,10 @@ def test_config_check_warns_about_the_sections_of_disabled_plugins(tmp_path: Pat
         res.stderr
     )
     assert "[plugins.dkmi] (disabled): no plugin 'dkmi' is installed; did you mean " in res.stderr
+
+
+def test_check_refuses_a_client_ip_that_is_not_one(tmp_path: Path, config: Path) -> None:
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(MSG)
+    res = milterd("check", str(msg), "--client-ip", "notanip", config=config)
+    assert res.returncode == 2 and "not an IP address: 'notanip'" in res.stderr

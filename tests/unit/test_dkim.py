@@ -1187,3 +1187,39 @@ def test_negative_expire_is_refused(keys: dict[str, Any]) -> None:
             sign_config(keys, [{"pattern": "*", "keys": ["rsa"]}], expire=-60),
             plugins={"dkim": DKIMPlugin},
         )
+
+
+def test_keygen_refuses_what_the_config_would_refuse(tmp_path: Path) -> None:
+    """Found by a CLI review: keygen wrote a key and printed a record and a snippet for a
+    domain or selector the config then refused, and exited 0."""
+    for domain, selector, why in (
+        ("", "s1", "invalid domain"),
+        ("ex ample;org", "s1", "invalid domain"),
+        ("example.org", "s;1", "invalid selector"),
+    ):
+        r = milterd("dkim", "keygen", "--domain", domain, "--selector", selector,
+                    "--type", "ed25519", "--out", str(tmp_path / "k"))  # fmt: skip
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "k").exists()
+    r = milterd("dkim", "keygen", "--domain", "Bücher.example", "--selector", "s1",
+                "--type", "ed25519", "--out", str(tmp_path / "k"))  # fmt: skip
+    assert r.returncode == 0 and "s1._domainkey.xn--bcher-kva.example. IN TXT" in r.stdout
+
+
+def test_testkey_without_keys_says_so(tmp_path: Path) -> None:
+    conf = tmp_path / "m.toml"
+    conf.write_text("[plugins.authres]\n")
+    r = milterd("dkim", "testkey", config=conf)
+    assert r.returncode == 1 and "no keys in [plugins.dkim]" in r.stderr
+
+
+def test_a_bad_plugin_section_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    """Plugin commands validate their section as config check does: file, section, key."""
+    conf = tmp_path / "m.toml"
+    conf.write_text("[plugins.dkim]\nmax_signatures = 'many'\n")
+    r = milterd("dkim", "testkey", config=conf)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {conf}: [plugins.dkim] max_signatures: Input should be a valid integer, "
+        "unable to parse string as an integer"
+    ]

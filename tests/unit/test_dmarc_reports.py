@@ -465,3 +465,20 @@ def test_command_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
         assert run.returncode == 2, run.stderr
         assert "Traceback" not in run.stderr and run.stderr.startswith("milterd"), run.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_report_command_line_mistakes_are_usage_errors(tmp_path: Path) -> None:
+    """Found by a CLI review: a -c file that does not exist was silently ignored (the
+    report went out under the default org_name), --dry-run without --send wrote the
+    files, and a port of 99999 connected to 34463."""
+    db = tmp_path / "history.sqlite"
+    Store(str(db)).close()
+    r = _cli(tmp_path / "missing.toml", "--db", str(db), "-o", str(tmp_path))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+    config = tmp_path / "m.toml"
+    config.write_text("")
+    r = _cli(config, "--db", str(db), "--dry-run", "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "--dry-run goes with --send" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = _cli(config, "--db", str(db), "--send", "--smtp-port", "99999")
+    assert r.returncode == 2 and "not a port number" in r.stderr

@@ -240,3 +240,33 @@ def test_sqlite_store_is_shared_by_threads(tmp_path: Path) -> None:
     assert store.totals() == (160, 160)
     assert len(store.pool._idle) <= store.pool.keep
     store.close()
+
+
+def test_bayes_cli_bad_input_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a CLI review: stats created an empty database at a mistyped path, an
+    unreachable Redis gave a traceback, a config error exited 1, and a single message
+    file taught nothing ("0 learned", exit 0)."""
+    conf = tmp_path / "m.toml"
+    conf.write_text("")
+    typo = tmp_path / "typo.sqlite"
+    assert milterd_main(["-c", str(conf), "bayes", "stats", "--path", str(typo)]) == 1
+    assert "no Bayes database at" in capsys.readouterr().err and not typo.exists()
+    eml = tmp_path / "one.eml"
+    eml.write_bytes(b"Subject: cheap pills\r\nMessage-ID: <1@x>\r\n\r\ncasino casino\r\n")
+    for cmd in (["stats"], ["train", "--spam", str(eml)]):
+        rc = milterd_main(["-c", str(conf), "bayes", *cmd, "--redis-url", "redis://127.0.0.1:1/0"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Redis at redis://127.0.0.1:1/0" in err and "Traceback" not in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[plugins.scoring]\nbayes = 3\n")
+    assert milterd_main(["-c", str(bad), "bayes", "stats"]) == 2
+    assert "[plugins.scoring] bayes" in capsys.readouterr().err
+    db = str(tmp_path / "b.sqlite")
+    assert milterd_main(["-c", str(conf), "bayes", "train", "--path", db, "--spam", str(eml)]) == 0
+    assert "spam: 1 learned" in capsys.readouterr().out
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00\x01binary")
+    assert milterd_main(["-c", str(conf), "bayes", "train", "--path", db, "--ham", str(junk)]) == 1
+    assert "not an mbox file, a Maildir or a message" in capsys.readouterr().err
