@@ -139,9 +139,8 @@ class Quarantine(Verdict):
     """Accept the message but hold it in the MTA's quarantine (Postfix: the hold queue).
 
     Quarantine does not end the stage: later plugins still run and their changes still
-    apply. ``reason`` is passed to the MTA. The plugin must declare the ``quarantine``
-    action (the MTA is asked for it on that plugin's behalf); otherwise returning
-    Quarantine is a ``bad-return`` failure.
+    apply. ``reason`` is passed to the MTA. Any plugin may return it: the MTA is always
+    asked for the quarantine action, whatever the plugins declare.
     """
 
     severity = Severity.QUARANTINE

@@ -9,7 +9,7 @@ import re
 import sys
 import time
 
-__all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "setup_logging", "to_journal"]
 
 
 class _Worker(logging.Filter):
@@ -77,6 +77,19 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+def to_journal() -> bool:
+    """Whether stderr is the systemd journal: ``$JOURNAL_STREAM`` (``DEVICE:INODE``, set by
+    systemd for a service whose stderr it connected) names the very file stderr is, so
+    a process that merely inherited the variable and writes elsewhere does not match."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = stream.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{st.st_dev}:{st.st_ino}" == f"{dev}:{ino}"
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     # Per-record work nobody reads (the logging HOWTO's "Optimization" list): the caller's
     # file and line (a stack walk per record), thread and multiprocessing names. At info
@@ -89,9 +102,11 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
+        # The journal stamps every line itself: a second time stamp would only be noise.
+        stamp = "" if to_journal() else "%(asctime)s "
         handler.setFormatter(
             TextFormatter(
-                "%(asctime)s milterd[%(process)d/w%(worker)s] %(levelname)s %(name)s: %(message)s"
+                stamp + "milterd[%(process)d/w%(worker)s] %(levelname)s %(name)s: %(message)s"
             )
         )
     root = logging.getLogger("milterd")

@@ -258,20 +258,22 @@ def mbox_entry(rec: Any, data: bytes) -> bytes:
 
 
 def _output(path: Path) -> Path:
-    """The file an export writes: ``path`` with symbolic links resolved (the link stays,
-    its target gets the messages). Raises CommandError (status 2) when something that is
-    not a regular file is there: a directory, a device, a FIFO, a socket is never
-    replaced by the rename that writes the result."""
-    real = Path(os.path.realpath(path))
+    """``path``, checked for an export to write: it must be missing or a regular file.
+    Raises CommandError (status 2) for anything else: a directory, a device, a FIFO or a
+    socket is never replaced by the rename that writes the result, and a symbolic link
+    is neither replaced nor followed (a link planted in a shared directory would make a
+    root export overwrite whatever it points to with message content)."""
     try:
-        st = real.stat()
+        st = path.lstat()
     except FileNotFoundError:
-        return real
+        return path
     except OSError as e:
         raise CommandError(f"cannot write {path}: {e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise CommandError(f"cannot write {path}: a symbolic link (give the real path)")
     if not stat.S_ISREG(st.st_mode):
         raise CommandError(f"cannot write {path}: not a regular file")
-    return real
+    return path
 
 
 @contextlib.contextmanager

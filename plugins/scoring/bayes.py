@@ -379,18 +379,21 @@ _FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 def iter_messages(path: str) -> Iterator[bytes]:
     """Messages of an mbox file, a Maildir (cur/ and new/), a directory of files (one
-    message each), or a file holding one message (its first line a header field). Raises
-    ValueError for a file that is none of these (it would teach nothing, or garbage)."""
+    message each), or a file holding one message (its first line a header field). An
+    empty file is an empty mbox. Leading blank lines and a UTF-8 byte-order mark are
+    skipped when telling these apart. Raises ValueError for a file that is none of these
+    (it would teach nothing, or garbage)."""
     import mailbox
 
     p = Path(path)
     if p.is_file():
         with p.open("rb") as fh:
-            start = fh.read(1024)
-        if not start.startswith(b"From "):
+            start = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip(b"\r\n\t ")
+        if start and not start.startswith(b"From "):
             if not _FIELD_LINE.match(start):
                 raise ValueError("not an mbox file, a Maildir or a message")
-            yield p.read_bytes()
+            data = p.read_bytes().removeprefix(b"\xef\xbb\xbf")
+            yield data.lstrip(b"\r\n")
             return
     if p.is_dir():
         if (p / "cur").is_dir() or (p / "new").is_dir():

@@ -91,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, b: BayesConfig) -> int:
     store = bayes_mod.open_store(b.backend, b.path, b.redis_url, b.redis_prefix, 10.0)
     clf = bayes_mod.Classifier(store, b.min_spam, b.min_ham)
+    failed = False
     try:
         for label, paths in (("spam", args.spam), ("ham", args.ham)):
             learned = seen = 0
@@ -100,15 +101,17 @@ def _train(args: argparse.Namespace, b: BayesConfig) -> int:
                         seen += 1
                         learned += learn_bytes(clf, raw, label == "spam", b.max_tokens)
                 except (OSError, mailbox.Error, ValueError) as e:
+                    # Said, and the other paths still learned: one bad path in a list
+                    # does not leave the rest untrained. Exit 1 at the end.
                     print(f"milterd bayes train: {path}: {e}", file=sys.stderr)
-                    return 1
+                    failed = True
             if paths:
                 print(f"{label}: {learned} learned, {seen - learned} already known")
         nspam, nham = store.totals()
         print(f"total: {nspam} spam, {nham} ham")
     finally:
         store.close()
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -24,8 +24,14 @@ class Daemon:
     """``milterd -c CONFIG run`` in a subprocess, with its log captured to a file."""
 
     def __init__(
-        self, body: str, socket_kind: str = "unix", workers: int = 1, milterd_extra: str = ""
+        self,
+        body: str,
+        socket_kind: str = "unix",
+        workers: int = 1,
+        milterd_extra: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.env = {**os.environ, **(env or {})}
         # /var/tmp, not /tmp: Postfix's smtpd (user postfix) must reach the unix socket.
         self.dir = Path(tempfile.mkdtemp(prefix="milterd-it-", dir="/var/tmp"))
         self.dir.chmod(0o755)
@@ -55,6 +61,7 @@ class Daemon:
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=self.env,
         )
         logf.close()
         deadline = time.monotonic() + timeout

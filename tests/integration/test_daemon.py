@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -474,3 +476,31 @@ def test_a_config_whose_plugin_startup_fails_exits_2_at_start(tmp_path: Path) ->
     run = _run_second(d.config)
     assert run.returncode == 2, run.stderr
     assert "t_mark told to fail at startup" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_systemd_hears_ready_reloading_and_stopping(tmp_path: Path) -> None:
+    """Type=notify: READY=1 once the socket listens and the workers run (so that Postfix,
+    ordered after milterd, finds it up), RELOADING=1 then READY=1 around a reload,
+    STOPPING=1 at SIGTERM. A restart-only key changed is said at every reload, not only
+    the first one after the change."""
+    notify_dir = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    path = notify_dir / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(20)
+        d = Daemon('[plugins.t_mark]\nvalue = "first"\n', env={"NOTIFY_SOCKET": str(path)})
+        with d:
+            ready = sock.recv(4096).decode()
+            assert ready.startswith("READY=1\nSTATUS=listening on unix:") and d._connectable()
+            d.header = d.header.replace("workers = 1", "workers = 2")
+            d.write('[plugins.t_mark]\nvalue = "second"\n')
+            for _ in range(2):
+                mark = len(d.log_text())
+                d.signal(signal.SIGHUP)
+                assert sock.recv(4096).decode().startswith("RELOADING=1\nMONOTONIC_USEC=")
+                assert sock.recv(4096).decode().startswith("READY=1\nSTATUS=")
+                d.wait_log("workers changed: it takes effect at the next restart", after=mark)
+            assert mark_of(send(d)) == " second qid=TESTQ1 client=192.0.2.1"
+            d.signal(signal.SIGTERM)
+            assert sock.recv(4096).decode().startswith("STOPPING=1")
+    shutil.rmtree(notify_dir)

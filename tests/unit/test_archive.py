@@ -1042,8 +1042,8 @@ def test_named_temporary_files_can_be_forced(
 
 def test_export_never_replaces_what_is_not_a_regular_file(tmp_path: Path) -> None:
     """The result is renamed into place: a FIFO, a directory or a device there must be an
-    error (2), not replaced by a regular file; a symbolic link is followed (the link
-    stays, its target gets the messages)."""
+    error (2), not replaced by a regular file; so is a symbolic link, neither followed
+    (a planted link would make root overwrite its target) nor replaced."""
     with rig(tmp_path) as h:
         h.send(MSG)
     (rec,) = all_records(tmp_path)
@@ -1056,13 +1056,19 @@ def test_export_never_replaces_what_is_not_a_regular_file(tmp_path: Path) -> Non
         r = cli(config, "export", rec.id, "--mbox", str(target))
         assert r.returncode == 2 and "not a regular file" in r.stderr, r.stderr
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and folder.is_dir()
-    real = tmp_path / "real.mbox"
-    real.write_bytes(b"")
-    link = tmp_path / "link.mbox"
-    link.symlink_to(real)
-    r = cli(config, "export", rec.id, "--mbox", str(link))
-    assert r.returncode == 0, r.stderr
-    assert link.is_symlink() and real.read_bytes().startswith(b"From sender@example.org ")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / f"{rec.id}.eml").symlink_to(victim)
+    (shared / "box.mbox").symlink_to(victim)
+    (shared / "dangling.mbox").symlink_to(tmp_path / "nowhere")
+    for args in (("--eml", str(shared)), ("--mbox", str(shared / "box.mbox")),
+                 ("--mbox", str(shared / "dangling.mbox"))):  # fmt: skip
+        r = cli(config, "export", rec.id, *args)
+        assert r.returncode == 2 and "a symbolic link" in r.stderr, r.stderr
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "nowhere").exists()
+    assert all(p.is_symlink() for p in shared.iterdir())
 
 
 def test_cli_refuses_contradictory_or_out_of_range_arguments(tmp_path: Path) -> None:

@@ -328,10 +328,9 @@ def test_eoh_macros_reach_the_connection_macros() -> None:
 # --- 4. the harness as the daemon ------------------------------------------------------------
 
 
-def test_quarantine_needs_the_declared_action() -> None:
-    """The MTA is asked for the quarantine action only for plugins that declare it: an
-    undeclared Quarantine would fail when applied in the daemon, so it is a bad-return
-    failure (on_error) here too, not a quarantine the daemon could not do."""
+def test_quarantine_needs_no_declared_action() -> None:
+    """The MTA is always asked for the quarantine action (bridge.protocol_flags), so a
+    plugin that declares only add_header may still quarantine."""
 
     class Holder:
         actions = frozenset({"add_header"})
@@ -340,16 +339,7 @@ def test_quarantine_needs_the_declared_action() -> None:
         def eom(self) -> Quarantine:
             return Quarantine(reason="suspicious")
 
-    class Declared(Holder):
-        actions = frozenset({"quarantine"})
-
-    with Harness({"holder": {"on_error": "continue"}}, plugins={"holder": Holder}) as h:
-        out = h.send(MSG)
-    assert out.verdict == "continue" and out.ops == []
-    assert out.errors == [
-        ("holder", "eom", "bad-return: returned Quarantine without declaring the quarantine action")
-    ]
-    with Harness(plugins={"holder": Declared}) as h:
+    with Harness(plugins={"holder": Holder}) as h:
         out = h.send(MSG)
     assert out.verdict == "quarantine" and out.errors == []
 
@@ -381,13 +371,16 @@ def test_the_body_is_seen_only_when_a_plugin_reads_it(reader: bool) -> None:
     """In the daemon the MTA sends no body when no plugin reads it; the harness must not
     show a body the daemon would not have (it keeps its own copy for ``delivered``)."""
     bodies: list[bytes] = []
+    sizes: list[int] = []
 
     class HeadersOnly:
         reads_body = False
 
         @hookimpl
-        def eom(self, message: Message) -> None:
+        def eom(self, ctx: Context, message: Message) -> None:
             bodies.append(message.body())
+            assert ctx.message is not None
+            sizes.append(ctx.message.body_size)
 
     class BodyReader:
         @hookimpl
@@ -400,6 +393,7 @@ def test_the_body_is_seen_only_when_a_plugin_reads_it(reader: bool) -> None:
     with Harness(plugins=plugins) as h:
         out = h.send(MSG)
     assert bodies == ([b"body\r\n"] if reader else [b""])
+    assert sizes == ([6] if reader else [0])  # ctx.message.body_size as the daemon has it
     assert out.delivered is not None and out.delivered.endswith(b"\r\n\r\nbody\r\n")
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +69,25 @@ def test_the_summary_line_says_which_identity_each_result_is_about(
         summary[0]
     )
     assert "Q1: Q1:" not in summary[0]
+
+
+def test_under_the_journal_the_text_line_has_no_time_stamp_of_its_own(tmp_path: Path) -> None:
+    """systemd sets JOURNAL_STREAM=DEV:INODE of the stream it gave the service as stderr;
+    the journal stamps each line, so milterd's own stamp goes. Only when stderr *is*
+    that stream: a process that inherited the variable and logs elsewhere keeps it."""
+    script = (
+        "import logging; from milterd.logs import setup_logging; setup_logging();"
+        "logging.getLogger('milterd').info('hello')"
+    )
+    out = tmp_path / "stderr"
+    for journal in (True, False):
+        with out.open("wb") as f:
+            st = os.fstat(f.fileno())
+            ino = st.st_ino if journal else st.st_ino + 1
+            env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{ino}"}
+            subprocess.run(
+                [sys.executable, "-c", script], stderr=f, env=env, check=True, timeout=60
+            )
+        line = out.read_text().strip()
+        assert line.startswith("milterd[") == journal, line
+        assert line.endswith("INFO milterd: hello")

@@ -303,7 +303,9 @@ def test_unit_sets(key: str, value: str) -> None:
 
 def test_unit_type_and_exec_start() -> None:
     svc = service()
-    assert one(svc, "Type") in {"exec", "simple"}
+    # notify: the daemon says READY=1 once it listens (milterd.daemon.sd_notify), and the
+    # main process (the supervisor) is the one allowed to say it
+    assert one(svc, "Type") == "notify" and one(svc, "NotifyAccess") == "main"
     argv = shlex.split(one(svc, "ExecStart"))
     assert argv[0].startswith("/") and argv[0].endswith("/milterd"), argv
     assert argv[1:] == ["-c", "/etc/milterd/milterd.toml", "run"]

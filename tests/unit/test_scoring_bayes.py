@@ -268,5 +268,15 @@ def test_bayes_cli_bad_input_is_one_line(
     assert "spam: 1 learned" in capsys.readouterr().out
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00\x01binary")
-    assert milterd_main(["-c", str(conf), "bayes", "train", "--path", db, "--ham", str(junk)]) == 1
-    assert "not an mbox file, a Maildir or a message" in capsys.readouterr().err
+    empty = tmp_path / "Junk"  # an emptied mail folder: an empty mbox, not an error
+    empty.write_bytes(b"")
+    leading = tmp_path / "lead.mbox"  # a blank line before the first From line
+    leading.write_bytes(b"\nFrom a@x Thu Dec  3 10:00:00 2026\nSubject: ham one\n\nhello\n")
+    bom = tmp_path / "bom.eml"
+    bom.write_bytes(b"\xef\xbb\xbfSubject: ham two\r\nMessage-ID: <2@x>\r\n\r\nhi there\r\n")
+    rc = milterd_main(["-c", str(conf), "bayes", "train", "--path", db, "--ham", str(junk),
+                       "--ham", str(empty), "--ham", str(leading), "--ham", str(bom)])  # fmt: skip
+    assert rc == 1  # the junk file, said; the other paths still learned
+    captured = capsys.readouterr()
+    assert "junk.bin: not an mbox file, a Maildir or a message" in captured.err
+    assert "ham: 2 learned" in captured.out
