@@ -64,9 +64,9 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     print("  pipeline: " + (" -> ".join(p.name for p in rt.plugins) or "(no plugins enabled)"))
     if as_root:
         print(
-            "  stores not opened (run as root, no [milterd] user: nothing created that the "
-            "daemon's user could not write); to check them too, run this as that user, "
-            "e.g. runuser -u milterd -- milterd -c FILE config check"
+            "  stores not checked (run as root, no [milterd] user: none created or written, "
+            "as the daemon's user could not write what root made); to check them too, run "
+            "this as that user, e.g. runuser -u milterd -- milterd -c FILE config check"
         )
     return 0
 

@@ -101,7 +101,7 @@ def test_config_check_as_root_without_a_user_creates_no_store(tmp_path: Path) ->
     )
     res = milterd("config", "check", config=cfg)
     assert res.returncode == 0, res.stderr
-    assert "stores not opened" in res.stdout and "runuser -u milterd" in res.stdout
+    assert "stores not checked" in res.stdout and "runuser -u milterd" in res.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stores.toml"]
 
 
