@@ -205,9 +205,9 @@ def test_changes_need_a_declared_action_and_a_message() -> None:
 def test_limits_give_their_documented_verdict(
     limit: str, value: int, message: bytes, expect: str
 ) -> None:
-    class Nop:
+    class Nop:  # takes the message: the MTA sends headers and body (the limits apply)
         @hookimpl
-        def eom(self) -> None:
+        def eom(self, message: Message) -> None:
             return None
 
     with Harness({"milterd": {limit: value}, "plugins": {"nop": {}}}, plugins={"nop": Nop}) as h:
@@ -389,3 +389,20 @@ def test_harness_verdict_when_every_recipient_is_refused() -> None:
     with Harness(plugins={"r": RcptChanges}) as h:
         out = h.send(MSG, recipients=["x@example.com", "x@example.net"])
     assert (out.verdict, out.stage) == ("reject", "envrcpt") and out.delivered is None
+
+
+def test_a_body_no_plugin_reads_is_neither_counted_nor_limited() -> None:
+    """As in the daemon, where the MTA was told to skip the body: max_message_size is
+    the plugins' protection and the MTA's own limit (message_size_limit) applies."""
+
+    class HeadersOnly:
+        reads_body = False
+
+        @hookimpl
+        def eom(self, message: Message) -> None:
+            return None
+
+    cfg = {"milterd": {"max_message_size": 60}, "plugins": {"h": {}}}
+    with Harness(cfg, plugins={"h": HeadersOnly}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "continue" and (out.delivered or b"").endswith(b"Body line\r\n")
