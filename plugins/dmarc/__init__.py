@@ -71,6 +71,16 @@ Disposition = Literal["none", "quarantine", "reject"]
 _DISPOSITIONS = ("none", "quarantine", "reject")
 _DOWNGRADE: dict[str, Disposition] = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 _V = re.compile(r"^\s*v\s*=\s*DMARC1\s*(;|$)")
+# What XML 1.0 cannot hold (C0 controls but tab, CR, LF; lone surrogates; U+FFFE/FFFF).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(value: str) -> str:
+    """``value`` as text an aggregate report (UTF-8 XML) can hold: each character XML 1.0
+    does not allow, a lone surrogate (a byte that was not UTF-8) included, becomes
+    U+FFFD. Values from the SMTP session and the message pass through this before they
+    are recorded or written into a report."""
+    return _NOT_XML.sub("\ufffd", value)
 _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)|xn--[a-z0-9-]{1,59}"
 _DOMAIN = re.compile(rf"(?:{_LABEL})(?:\.(?:{_LABEL}))+")
 _PSL: PublicSuffixList | None = None
@@ -688,6 +698,11 @@ class DMARCPlugin:
             self.sender.wake.set()
 
     def _remember(self, ctx: Context, ev: _Evaluation) -> None:
+        """One history row for the aggregate reports. Every value a sender controls (HELO,
+        MAIL FROM, DKIM d= and s=, the recipient) goes through :func:`xml_text` first: a
+        byte that is not UTF-8 (a lone surrogate here) made the insert, or a later
+        report run for every domain, fail, and a control character made the domain's
+        XML unparseable for its receiver."""
         assert self.store is not None and ev.record is not None
         rec = ev.record
         client = ctx.connection.client
@@ -707,14 +722,17 @@ class DMARCPlugin:
             for r in ctx.results_for("dkim")
             if r.prop("header.d")
         ]
+        spf = [(xml_text(a), b, xml_text(c)) for a, b, c in spf]
+        helo = [(xml_text(a), b, xml_text(c)) for a, b, c in helo]
+        dkim = [(xml_text(a), xml_text(b), xml_text(c)) for a, b, c in dkim]
         msg = ctx.message
-        rcpt = msg.recipients[0].address if msg is not None and msg.recipients else ""
+        rcpt = xml_text(msg.recipients[0].address) if msg is not None and msg.recipients else ""
         try:
             self.store.add(
                 {
                     "ts": int(time.time()),
                     "policy_domain": ev.policy_domain,
-                    "header_from": ev.domain,
+                    "header_from": xml_text(ev.domain),
                     "envelope_from": spf[0][0] if spf else "",
                     "envelope_to": rcpt.rpartition("@")[2].strip("<>").lower(),
                     "source_ip": ip,
@@ -735,7 +753,7 @@ class DMARCPlugin:
                 },
                 timeout=min(5.0, ctx.time_left()),
             )
-        except sqlite3.Error as e:  # reporting must never cost a message
+        except (sqlite3.Error, ValueError) as e:  # reporting must never cost a message
             ctx.log.warning("dmarc: history not written: %s", e)
 
     # --- command line ---------------------------------------------------------------------

@@ -50,7 +50,7 @@ from publicsuffixlist import PublicSuffixList
 from milterd import ConfigError, DNSTempError, NXDomain, Resolver, load_config, make_resolver
 
 from ..cliargs import port_number
-from . import _DOMAIN, _V, DMARCConfig, Store, _psl, org_domain
+from . import _DOMAIN, _V, DMARCConfig, Store, _psl, org_domain, xml_text
 
 __all__ = [
     "Destination",
@@ -198,7 +198,9 @@ def authorize(
 
 
 def _el(name: str, value: object) -> str:
-    return f"<{name}>{escape(str(value))}</{name}>"
+    """``<name>value</name>``, escaped, and with what XML cannot hold replaced (rows
+    recorded before 2026-12-03 may hold control characters or lone surrogates)."""
+    return f"<{name}>{escape(xml_text(str(value)))}</{name}>"
 
 
 def build_reports(store: Store, conf: DMARCConfig, since: int, until: int) -> list[Report]:
@@ -208,73 +210,82 @@ def build_reports(store: Store, conf: DMARCConfig, since: int, until: int) -> li
         by_domain.setdefault(row["policy_domain"], []).append(row)
     reports: list[Report] = []
     for domain, drows in sorted(by_domain.items()):
-        latest = drows[-1]
-        groups: dict[tuple[Any, ...], int] = {}
-        for row in drows:
-            key = (
-                row["source_ip"],
-                row["disposition"],
-                row["dkim_aligned"],
-                row["spf_aligned"],
-                row["reasons"],
-                row["header_from"],
-                row["envelope_from"],
-                row["envelope_to"],
-                row["dkim"],
-                row["spf"],
-            )
-            groups[key] = groups.get(key, 0) + 1
-        report_id = uuid.uuid4().hex
-        parts = ['<?xml version="1.0" encoding="UTF-8"?>', "<feedback>", _el("version", "1.0")]
-        parts.append("<report_metadata>")
-        parts += [_el("org_name", conf.org_name), _el("email", conf.report_email)]
-        if conf.report_contact:
-            parts.append(_el("extra_contact_info", conf.report_contact))
-        parts += [
-            _el("report_id", report_id),
-            "<date_range>",
-            _el("begin", since),
-            _el("end", until - 1),
-            "</date_range>",
-            "</report_metadata>",
-            "<policy_published>",
-            _el("domain", domain),
-            _el("adkim", latest["adkim"]),
-            _el("aspf", latest["aspf"]),
-            _el("p", latest["p"]),
-            _el("sp", latest["sp"]),
-            _el("pct", latest["pct"]),
-            _el("fo", latest["fo"]),
-            "</policy_published>",
-        ]
-        for key, count in groups.items():
-            ip, disp, dk, sp, reasons, hfrom, efrom, eto, dkim, spf = key
-            parts += ["<record>", "<row>", _el("source_ip", ip), _el("count", count)]
-            parts += ["<policy_evaluated>", _el("disposition", disp)]
-            parts += [_el("dkim", dk), _el("spf", sp)]
-            for rtype, comment in _json(reasons):
-                parts += ["<reason>", _el("type", rtype), _el("comment", comment), "</reason>"]
-            parts += ["</policy_evaluated>", "</row>", "<identifiers>"]
-            if eto:
-                parts.append(_el("envelope_to", eto))
-            parts += [_el("envelope_from", efrom), _el("header_from", hfrom)]
-            parts += ["</identifiers>", "<auth_results>"]
-            for d, s, res in _json(dkim):
-                parts += ["<dkim>", _el("domain", d)]
-                if s:
-                    parts.append(_el("selector", s))
-                parts += [_el("result", res), "</dkim>"]
-            spf_rows = _json(spf) or [[efrom or hfrom, "mfrom", "none"]]
-            for d, scope, res in spf_rows:
-                parts += ["<spf>", _el("domain", d), _el("scope", scope), _el("result", res)]
-                parts.append("</spf>")
-            parts += ["</auth_results>", "</record>"]
-        parts.append("</feedback>")
-        xml = ("\n".join(parts) + "\n").encode("utf-8")
-        reports.append(
-            Report(domain, since, until - 1, report_id, latest["rua"], xml, receiver(conf))
-        )
+        try:
+            reports.append(_build(domain, drows, conf, since, until))
+        except Exception as e:  # one domain's odd rows must not cost every other report
+            print(f"milterd dmarc report: {domain}: report not built: {type(e).__name__}: {e}",
+                  file=sys.stderr)  # fmt: skip
     return reports
+
+
+def _build(
+    domain: str, drows: list[dict[str, Any]], conf: DMARCConfig, since: int, until: int
+) -> Report:
+    """The aggregate report of one policy domain from its history rows."""
+    latest = drows[-1]
+    groups: dict[tuple[Any, ...], int] = {}
+    for row in drows:
+        key = (
+            row["source_ip"],
+            row["disposition"],
+            row["dkim_aligned"],
+            row["spf_aligned"],
+            row["reasons"],
+            row["header_from"],
+            row["envelope_from"],
+            row["envelope_to"],
+            row["dkim"],
+            row["spf"],
+        )
+        groups[key] = groups.get(key, 0) + 1
+    report_id = uuid.uuid4().hex
+    parts = ['<?xml version="1.0" encoding="UTF-8"?>', "<feedback>", _el("version", "1.0")]
+    parts.append("<report_metadata>")
+    parts += [_el("org_name", conf.org_name), _el("email", conf.report_email)]
+    if conf.report_contact:
+        parts.append(_el("extra_contact_info", conf.report_contact))
+    parts += [
+        _el("report_id", report_id),
+        "<date_range>",
+        _el("begin", since),
+        _el("end", until - 1),
+        "</date_range>",
+        "</report_metadata>",
+        "<policy_published>",
+        _el("domain", domain),
+        _el("adkim", latest["adkim"]),
+        _el("aspf", latest["aspf"]),
+        _el("p", latest["p"]),
+        _el("sp", latest["sp"]),
+        _el("pct", latest["pct"]),
+        _el("fo", latest["fo"]),
+        "</policy_published>",
+    ]
+    for key, count in groups.items():
+        ip, disp, dk, sp, reasons, hfrom, efrom, eto, dkim, spf = key
+        parts += ["<record>", "<row>", _el("source_ip", ip), _el("count", count)]
+        parts += ["<policy_evaluated>", _el("disposition", disp)]
+        parts += [_el("dkim", dk), _el("spf", sp)]
+        for rtype, comment in _json(reasons):
+            parts += ["<reason>", _el("type", rtype), _el("comment", comment), "</reason>"]
+        parts += ["</policy_evaluated>", "</row>", "<identifiers>"]
+        if eto:
+            parts.append(_el("envelope_to", eto))
+        parts += [_el("envelope_from", efrom), _el("header_from", hfrom)]
+        parts += ["</identifiers>", "<auth_results>"]
+        for d, s, res in _json(dkim):
+            parts += ["<dkim>", _el("domain", d)]
+            if s:
+                parts.append(_el("selector", s))
+            parts += [_el("result", res), "</dkim>"]
+        spf_rows = _json(spf) or [[efrom or hfrom, "mfrom", "none"]]
+        for d, scope, res in spf_rows:
+            parts += ["<spf>", _el("domain", d), _el("scope", scope), _el("result", res)]
+            parts.append("</spf>")
+        parts += ["</auth_results>", "</record>"]
+    parts.append("</feedback>")
+    xml = ("\n".join(parts) + "\n").encode("utf-8")
+    return Report(domain, since, until - 1, report_id, latest["rua"], xml, receiver(conf))
 
 
 def receiver(conf: DMARCConfig) -> str:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -482,3 +483,63 @@ def test_report_command_line_mistakes_are_usage_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     r = _cli(config, "--db", str(db), "--send", "--smtp-port", "99999")
     assert r.returncode == 2 and "not a port number" in r.stderr
+
+
+def test_sender_bytes_and_controls_cannot_break_the_history_or_any_report(tmp_path: Path) -> None:
+    """Found by a security review. A HELO or MAIL FROM with a byte that is not UTF-8 (a
+    lone surrogate once decoded) failed the history insert, so dmarc failed at eom (451,
+    or with on_error = continue a spoofed p=reject From delivered), or it was recorded
+    and then every domain's report of the period failed; control characters (HELO, a
+    forged DKIM d=/s=) made the domain's XML unparseable for its receiver."""
+    from milterd_plugins.authres import AuthenticationResults
+    from milterd_plugins.dkim import DKIMPlugin
+    from milterd_plugins.dmarc import DMARCPlugin
+    from milterd_plugins.spf import SPFPlugin
+
+    from milterd.testing import Harness
+
+    db = tmp_path / "history.sqlite"
+    zones = {
+        "_dmarc.victim.example": {"TXT": ["v=DMARC1; p=reject; rua=mailto:r@victim.example"]},
+        "_dmarc.other.example": {"TXT": ["v=DMARC1; p=none; rua=mailto:r@other.example"]},
+    }
+    bad = b"\xff".decode("utf-8", "surrogateescape")
+    cfg = {"spf": {}, "dkim": {}, "authres": {}, "dmarc": {"history_db": str(db)}}
+    plugins = {"spf": SPFPlugin, "dkim": DKIMPlugin, "dmarc": DMARCPlugin,
+               "authres": AuthenticationResults}  # fmt: skip
+    forged = (b"DKIM-Signature: v=1; a=rsa-sha256; d=victim.example\x01; s=s\x02el; h=from;"
+              b" bh=AAAA; b=AAAA\r\n")  # fmt: skip
+    since = int(time.time()) - 1
+    with Harness(cfg, plugins=plugins, zones=zones) as h:
+        for helo, sender, extra in (
+            (f"mx{bad}.good.example", "", b""),
+            ("mx.good.example", f"a@{bad}good.example", b""),
+            ("mx\x0b.good.example", "x@good.example", forged),
+        ):
+            out = h.send(extra + b"From: a@victim.example\r\nSubject: t\r\n\r\nb\r\n",
+                         helo=helo, sender=sender, client_ip="192.0.2.5")  # fmt: skip
+            assert out.errors == [] and out.verdict == "reject", out.errors  # dmarc decided
+        out = h.send(b"From: a@other.example\r\nSubject: t\r\n\r\nb\r\n",
+                     helo="mx.good.example", client_ip="192.0.2.6")  # fmt: skip
+        assert out.errors == []
+    store = Store(str(db))
+    reports = build_reports(store, DMARCConfig(), since, int(time.time()) + 1)
+    store.close()
+    assert sorted(r.domain for r in reports) == ["other.example", "victim.example"]
+    for r in reports:
+        root = ET.fromstring(r.xml)  # well-formed
+        assert root.tag == "feedback"
+    victim = next(r for r in reports if r.domain == "victim.example").xml.decode()
+    assert "mx\ufffd.good.example" in victim and "victim.example\ufffd" in victim
+
+
+def test_one_domains_unbuildable_rows_cost_no_other_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(str(tmp_path / "h.sqlite"))
+    store.add(_row("mailto:r@example.org"))
+    store.add(_row("mailto:r@bad.example") | {"policy_domain": "bad.example", "dkim": "{not json"})
+    reports = build_reports(store, DMARCConfig(), 0, 86400)
+    store.close()
+    assert [r.domain for r in reports] == ["example.org"]
+    assert "bad.example: report not built: JSONDecodeError" in capsys.readouterr().err
