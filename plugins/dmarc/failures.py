@@ -14,8 +14,8 @@ written to the spool.
 
 Spool file: a first line of JSON (``domain``, ``ruf``, ``created``, ``done``: addresses
 already handled) and the report message. A report is dropped after :data:`MAX_AGE`
-seconds of temporary failures; the spool holds at most ``failure_spool_max`` reports
-(more are not written, and counted in the log).
+seconds of temporary failures; the spool holds at most ``failure_spool_max`` reports, and
+one policy domain at most a tenth of them (more are not written, and counted in the log).
 """
 
 from __future__ import annotations
@@ -340,6 +340,11 @@ def _cte(data: bytes) -> str:
     return "8bit" if any(b > 127 for b in data) else "7bit"
 
 
+def _domain_tag(domain: str) -> str:
+    """A short tag of the policy domain for spool file names (counted per domain)."""
+    return "d" + hashlib.sha256(domain.lower().encode("utf-8", "replace")).hexdigest()[:10]
+
+
 class FailureSpool:
     """The directory of reports waiting to be sent (created 0750 when missing)."""
 
@@ -356,15 +361,22 @@ class FailureSpool:
             return []
 
     def put(self, domain: str, ruf: str, report: bytes) -> bool:
-        """Write one report (temporary file, rename). False when the spool is full."""
-        n = 0
+        """Write one report (temporary file, rename). False when the spool is full, or
+        when ``domain`` already holds its share of it (a tenth, at least one): a domain
+        whose owner publishes ``fo=1`` and a ruf address, and sends failing mail as it,
+        must not keep the spool full so that no other domain's report is written."""
+        n = mine = 0
+        tag = _domain_tag(domain)
+        share = max(1, self.max_reports // 10)
         with os.scandir(self.dir) as it:
             for entry in it:
-                n += entry.name.endswith(".report")
-                if n >= self.max_reports:
+                if entry.name.endswith(".report"):
+                    n += 1
+                    mine += tag in entry.name
+                if n >= self.max_reports or mine >= share:
                     return False
         head = {"domain": domain, "ruf": ruf, "created": time.time(), "done": []}
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+        name = f"{time.time_ns():020d}-{tag}-{uuid.uuid4().hex[:12]}"
         tmp = self.dir / f".{name}.tmp"
         try:
             tmp.write_bytes(json.dumps(head).encode() + b"\n" + report)

@@ -328,7 +328,7 @@ def test_sender_keeps_deferred_reports_and_drops_bad_files(tmp_path: Path) -> No
     assert sender.run_once()["expired"] == 1
     assert spool.files() == []
     # A full spool writes nothing more.
-    assert all(spool.put("example.org", "", b"x") for _ in range(3))
+    assert all(spool.put(f"d{i}.example", "", b"x") for i in range(3))
     assert not spool.put("example.org", "", b"x")
 
 
@@ -417,3 +417,16 @@ def test_ruf_override_and_long_results_and_spool_hygiene(tmp_path: Path) -> None
     stale.write_bytes(b"half")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     assert spool.sweep() == 1 and not stale.exists()
+
+
+def test_one_domain_cannot_fill_the_spool_for_everyone(tmp_path: Path) -> None:
+    """Found by a security review: reports over a ruf address's hourly limit wait, so a
+    domain whose owner sends failing mail as it could keep a shared spool full."""
+    spool = FailureSpool(str(tmp_path / "spool"), max_reports=30)
+    ruf = "mailto:me@attacker.example"
+    attacker = [spool.put("attacker.example", ruf, b"r") for _ in range(10)]
+    assert attacker == [True, True, True, False] + [False] * 6  # a tenth of 30
+    assert spool.put("Attacker.Example", "mailto:me@attacker.example", b"r") is False
+    assert all(spool.put(f"d{i}.example", "mailto:r@x.example", b"r") for i in range(9))
+    assert spool.put("victim.example", "mailto:r@victim.example", b"r") is True
+    assert len(spool.files()) == 3 + 9 + 1
