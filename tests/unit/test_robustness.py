@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import time
+import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from milterd_plugins.archive.store import FileStore
 from milterd_plugins.dkim.keys import public_txt
+from milterd_plugins.dmarc import DMARCConfig
+from milterd_plugins.dmarc import Store as DMARCStore
+from milterd_plugins.dmarc.reports import build_reports
 
 from milterd.testing import Harness, split_message
 from tests.support.keys import write_key
@@ -81,8 +86,10 @@ def _zones(keys: dict[str, Any]) -> dict[str, Any]:
         "hop._domainkey.relay.example.net": {"TXT": [keys["txt"]]},
         "example.org": {"TXT": ["v=spf1 ip4:192.0.2.0/24 include:broken.example -all"]},
         "broken.example": {"TXT": ["v=spf1 ip4:999.1.2.3/99 redirect= exists:%{zz}"]},
-        "_dmarc.example.org": {"TXT": ["v=DMARC1; p=reject; rua=mailto:x@example.org; pct=x"]},
-        "_dmarc.example.com": {"TXT": ["v=DMARC1; p=quarantine; sp=bogus; adkim=q"]},
+        # example.org's is valid, so that the history records (and reports build from)
+        # what the hostile runs send; example.com's is malformed three ways.
+        "_dmarc.example.org": {"TXT": ["v=DMARC1; p=reject; rua=mailto:x@example.org"]},
+        "_dmarc.example.com": {"TXT": ["v=DMARC1; p=quarantine; sp=bogus; adkim=q; pct=x"]},
         "example.com": {"TXT": "TIMEOUT"},
     }
 
@@ -113,8 +120,8 @@ def harness(
             "dkim": {},
             "authres": {},
             "arc": {},
-            "dmarc": {},
-            "scoring": {},
+            "dmarc": {"history_db": str(archive.parent / "dmarc.sqlite")},
+            "scoring": {"bayes": {"enabled": True, "path": str(archive.parent / "bayes.sqlite")}},
             "tagging": {},
             "archive": {"path": str(archive)},
         }
@@ -215,13 +222,16 @@ def mutated(draw: Any, originals: list[bytes]) -> bytes:
 
 ENVELOPE = st.fixed_dictionaries(
     {
+        # \udcff: a byte that is not UTF-8, as the bridge decodes it (surrogateescape)
         "sender": st.sampled_from(
-            ["alice@example.org", "<>", "", "a@b", "weird@@x", "x@[192.0.2.1]", "ü@ex.test"]
+            ["alice@example.org", "<>", "", "a@b", "weird@@x", "x@[192.0.2.1]", "ü@ex.test",
+             "a\udcff@example.org", "a@exa\x01mple.org", "a@example.org\udcff"]
         ),
         "client_ip": st.sampled_from(
             ["192.0.2.1", "203.0.113.9", "2001:db8::1", "::ffff:192.0.2.1"]
         ),
-        "helo": st.sampled_from(["client.example.org", "", "[192.0.2.1]", "a..b", "x" * 300]),
+        "helo": st.sampled_from(["client.example.org", "", "[192.0.2.1]", "a..b", "x" * 300,
+                                 "mx\udcff.example.org", "mx\x0b.example.org"]),
     }
 )  # fmt: skip
 
@@ -292,6 +302,16 @@ def test_archive_consistent_after_the_hostile_runs(
         assert store.verify() == []
     finally:
         store.close()
+    # And every DMARC aggregate report of what was recorded builds and is well-formed XML
+    # (a byte from the envelope once stopped every domain's report).
+    history = DMARCStore(str(archive.parent / "dmarc.sqlite"))
+    try:
+        reports = build_reports(history, DMARCConfig(), 0, int(time.time()) + 1)
+    finally:
+        history.close()
+    assert reports, "nothing recorded"
+    for r in reports:
+        ET.fromstring(r.xml)
 
 
 # --- signing and sealing ---------------------------------------------------------------
