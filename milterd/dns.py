@@ -112,8 +112,8 @@ class StubResolver:
         try:
             answer = self._lookup(name, rdtype, timeout)
         except _ServerFailure as e:
-            # Only the servers' failures count: a name that is not valid DNS (a sender's
-            # 64-octet label) fails without asking them.
+            # Only the servers' failures count (a name that is not valid DNS is NXDOMAIN
+            # without asking them, above).
             self._count(str(e)[:200])
             raise DNSTempError(str(e)) from None
         self._count(None)
@@ -128,7 +128,12 @@ class StubResolver:
             answer = r.resolve(
                 name, rdtype, lifetime=lifetime, raise_on_no_answer=False, search=False
             )
-        except dns.resolver.NXDOMAIN:
+        except (dns.resolver.NXDOMAIN, dns.name.NameTooLong, dns.name.LabelTooLong,
+                dns.name.EmptyLabel):  # fmt: skip
+            # A name that cannot exist in DNS (over 255 octets with _dmarc. in front, a
+            # 64-octet label, an empty label) has no records, for certain: NXDOMAIN, as
+            # RFC 7208 4.3 has SPF treat a malformed domain, so that DMARC goes on to the
+            # organizational domain instead of a temperror that lets p=reject mail through.
             raise NXDomain(name) from None
         except (
             dns.exception.Timeout,

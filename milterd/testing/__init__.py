@@ -70,9 +70,10 @@ class FakeResolver:
     """A resolver answering from a dictionary: ``{name: {rdtype: [text, ...]}}``.
 
     Names are case-insensitive, with or without the trailing dot. A name absent from the
-    dictionary is NXDOMAIN; a present name without the type is NODATA (``[]``). A value of
-    ``"TIMEOUT"`` instead of a list raises DNSTempError, as a silent server would. Every
-    query is appended to :attr:`queries`.
+    dictionary, or one that cannot exist in DNS (over 253 octets, an empty or 64-octet
+    label), is NXDOMAIN, as with the daemon's resolver; a present name without the type
+    is NODATA (``[]``). A value of ``"TIMEOUT"`` instead of a list raises DNSTempError,
+    as a silent server would. Every query is appended to :attr:`queries`.
     """
 
     def __init__(self, zones: Mapping[str, Mapping[str, Any]] | None = None) -> None:
@@ -84,12 +85,19 @@ class FakeResolver:
     def lookup(self, name: str, rdtype: str, timeout: float | None = None) -> list[str]:
         key = name.lower().rstrip(".")
         self.queries.append((key, rdtype.upper()))
-        if key not in self.zones:
+        if key not in self.zones or not _valid_dns_name(key):
             raise NXDomain(name)
         value = self.zones[key].get(rdtype.upper(), [])
         if value == "TIMEOUT":
             raise DNSTempError(f"{name}/{rdtype}: timeout (fake)")
         return [str(v) for v in value]
+
+
+def _valid_dns_name(name: str) -> bool:
+    """Whether ``name`` (no trailing dot) can exist in DNS: at most 253 octets, labels of
+    1-63. The daemon's resolver answers NXDOMAIN for any other without asking a server."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    return len(encoded) <= 253 and all(0 < len(p) <= 63 for p in encoded.split(b"."))
 
 
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")

@@ -124,7 +124,12 @@ def _safe(value: str) -> str:
 # domain; UTF-8 allowed, as RFC 6532 does and as authres wrote it) goes as it is; anything
 # else (empty, white space, specials) as a quoted-string.
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
-_ADDR = re.compile(r'[^\x00-\x20()<>@,;:\\"\[\]\x7f]*@[^\x00-\x20()<>@,;:\\"\[\]\x7f]+')
+# The address form: a local part of RFC 5322 atext and dots, "@", a domain-name (RFC 6376:
+# labels of letters, digits, "-" and "_"); non-ASCII letters in either (RFC 6532). A value
+# such as "x@a=b" or "x@a/b?c" is neither a domain-name nor a token: quoted.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-"
+_LABEL = r"[A-Za-z0-9_\x80-\U0010ffff-]+"
+_ADDR = re.compile(rf"[{_ATEXT}.]*@{_LABEL}(?:\.{_LABEL})*")
 
 
 class _Value(ar.QuotableValue):  # type: ignore[misc]  # authres has no type information

@@ -173,50 +173,43 @@ class DMARCRecord:
 def parse_record(text: str) -> DMARCRecord:
     """Parse one ``v=DMARC1`` record. Raises RecordError when it is unusable.
 
-    RFC 7489 6.3/6.6.3: a missing or invalid ``p`` with a valid ``rua`` is read as
-    ``p=none``; without one the record is unusable.
+    RFC 7489 6.3: ``v=DMARC1`` must come first; any other syntax error is discarded in
+    favour of the default (an ``adkim``, ``aspf`` or ``pct`` that is not valid, a part
+    without ``=``, a repeated tag: the first one counts) or ignored (an unknown tag).
+    6.6.3 step 6: a missing or invalid ``p``, or an invalid ``sp``, with a valid ``rua``
+    is read as the record ``v=DMARC1; p=none`` (reports still go to the ``rua``); without
+    one the record is unusable.
     """
     tags: dict[str, str] = {}
     for i, part in enumerate(text.split(";")):
         if not part.strip():
             continue
         name, eq, value = part.partition("=")
-        if not eq:
-            raise RecordError(f"malformed tag {part.strip()!r}")
         name, value = name.strip().lower(), value.strip()
-        if i == 0 and (name != "v" or value != "DMARC1"):
+        if i == 0 and (not eq or name != "v" or value != "DMARC1"):
             raise RecordError("v=DMARC1 must come first")
-        if name in tags:
-            raise RecordError(f"duplicate tag {name}")
-        tags[name] = value
+        if eq and name not in tags:
+            tags[name] = value
     rua = tags.get("rua", "")
     rua_ok = any(u.strip().lower().startswith("mailto:") for u in rua.split(",") if u.strip())
     p = tags.get("p", "").lower()
-    if p not in _DISPOSITIONS:
-        if not rua_ok:
-            raise RecordError(f"invalid or missing p={p!r}")
-        p = "none"
     sp: str | None = tags.get("sp")
-    if sp is not None:
-        sp = sp.lower()
-        if sp not in _DISPOSITIONS:
-            if not rua_ok:
-                raise RecordError(f"invalid sp={sp!r}")
-            sp = None
+    sp = sp.lower() if sp is not None else None
+    if p not in _DISPOSITIONS or (sp is not None and sp not in _DISPOSITIONS):
+        if not rua_ok:
+            what = f"invalid sp={sp!r}" if p in _DISPOSITIONS else f"invalid or missing p={p!r}"
+            raise RecordError(what)
+        return DMARCRecord("none", None, "r", "r", 100, rua, "0", text, None, tags.get("ruf", ""))
     np: str | None = tags.get("np")
     if np is not None:
         np = np.lower()
         if np not in _DISPOSITIONS:  # RFC 9091 is an extension: a bad np is ignored,
             np = None  # never a reason to drop the record's p
     adkim, aspf = tags.get("adkim", "r").lower(), tags.get("aspf", "r").lower()
-    if adkim not in ("r", "s") or aspf not in ("r", "s"):
-        raise RecordError("adkim/aspf must be r or s")
-    try:
-        pct = int(tags.get("pct", "100"))
-    except ValueError:
-        raise RecordError("pct must be an integer") from None
-    if not 0 <= pct <= 100:
-        raise RecordError("pct must be 0..100")
+    adkim = adkim if adkim in ("r", "s") else "r"
+    aspf = aspf if aspf in ("r", "s") else "r"
+    pct = int(tags["pct"]) if re.fullmatch(r"\d{1,3}", tags.get("pct", "")) else 100
+    pct = pct if pct <= 100 else 100
     fo = tags.get("fo", "0")
     ruf = tags.get("ruf", "")
     return DMARCRecord(p, sp, adkim, aspf, pct, rua, fo, text, np, ruf)  # type: ignore[arg-type]
@@ -262,6 +255,23 @@ def from_domains(message: Message) -> list[str]:
     if values and not out:
         out = [""] * len(values)
     return out
+
+
+_STRICTNESS = {"none": 0, "quarantine": 1, "reject": 2}
+
+
+def _author_domain(raw: str) -> str:
+    """A From address's domain as DMARC looks it up (A-labels, lower case), or ``""`` when
+    it cannot be one: empty, a single label, not a host name, over 253 octets."""
+    if not raw or "." not in raw:
+        return ""
+    try:  # internationalized domains are looked up (and reported) as A-labels
+        domain = raw.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return ""
+    if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
+        return ""
+    return domain
 
 
 def _sealers(message: Message) -> set[str]:
@@ -519,18 +529,38 @@ class DMARCPlugin:
         return True
 
     def _evaluate(self, ctx: Context, message: Message) -> _Evaluation:
-        assert self.psl is not None
+        """The DMARC evaluation of the message's From. Several addresses in From (RFC 7489
+        6.6.1): each distinct Author Domain is evaluated, and the strictest policy among
+        those that fail applies (an address without a domain is skipped); a From that
+        gives no usable domain is a permerror, and with ``reject_bad_from`` anything but
+        exactly one address is (the 550 of that option)."""
         conf: DMARCConfig = ctx.config
         domains = from_domains(message)
-        if len(domains) != 1 or not domains[0] or "." not in domains[0]:
-            n = len(domains)
+        n = len(domains)
+        if n != 1 and (conf.reject_bad_from or not any(domains)):
             return _Evaluation("permerror", detail=f"{n} From addresses" if n != 1 else "bad From")
-        try:  # internationalized domains are looked up (and reported) as A-labels
-            domain = domains[0].encode("idna").decode("ascii").lower()
-        except UnicodeError:
-            domain = ""
-        if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
-            return _Evaluation("permerror", detail="invalid From domain")
+        usable: list[str] = []
+        for raw in domains:
+            domain = _author_domain(raw)
+            if domain and domain not in usable:
+                usable.append(domain)
+        if not usable:
+            return _Evaluation("permerror", detail="invalid From domain" if n == 1 else
+                               f"{n} From addresses, none with a usable domain")  # fmt: skip
+        evaluations = [self._evaluate_domain(ctx, message, d) for d in usable]
+        failed = [e for e in evaluations if e.result == "fail"]
+        if failed:
+            return max(failed, key=lambda e: _STRICTNESS[e.disposition])  # first of equals
+        for word in ("temperror", "pass"):
+            for e in evaluations:
+                if e.result == word:
+                    return e
+        return evaluations[0]
+
+    def _evaluate_domain(self, ctx: Context, message: Message, domain: str) -> _Evaluation:
+        """The evaluation for one Author Domain (A-labels, checked by _author_domain)."""
+        assert self.psl is not None
+        conf: DMARCConfig = ctx.config
         try:
             policy_domain, record, problem = self._discover(ctx, domain)
         except DNSTempError:

@@ -555,6 +555,9 @@ class SPFPlugin:
                 if sender:  # pyspf's own split is wrong for these (see split_sender)
                     local, domain = split_sender(sender)
                     q.l, q.o, q.d = local or "postmaster", domain, domain
+                    # RFC 7208 4.3: an empty local part is "postmaster", and %{s} (7.3)
+                    # is that <sender>: not "@example.org" or the bare domain.
+                    q.s = f"{q.l}@{domain}"
                 res, _code, exp = q.check()
         except Exception as e:  # pyspf bugs on hostile input must not cost the message
             ctx.log.warning("spf: evaluation of %s failed: %r", sender, e)
@@ -713,7 +716,7 @@ class SPFPlugin:
             ident = "mailfrom" if mfrom else "helo"
             receiver = "" if conf.Hide_Receiver else f" receiver={conn.macros.get('j', '')};"
             value = (
-                f"{result} ({_comment(exp) or 'SPF ' + result}) client-ip={ip};"
+                f"{result} ({_comment(exp) or 'SPF ' + result}) client-ip={_value(ip)};"
                 f" envelope-from={_value(sender)}; helo={_value(helo)};{receiver}"
                 f" identity={ident}"
             )

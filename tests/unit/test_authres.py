@@ -254,3 +254,16 @@ def test_forged_huge_values_are_capped_and_the_header_folded() -> None:
     parsed = authres.AuthenticationResultsHeader.parse(f"{name}: {value}")
     (r,) = parsed.results
     assert r.result == "fail" and len(r.properties[0].value) == 256
+
+
+def test_an_address_like_value_that_is_no_address_is_quoted() -> None:
+    """RFC 8601 pvalue: a value (token or quoted-string) or [local-part] "@" domain-name.
+    "x@a=b" is neither (found by a conformance review); real addresses stay bare."""
+    from milterd_plugins.authres import _PValue
+
+    assert _PValue("x@a=b").quote_if_needed() == '"x@a=b"'
+    assert _PValue("x@a/b?c").quote_if_needed() == '"x@a/b?c"'
+    assert _PValue("x@a..b").quote_if_needed() == '"x@a..b"'
+    for bare in ("user@example.com", "@example.com", "a.b+c=d/e@sub.example.org",
+                 "ü@bücher.example"):  # fmt: skip
+        assert _PValue(bare).quote_if_needed() == bare

@@ -171,15 +171,39 @@ def test_dns_failure_is_temperror() -> None:
     assert out.verdict == "tempfail"
 
 
-@pytest.mark.parametrize(
-    "froms", [[], ["a@example.org", "b@example.org"], ["a@x.example, b@y.example"], ["undisclosed"]]
-)
-def test_exactly_one_from_address_is_required(froms: list[str]) -> None:
+@pytest.mark.parametrize("froms", [[], ["undisclosed"], ["a, b"]])
+def test_a_from_without_a_usable_domain_is_a_permerror(froms: list[str]) -> None:
     out = run(froms)
     assert dmarc(out).result == "permerror" and out.verdict == "continue"
     assert dmarc(out).prop("header.from") is None
     out = run(froms, config={"reject_bad_from": True})
     assert out.verdict == "reject"
+
+
+@pytest.mark.parametrize(
+    "froms",
+    [
+        ["a@example.org", "b@example.org"],  # two From fields
+        ["ceo@example.org, x@none.example"],  # two addresses, the strictest failing wins
+        ["x@none.example, ceo@example.org"],
+        ["Bank, Inc. <ceo@example.org>"],  # an unquoted comma: "Bank" has no domain
+    ],
+)
+def test_several_from_addresses_are_each_evaluated(froms: list[str]) -> None:
+    """RFC 7489 6.6.1: each Author Domain is checked and the strictest policy among those
+    that fail applies. These used to be a permerror, delivered: a spoofed p=reject domain
+    next to any other address got through."""
+    out = run(froms)
+    assert dmarc(out).result == "fail" and dmarc(out).prop("header.from") == "example.org"
+    assert out.verdict == "reject"
+    out = run(froms, config={"reject_bad_from": True})  # the option still refuses them all
+    assert out.verdict == "reject"
+    assert "exactly one From" in out.decision.verdict.text
+
+
+def test_several_from_domains_without_policies_are_none() -> None:
+    out = run(["a@x.example, b@y.example"])
+    assert dmarc(out).result == "none" and out.verdict == "continue"
 
 
 def test_pct_zero_samples_out_to_the_next_policy() -> None:
@@ -226,15 +250,33 @@ def test_trusted_senders_are_not_evaluated() -> None:
     [
         "p=reject",
         "v=DMARC1",
-        "v=DMARC1; p=reject; pct=200",
-        "v=DMARC1; p=reject; adkim=x",
-        "v=DMARC1; p=reject; p=none",
         "v=DMARC1; p",
+        "v=DMARC1; p=bogus",
+        "v=DMARC1; p=reject; sp=bogus",
     ],
 )
 def test_parse_record_errors(text: str) -> None:
     with pytest.raises(RecordError):
         parse_record(text)
+
+
+def test_other_syntax_errors_fall_back_to_the_defaults() -> None:
+    """RFC 7489 6.3: a syntax error after v=DMARC1 is discarded in favour of the default
+    or ignored; it used to make the whole record a permerror, so a typo in one tag
+    cancelled a domain's p=reject."""
+    r = parse_record("v=DMARC1; p=reject; pct=150; adkim=x; aspf=relaxed; stray; foo=1; p=none")
+    assert (r.p, r.pct, r.adkim, r.aspf) == ("reject", 100, "r", "r")
+    for pct in ("abc", "50.5", "-1", ""):
+        assert parse_record(f"v=DMARC1; p=quarantine; pct={pct}").pct == 100
+    assert parse_record("v=DMARC1; p=reject; pct=0").pct == 0
+
+
+def test_an_invalid_p_or_sp_with_a_rua_is_read_as_p_none() -> None:
+    """RFC 7489 6.6.3 step 6.1: as if the record were v=DMARC1; p=none (the rua stays)."""
+    for text in ("v=DMARC1; p=reject; sp=bogus; rua=mailto:r@example.org",
+                 "v=DMARC1; p=bogus; sp=reject; rua=mailto:r@example.org"):  # fmt: skip
+        r = parse_record(text)
+        assert (r.p, r.sp, r.rua) == ("none", None, "mailto:r@example.org")
 
 
 def test_history_and_aggregate_report_validate(tmp_path: Path) -> None:
@@ -379,3 +421,12 @@ def test_history_older_than_history_days_is_pruned(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
     assert left == [now - 60]
+
+
+def test_a_from_subdomain_too_long_for_its_dmarc_name_uses_the_organizational_domain() -> None:
+    """_dmarc. plus a 247-253 octet domain is no DNS name: the lookup is NXDOMAIN (it was
+    a temperror, delivered by default), so the organizational domain's policy applies."""
+    long_sub = ".".join(["x" * 58] * 4) + ".example.org"
+    assert 247 <= len(long_sub) <= 253
+    out = run(f"ceo@{long_sub}")
+    assert dmarc(out).result == "fail" and out.verdict == "quarantine"  # example.org's sp

@@ -153,10 +153,11 @@ def test_reject_multi_value_from_refuses_several_from_addresses(tmp_path: Path) 
     assert "exactly one From" in out.decision.verdict.text
     # The From checks of RequiredHeaders are converted, the other counts are reported.
     assert any(n.startswith("RequiredHeaders true") and "Date" in n for n in res.not_converted)
-    # Without either option, such mail is delivered (permerror recorded).
+    # Without either option, each From domain is evaluated (RFC 7489 6.6.1) and the
+    # strictest failing policy applies: here example.org's.
     cfg = load(converted("reporting.conf", tmp_path), tmp_path)
     out = send(cfg, message("a@example.org, b@other.example.net"), sender="x@example.org")
-    assert out.verdict == "continue" and dmarc(out).result == "permerror"
+    assert dmarc(out).result == "fail" and dmarc(out).prop("header.from") == "example.org"
 
 
 # --- who is not evaluated ----------------------------------------------------------------------

@@ -22,6 +22,8 @@ ZONES: dict[str, dict[str, Any]] = {
     "two.example.org": {"TXT": ["v=spf1 -all", "v=spf1 +all"]},
     "slow.example.org": {"TXT": "TIMEOUT"},
     "client.example.org": {"TXT": ["v=spf1 a -all"], "A": ["192.0.2.1"]},
+    "macro.example.org": {"TXT": ["v=spf1 exists:%{s}._spf.macro.example.org -all"]},
+    "postmaster@macro.example.org._spf.macro.example.org": {"A": ["127.0.0.2"]},
     "badhelo.example.org": {"TXT": ["v=spf1 -all"]},
     "void.example.org": {"TXT": ["v=spf1 a:n1.example.org a:n2.example.org a:n3.example.org ~all"]},
     "many.example.org": {
@@ -346,3 +348,19 @@ def test_received_spf_values_are_quoted_and_ascii() -> None:
     assert 'helo="a b;c=d";' in value
     assert 'envelope-from="\\"x\\\\\\"y\\"@example.org";' in value
     assert value.isascii()
+
+
+@pytest.mark.parametrize("sender", ["@macro.example.org", "macro.example.org"])
+def test_an_empty_local_part_is_postmaster_in_the_s_macro_too(sender: str) -> None:
+    """RFC 7208 4.3 and 7.3: %{s} is the <sender> with "postmaster" for an empty local
+    part; it expanded to "@macro.example.org" (or the bare domain): fail for a pass."""
+    out = send({}, sender=sender, client_ip="203.0.113.7")
+    assert mfrom(out).result == "pass"
+
+
+def test_received_spf_quotes_an_ipv6_client_ip() -> None:
+    """RFC 7208 9.1: a key-value-pair value is a dot-atom or a quoted-string."""
+    out = send({"Header_Type": "SPF", "Mail_From_reject": "False"}, client_ip="2001:db8::1")
+    assert 'client-ip="2001:db8::1";' in (out.header("Received-SPF") or "")
+    out = send({"Header_Type": "SPF"}, client_ip="192.0.2.1")
+    assert "client-ip=192.0.2.1;" in (out.header("Received-SPF") or "")
