@@ -392,6 +392,9 @@ class _Evaluation:
     dkim_aligned: bool = False
     spf_aligned: bool = False
     detail: str = ""
+    # A failure that a DNS hiccup may explain: an SPF or DKIM check of an identifier
+    # aligned with the From domain ended in temperror (it might have passed).
+    transient: bool = False
 
 
 class DMARCPlugin:
@@ -580,6 +583,15 @@ class DMARCPlugin:
             and aligned(self.psl, r.prop("smtp.mailfrom") or "", domain, record.aspf)
             for r in ctx.results_for("spf")
         )
+        transient = any(
+            r.result == "temperror" and aligned(self.psl, r.prop("header.d") or "", domain,
+                                                record.adkim)
+            for r in ctx.results_for("dkim")
+        ) or any(
+            r.result == "temperror" and aligned(self.psl, r.prop("smtp.mailfrom") or "",
+                                                domain, record.aspf)
+            for r in ctx.results_for("spf")
+        )  # fmt: skip
         ev = _Evaluation(
             "pass" if dkim_ok or spf_ok else "fail",
             domain,
@@ -587,6 +599,7 @@ class DMARCPlugin:
             record,
             dkim_aligned=dkim_ok,
             spf_aligned=spf_ok,
+            transient=transient,
         )
         if ev.result == "pass":
             return ev
@@ -661,6 +674,13 @@ class DMARCPlugin:
             return None
         action = conf.reject_action if ev.disposition == "reject" else conf.quarantine_action
         why = f"dmarc {ev.disposition} {ev.domain}"
+        if action == "reject" and ev.transient:
+            # An aligned SPF or DKIM check had a DNS temperror: it might have passed, so a
+            # permanent 550 could bounce legitimate mail over a DNS hiccup. Try again
+            # later instead (RFC 7208 8.6: temperror is transient); a spoofer, who cannot
+            # make the real domain's DNS fail, still gets the 550 once it answers.
+            return TempFail("451", "4.7.1", "DMARC check incomplete (DNS), try again later",
+                            reason=why + " (aligned check temperror)")  # fmt: skip
         if action == "reject":
             text = conf.reject_text.format(domain=ev.domain)
             return Reject("550", "5.7.1", text, reason=why)

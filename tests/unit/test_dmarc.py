@@ -430,3 +430,19 @@ def test_a_from_subdomain_too_long_for_its_dmarc_name_uses_the_organizational_do
     assert 247 <= len(long_sub) <= 253
     out = run(f"ceo@{long_sub}")
     assert dmarc(out).result == "fail" and out.verdict == "quarantine"  # example.org's sp
+
+
+def test_a_failure_an_aligned_temperror_may_explain_is_451_not_550() -> None:
+    """Found by a conformance review: an SPF (or DKIM) DNS hiccup on the From domain's own
+    identifier turned legitimate p=reject mail into a permanent 550 bounce. It is now
+    451 (try again); a temperror of an unaligned identifier changes nothing."""
+    out = run("a@example.org", ["X-Test-SPF: temperror example.org"])
+    assert dmarc(out).result == "fail" and out.verdict == "tempfail"
+    assert out.decision.verdict.code == "451"
+    out = run("a@example.org", ["X-Test-DKIM: temperror d=mail.example.org"])
+    assert out.verdict == "tempfail"
+    out = run("a@example.org", ["X-Test-SPF: temperror other.example"])
+    assert out.verdict == "reject"
+    both = ["X-Test-SPF: temperror example.org", "X-Test-SPF: fail example.org"]
+    out = run("a@example.org", both)
+    assert out.verdict == "tempfail"
