@@ -38,7 +38,7 @@ from milterd import (
 from ..authres import authserv_id_of
 from ..dkim import DEFAULT_HEADERS, _config_domain, make_fetch
 from ..dkim.keys import FastARC, KeyFileError, SigningKey, load_key
-from ..dkim.verify import DNSError, FastARCVerify, NoKey
+from ..dkim.verify import DNSError, FastARCVerify, NoKey, check_key_record
 
 __all__ = [
     "MAX_INSTANCES",
@@ -207,11 +207,15 @@ def verify_chain(message: bytes, fetch: Any, min_rsa_bits: int = 1024) -> tuple[
 
     def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
         try:
-            return bytes(fetch(name.decode("ascii", "replace").rstrip(".")))
+            record = bytes(fetch(name.decode("ascii", "replace").rstrip(".")))
         except NoKey:
             return b""
         except DNSError as e:
             raise dkim.DnsTimeoutError(str(e)) from None
+        # The key record's s= and h= as RFC 6376 3.6.1 has them (dkimpy applies neither):
+        # a key not for email, or not for sha256, is no key for this chain.
+        record, _flags, problem = check_key_record(record)
+        return b"" if problem else record
 
     try:
         a = FastARCVerify(message, minkey=min_rsa_bits, logger=_quiet())

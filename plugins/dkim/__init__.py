@@ -435,7 +435,7 @@ class DKIMPlugin:
             ctx.add_result(Result("dkim", r.result, reason=r.reason, properties=r.properties()))
             if r.result == "pass":
                 ctx.add_symbol("DKIM_VALID", 0.0, f"valid DKIM signature d={r.d}")
-            elif r.result in ("fail", "policy", "neutral", "permerror"):
+            elif r.result in ("fail", "policy", "neutral", "permerror") and not r.testing:
                 ctx.add_symbol("DKIM_INVALID", 0.0, f"dkim={r.result} d={r.d}: {r.reason}")
         return self._action(cfg, overall(results))
 

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dkim
@@ -62,6 +62,7 @@ class SigResult:
     s: str = ""
     a: str = ""
     b: str = ""
+    testing: bool = False  # the key record says t=y (RFC 6376 3.6.1)
 
     def properties(self) -> tuple[tuple[str, str], ...]:
         props = (
@@ -168,6 +169,7 @@ def verify_message(
         return [SigResult("permerror", f"message not parsable: {e}")]
     sigs = [(n, v) for n, v in d.headers if n.lower() == b"dkim-signature"]
     out: list[SigResult] = []
+    testing: set[int] = set()  # signatures whose key record says t=y
     for idx, (_, raw) in enumerate(sigs[:max_signatures]):
         try:
             tags = parse_tag_value(raw)
@@ -179,7 +181,7 @@ def verify_message(
             continue
         dom = _text(tags.get(b"d")).lower()
         ident = _text(tags.get(b"i")) or (f"@{dom}" if dom else "")
-        base = {
+        base: dict[str, Any] = {
             "d": dom,
             "i": ident,
             "s": _text(tags.get(b"s")),
@@ -226,6 +228,16 @@ def verify_message(
             # False) report it, not permerror: the signature is known to be invalid
             out.append(SigResult("fail", f"key revoked at {name}", **base))
             continue
+        record, flags, problem = check_key_record(record)
+        if b"y" in flags:
+            testing.add(idx)
+        if problem:
+            out.append(SigResult("permerror", problem, **base))
+            continue
+        if b"s" in flags and ident.rpartition("@")[2].lower().rstrip(".") != dom.rstrip("."):
+            # t=s: the i= domain must be d= itself, not a subdomain of it
+            out.append(SigResult("permerror", "key forbids an i= subdomain (t=s)", **base))
+            continue
         try:
             _pk, bits, ktag, _ = dkim.evaluate_pk(name.encode(), record)
         except Exception as e:
@@ -259,11 +271,55 @@ def verify_message(
                 covered = int(tags[b"l"])
             except ValueError:
                 covered = -1
-            if covered != _canon_len(d.body, tags):
+            body_len = _canon_len(d.body, tags)
+            if covered > body_len:  # RFC 6376 3.5: l= MUST NOT exceed the body
+                out.append(SigResult("permerror", "l= exceeds the body", **base))
+                continue
+            if covered != body_len:
                 out.append(SigResult("policy", "l= covers only part of the body", **base))
                 continue
         out.append(SigResult("pass", "", **base))
-    return out
+    # One result per signature, in order: those whose key is in testing mode are reported
+    # as such, and a failure of theirs is treated as no signature at all (see _testing).
+    return [_testing(r) if i in testing else r for i, r in enumerate(out)]
+
+
+def check_key_record(record: bytes, hash_alg: bytes = b"sha256") -> tuple[bytes, set[bytes], str]:
+    """The key record as dkimpy should read it, its ``t=`` flags, and why it cannot be
+    used for this signature (``""`` if it can). RFC 6376 3.6.1, which dkimpy does not
+    apply: ``v=``, when present, comes first; ``s=`` is a colon-separated list of service
+    types, usable when it holds ``email`` or ``*`` (unknown types are ignored; dkimpy
+    refused any list); ``h=`` lists the hash algorithms the key may be used with.
+    A record that does not parse is returned as it is, for dkimpy to report."""
+    try:
+        tags = parse_tag_value(record)
+    except Exception:
+        return record, set(), ""
+    names = list(tags)
+    if b"v" in tags and (names[0] != b"v" or tags[b"v"].strip() != b"DKIM1"):
+        return record, set(), "key record: v=DKIM1 must come first"
+    flags = {f.strip().lower() for f in tags.get(b"t", b"").split(b":") if f.strip()}
+    if b"s" in tags:
+        services = {x.strip().lower() for x in tags[b"s"].split(b":")}
+        if not services & {b"email", b"*"}:
+            return record, flags, f"key is not for email (s={_text(tags[b's'])})"
+        record = b"; ".join(k + b"=" + v for k, v in tags.items() if k != b"s")
+    if b"h" in tags:
+        allowed = {x.strip().lower() for x in tags[b"h"].split(b":")}
+        if hash_alg not in allowed:
+            return record, flags, f"key does not allow {_text(hash_alg)} (h={_text(tags[b'h'])})"
+    return record, flags, ""
+
+
+def _testing(r: SigResult) -> SigResult:
+    """A signature whose key is in testing mode (t=y). RFC 6376 3.6.1: verifiers MUST NOT
+    treat such mail differently from unsigned mail, even when the signature fails: a
+    result other than pass becomes ``neutral`` (no action, no DKIM_INVALID, scored as
+    nothing), its reason saying why."""
+    if r.result == "pass":
+        return replace(r, testing=True)
+    return replace(r, result="neutral", reason=f"key in testing mode (t=y): {r.result}: "
+                   f"{r.reason}", testing=True)  # fmt: skip
 
 
 def _revoked(record: bytes) -> bool:

@@ -358,3 +358,20 @@ def test_config_bounds(key: dict[str, Any]) -> None:
         Harness(config(key, min_rsa_bits=512), plugins={"arc": ARCPlugin})
     with pytest.raises(Exception, match="invalid domain"):
         Harness(config(key, domain="exa mple.net"), plugins={"arc": ARCPlugin})
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [("s=email:tlsrpt; ", "pass"), ("h=sha1; ", "fail"), ("s=tlsrpt; ", "fail")],
+)
+def test_the_key_records_s_and_h_tags_apply_to_arc_too(
+    key: dict[str, Any], extra: str, expect: str
+) -> None:
+    hop1 = dkimpy_seal(key, MSG, "none", "relay.example.org")
+    z = zones(key)
+    z["hop._domainkey.relay.example.org"] = {
+        "TXT": [key["txt"].replace("v=DKIM1; ", "v=DKIM1; " + extra)]
+    }
+    with Harness(config(key), plugins={"arc": ARCPlugin}, zones=z) as h:
+        out = h.send(hop1, client_ip=UNTRUSTED)
+    assert [r for r, _ in arc_results(out)] == [expect]

@@ -1223,3 +1223,49 @@ def test_a_bad_plugin_section_is_one_line_naming_the_key(tmp_path: Path) -> None
         f"error: {conf}: [plugins.dkim] max_signatures: Input should be a valid integer, "
         "unable to parse string as an integer"
     ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "identity", "result", "why"),
+    [
+        ("s=email:tlsrpt; ", None, "pass", ""),  # a list holding email: usable
+        ("s=*; ", None, "pass", ""),
+        ("s=tlsrpt; ", None, "permerror", "key is not for email"),
+        ("h=sha1; ", None, "permerror", "key does not allow sha256"),
+        ("h=sha1:sha256; ", None, "pass", ""),
+        ("t=s; ", "@sub.example.com", "permerror", "key forbids an i= subdomain (t=s)"),
+        ("t=s; ", "@example.com", "pass", ""),
+    ],
+)
+def test_the_key_records_s_h_and_t_tags_are_applied(
+    keys: dict[str, Any], extra: str, identity: str | None, result: str, why: str
+) -> None:
+    """RFC 6376 3.6.1, which dkimpy does not apply (found by a conformance review):
+    s= is a list of service types (s=email:tlsrpt was a permerror), h= restricts the
+    hash (h=sha1 passed an rsa-sha256 signature), t=s forbids an i= subdomain."""
+    record = keys["rsa"][1].replace("v=DKIM1; ", "v=DKIM1; " + extra)
+    data = signed(keys, identity=identity)
+    out = verify(keys, data, extra_zones={"r2026._domainkey.example.com": {"TXT": [record]}})
+    (r,) = out.results
+    assert r.result == result and why in (r.reason or ""), r
+
+
+def test_a_key_in_testing_mode_is_treated_as_unsigned_when_it_fails(keys: dict[str, Any]) -> None:
+    """RFC 6376 3.6.1 t=y: verifiers MUST NOT treat such mail differently from unsigned
+    mail, even when the signature fails. It was a fail, rejected under fail = reject."""
+    record = keys["rsa"][1].replace("v=DKIM1; ", "v=DKIM1; t=y; ")
+    zone = {"r2026._domainkey.example.com": {"TXT": [record]}}
+    tampered = signed(keys).replace(b"Hello", b"Hullo")
+    out = verify(keys, tampered, actions={"fail": "reject"}, extra_zones=zone)
+    (r,) = out.results
+    assert r.result == "neutral" and "key in testing mode (t=y): fail" in (r.reason or "")
+    assert out.verdict == "continue" and not [s for s in out.symbols if s.name == "DKIM_INVALID"]
+    out = verify(keys, signed(keys), extra_zones=zone)
+    assert out.results[0].result == "pass"
+
+
+def test_a_key_record_with_v_not_first_is_refused(keys: dict[str, Any]) -> None:
+    record = keys["rsa"][1].replace("v=DKIM1; k=rsa; ", "k=rsa; v=DKIM1; ")
+    assert record != keys["rsa"][1]
+    zone = {"r2026._domainkey.example.com": {"TXT": [record]}}
+    assert verify(keys, signed(keys), extra_zones=zone).results[0].result == "permerror"
