@@ -258,6 +258,15 @@ def from_domains(message: Message) -> list[str]:
 
 
 _STRICTNESS = {"none": 0, "quarantine": 1, "reject": 2}
+#: Distinct Author Domains in From evaluated at most; a message with more is refused (550):
+#: each costs DNS lookups, and real mail has one (or two) authors' domains.
+MAX_AUTHOR_DOMAINS = 5
+TOO_MANY = f"more than {MAX_AUTHOR_DOMAINS} From domains"
+
+
+def _left(ctx: Context, deadline: float) -> float:
+    """Seconds until ``deadline`` (a share of the call's time), never past the call's."""
+    return max(0.0, min(ctx.time_left(), deadline - time.monotonic()))
 
 
 def _author_domain(raw: str) -> str:
@@ -494,20 +503,22 @@ class DMARCPlugin:
 
     # --- policy discovery ---------------------------------------------------------------
 
-    def _records(self, ctx: Context, domain: str) -> list[str]:
+    def _records(self, ctx: Context, domain: str, deadline: float) -> list[str]:
         try:
-            texts = ctx.resolver.lookup(f"_dmarc.{domain}", "TXT", timeout=ctx.time_left())
+            texts = ctx.resolver.lookup(f"_dmarc.{domain}", "TXT", timeout=_left(ctx, deadline))
         except NXDomain:
             return []
         return [t for t in texts if _V.match(t)]
 
-    def _discover(self, ctx: Context, domain: str) -> tuple[str, DMARCRecord | None, str]:
+    def _discover(
+        self, ctx: Context, domain: str, deadline: float
+    ) -> tuple[str, DMARCRecord | None, str]:
         """(policy domain, record, problem) — problem is ``""``, ``"none"``, or
         ``"permerror: ..."``. DNSTempError propagates."""
         assert self.psl is not None
         org = org_domain(self.psl, domain)
         for candidate in (domain, org) if org != domain else (domain,):
-            found = self._records(ctx, candidate)
+            found = self._records(ctx, candidate, deadline)
             if not found:
                 continue
             if len(found) > 1:  # RFC 7489 6.6.3 step 5: no DMARC processing
@@ -518,12 +529,12 @@ class DMARCPlugin:
                 return candidate, None, f"permerror: {e}"
         return "", None, "none"
 
-    def _nonexistent(self, ctx: Context, domain: str) -> bool:
+    def _nonexistent(self, ctx: Context, domain: str, deadline: float) -> bool:
         """RFC 9091 2.1: NXDOMAIN, or no A, AAAA and MX records. A DNS failure counts as
         existing: the stricter ``np`` is only applied when the answer says so."""
         for rdtype in ("A", "AAAA", "MX"):
             try:
-                if ctx.resolver.lookup(domain, rdtype, timeout=ctx.time_left()):
+                if ctx.resolver.lookup(domain, rdtype, timeout=_left(ctx, deadline)):
                     return False
             except NXDomain:
                 return True
@@ -531,17 +542,22 @@ class DMARCPlugin:
                 return False
         return True
 
-    def _evaluate(self, ctx: Context, message: Message) -> _Evaluation:
-        """The DMARC evaluation of the message's From. Several addresses in From (RFC 7489
-        6.6.1): each distinct Author Domain is evaluated, and the strictest policy among
-        those that fail applies (an address without a domain is skipped); a From that
+    def _evaluate(self, ctx: Context, message: Message) -> tuple[_Evaluation, list[_Evaluation]]:
+        """The DMARC evaluation of the message's From, and every Author Domain's (for the
+        history). Several addresses in From (RFC 7489 6.6.1): each distinct Author Domain
+        is evaluated, and the strictest policy among those that fail applies (a failure
+        that no DNS hiccup explains before one that might); an address without a domain
+        is skipped. Each domain gets an equal share of the time left, so that domains
+        whose lookups never answer cannot use it all up (the call would overrun and its
+        verdict be lost); more than MAX_AUTHOR_DOMAINS is refused outright. A From that
         gives no usable domain is a permerror, and with ``reject_bad_from`` anything but
         exactly one address is (the 550 of that option)."""
         conf: DMARCConfig = ctx.config
         domains = from_domains(message)
         n = len(domains)
         if n != 1 and (conf.reject_bad_from or not any(domains)):
-            return _Evaluation("permerror", detail=f"{n} From addresses" if n != 1 else "bad From")
+            ev = _Evaluation("permerror", detail=f"{n} From addresses" if n != 1 else "bad From")
+            return ev, []
         usable: list[str] = []
         for raw in domains:
             domain = _author_domain(raw)
@@ -549,23 +565,36 @@ class DMARCPlugin:
                 usable.append(domain)
         if not usable:
             return _Evaluation("permerror", detail="invalid From domain" if n == 1 else
-                               f"{n} From addresses, none with a usable domain")  # fmt: skip
-        evaluations = [self._evaluate_domain(ctx, message, d) for d in usable]
+                               f"{n} From addresses, none with a usable domain"), []  # fmt: skip
+        if len(usable) > MAX_AUTHOR_DOMAINS:
+            return _Evaluation("permerror", detail=TOO_MANY), []
+        evaluations: list[_Evaluation] = []
+        for i, d in enumerate(usable):
+            share = ctx.time_left() / (len(usable) - i)
+            e = self._evaluate_domain(ctx, message, d, time.monotonic() + share)
+            evaluations.append(e)
+            if e.result == "fail" and e.disposition == "reject" and not e.transient:
+                break  # nothing can be stricter
         failed = [e for e in evaluations if e.result == "fail"]
-        if failed:
-            return max(failed, key=lambda e: _STRICTNESS[e.disposition])  # first of equals
+        if failed:  # first of equals
+            return max(failed, key=lambda e: (_STRICTNESS[e.disposition], not e.transient)), (
+                evaluations
+            )
         for word in ("temperror", "pass"):
             for e in evaluations:
                 if e.result == word:
-                    return e
-        return evaluations[0]
+                    return e, evaluations
+        return evaluations[0], evaluations
 
-    def _evaluate_domain(self, ctx: Context, message: Message, domain: str) -> _Evaluation:
-        """The evaluation for one Author Domain (A-labels, checked by _author_domain)."""
+    def _evaluate_domain(
+        self, ctx: Context, message: Message, domain: str, deadline: float
+    ) -> _Evaluation:
+        """The evaluation for one Author Domain (A-labels, checked by _author_domain), its
+        lookups done by ``deadline`` (``time.monotonic()``)."""
         assert self.psl is not None
         conf: DMARCConfig = ctx.config
         try:
-            policy_domain, record, problem = self._discover(ctx, domain)
+            policy_domain, record, problem = self._discover(ctx, domain, deadline)
         except DNSTempError:
             return _Evaluation("temperror", domain, detail="DMARC policy lookup failed")
         except (ValueError, UnicodeError):  # a name the resolver cannot even encode
@@ -605,7 +634,7 @@ class DMARCPlugin:
             return ev
         policy: Disposition = record.p
         if policy_domain != domain:
-            if record.np is not None and self._nonexistent(ctx, domain):
+            if record.np is not None and self._nonexistent(ctx, domain, deadline):
                 policy = record.np
             elif record.sp is not None:
                 policy = record.sp
@@ -636,7 +665,7 @@ class DMARCPlugin:
         conf: DMARCConfig = ctx.config
         if ctx.connection.trusted and not conf.check_trusted:
             return None
-        ev = self._evaluate(ctx, message)
+        ev, evaluated = self._evaluate(ctx, message)
         props: list[tuple[str, str]] = []
         if ev.domain:
             props.append(("header.from", ev.domain))
@@ -645,8 +674,10 @@ class DMARCPlugin:
         if ev.result in ("permerror", "temperror", "none") and ev.detail not in ("", "none"):
             reason = ev.detail
         ctx.add_result(Result("dmarc", ev.result, reason=reason[:200], properties=tuple(props)))
-        if ev.record is not None and self.store is not None:
-            self._remember(ctx, ev)
+        if self.store is not None:  # every Author Domain's row: each owner's report sees it
+            for e in evaluated or [ev]:
+                if e.record is not None:
+                    self._remember(ctx, e)
         elif ev.record is not None and ctx.dry_run and self.history_db:
             ctx.log.info("dry run: would record a history row (%s, dmarc=%s)",
                          ev.policy_domain, ev.result)  # fmt: skip
@@ -668,6 +699,8 @@ class DMARCPlugin:
 
         if ev.result == "permerror" and not ev.domain and conf.reject_bad_from:
             return Reject("550", "5.7.1", "Message must have exactly one From address")
+        if ev.result == "permerror" and ev.detail == TOO_MANY:
+            return Reject("550", "5.7.1", "Too many From addresses", reason="dmarc " + TOO_MANY)
         if ev.result == "temperror" and conf.temperror_action == "tempfail":
             return TempFail("451", "4.7.1", "DMARC policy lookup failed, try again later")
         if ev.result != "fail" or ev.disposition == "none":
@@ -737,7 +770,9 @@ class DMARCPlugin:
         if self.spool is None:
             return
         try:
-            if not self.spool.put(ev.policy_domain, ev.record.ruf, report):
+            assert self.psl is not None
+            owner = org_domain(self.psl, ev.policy_domain)
+            if not self.spool.put(ev.policy_domain, ev.record.ruf, report, owner=owner):
                 ctx.log.warning("dmarc: failure report spool full: report for %s not written",
                                 ev.domain)  # fmt: skip
                 return

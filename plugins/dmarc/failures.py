@@ -360,13 +360,15 @@ class FailureSpool:
         except FileNotFoundError:
             return []
 
-    def put(self, domain: str, ruf: str, report: bytes) -> bool:
+    def put(self, domain: str, ruf: str, report: bytes, owner: str | None = None) -> bool:
         """Write one report (temporary file, rename). False when the spool is full, or
-        when ``domain`` already holds its share of it (a tenth, at least one): a domain
-        whose owner publishes ``fo=1`` and a ruf address, and sends failing mail as it,
-        must not keep the spool full so that no other domain's report is written."""
+        when ``owner`` (the policy domain's organizational domain; default ``domain``)
+        already holds its share of it (a tenth, at least one): a domain whose owner
+        publishes ``fo=1`` and a ruf address, and sends failing mail as it, must not keep
+        the spool full so that no other domain's report is written. (Counted by owner,
+        not policy domain: a wildcard TXT makes every subdomain a policy domain.)"""
         n = mine = 0
-        tag = _domain_tag(domain)
+        tag = _domain_tag(owner or domain)
         share = max(1, self.max_reports // 10)
         with os.scandir(self.dir) as it:
             for entry in it:

@@ -14,7 +14,7 @@ import pytest
 import xmlschema
 from milterd_plugins.dmarc import DMARCPlugin, RecordError, parse_record
 
-from milterd import Context, Message, Result, hookimpl
+from milterd import Context, DNSTempError, Message, Result, hookimpl
 from milterd.testing import Harness
 
 XSD = Path(__file__).resolve().parents[1] / "data" / "dmarc" / "rua.xsd"
@@ -446,3 +446,37 @@ def test_a_failure_an_aligned_temperror_may_explain_is_451_not_550() -> None:
     both = ["X-Test-SPF: temperror example.org", "X-Test-SPF: fail example.org"]
     out = run("a@example.org", both)
     assert out.verdict == "tempfail"
+
+
+def test_slow_extra_from_domains_cannot_use_up_the_time_of_the_spoofed_one() -> None:
+    """Found by a review: every Author Domain was looked up with all the time left, so
+    two extra domains whose _dmarc lookups never answer made the call overrun and its
+    reject was lost. Each domain now gets a share; more than five are refused."""
+    import time as _time
+
+    from milterd.testing import FakeResolver
+
+    class Slow(FakeResolver):
+        def lookup(self, name: str, rdtype: str, timeout: float | None = None) -> list[str]:
+            if name.startswith("_dmarc.slow"):
+                _time.sleep(min(timeout or 0.0, 0.6))  # then a timeout
+                raise DNSTempError(name)
+            return super().lookup(name, rdtype, timeout)
+
+    msg = (b"From: x@slow1.example, y@slow2.example, ceo@example.org\r\n"
+           b"Subject: t\r\n\r\nbody\r\n")  # fmt: skip
+    cfg = {"auth": {}, "dmarc": {"timeout": 1.0, "on_error": "continue"}}
+    with Harness(cfg, plugins={"auth": FakeAuth, "dmarc": DMARCPlugin},
+                 resolver=Slow(ZONES)) as h:  # fmt: skip
+        out = h.send(msg)
+    assert out.errors == [] and out.verdict == "reject"
+    many = ", ".join(f"a@d{i}.example" for i in range(6)) + ", ceo@example.org"
+    out = run([many])
+    assert out.verdict == "reject" and "Too many From addresses" in out.decision.verdict.text
+
+
+def test_among_equal_failures_one_no_dns_hiccup_explains_wins() -> None:
+    """An attacker's own p=reject domain with a DKIM temperror listed first must not turn
+    the spoofed domain's 550 into a 451."""
+    out = run(["a@strict.example, ceo@example.org"], ["X-Test-DKIM: temperror d=strict.example"])
+    assert out.verdict == "reject" and dmarc(out).prop("header.from") == "example.org"

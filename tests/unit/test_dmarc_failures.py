@@ -430,3 +430,13 @@ def test_one_domain_cannot_fill_the_spool_for_everyone(tmp_path: Path) -> None:
     assert all(spool.put(f"d{i}.example", "mailto:r@x.example", b"r") for i in range(9))
     assert spool.put("victim.example", "mailto:r@victim.example", b"r") is True
     assert len(spool.files()) == 3 + 9 + 1
+
+
+def test_the_spool_share_is_per_owner_not_per_subdomain(tmp_path: Path) -> None:
+    """A wildcard TXT makes every subdomain a policy domain: the share is counted by the
+    organizational domain (found by a review)."""
+    spool = FailureSpool(str(tmp_path / "spool"), max_reports=20)
+    accepted = [spool.put(f"r{i}.attacker.example", "mailto:me@attacker.example", b"r",
+                          owner="attacker.example") for i in range(20)]  # fmt: skip
+    assert accepted.count(True) == 2
+    assert spool.put("example.org", "mailto:r@example.org", b"r", owner="example.org")
