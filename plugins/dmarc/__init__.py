@@ -73,14 +73,6 @@ _DOWNGRADE: dict[str, Disposition] = {"reject": "quarantine", "quarantine": "non
 _V = re.compile(r"^\s*v\s*=\s*DMARC1\s*(;|$)")
 # What XML 1.0 cannot hold (C0 controls but tab, CR, LF; lone surrogates; U+FFFE/FFFF).
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-
-
-def xml_text(value: str) -> str:
-    """``value`` as text an aggregate report (UTF-8 XML) can hold: each character XML 1.0
-    does not allow, a lone surrogate (a byte that was not UTF-8) included, becomes
-    U+FFFD. Values from the SMTP session and the message pass through this before they
-    are recorded or written into a report."""
-    return _NOT_XML.sub("\ufffd", value)
 _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)|xn--[a-z0-9-]{1,59}"
 _DOMAIN = re.compile(rf"(?:{_LABEL})(?:\.(?:{_LABEL}))+")
 _PSL: PublicSuffixList | None = None
@@ -267,6 +259,14 @@ TOO_MANY = f"more than {MAX_AUTHOR_DOMAINS} From domains"
 def _left(ctx: Context, deadline: float) -> float:
     """Seconds until ``deadline`` (a share of the call's time), never past the call's."""
     return max(0.0, min(ctx.time_left(), deadline - time.monotonic()))
+
+
+def xml_text(value: str) -> str:
+    """``value`` as text an aggregate report (UTF-8 XML) can hold: each character XML 1.0
+    does not allow, a lone surrogate (a byte that was not UTF-8) included, becomes
+    U+FFFD. Values from the SMTP session and the message pass through this before they
+    are recorded or written into a report."""
+    return _NOT_XML.sub("\ufffd", value)
 
 
 def _author_domain(raw: str) -> str:
@@ -576,10 +576,9 @@ class DMARCPlugin:
             if e.result == "fail" and e.disposition == "reject" and not e.transient:
                 break  # nothing can be stricter
         failed = [e for e in evaluations if e.result == "fail"]
-        if failed:  # first of equals
-            return max(failed, key=lambda e: (_STRICTNESS[e.disposition], not e.transient)), (
-                evaluations
-            )
+        if failed:  # the first of equals
+            chosen = max(failed, key=lambda e: (_STRICTNESS[e.disposition], not e.transient))
+            return chosen, evaluations
         for word in ("temperror", "pass"):
             for e in evaluations:
                 if e.result == word:
