@@ -363,8 +363,7 @@ class FileStore:
                 self.db.execute("PRAGMA journal_mode = WAL")
                 self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
                 self.db.executescript(_SCHEMA)
-            if not readonly:
-                self.tmp.mkdir(exist_ok=True)
+                self.tmp.mkdir(exist_ok=True)  # only now: the index is known to be ours
         except BaseException:
             self.db.close()
             raise
