@@ -10,7 +10,16 @@ APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv postfix opendkim open
                 spamassassin spamd spamc rspamd openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit integration deps venv bench clean
+.PHONY: help run test lint unit integration deps venv bench clean
+
+help:
+	@echo "make run          install what is missing, start the daemon with $(CONFIG)"
+	@echo "make test         install what is missing, lint, run the whole suite"
+	@echo "make unit         the unit tests only (no MTA, no daemons)"
+	@echo "make integration  the integration tests only (Postfix, sendmail, DNS, ...)"
+	@echo "make lint         ruff and mypy"
+	@echo "make bench        the benchmarks; rewrites bench/RESULTS.md"
+	@echo "make clean        remove the virtual environment and caches"
 
 run: deps $(STAMP)
 	$(VENV)/bin/milterd -c $(CONFIG) run

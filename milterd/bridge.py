@@ -453,6 +453,16 @@ class SocketError(OSError):
     """The listening socket cannot be opened: in use, a bad address, no permission."""
 
 
+def _tcp_in_use(host: str, port: int) -> bool:
+    """Whether something accepts connections on ``host``:``port`` (what makes a listen
+    there fail, as a rule)."""
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", port), timeout=1.0).close()
+    except OSError:
+        return False
+    return True
+
+
 def _in_use(path: str) -> bool:
     """Whether something answers on the unix socket ``path`` (a running instance)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -485,15 +495,17 @@ def open_socket(settings: Settings) -> None:
     family, where, port = parse_socket(settings.socket)
     _listen = (family, where, port)
     if family == "unix" and os.path.exists(where) and _in_use(where):
-        raise SocketError(f"{settings.socket}: another process is listening there")
+        raise SocketError("another process is listening there")
     milter.setconn(settings.socket)
     milter.settimeout(settings.milter_timeout)
     if family == "unix":
         os.makedirs(os.path.dirname(where), exist_ok=True)
     try:
         milter.opensocket(True)
-    except milter.error as e:  # libmilter says little more than "failed": add the address
-        raise SocketError(f"{settings.socket}: cannot listen ({e}; in use?)") from None
+    except milter.error as e:  # libmilter says little more than "failed": find out why
+        if family in ("inet", "inet6") and _tcp_in_use(where, port):
+            raise SocketError("cannot listen: address already in use") from None
+        raise SocketError(f"cannot listen (libmilter: {e})") from None
     if family == "unix":
         try:
             os.chmod(where, int(settings.socket_mode, 8))

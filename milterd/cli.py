@@ -61,12 +61,21 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         print(f"milterd: warning: {problem}", file=sys.stderr)
     print(f"{args.config}: OK")
     print(f"  socket {config.milterd.socket}, {config.milterd.worker_count()} worker(s)")
+    aid = config.milterd.authserv_id
+    print(f"  authserv_id {aid}")
+    if "." not in aid:  # the host's FQDN as Python finds it: often "localhost" in a VM
+        print(
+            f"milterd: warning: authserv_id {aid!r} is not a domain name: set [milterd] "
+            "authserv_id to this host's name (Authentication-Results are judged by it)",
+            file=sys.stderr,
+        )
     print("  pipeline: " + (" -> ".join(p.name for p in rt.plugins) or "(no plugins enabled)"))
     if as_root:
         print(
-            "  stores not checked (run as root, no [milterd] user: none created or written, "
-            "as the daemon's user could not write what root made); to check them too, run "
-            "this as that user, e.g. runuser -u milterd -- milterd -c FILE config check"
+            "  plugins' stores, if any, not checked (run as root, no [milterd] user: none "
+            "created or written, as the daemon's user could not write what root made); to "
+            "check them too, run this as that user, e.g. runuser -u milterd -- milterd -c "
+            "FILE config check"
         )
     return 0
 
@@ -433,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `milterd ... | head`: the reader is gone, nothing to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush does not fail again
+        return 141
     except (ConfigError, OSError, ValueError, sqlite3.Error) as e:
         print(f"milterd {args.command}: {e}", file=sys.stderr)
         return 2

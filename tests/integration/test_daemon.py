@@ -380,7 +380,7 @@ def test_start_up_errors_exit_2_with_one_line_and_never_take_a_live_socket(
                 (f"unix:{sock}", 'socket_group = "no-such-group-here"',
                  "socket_group: no group 'no-such-group-here'"),
                 (f"unix:{sock}", f'metrics_listen = "127.0.0.1:{port}"', "cannot serve metrics"),
-                (f"inet:{port}@127.0.0.1", "", "cannot listen"),
+                (f"inet:{port}@127.0.0.1", "", "cannot listen: address already in use"),
             ]:
                 text = first.config.read_text().replace(first.socket, spec)
                 second.write_text(text.replace("[milterd]\n", f"[milterd]\n{extra}\n", 1))

@@ -101,7 +101,7 @@ def test_config_check_as_root_without_a_user_creates_no_store(tmp_path: Path) ->
     )
     res = milterd("config", "check", config=cfg)
     assert res.returncode == 0, res.stderr
-    assert "stores not checked" in res.stdout and "runuser -u milterd" in res.stdout
+    assert "stores, if any, not checked" in res.stdout and "runuser -u milterd" in res.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stores.toml"]
 
 
@@ -292,3 +292,22 @@ def test_check_refuses_a_client_ip_that_is_not_one(tmp_path: Path, config: Path)
     msg.write_bytes(MSG)
     res = milterd("check", str(msg), "--client-ip", "notanip", config=config)
     assert res.returncode == 2 and "not an IP address: 'notanip'" in res.stderr
+
+
+def test_config_check_names_the_authserv_id_and_warns_about_a_bare_one(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[milterd]\nauthserv_id = "localhost"\n[plugins.authres]\n')
+    res = milterd("config", "check", config=cfg)
+    assert res.returncode == 0 and "authserv_id localhost" in res.stdout
+    assert "authserv_id 'localhost' is not a domain name" in res.stderr
+    cfg.write_text('[milterd]\nauthserv_id = "mx.example.org"\n[plugins.authres]\n')
+    res = milterd("config", "check", config=cfg)
+    assert "authserv_id mx.example.org" in res.stdout and "warning" not in res.stderr
+
+
+def test_a_closed_pipe_is_no_error(config: Path) -> None:
+    res = subprocess.run(
+        f"{sys.executable} -m milterd.cli -c {config} plugins | head -c1",
+        shell=True, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "Broken pipe" not in res.stderr and "Traceback" not in res.stderr
