@@ -108,6 +108,21 @@ class Effective:
     thresholds: dict[str, float | None]
     disabled: frozenset[str]
     enabled: frozenset[str]
+    # Several recipient domains: each one's own thresholds (see ScoringPlugin.action_for).
+    per_domain: tuple[dict[str, float | None], ...] = ()
+
+
+#: From the most lenient outcome to the strictest, for choosing among recipient domains:
+#: delivering (even tagged) before deferring, deferring before holding or refusing.
+LENIENCY = ("no_action", "add_header", "rewrite_subject", "greylist", "quarantine", "reject")
+
+
+def _first_reached(thresholds: dict[str, float | None], total: float) -> str:
+    for a in ACTION_ORDER:
+        t = thresholds.get(a)
+        if t is not None and total >= t:
+            return a
+    return "no_action"
 
 
 class ScoringPlugin:
@@ -239,7 +254,9 @@ class ScoringPlugin:
     def effective(self, cfg: ScoringConfig, recipients: list[str]) -> Effective:
         base = cfg.actions.model_dump()
         domains = {r.rsplit("@", 1)[-1].lower().strip(".") for r in recipients if "@" in r}
-        overrides = [cfg.domains.get(d) for d in sorted(domains)] or [None]
+        overrides = [cfg.domains.get(d) for d in sorted(domains)]
+        if any("@" not in r for r in recipients) or not overrides:
+            overrides.append(None)  # a bare <postmaster> (RFC 5321) is judged globally
         if all(o is None for o in overrides):
             return Effective(base, frozenset(), frozenset())
         # One message, several recipient domains: the most lenient settings win (a higher
@@ -258,7 +275,21 @@ class ScoringPlugin:
         enabled_sets = [frozenset(o.enabled_rules) if o is not None else frozenset()
                         for o in overrides]  # fmt: skip
         enabled = frozenset.intersection(*enabled_sets) if enabled_sets else frozenset()
-        return Effective(thresholds, disabled, enabled)
+        per_domain = tuple(
+            {a: (o.actions[a] if o is not None and a in o.actions else base[a]) for a in base}
+            for o in overrides
+        )
+        return Effective(thresholds, disabled, enabled, per_domain)
+
+    @staticmethod
+    def action_for(eff: Effective, total: float) -> str:
+        """The action for a message scored ``total``. With several recipient domains, the
+        most lenient of the actions each domain's own thresholds give (LENIENCY): merging
+        the thresholds action by action could pick one no domain would (two domains that
+        each turn off a different marking action left only greylist for both)."""
+        if not eff.per_domain:
+            return _first_reached(eff.thresholds, total)
+        return min((_first_reached(t, total) for t in eff.per_domain), key=LENIENCY.index)
 
     def _read(self, message: Message, limit: int) -> tuple[bytes, bool]:
         head = message.header_bytes()
@@ -411,12 +442,7 @@ class ScoringPlugin:
         for name, (score, desc, opts) in out.items():
             ctx.add_symbol(name, score, desc, opts)
         total = ctx.score
-        action = "no_action"
-        for a in ACTION_ORDER:
-            t = eff.thresholds.get(a)
-            if t is not None and total >= t:
-                action = a
-                break
+        action = self.action_for(eff, total)
         # "required" is where mail starts counting as spam: the lowest threshold of an
         # action that marks it (add_header may be off while rewrite_subject is on).
         spam_thresholds = [t for a in SPAM_ACTIONS if (t := eff.thresholds.get(a)) is not None]

@@ -242,6 +242,17 @@ class GreylistConfig(PluginConfig):
     ipv6_prefix: int = Field(default=64, ge=16, le=128)
     text: str = "Greylisted, please try again later"
 
+    @model_validator(mode="after")
+    def _retry_possible(self) -> GreylistConfig:
+        # A pending triplet forgotten before its delay is over can never pass: every
+        # retry would start a new one, and the mail would be deferred until it bounced.
+        if self.pending_expire <= self.delay:
+            raise ValueError(
+                f"pending_expire ({self.pending_expire:g}s) must be longer than delay "
+                f"({self.delay:g}s): otherwise no retry can ever pass"
+            )
+        return self
+
 
 class SpamdConfig(PluginConfig):
     """``[plugins.scoring.spamd]``: SpamAssassin's spamd as a score source."""

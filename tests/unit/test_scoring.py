@@ -411,6 +411,35 @@ def test_per_recipient_domain_overrides() -> None:
     # Mixed recipient domains: the most lenient settings of them apply.
     mixed = run(section, recipients=["a@strict.example", "b@example.com"])
     assert mixed.verdict == "continue" and action(mixed) == "add_header"
+    # A bare <postmaster> (RFC 5321) is judged by the global settings, not another's.
+    bare = run(section, recipients=["postmaster", "a@strict.example"])
+    assert bare.verdict == "continue" and action(bare) == "add_header"
+
+
+def test_mixed_domains_get_the_most_lenient_of_their_own_actions() -> None:
+    """Found by a review: thresholds were merged action by action, so two domains that
+    each turned off a different marking action left only greylist, a 451 neither domain
+    would give; now each domain's own action is found and the most lenient one wins."""
+    section = {
+        "rules": [rule("SCORE", "body", 3, pattern="hello")],
+        "actions": {"reject": 15.0, "add_header": 2.0, "rewrite_subject": 2.5, "greylist": 1.0},
+        "domains": {
+            "a.example": {"actions": {"add_header": None}},
+            "b.example": {"actions": {"rewrite_subject": None}},
+        },
+    }
+    assert action(run(section, recipients=["x@a.example"])) == "rewrite_subject"
+    assert action(run(section, recipients=["x@b.example"])) == "add_header"
+    both = run(section, recipients=["x@a.example", "y@b.example"])
+    assert both.verdict == "continue" and action(both) == "add_header"
+
+
+def test_a_pending_expire_shorter_than_the_delay_is_a_config_error() -> None:
+    from milterd_plugins.scoring.config import GreylistConfig
+
+    with pytest.raises(ValueError, match=r"pending_expire \(.*\) must be longer than delay"):
+        GreylistConfig(delay=3600, pending_expire=1800)
+    GreylistConfig(delay=300, pending_expire=86400)
 
 
 def test_trusted_clients_are_not_scored_unless_asked() -> None:
