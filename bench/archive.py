@@ -24,7 +24,9 @@ loop-mounted for the run (root and loop devices needed), instead of WORK's own f
 (this one: "mounted filesystem r/w without journal"), ext4's inode allocator skips every
 inode freed in the last 5 minutes (``recently_deleted``), one buffer lookup each, so each
 file created after Postfix's queue churn costs 0.2-1.1 ms of CPU; a journaled filesystem
-never does that. Postfix's queue stays on WORK either way.
+never does that. ``--fs tmpfs``: a fresh tmpfs instead, no disk under the archive at
+all (fsync does nothing there): what archiving costs in CPU alone, which splits the
+archive's cost into its CPU and its disk's. Postfix's queue stays on WORK either way.
 
 ``--postfix``: the same variants end to end instead, as ``postfix_bench.py`` measures:
 smtp-source (SESSIONS sessions, a new connection per message) -> a private Postfix with
@@ -251,21 +253,57 @@ def _where(a: argparse.Namespace) -> str:
     where = "archives on WORK's filesystem"
     if a.fs == "journal":
         where = "archives on a fresh ext4 with a journal (loop-mounted image, --fs journal)"
+    elif a.fs == "journal-dio":
+        where = (
+            "archives on a fresh ext4 with a journal (loop-mounted image, the loop device "
+            "with direct I/O, --fs journal-dio)"
+        )
+    elif a.fs == "tmpfs":
+        where = "archives on a tmpfs (no disk: what is left is CPU, --fs tmpfs)"
     return f"{where}; cpu_affinity = {a.cpu_affinity}"
 
 
-def mount_journal_fs(workdir: Path, journal: bool = True, name: str = "jfs") -> Path:
+def mount_journal_fs(
+    workdir: Path, journal: bool = True, name: str = "jfs", direct_io: bool = False
+) -> Path:
     """A fresh ext4 filesystem (with a journal unless ``journal`` is false) in
     WORKDIR/NAME.img, loop-mounted on WORKDIR/NAME (unmounted by
-    :func:`umount_journal_fs`). Returns the mount point."""
+    :func:`umount_journal_fs`). Returns the mount point. ``direct_io``: the loop device
+    reads and writes its image with O_DIRECT (``losetup --direct-io=on``), so that its
+    blocks are not cached a second time, and written back a second time, in the page
+    cache of the filesystem holding the image, as a partition's blocks never are."""
     img, mnt = workdir / f"{name}.img", workdir / name
     with img.open("wb") as f:
         f.truncate(4 << 30)
     features = [] if journal else ["-O", "^has_journal"]
     subprocess.run(["mkfs.ext4", "-q", "-F", *features, str(img)], check=True)
     mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    if direct_io:
+        dev = subprocess.run(
+            ["losetup", "--direct-io=on", "--find", "--show", str(img)],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        try:
+            subprocess.run(["mount", dev, str(mnt)], check=True)
+        except BaseException:
+            subprocess.run(["losetup", "-d", dev], check=False)
+            raise
+        # Detached by the kernel when unmounted, as ``mount -o loop`` arranges.
+        subprocess.run(["losetup", "-d", dev], check=False)
+    else:
+        subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
     mnt.chmod(0o755)
+    return mnt
+
+
+def mount_tmpfs(workdir: Path) -> Path:
+    """A fresh tmpfs on WORKDIR/tmpfs (unmounted by :func:`umount_journal_fs`): an
+    archive with no disk under it, which leaves what archiving costs in CPU alone
+    (fsync is a no-op there)."""
+    mnt = workdir / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g,mode=0755", "tmpfs", str(mnt)],
+                   check=True)  # fmt: skip
     return mnt
 
 
@@ -294,7 +332,7 @@ def main() -> int:
     ap.add_argument("--postfix", action="store_true", help="end to end through Postfix")
     ap.add_argument("--cpu-affinity", choices=("auto", "none"), default="auto",
                     help="[milterd] cpu_affinity of every variant")  # fmt: skip
-    ap.add_argument("--fs", choices=("work", "journal"), default="work",
+    ap.add_argument("--fs", choices=("work", "journal", "journal-dio", "tmpfs"), default="work",
                     help="where the archives live (see above)")  # fmt: skip
     a = ap.parse_args()
     names = [v for v in a.variants.split(",") if v]
@@ -303,8 +341,10 @@ def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="archive-bench-", dir=WORK))
     a.archive_root = None
-    if a.fs == "journal":
-        a.archive_root = mount_journal_fs(workdir)
+    if a.fs in ("journal", "journal-dio"):
+        a.archive_root = mount_journal_fs(workdir, direct_io=a.fs == "journal-dio")
+    elif a.fs == "tmpfs":
+        a.archive_root = mount_tmpfs(workdir)
     msg = write_message(workdir / "msg.eml", 5000)
     pfb: Any = None
     if a.postfix:
