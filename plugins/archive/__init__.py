@@ -43,7 +43,7 @@ from milterd import (
     hookimpl,
 )
 
-from .store import ArchiveBackend, FileStore, Record, new_id
+from .store import ArchiveBackend, FileStore, Record, message_id_key, new_id
 
 __all__ = [
     "ArchiveConfig",
@@ -64,26 +64,52 @@ VERDICTS: tuple[VerdictWord, ...] = (
     "discard",
 )
 DELIVERING: tuple[VerdictWord, ...] = ("continue", "accept", "quarantine")
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*")
-_UNITS = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
+_UNITS = {"": 86400, "s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 BACKEND_GROUP = "milterd.archive_backends"
 SLOW_THREADS = 8  # helper threads for the disk work of outcome()
 
 
 def parse_duration(text: str) -> float:
-    """``"90d"``, ``"12h"``, ``"2w"``, ``"1y"``, ``"30m"``, ``"45s"`` (bare number: days)."""
-    m = _DURATION.fullmatch(text)
+    """``"90d"``, ``"12h"``, ``"2w"``, ``"1y"``, ``"30min"``, ``"45s"`` (bare number: days).
+
+    There is no ``m``: minutes or months? In a retention setting that slip deletes mail,
+    so it is refused with a hint rather than guessed."""
+    m = _DURATION.fullmatch(text.lower())
     if not m:
         raise ValueError(f"not a duration: {text!r} (e.g. 90d, 12h, 2w, 1y)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    number, unit = m.groups()
+    if unit in ("m", "mo", "month", "months"):
+        raise ValueError(
+            f"ambiguous duration {text!r}: write {number}min for minutes, or days for months "
+            f"(e.g. 180d)"
+        )
+    if unit not in _UNITS:
+        raise ValueError(f"not a duration: {text!r} (units: s, min, h, d, w, y; e.g. 90d)")
+    return float(number) * _UNITS[unit]
 
 
 def _patterns(v: list[str]) -> list[str]:
     out = []
     for raw in v:
         p = raw.strip().lower()
-        if not p or p.count("@") > 1 or " " in p:
+        if p == "<>":  # the null sender (bounces), as Postfix's access maps write it
+            out.append(p)
+            continue
+        domain = p.rpartition("@")[2]
+        if not p or p.count("@") > 1 or " " in p or ("@" in p and not domain):
             raise ValueError(f"invalid address pattern {raw!r}")
+        if "*" in p or domain.endswith(".") or domain.startswith("..") or domain == ".":
+            raise ValueError(
+                f"address pattern {raw!r} can never match: patterns are an address "
+                "(user@example.com), a domain (example.com, @example.com) or a domain "
+                "and its subdomains (.example.com); no wildcards, no trailing dot"
+            )
+        if "@" in p and domain.startswith("."):
+            raise ValueError(
+                f"address pattern {raw!r} can never match: write .example.com for a domain "
+                "and its subdomains"
+            )
         out.append(p)
     return out
 
@@ -131,6 +157,8 @@ class ArchiveConfig(PluginConfig):
 
 def _addr_match(addr: str, pattern: str) -> bool:
     a = addr.lower()
+    if pattern == "<>":
+        return a in ("", "<>")
     if "@" in pattern:
         return a == pattern if not pattern.startswith("@") else a.endswith(pattern)
     domain = a.rpartition("@")[2]
@@ -217,9 +245,9 @@ def _record(ctx: Context, message: Message, verdict: str, now: float) -> Record:
         helo=ctx.connection.helo,
         auth_user=ctx.connection.auth_user,
         queue_id=info.queue_id if info else "",
-        message_id=(mid or "").strip().strip("<>").strip().lower(),
+        message_id=message_id_key(mid or ""),
         subject=_subject(subject or ""),
-        date=(date or "").strip(),
+        date=_FOLD.sub("", date or "").strip(),
         verdict=verdict,
         score=ctx.score,
         results=[_result_text(r) for r in ctx.results],
@@ -464,6 +492,9 @@ class ArchivePlugin:
             rec = self._write(ctx, message, word)
         except Exception as e:
             ctx.log.error("archive write failed: %s", e)
+            # outcome() must not try again: on a hung or full store that would double the
+            # message's wait and the errors (the failure is logged once, here).
+            ctx.message_state["failed"] = True
             if cfg.required:
                 return TempFail(
                     "451", "4.3.0", "Archive unavailable, try again later", reason="archive"
@@ -499,7 +530,7 @@ class ArchivePlugin:
             elif word != "continue":
                 self._slow(ctx, "verdict update", lambda: backend.set_verdict(done, word))
             return
-        if not want:
+        if not want or ctx.message_state.get("failed"):
             return
         delivers = word in DELIVERING
         ctx.message_state.setdefault("received", message)  # eom did not run (core limit)

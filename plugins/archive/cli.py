@@ -165,11 +165,24 @@ def _query(args: argparse.Namespace) -> Any:
     )
 
 
+def _given(text: str) -> str:
+    """A query value: an empty one (a script's unset variable) would match every message,
+    and ``export`` would then write the whole archive."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty value (leave the option out to match any)")
+    return text
+
+
 def _add_query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="sender", help="envelope sender address, or @domain")
-    p.add_argument("--to", dest="recipient", help="any envelope recipient address, or @domain")
-    p.add_argument("--subject", help="substring of the (decoded) Subject")
-    p.add_argument("--message-id", help="exact Message-ID (with or without <>)")
+    p.add_argument(
+        "--from", dest="sender", type=_given,
+        help="envelope sender address, or @domain; <> for the null sender (bounces)",
+    )  # fmt: skip
+    p.add_argument(
+        "--to", dest="recipient", type=_given, help="any envelope recipient address, or @domain"
+    )
+    p.add_argument("--subject", type=_given, help="substring of the (decoded) Subject")
+    p.add_argument("--message-id", type=_given, help="exact Message-ID (with or without <>)")
     p.add_argument(
         "--since", help="ISO 8601 date/time (UTC unless it has a zone), or a duration ago (7d)"
     )
@@ -178,7 +191,7 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
         "--verdict",
         choices=["continue", "accept", "quarantine", "tempfail", "reject", "discard"],
     )
-    p.add_argument("--queue-id")
+    p.add_argument("--queue-id", type=_given)
     p.add_argument(
         "--limit", type=_positive, metavar="N", help="only the newest N (listed oldest first)"
     )

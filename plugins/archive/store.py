@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -109,7 +110,7 @@ class Record:
 class Query:
     """Search criteria; every given one must match. Text matches are case-insensitive."""
 
-    sender: str | None = None  # address, or "@domain"/"domain" for the domain
+    sender: str | None = None  # address, or "@domain"/"domain" for the domain; "<>": null sender
     recipient: str | None = None  # idem, any recipient
     subject: str | None = None  # substring
     message_id: str | None = None  # exact, with or without <>
@@ -201,8 +202,15 @@ _INSERT = (
 )
 
 
-def _norm_mid(mid: str) -> str:
-    return mid.strip().strip("<>").strip().lower()
+_MSG_ID = re.compile(r"<([^<>]*)>")
+
+
+def message_id_key(mid: str) -> str:
+    """A Message-ID as the index keeps it and a search matches it: the ``id-left@id-right``
+    inside the first ``<...>`` (a comment or folding around it is not part of it), lower
+    case; a value with no angle brackets is taken as it is, trimmed."""
+    m = _MSG_ID.search(mid)
+    return (m.group(1) if m else mid).strip().strip("<>").strip().lower()
 
 
 class _Pending:
@@ -352,6 +360,9 @@ class FileStore:
         self.db = sqlite3.connect(
             str(db), timeout=busy_timeout, check_same_thread=False, isolation_level=None
         )
+        # SQLite's lower() and LIKE fold ASCII letters only: "ÜBERWEISUNG" would not find
+        # "Überweisung". Searches compare Python's casefold() of both sides instead.
+        self.db.create_function("casefold", 1, _casefold, deterministic=True)
         try:
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             if (readonly or not create) and self.db.execute(
@@ -703,13 +714,15 @@ class FileStore:
             raise ValueError(f"limit must be at least 1, not {query.limit}")
         where: list[str] = []
         args: list[Any] = []
-        if query.sender:
-            s = query.sender.lower()
+        if query.sender == "<>":  # bounces: the null reverse-path
+            where.append("sender = ''")
+        elif query.sender:
+            s = query.sender.casefold()
             if "@" in s and not s.startswith("@"):
-                where.append("lower(sender) = ?")
+                where.append("casefold(sender) = ?")
                 args.append(s)
             else:
-                where.append("lower(sender) LIKE ? ESCAPE '\\'")
+                where.append("casefold(sender) LIKE ? ESCAPE '\\'")
                 args.append("%@" + _like(s.lstrip("@")))
         if query.recipient:
             s = query.recipient.lower()
@@ -720,11 +733,11 @@ class FileStore:
                 where.append("rcpt_search LIKE ? ESCAPE '\\'")
                 args.append("%@" + _like(s.lstrip("@")) + "\n%")
         if query.subject:
-            where.append("subject LIKE ? ESCAPE '\\'")
-            args.append("%" + _like(query.subject) + "%")
+            where.append("casefold(subject) LIKE ? ESCAPE '\\'")
+            args.append("%" + _like(query.subject.casefold()) + "%")
         if query.message_id:
             where.append("lower(message_id) = ?")
-            args.append(_norm_mid(query.message_id))
+            args.append(message_id_key(query.message_id))
         if query.since is not None:
             where.append("received >= ?")
             args.append(query.since)
@@ -889,6 +902,10 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _casefold(value: Any) -> Any:
+    return value.casefold() if isinstance(value, str) else value
 
 
 def _like(s: str) -> str:

@@ -1098,3 +1098,99 @@ def test_cli_does_not_initialise_another_programs_database(tmp_path: Path) -> No
         assert r.returncode == 2 and "not a milterd archive index" in r.stderr, r.stderr
     assert (other / "index.sqlite3").read_bytes() == before
     assert sorted(p.name for p in other.iterdir()) == ["index.sqlite3"]
+
+
+# --- found by a review of the issue's requirements (2026-12-03) ----------------------------
+
+
+def test_durations_have_no_ambiguous_m() -> None:
+    """'6m' as retention deleted everything older than six minutes (months were meant):
+    there is no 'm' any more, and the error says what to write."""
+    for text in ("6m", "6M", "1mo", "2 months"):
+        with pytest.raises(ValueError, match="min for minutes"):
+            parse_duration(text)
+        with pytest.raises(ValueError, match="ambiguous"):
+            ArchiveConfig(retention=text)
+    assert parse_duration("30min") == 1800 and parse_duration("45s") == 45
+    assert parse_duration("2") == 2 * 86400 and parse_duration("1Y") == 365 * 86400
+    with pytest.raises(ValueError, match="units"):
+        parse_duration("3x")
+
+
+def test_cli_prune_refuses_an_ambiguous_age(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        h.send(MSG)
+    r = cli(_config(tmp_path), "prune", "--older-than", "6m")
+    assert r.returncode == 2 and "ambiguous" in r.stderr, r.stderr
+    assert len(all_records(tmp_path)) == 1
+
+
+def test_a_failed_write_is_not_tried_again_at_outcome(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With required = false a failed finalize write was repeated at outcome: twice the
+    wait on a hung store, two errors a message on a full one."""
+    with rig(tmp_path, required=False) as h:
+        break_store(tmp_path)
+        out = h.send(MSG)
+    assert out.verdict == "continue"
+    failures = [m for r in caplog.records if "archive" in (m := r.getMessage()) and "fail" in m]
+    assert len(failures) == 1, failures
+
+
+def test_search_folds_case_beyond_ascii_and_finds_bounces(tmp_path: Path) -> None:
+    with rig(tmp_path) as h:
+        h.send(MSG.replace(b"quarterly numbers", "Überweisung CAFÉ".encode()))
+        h.send(MSG, sender="")
+        h.send(MSG, sender="Jürgen@Example.org")
+    s = store(tmp_path)
+
+    def n(**kw: Any) -> int:
+        return len(s.search(Query(**kw)))
+
+    assert n(subject="überweisung") == 1 and n(subject="café") == 1
+    assert n(subject="ÜBERWEISUNG") == 1
+    assert n(sender="<>") == 1
+    assert n(sender="jürgen@example.org") == 1 and n(sender="JÜRGEN@EXAMPLE.ORG") == 1
+
+
+def test_cli_refuses_empty_query_values(tmp_path: Path) -> None:
+    """An empty value matched every message: `export --message-id "$UNSET"` exported the
+    whole archive."""
+    with rig(tmp_path) as h:
+        h.send(MSG)
+        h.send(MSG, sender="")
+    config = _config(tmp_path)
+    for option in ("--from", "--to", "--subject", "--message-id", "--queue-id"):
+        r = cli(config, "export", option, "", "--eml", str(tmp_path / "out"))
+        assert r.returncode == 2 and "empty value" in r.stderr, (option, r.stderr)
+    assert not (tmp_path / "out").exists()
+    r = cli(config, "search", "--from", "<>", "--json")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
+    assert json.loads(r.stdout)["sender"] == ""
+
+
+def test_message_id_with_a_comment_and_a_folded_date_are_indexed_clean(tmp_path: Path) -> None:
+    msg = MSG.replace(
+        b"Message-ID: <abc.123@example.org>", b"Message-ID: <Abc.123@example.org> (sent by X)"
+    ).replace(b"Date: Sun, 22 Nov 2026", b"Date: Sun,\r\n 22 Nov 2026")
+    with rig(tmp_path) as h:
+        h.send(msg)
+    (rec,) = all_records(tmp_path)
+    assert rec.message_id == "abc.123@example.org"
+    assert rec.date == "Sun, 22 Nov 2026 03:00:00 +0000"
+    assert len(store(tmp_path).search(Query(message_id="<abc.123@example.org>"))) == 1
+
+
+@pytest.mark.parametrize(
+    "pattern", ["*.example.com", "example.com.", "@.example.com", "user@", "..example.com"]
+)
+def test_patterns_that_can_never_match_are_refused(pattern: str) -> None:
+    with pytest.raises(ValueError, match=r"never match|invalid"):
+        ArchiveConfig(rules=[{"senders": [pattern]}])
+
+
+def test_null_sender_pattern_selects_bounces() -> None:
+    cfg = ArchiveConfig(rules=[{"senders": ["<>"], "archive": False}])
+    assert not selected(cfg, "inbound", "", ["x@y.example"], "continue")
+    assert selected(cfg, "inbound", "a@b.example", ["x@y.example"], "continue")
