@@ -335,9 +335,14 @@ def finalize(ctx: Context, message: Message) -> Verdict | None:
     """The message as it will be delivered: for signing, sealing and archiving.
 
     When it fires: after every plugin's :func:`eom`, when the merged verdict delivers the
-    message (continue, accept, quarantine), in pipeline order; not for a plugin that
-    returned Accept for this message. ``message`` has every change
-    recorded so far applied, including earlier ``finalize`` plugins' changes.
+    message (continue, accept, quarantine); not for a plugin that returned Accept for
+    this message. Order: pipeline order, except that plugins declaring ``signs = True``
+    (DKIM, ARC) run after every other plugin that may change the message, and plugins
+    that declare no change (``actions`` without any but ``quarantine``: an archive) run
+    after the signers; so a signature covers every change and its field is on top, and
+    an archive sees the signed message, whatever order the config lists them in.
+    ``message`` has every change recorded so far applied, including earlier ``finalize``
+    plugins' changes.
     ``ctx.verdict`` is the merged verdict so far (None: continue; or accept, quarantine).
     Returns: None, or a verdict (a TempFail here, e.g. an archive that cannot write, holds
     the message back).

@@ -42,7 +42,7 @@ from milterd.context import (
 from milterd.dns import Resolver, StubResolver
 from milterd.merge import Decision, merge, render
 from milterd.metrics import METRICS
-from milterd.registry import LoadedPlugin, load_plugins
+from milterd.registry import LoadedPlugin, finalize_order, load_plugins
 from milterd.spool import Message, Spool
 
 __all__ = ["Negotiation", "Runtime", "Session"]
@@ -164,6 +164,8 @@ class Runtime:
             stage: [(p, p.impls[stage]) for p in self.plugins if stage in p.impls]
             for stage in hookspecs.STAGES
         }
+        order = {p.name: i for i, p in enumerate(finalize_order(self.plugins))}
+        self.plan["finalize"].sort(key=lambda pi: order[pi[0].name])
         self.negotiation = self._negotiate()
         # Looked up once: logging.getLogger and metric .labels() take locks on every call.
         self.loggers = {p.name: log.getChild(p.name) for p in self.plugins}

@@ -20,6 +20,8 @@ A plugin may declare, as class or module attributes:
 ``prefork``  True when its ``startup`` opens nothing per process (connections, threads,
            files), so that it runs once in the supervisor before the workers fork; such
            state then goes in ``worker_start`` (default False: ``startup`` per worker).
+``signs``    True when its ``finalize`` signs or seals the message (DKIM, ARC): see
+           :func:`finalize_order` (default False).
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ class LoadedPlugin:
     after: tuple[str, ...] = ()
     reads_body: bool = True
     prefork: bool = False
+    signs: bool = False
 
     def isolation_for(self, stage: str) -> str:
         return self.isolation.get(stage, self.isolation["default"])
@@ -383,7 +386,27 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
         after=_names(name, "after", getattr(obj, "after", ())),
         reads_body=bool(getattr(obj, "reads_body", True)),
         prefork=bool(getattr(obj, "prefork", False)),
+        signs=bool(getattr(obj, "signs", False)),
     )
+
+
+#: The actions that change the message itself (quarantine only holds it).
+CHANGES = ACTIONS - {"quarantine"}
+
+
+def finalize_order(plugins: list[LoadedPlugin]) -> list[LoadedPlugin]:
+    """The order ``finalize`` runs in: pipeline order, except that signers (``signs``)
+    come after every other plugin that may change the message, so that a signature
+    covers every change and its field is on top whatever order the config lists them in;
+    and plugins that declare no change (an archive) come after the signers, so that they
+    see the message as signed. Stable within each of the three groups."""
+
+    def group(p: LoadedPlugin) -> int:
+        if p.signs:
+            return 1
+        return 0 if p.actions & CHANGES else 2
+
+    return sorted(plugins, key=group)
 
 
 def _check_order(loaded: list[LoadedPlugin]) -> None:

@@ -244,6 +244,7 @@ class ARCPlugin:
 
     actions = frozenset({"add_header"})
     after = ("authres",)
+    signs = True  # seals at finalize after every plugin that may change the message
     isolation = "inline"  # CPU work and DNS bounded by ctx.time_left(), as in dkim
     prefork = True  # the sealing key loads once, before the workers fork
 
@@ -305,14 +306,20 @@ class ARCPlugin:
                 if isinstance(c, AddHeader | InsertHeader)
                 and c.name.lower() == "authentication-results"
             ]
-            if not only_our_authres(a.headers, added, self.authserv_id):
+            authserv_id = self.authserv_id
+            if not cfg.authserv_id and added:
+                # Not set for arc: seal as the plugin that added the A-R of this pass claims
+                # to be ([plugins.authres] authserv_id may differ from [milterd]'s). Only
+                # fields added by plugins now are read, never the message's own.
+                authserv_id = authserv_id_of("authentication-results", added[0]) or authserv_id
+            if not only_our_authres(a.headers, added, authserv_id):
                 ctx.log.debug("not sealing: no Authentication-Results of ours added")
                 return
             fields = a.sign(
                 cfg.selector.encode(),
                 cfg.domain.encode(),
                 key.pkcs1_pem(),
-                self.authserv_id.encode(),
+                authserv_id.encode(),
                 include_headers=include,
             )
         except (dkim.DKIMException, UnicodeError) as e:

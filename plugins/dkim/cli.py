@@ -66,6 +66,9 @@ def keygen(args: argparse.Namespace) -> int:
         if args.bits < 1024:
             print("error: RSA keys need at least 1024 bits (RFC 8301)", file=sys.stderr)
             return 2
+        if args.bits > 8192:  # RFC 8301 verifiers need not go past 4096; larger ones take hours
+            print("error: RSA keys of more than 8192 bits are not generated", file=sys.stderr)
+            return 2
         key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
     else:
         key = ed25519.Ed25519PrivateKey.generate()
@@ -75,7 +78,16 @@ def keygen(args: argparse.Namespace) -> int:
         serialization.NoEncryption(),
     )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Missing directories 0700 whatever the umask (their parents too): start-up refuses a
+    # key in a directory others can write.
+    missing = []
+    d = out
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
+        d.chmod(0o700)
     path = out / f"{selector}.{domain}.{args.type}.key"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -123,7 +135,9 @@ def testkey(args: argparse.Namespace) -> int:
             if kname in rule.keys:
                 if rule.domain:
                     domains.add(rule.domain)
-                elif not entry.domain and not any(c in rule.pattern for c in "*?["):
+                elif not entry.domain and not any(
+                    c in rule.pattern.rsplit("@", 1)[-1] for c in "*?["
+                ):  # a wildcard in the local part (*@example.com) still fixes the domain
                     domains.add(rule.pattern.rsplit("@", 1)[-1])
         try:
             key = load_key(entry.file, entry.algorithm, insecure=dk.insecure_keys)

@@ -98,20 +98,33 @@ def check_key_file(path: str) -> None:
             f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others access the "
             "private key; chmod 600 it (or set insecure_keys = true)"
         )
-    parent = Path(path).resolve().parent
-    dst = os.stat(parent)
-    if dst.st_mode & 0o002:
-        raise KeyFileError(
-            f"{path}: directory {parent} is writable by others; move the key "
-            "(or set insecure_keys = true)"
-        )
-    for anc in parent.parents:
-        ast = os.stat(anc)
-        if ast.st_mode & 0o002 and not ast.st_mode & stat.S_ISVTX:
+    # Whoever can write a directory on the way can change which file the path names: the
+    # directories of the path as written (a symbolic link's own directory included), of
+    # each link it goes through, and of the file it ends at.
+    names = [os.path.abspath(path)]
+    hop = names[0]
+    while os.path.islink(hop) and len(names) < 40:
+        hop = os.path.join(os.path.dirname(hop), os.readlink(hop))
+        names.append(os.path.abspath(hop))
+    names.append(os.path.realpath(path))
+    checked: set[Path] = set()
+    for name in names:
+        parent = Path(name).parent
+        if os.stat(parent).st_mode & 0o002:  # even with the sticky bit
             raise KeyFileError(
-                f"{path}: directory {anc} is writable by others; move the key "
+                f"{path}: directory {parent} is writable by others; move the key "
                 "(or set insecure_keys = true)"
             )
+        for anc in parent.parents:
+            if anc in checked:
+                continue
+            checked.add(anc)
+            ast = os.stat(anc)
+            if ast.st_mode & 0o002 and not ast.st_mode & stat.S_ISVTX:
+                raise KeyFileError(
+                    f"{path}: directory {anc} is writable by others; move the key "
+                    "(or set insecure_keys = true)"
+                )
 
 
 def load_key(path: str, algorithm: str | None = None, *, insecure: bool = False) -> SigningKey:

@@ -235,18 +235,32 @@ def aligned(psl: PublicSuffixList, a: str, b: str, mode: str) -> bool:
     return org_domain(psl, a) == org_domain(psl, b)
 
 
-def from_domains(message: Message) -> list[str]:
+# "@domain" in a From field that does not parse: every domain it names is evaluated.
+_AT_DOMAIN = re.compile(r"@([^\s<>()\[\]\",;:@\\]+)")
+
+
+def from_domains(message: Message) -> tuple[list[str], bool]:
     """Domains of every address in every From field (empty string for an address without
-    a domain). Exactly one entry is required to evaluate DMARC."""
+    a domain), and whether the field is malformed. Exactly one well-formed entry is
+    required to evaluate DMARC as usual. From a malformed field (``ceo@bank.example
+    x@evil.example``, two addresses and no comma) the domain of every ``@`` in it is
+    returned, so that the parser's guess (here ``evil.example`` alone) cannot take a
+    domain out of its policy."""
     values = [h.value for h in message.headers if h.name.lower() == "from"]
+    parsed = getaddresses(values)
+    if parsed is None:  # malformed, or nested too deep to parse
+        found = [
+            m.group(1).strip().lower().rstrip(".") for v in values for m in _AT_DOMAIN.finditer(v)
+        ]
+        return (found or [""] * len(values)), True
     out: list[str] = []
-    for _name, addr in getaddresses(values) or ():  # None: nested too deep to parse
+    for _name, addr in parsed:
         if not addr:
             continue
         out.append(addr.rpartition("@")[2].strip().lower().rstrip(".") if "@" in addr else "")
     if values and not out:
         out = [""] * len(values)
-    return out
+    return out, False
 
 
 _STRICTNESS = {"none": 0, "quarantine": 1, "reject": 2}
@@ -551,13 +565,14 @@ class DMARCPlugin:
         whose lookups never answer cannot use it all up (the call would overrun and its
         verdict be lost); more than MAX_AUTHOR_DOMAINS is refused outright. A From that
         gives no usable domain is a permerror, and with ``reject_bad_from`` anything but
-        exactly one address is (the 550 of that option)."""
+        exactly one address in a well-formed field is (the 550 of that option). A
+        malformed From is evaluated as if it listed every domain it names."""
         conf: DMARCConfig = ctx.config
-        domains = from_domains(message)
+        domains, malformed = from_domains(message)
         n = len(domains)
-        if n != 1 and (conf.reject_bad_from or not any(domains)):
-            ev = _Evaluation("permerror", detail=f"{n} From addresses" if n != 1 else "bad From")
-            return ev, []
+        if (n != 1 or malformed) and (conf.reject_bad_from or not any(domains)):
+            detail = "malformed From" if malformed else f"{n} From addresses"
+            return _Evaluation("permerror", detail=detail), []
         usable: list[str] = []
         for raw in domains:
             domain = _author_domain(raw)

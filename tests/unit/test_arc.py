@@ -375,3 +375,16 @@ def test_the_key_records_s_and_h_tags_apply_to_arc_too(
     with Harness(config(key), plugins={"arc": ARCPlugin}, zones=z) as h:
         out = h.send(hop1, client_ip=UNTRUSTED)
     assert [r for r, _ in arc_results(out)] == [expect]
+
+
+def test_seals_as_authres_when_only_authres_sets_the_authserv_id(key: dict[str, Any]) -> None:
+    """[plugins.authres] authserv_id differing from [milterd]'s: arc looked for the
+    latter's A-R, found none, and never sealed (a debug line the only trace)."""
+    cfg = config(key)
+    cfg["plugins"]["authres"] = {"authserv_id": "auth.example.net"}
+    with Harness(cfg, plugins={"arc": ARCPlugin}, zones=zones(key)) as h:
+        out = h.send(MSG, client_ip=UNTRUSTED)
+    aar = out.header("ARC-Authentication-Results") or ""
+    assert aar.startswith("i=1;") and "auth.example.net" in aar, out.headers()
+    cv, _, reason = dkim.arc_verify(out.delivered, dnsfunc=dnsfunc(key))
+    assert cv == dkim.CV_Pass, reason

@@ -36,7 +36,7 @@ from milterd_plugins.dkim.keys import (
 )
 from milterd_plugins.dkim.migrate import OPENDKIM_SIGN_HEADERS
 
-from milterd import AddHeader, ChangeHeader, Context, hookimpl
+from milterd import AddHeader, ChangeHeader, Context, Message, hookimpl
 from milterd.testing import Harness
 from tests.support.dnsserver import ZoneServer
 from tests.support.keys import write_key
@@ -778,6 +778,10 @@ def test_keygen_and_testkey(tmp_path: Path, ktype: str, alg: str) -> None:
         conf.write_text(conf.read_text().replace('"example.com"', '"[ab].example.com"'))
         cls = milterd("dkim", "testkey", config=conf)
         assert cls.returncode == 0 and "SKIP a: no fixed domain" in cls.stdout, cls.stdout
+        # a wildcard local part still fixes the domain: looked up (it was skipped, exit 0)
+        conf.write_text(conf.read_text().replace('"[ab].example.com"', '"*@example.com"'))
+        local = milterd("dkim", "testkey", config=conf)
+        assert local.returncode == 1 and "no such name" in local.stdout, local.stdout
 
 
 def test_signing_is_fast(keys: dict[str, Any]) -> None:
@@ -966,15 +970,14 @@ def test_signing_headers_equal_rfc822_parse(fields: list[tuple[str, bytes]]) -> 
 )
 def test_from_address_fast_path_agrees_with_getaddresses(value: str) -> None:
     """The regular-expression shortcut gives what the getaddresses path gives."""
-    from email.utils import getaddresses
-
+    from milterd_plugins.addresses import getaddresses
     from milterd_plugins.dkim import from_address
 
     from milterd import Header, Message
 
     got = from_address(Message([Header("From", value, b" " + value.encode())], None))
-    addrs = [a for _, a in getaddresses([value]) if a]
-    if len(addrs) != 1 or "@" not in addrs[0] or not addrs[0].rsplit("@", 1)[1]:
+    addrs = [a for _, a in getaddresses([value]) or () if a]
+    if len(addrs) != 1 or not all(addrs[0].rpartition("@")[::2]):
         assert got[0] is None
     else:
         assert got == (addrs[0].strip().lower(), "")
@@ -1269,3 +1272,122 @@ def test_a_key_record_with_v_not_first_is_refused(keys: dict[str, Any]) -> None:
     assert record != keys["rsa"][1]
     zone = {"r2026._domainkey.example.com": {"TXT": [record]}}
     assert verify(keys, signed(keys), extra_zones=zone).results[0].result == "permerror"
+
+
+# --- found by a review against issue 3 (2026-12-03) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frm",
+    [
+        b"a@evil.example alice@example.com",  # two addresses, no comma
+        b"ceo@bank.example  alice@example.com",
+        b"x <alice@example.com> y",  # text after the address
+        b"alice@example.com (unclosed",
+        b"@example.com",  # no local part
+    ],
+)
+def test_a_from_that_does_not_parse_as_one_address_is_not_signed(
+    keys: dict[str, Any], frm: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Python's getaddresses read 'a@evil.example alice@example.com' as '@example.com'
+    (plus an empty entry dropped as nothing): the message was signed d=example.com."""
+    cfg = sign_config(keys, [{"pattern": "example.com", "keys": ["rsa"]}])
+    msg = MSG.replace(b"Alice <alice@example.com>", frm)
+    with caplog.at_level("WARNING"), Harness(cfg, plugins={"dkim": DKIMPlugin}) as h:
+        out = h.send(msg, auth="alice")
+    assert out.header("DKIM-Signature") is None
+    assert "not signing" in caplog.text
+
+
+def test_a_key_reached_through_a_world_writable_directory_is_refused(
+    keys: dict[str, Any], tmp_path: Path
+) -> None:
+    """Only the target's directories were checked: a link in a world-writable directory,
+    which anyone could point at another key, was accepted."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "link.key").symlink_to(keys["rsa"][0])
+    (shared / "dirlink").symlink_to(keys["dir"])
+    shared.chmod(0o777)
+    for path in (shared / "link.key", shared / "dirlink" / "rsa.key"):
+        with pytest.raises(Exception, match=r"shared is writable by others"):
+            load_key(str(path))
+    tmp_path.chmod(0o700)
+    safe = tmp_path / "safe"
+    safe.mkdir(mode=0o700)
+    (safe / "link.key").symlink_to(keys["rsa"][0])
+    assert load_key(str(safe / "link.key")).algorithm == "rsa-sha256"
+
+
+def test_finalize_changes_are_signed_whatever_the_order(keys: dict[str, Any]) -> None:
+    """A plugin listed after dkim that changed a header at finalize broke the signature,
+    and authres listed after dkim put its field above DKIM-Signature."""
+
+    class Late:
+        actions = frozenset({"change_header"})
+
+        @hookimpl
+        def finalize(self, ctx: Context) -> None:
+            ctx.add_change(ChangeHeader("Subject", "late"))
+
+    seen: list[bytes] = []
+
+    class Keeper:  # declares no change: runs after the signer, sees the signed message
+        actions: frozenset[str] = frozenset()
+
+        @hookimpl
+        def finalize(self, ctx: Context, message: Message) -> None:
+            seen.append(message.as_bytes())
+
+    cfg = sign_config(keys, [{"pattern": "example.com", "keys": ["rsa"]}], sign_daemons=["sub"])
+    plugins = {"keeper": {}, "dkim": cfg["dkim"], "authres": {}, "late": {}}
+    with Harness(
+        {"plugins": plugins}, plugins={"dkim": DKIMPlugin, "late": Late, "keeper": Keeper}
+    ) as h:
+        out = h.send(MSG, client_ip=UNTRUSTED, macros={"{daemon_name}": "sub"})
+    assert out.header("Subject") == "late"
+    assert [n for n, _ in out.headers()][:2] == ["DKIM-Signature", "Authentication-Results"]
+    assert dkimpy_verify_all(dl(out), keys) == [True]
+    assert seen == [dl(out)]
+
+
+def test_a_testing_key_failure_takes_no_action_but_none(keys: dict[str, Any]) -> None:
+    """t=y: a failing signature counts as no signature; the neutral action applied."""
+    data = signed(keys).replace(b"see you.", b"see you?")
+    testing = {"r2026._domainkey.example.com": {"TXT": [keys["rsa"][1] + "; t=y"]}}
+    out = verify(keys, data, actions={"neutral": "reject"}, extra_zones=testing)
+    assert out.verdict == "continue"
+    out = verify(keys, data, actions={"none": "quarantine"}, extra_zones=testing)
+    assert out.verdict == "quarantine"
+
+
+@pytest.mark.parametrize(
+    "pattern", ["@example.com", ".example.com", "example..com", "*@"]
+)
+def test_signing_patterns_that_can_never_match_are_refused(pattern: str) -> None:
+    with pytest.raises(ValueError, match="never match"):
+        SigningRule(pattern=pattern, keys=["k"])
+
+
+def test_signing_patterns_are_trimmed() -> None:
+    assert SigningRule(pattern=" Example.COM. ", keys=["k"]).pattern == "example.com"
+    rule = SigningRule(pattern="*@example.com.", keys=["k"])
+    assert match_rule([rule], "alice@example.com") is rule
+
+
+def test_keygen_directory_is_private_and_key_size_bounded(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "keys"
+    r = subprocess.run(
+        f"umask 000; {Path(sys.executable).parent / 'milterd'} dkim keygen --domain "
+        f"example.com --selector s --type ed25519 --out {out}",
+        shell=True, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert oct(out.stat().st_mode & 0o777) == "0o700"
+    (key,) = out.iterdir()
+    tmp_path.chmod(0o700)
+    assert load_key(str(key)).algorithm == "ed25519-sha256"  # start-up would take it
+    big = milterd("dkim", "keygen", "--domain", "example.com", "--selector", "b",
+                  "--bits", "100000000", "--out", str(out))  # fmt: skip
+    assert big.returncode == 2 and "8192" in big.stderr

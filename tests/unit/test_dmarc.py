@@ -480,3 +480,23 @@ def test_among_equal_failures_one_no_dns_hiccup_explains_wins() -> None:
     the spoofed domain's 550 into a 451."""
     out = run(["a@strict.example, ceo@example.org"], ["X-Test-DKIM: temperror d=strict.example"])
     assert out.verdict == "reject" and dmarc(out).prop("header.from") == "example.org"
+
+
+@pytest.mark.parametrize(
+    "frm",
+    [
+        "ceo@example.org x@none.example",  # two addresses, no comma
+        "ceo@example.org  x@none.example",
+        "x <x@none.example> ceo@example.org",  # text after the address
+        "ceo@example.org (x@none.example",  # an unclosed comment
+    ],
+)
+def test_a_malformed_from_is_judged_by_every_domain_it_names(frm: str) -> None:
+    """Python's parser reads 'ceo@example.org x@none.example' as '@none.example' alone:
+    the sender's own domain (SPF-aligned here) passed, and p=reject example.org was never
+    looked at. Now every @domain in a field that does not parse is evaluated."""
+    out = run(frm, extra=["X-Test-SPF pass none.example"])
+    assert dmarc(out).result == "fail" and dmarc(out).prop("header.from") == "example.org"
+    assert out.verdict == "reject"
+    out = run(frm, extra=["X-Test-SPF pass none.example"], config={"reject_bad_from": True})
+    assert out.verdict == "reject" and "exactly one From" in out.decision.verdict.text
