@@ -336,11 +336,13 @@ def finalize(ctx: Context, message: Message) -> Verdict | None:
 
     When it fires: after every plugin's :func:`eom`, when the merged verdict delivers the
     message (continue, accept, quarantine); not for a plugin that returned Accept for
-    this message. Order: pipeline order, except that plugins declaring ``signs = True``
-    (DKIM, ARC) run after every other plugin that may change the message, and plugins
-    that declare no change (``actions`` without any but ``quarantine``: an archive) run
-    after the signers; so a signature covers every change and its field is on top, and
-    an archive sees the signed message, whatever order the config lists them in.
+    this message. Order: pipeline order, except that a plugin that may change the message
+    (``actions`` naming a change other than ``quarantine``, or no ``actions`` declared)
+    listed after a signer (``signs = True``: DKIM, ARC) runs just before the first signer,
+    unless it declares ``after`` that signer: so signatures cover every change and their
+    fields are on top whatever order the config lists them in. Plugins that change
+    nothing keep their place (an archive listed after the signers sees the signed
+    message).
     ``message`` has every change recorded so far applied, including earlier ``finalize``
     plugins' changes.
     ``ctx.verdict`` is the merged verdict so far (None: continue; or accept, quarantine).

@@ -395,18 +395,24 @@ CHANGES = ACTIONS - {"quarantine"}
 
 
 def finalize_order(plugins: list[LoadedPlugin]) -> list[LoadedPlugin]:
-    """The order ``finalize`` runs in: pipeline order, except that signers (``signs``)
-    come after every other plugin that may change the message, so that a signature
-    covers every change and its field is on top whatever order the config lists them in;
-    and plugins that declare no change (an archive) come after the signers, so that they
-    see the message as signed. Stable within each of the three groups."""
-
-    def group(p: LoadedPlugin) -> int:
-        if p.signs:
-            return 1
-        return 0 if p.actions & CHANGES else 2
-
-    return sorted(plugins, key=group)
+    """The order ``finalize`` runs in: pipeline order, except that a plugin that may change
+    the message (its ``actions`` name a change other than ``quarantine``; a plugin that
+    declares no ``actions`` may make any) and is listed after a signer (``signs``) runs
+    just before the first signer, so that signatures cover every change and their fields
+    are on top whatever order the config lists them in. A plugin that declares ``after``
+    a signer stays where it is, and so does every plugin that changes nothing (an archive
+    listed after the signers sees the signed message)."""
+    first = next((i for i, p in enumerate(plugins) if p.signs), None)
+    if first is None:
+        return list(plugins)
+    signers = {p.name for p in plugins if p.signs}
+    moved = [
+        p
+        for p in plugins[first:]
+        if not p.signs and p.actions & CHANGES and not signers & set(p.after)
+    ]
+    rest = [p for p in plugins if p not in moved]
+    return rest[:first] + moved + rest[first:]
 
 
 def _check_order(loaded: list[LoadedPlugin]) -> None:

@@ -41,7 +41,8 @@ def _chars(text: str) -> Iterator[str]:
 
 def _bare(text: str) -> str | None:
     """``text`` without its quoted strings and comments (each comment becomes a space), or
-    None when a comment is not closed or closes one it never opened."""
+    None when a comment or a quoted string is not closed, or a comment closes one it never
+    opened."""
     out: list[str] = []
     depth = 0
     quoted = False
@@ -64,25 +65,50 @@ def _bare(text: str) -> str | None:
             quoted = True
         else:
             out.append(ch)
-    return None if depth else "".join(out)
+    return None if depth or quoted else "".join(out)
+
+
+# Python 3.11.10+, 3.12.6+ and 3.13 parse strictly by default and answer [("", "")] for a
+# field they refuse, which would count as one clean (empty) entry here: ask for the
+# lenient parse, and make the checks below on every version alike.
+_LENIENT: dict[str, bool] = (
+    {"strict": False} if getattr(email.utils, "supports_strict_parsing", False) else {}
+)
+
+
+def bare(value: str) -> str | None:
+    """A header value without its quoted strings and comments, or None when they are not
+    balanced (what is left of an address list is its addresses, commas and group
+    syntax)."""
+    return _bare(value)
 
 
 def getaddresses(values: Iterable[str]) -> list[tuple[str, str]] | None:
     """``email.utils.getaddresses(values)`` when every value parses as a clean address
-    list (an empty element, as after a trailing comma or in an empty group, is kept as
-    ``("", "")`` the way it returns them); None when one does not (see the module's
-    docstring) or nests too deep to parse."""
+    list; None when one does not (see the module's docstring) or nests too deep to parse.
+    Empty elements (after a trailing comma, in an empty group) come back as ``("", "")``
+    or not at all, as the standard parser has them; a trailing comma is no error."""
     fields = [str(v) for v in values]
     expected = 0
+    trailing = 0
     for v in fields:
-        bare = _bare(v)
-        if bare is None:
+        b = _bare(v)
+        if b is None:
             return None
-        expected += 1 + bare.count(",")  # a group's members are separated by commas too
+        body = b.rstrip(", \t\r\n")
+        trailing += b.count(",") - body.count(",")  # empty elements at the end
+        if body.strip():
+            expected += 1 + body.count(",")  # a group's members are separated by commas too
     try:
-        parsed = email.utils.getaddresses(fields)
+        parsed = email.utils.getaddresses(fields, **_LENIENT)
     except RecursionError:
         return None
-    if len(parsed) != expected or any("[" in addr for _, addr in parsed):
+    # Empty entries for the trailing empty elements (the parser returns some, all or none
+    # of them, depending on the white space): not counted.
+    end = len(parsed)
+    while trailing and end and parsed[end - 1] == ("", ""):
+        end -= 1
+        trailing -= 1
+    if end != expected or any("[" in addr for _, addr in parsed):
         return None
-    return parsed
+    return parsed[:end]

@@ -307,13 +307,22 @@ class ARCPlugin:
                 and c.name.lower() == "authentication-results"
             ]
             authserv_id = self.authserv_id
-            if not cfg.authserv_id and added:
-                # Not set for arc: seal as the plugin that added the A-R of this pass claims
-                # to be ([plugins.authres] authserv_id may differ from [milterd]'s). Only
-                # fields added by plugins now are read, never the message's own.
-                authserv_id = authserv_id_of("authentication-results", added[0]) or authserv_id
+            claimed = {authserv_id_of("authentication-results", v) for v in added} - {""}
+            if not cfg.authserv_id and authserv_id not in claimed and len(claimed) == 1:
+                # Not set for arc, and the only A-R added in this pass (by plugins, never
+                # the message's own) claims another id: [plugins.authres] authserv_id
+                # differs from [milterd]'s. Seal as that one.
+                (authserv_id,) = claimed
             if not only_our_authres(a.headers, added, authserv_id):
-                ctx.log.debug("not sealing: no Authentication-Results of ours added")
+                if claimed:  # a configuration mistake, not a kind of message: say so
+                    ctx.log.warning(
+                        "not sealing: the Authentication-Results added claim %s, not %s; "
+                        "set [plugins.arc] authserv_id",
+                        ", ".join(sorted(claimed)),
+                        authserv_id,
+                    )
+                else:
+                    ctx.log.debug("not sealing: no Authentication-Results of ours added")
                 return
             fields = a.sign(
                 cfg.selector.encode(),

@@ -89,29 +89,40 @@ def parse_duration(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def _patterns(v: list[str]) -> list[str]:
+def _check_patterns(v: list[str], null_sender: bool) -> list[str]:
     out = []
     for raw in v:
         p = raw.strip().lower()
-        if p == "<>":  # the null sender (bounces), as Postfix's access maps write it
+        if p == "<>" and null_sender:  # the null sender (bounces), as Postfix's maps write it
             out.append(p)
             continue
-        domain = p.rpartition("@")[2]
-        if not p or p.count("@") > 1 or " " in p or ("@" in p and not domain):
+        _local, at, domain = p.rpartition("@")
+        if not p or p.count("@") > 1 or " " in p or (at and not domain):
             raise ValueError(f"invalid address pattern {raw!r}")
-        if "*" in p or domain.endswith(".") or domain.startswith("..") or domain == ".":
+        labels = domain.removeprefix(".").split(".")
+        if (
+            "*" in p
+            or "<" in p
+            or ">" in p
+            or not all(labels)
+            or (at and domain.startswith("."))
+        ):
             raise ValueError(
                 f"address pattern {raw!r} can never match: patterns are an address "
                 "(user@example.com), a domain (example.com, @example.com) or a domain "
-                "and its subdomains (.example.com); no wildcards, no trailing dot"
-            )
-        if "@" in p and domain.startswith("."):
-            raise ValueError(
-                f"address pattern {raw!r} can never match: write .example.com for a domain "
-                "and its subdomains"
+                "and its subdomains (.example.com); no wildcards, angle brackets or empty "
+                "labels" + (", and <> for the null sender" if null_sender else "")
             )
         out.append(p)
     return out
+
+
+def _sender_patterns(v: list[str]) -> list[str]:
+    return _check_patterns(v, null_sender=True)
+
+
+def _recipient_patterns(v: list[str]) -> list[str]:
+    return _check_patterns(v, null_sender=False)  # a recipient is never the null address
 
 
 class Rule(PluginConfig):
@@ -123,7 +134,8 @@ class Rule(PluginConfig):
     recipients: list[str] = []  # idem; matches when any envelope recipient matches
     verdicts: list[VerdictWord] = list(VERDICTS)
 
-    _p = field_validator("senders", "recipients")(_patterns)
+    _p = field_validator("senders")(_sender_patterns)
+    _r = field_validator("recipients")(_recipient_patterns)
 
 
 class ArchiveConfig(PluginConfig):

@@ -83,7 +83,9 @@ def parse_when(text: str) -> float:
         return dt.timestamp()
     try:
         return time.time() - parse_duration(t)
-    except ValueError:
+    except ValueError as e:
+        if "ambiguous" in str(e):  # "6m": say what to write instead
+            raise
         raise ValueError(
             f"not a time: {text!r} (e.g. 2026-11-22, 2026-11-22T10:00:00Z, 7d, 12h)"
         ) from None
@@ -184,9 +186,10 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", type=_given, help="substring of the (decoded) Subject")
     p.add_argument("--message-id", type=_given, help="exact Message-ID (with or without <>)")
     p.add_argument(
-        "--since", help="ISO 8601 date/time (UTC unless it has a zone), or a duration ago (7d)"
-    )
-    p.add_argument("--until", help="idem, exclusive")
+        "--since", type=_given,
+        help="ISO 8601 date/time (UTC unless it has a zone), or a duration ago (7d)",
+    )  # fmt: skip
+    p.add_argument("--until", type=_given, help="idem, exclusive")
     p.add_argument(
         "--verdict",
         choices=["continue", "accept", "quarantine", "tempfail", "reject", "discard"],

@@ -714,7 +714,7 @@ class FileStore:
             raise ValueError(f"limit must be at least 1, not {query.limit}")
         where: list[str] = []
         args: list[Any] = []
-        if query.sender == "<>":  # bounces: the null reverse-path
+        if query.sender is not None and query.sender.strip() == "<>":  # bounces: null sender
             where.append("sender = ''")
         elif query.sender:
             s = query.sender.casefold()

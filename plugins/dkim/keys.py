@@ -98,33 +98,57 @@ def check_key_file(path: str) -> None:
             f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others access the "
             "private key; chmod 600 it (or set insecure_keys = true)"
         )
-    # Whoever can write a directory on the way can change which file the path names: the
-    # directories of the path as written (a symbolic link's own directory included), of
-    # each link it goes through, and of the file it ends at.
-    names = [os.path.abspath(path)]
-    hop = names[0]
-    while os.path.islink(hop) and len(names) < 40:
-        hop = os.path.join(os.path.dirname(hop), os.readlink(hop))
-        names.append(os.path.abspath(hop))
-    names.append(os.path.realpath(path))
-    checked: set[Path] = set()
-    for name in names:
-        parent = Path(name).parent
-        if os.stat(parent).st_mode & 0o002:  # even with the sticky bit
+    strict, passed = _directories_on_the_way(path)
+    for d in strict:  # holds the key file or a link on the way: even with the sticky bit
+        if os.stat(d).st_mode & 0o002:
             raise KeyFileError(
-                f"{path}: directory {parent} is writable by others; move the key "
+                f"{path}: directory {d} is writable by others; move the key "
                 "(or set insecure_keys = true)"
             )
-        for anc in parent.parents:
-            if anc in checked:
-                continue
-            checked.add(anc)
-            ast = os.stat(anc)
-            if ast.st_mode & 0o002 and not ast.st_mode & stat.S_ISVTX:
-                raise KeyFileError(
-                    f"{path}: directory {anc} is writable by others; move the key "
-                    "(or set insecure_keys = true)"
-                )
+    for d in passed:
+        dst = os.stat(d)
+        if dst.st_mode & 0o002 and not dst.st_mode & stat.S_ISVTX:
+            raise KeyFileError(
+                f"{path}: directory {d} is writable by others; move the key "
+                "(or set insecure_keys = true)"
+            )
+
+
+def _directories_on_the_way(path: str) -> tuple[list[str], list[str]]:
+    """The directories whose writers could change which file ``path`` names, as the
+    kernel resolves it (component by component, symbolic links followed where they are,
+    ``..`` after them): those holding the file or a link on the way, and every directory
+    passed through (each with its ancestors)."""
+    strict: list[str] = []
+    passed: set[str] = set()
+    parts = path.split("/")
+    cur = "/" if path.startswith("/") else os.getcwd()
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            cur = os.path.dirname(cur)  # cur never holds a link: a plain parent
+            continue
+        passed.add(cur)
+        nxt = os.path.join(cur, name)
+        if os.path.islink(nxt):
+            hops += 1
+            if hops > 40:
+                raise KeyFileError(f"{path}: too many levels of symbolic links")
+            strict.append(cur)
+            target = os.readlink(nxt)
+            parts = target.split("/") + parts
+            if target.startswith("/"):
+                cur = "/"
+            continue
+        if not parts:  # the file itself
+            strict.append(cur)
+        cur = nxt
+    for d in list(passed):
+        passed.update(str(a) for a in Path(d).parents)
+    return strict, sorted(passed)
 
 
 def load_key(path: str, algorithm: str | None = None, *, insecure: bool = False) -> SigningKey:

@@ -51,7 +51,7 @@ from milterd import (
     hookimpl,
 )
 
-from ..addresses import getaddresses
+from ..addresses import bare, getaddresses
 from ..sqlpool import SQLitePool
 
 if TYPE_CHECKING:
@@ -249,8 +249,11 @@ def from_domains(message: Message) -> tuple[list[str], bool]:
     values = [h.value for h in message.headers if h.name.lower() == "from"]
     parsed = getaddresses(values)
     if parsed is None:  # malformed, or nested too deep to parse
+        # Display names and comments do not name authors: only what is left without them
+        # (unless they are themselves unbalanced, when nothing tells them apart).
+        texts = [bare(v) or v for v in values]
         found = [
-            m.group(1).strip().lower().rstrip(".") for v in values for m in _AT_DOMAIN.finditer(v)
+            m.group(1).strip().lower().rstrip(".") for t in texts for m in _AT_DOMAIN.finditer(t)
         ]
         return (found or [""] * len(values)), True
     out: list[str] = []

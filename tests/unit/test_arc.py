@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from milterd_plugins.arc import ARCPlugin, fold_aar, seal_ops, verify_chain
 from milterd_plugins.dkim.keys import public_txt
 
-from milterd import Context, Result, hookimpl
+from milterd import AddHeader, Context, Result, hookimpl
 from milterd.testing import Harness, split_message
 
 MSG = (
@@ -388,3 +388,29 @@ def test_seals_as_authres_when_only_authres_sets_the_authserv_id(key: dict[str, 
     assert aar.startswith("i=1;") and "auth.example.net" in aar, out.headers()
     cv, _, reason = dkim.arc_verify(out.delivered, dnsfunc=dnsfunc(key))
     assert cv == dkim.CV_Pass, reason
+
+
+def test_another_plugins_authentication_results_is_never_sealed_as_ours(
+    key: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    class Scanner:
+        actions = frozenset({"add_header"})
+
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.add_change(AddHeader("Authentication-Results", "scanner.example.org; x-scan=pass"))
+
+    cfg = config(key)
+    cfg["plugins"] = {"scanner": {}, **cfg["plugins"]}
+    with Harness(cfg, plugins={"arc": ARCPlugin, "scanner": Scanner}, zones=zones(key)) as h:
+        out = h.send(MSG, client_ip=UNTRUSTED)
+    aar = out.header("ARC-Authentication-Results") or ""
+    assert "mx.example.net" in aar and "scanner" not in aar, aar
+    # authres with another id, and the scanner's: which is ours is not known: not sealed
+    cfg["plugins"]["authres"] = {"authserv_id": "auth.example.net"}
+    with caplog.at_level("WARNING"), Harness(
+        cfg, plugins={"arc": ARCPlugin, "scanner": Scanner}, zones=zones(key)
+    ) as h:
+        out = h.send(MSG, client_ip=UNTRUSTED)
+    assert out.header("ARC-Seal") is None
+    assert "set [plugins.arc] authserv_id" in caplog.text

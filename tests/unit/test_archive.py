@@ -1122,6 +1122,8 @@ def test_cli_prune_refuses_an_ambiguous_age(tmp_path: Path) -> None:
         h.send(MSG)
     r = cli(_config(tmp_path), "prune", "--older-than", "6m")
     assert r.returncode == 2 and "ambiguous" in r.stderr, r.stderr
+    r = cli(_config(tmp_path), "search", "--since", "6m")
+    assert r.returncode == 2 and "6min for minutes" in r.stderr, r.stderr
     assert len(all_records(tmp_path)) == 1
 
 
@@ -1161,11 +1163,12 @@ def test_cli_refuses_empty_query_values(tmp_path: Path) -> None:
         h.send(MSG)
         h.send(MSG, sender="")
     config = _config(tmp_path)
-    for option in ("--from", "--to", "--subject", "--message-id", "--queue-id"):
+    for option in ("--from", "--to", "--subject", "--message-id", "--queue-id", "--since",
+                   "--until"):  # fmt: skip
         r = cli(config, "export", option, "", "--eml", str(tmp_path / "out"))
         assert r.returncode == 2 and "empty value" in r.stderr, (option, r.stderr)
     assert not (tmp_path / "out").exists()
-    r = cli(config, "search", "--from", "<>", "--json")
+    r = cli(config, "search", "--from", " <> ", "--json")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
     assert json.loads(r.stdout)["sender"] == ""
 
@@ -1183,11 +1186,25 @@ def test_message_id_with_a_comment_and_a_folded_date_are_indexed_clean(tmp_path:
 
 
 @pytest.mark.parametrize(
-    "pattern", ["*.example.com", "example.com.", "@.example.com", "user@", "..example.com"]
+    "pattern",
+    [
+        "*.example.com",
+        "example.com.",
+        "@.example.com",
+        "user@",
+        "..example.com",
+        "<user@example.com>",
+        "example..com",
+        "<>@example.com",
+    ],
 )
 def test_patterns_that_can_never_match_are_refused(pattern: str) -> None:
     with pytest.raises(ValueError, match=r"never match|invalid"):
         ArchiveConfig(rules=[{"senders": [pattern]}])
+    with pytest.raises(ValueError, match=r"never match|invalid"):
+        ArchiveConfig(rules=[{"recipients": [pattern]}])
+    with pytest.raises(ValueError, match="never match"):  # no recipient is the null address
+        ArchiveConfig(rules=[{"recipients": ["<>"]}])
 
 
 def test_null_sender_pattern_selects_bounces() -> None:

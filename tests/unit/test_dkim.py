@@ -1333,7 +1333,7 @@ def test_finalize_changes_are_signed_whatever_the_order(keys: dict[str, Any]) ->
 
     seen: list[bytes] = []
 
-    class Keeper:  # declares no change: runs after the signer, sees the signed message
+    class Keeper:  # declares no change: keeps its place after the signer, sees its work
         actions: frozenset[str] = frozenset()
 
         @hookimpl
@@ -1341,7 +1341,7 @@ def test_finalize_changes_are_signed_whatever_the_order(keys: dict[str, Any]) ->
             seen.append(message.as_bytes())
 
     cfg = sign_config(keys, [{"pattern": "example.com", "keys": ["rsa"]}], sign_daemons=["sub"])
-    plugins = {"keeper": {}, "dkim": cfg["dkim"], "authres": {}, "late": {}}
+    plugins = {"dkim": cfg["dkim"], "authres": {}, "late": {}, "keeper": {}}
     with Harness(
         {"plugins": plugins}, plugins={"dkim": DKIMPlugin, "late": Late, "keeper": Keeper}
     ) as h:
@@ -1391,3 +1391,90 @@ def test_keygen_directory_is_private_and_key_size_bounded(tmp_path: Path) -> Non
     big = milterd("dkim", "keygen", "--domain", "example.com", "--selector", "b",
                   "--bits", "100000000", "--out", str(out))  # fmt: skip
     assert big.returncode == 2 and "8192" in big.stderr
+
+
+def test_finalize_order_moves_only_changers_listed_after_a_signer() -> None:
+    from milterd.config import PluginSettings
+    from milterd.registry import ACTIONS, LoadedPlugin, finalize_order
+
+    def p(name: str, actions: frozenset[str], signs: bool = False,
+          after: tuple[str, ...] = ()) -> LoadedPlugin:  # fmt: skip
+        return LoadedPlugin(name, object(), PluginSettings(), None, actions=actions,
+                            signs=signs, after=after)  # fmt: skip
+
+    add, none = frozenset({"add_header"}), frozenset[str]()
+    observer, authres = p("observer", none), p("authres", add)
+    assert finalize_order([observer, authres]) == [observer, authres]  # no signer: as listed
+    dkim, arc = p("dkim", add, signs=True), p("arc", add, signs=True, after=("authres",))
+    late, archive = p("late", frozenset({"change_header"})), p("archive", none)
+    wants_sig = p("stamp", add, after=("dkim",))
+    module = p("module", frozenset(ACTIONS))  # declares nothing: may change anything
+    order = finalize_order([observer, dkim, archive, authres, wants_sig, late, arc, module])
+    assert [x.name for x in order] == [
+        "observer", "authres", "late", "module", "dkim", "archive", "stamp", "arc"
+    ]
+
+
+@pytest.mark.parametrize(
+    "frm",
+    [
+        "Alice <alice@example.com>,",  # a trailing comma: legitimate, signed
+        "alice@example.com, ",
+        '"Doe, John" <alice@example.com>',
+        "alice@example.com (Doe, John)",
+        '"J \\"Q\\" Doe" <alice@example.com>',
+        "=?utf-8?q?Ali=C3=A7e?= <alice@example.com>",
+    ],
+)
+def test_common_from_forms_are_still_signed(keys: dict[str, Any], frm: str) -> None:
+    cfg = sign_config(keys, [{"pattern": "example.com", "keys": ["rsa"]}])
+    msg = MSG.replace(b"Alice <alice@example.com>", frm.encode())
+    with Harness(cfg, plugins={"dkim": DKIMPlugin}) as h:
+        out = h.send(msg, auth="alice")
+    assert out.header("DKIM-Signature") is not None
+
+
+def test_unclosed_quote_and_strict_python_parsers_cannot_hide_an_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import email.utils
+
+    from milterd_plugins.addresses import getaddresses
+
+    assert getaddresses(['"CEO <ceo@example.org> a@none.example']) is None
+    # Python 3.11.10+/3.12.6+/3.13 parse strictly by default and answer [("", "")] for a
+    # field they refuse: the wrapper must not read that as one clean (empty) entry.
+    lenient = email.utils.getaddresses
+
+    def strict_by_default(fields: Any, *, strict: bool = True) -> Any:
+        return lenient(fields) if not strict else [("", "")]
+
+    monkeypatch.setattr(email.utils, "getaddresses", strict_by_default)
+    monkeypatch.setattr(email.utils, "supports_strict_parsing", True, raising=False)
+    from milterd_plugins import addresses
+
+    monkeypatch.setattr(addresses, "_LENIENT", {"strict": False})
+    assert getaddresses(["ceo@example.org x@none.example"]) is None
+    assert getaddresses(["a@none.example (Smith, John)"]) == [("Smith, John", "a@none.example")]
+
+
+def test_key_paths_resolve_as_the_kernel_does(keys: dict[str, Any], tmp_path: Path) -> None:
+    """Links with '..' in them and after them: '..' applies after a link is followed.
+    Reading the path as text refused keys open() reads ('no such key file')."""
+    tmp_path.chmod(0o700)
+    real = tmp_path / "real"
+    (real / "keys").mkdir(parents=True, mode=0o700)
+    (real / "ssl").mkdir(mode=0o700)
+    shutil.copy(keys["rsa"][0], real / "ssl" / "k.key")
+    (real / "ssl" / "k.key").chmod(0o600)
+    (real / "keys" / "cur.key").symlink_to("../ssl/k.key")
+    (tmp_path / "etc").mkdir(mode=0o700)
+    (tmp_path / "etc" / "dkimkeys").symlink_to("../real/keys")
+    for path in ("etc/dkimkeys/cur.key", "etc/dkimkeys/../ssl/k.key"):
+        assert load_key(str(tmp_path / path)).algorithm == "rsa-sha256", path
+    sticky = tmp_path / "stk"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "dirlink").symlink_to(real / "ssl")
+    with pytest.raises(Exception, match="stk is writable by others"):
+        load_key(str(sticky / "dirlink" / "k.key"))  # the link's directory, sticky or not

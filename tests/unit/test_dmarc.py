@@ -495,8 +495,26 @@ def test_a_malformed_from_is_judged_by_every_domain_it_names(frm: str) -> None:
     """Python's parser reads 'ceo@example.org x@none.example' as '@none.example' alone:
     the sender's own domain (SPF-aligned here) passed, and p=reject example.org was never
     looked at. Now every @domain in a field that does not parse is evaluated."""
-    out = run(frm, extra=["X-Test-SPF pass none.example"])
+    out = run(frm, extra=["X-Test-SPF: pass none.example"])
     assert dmarc(out).result == "fail" and dmarc(out).prop("header.from") == "example.org"
     assert out.verdict == "reject"
-    out = run(frm, extra=["X-Test-SPF pass none.example"], config={"reject_bad_from": True})
+    out = run(frm, extra=["X-Test-SPF: pass none.example"], config={"reject_bad_from": True})
     assert out.verdict == "reject" and "exactly one From" in out.decision.verdict.text
+
+
+@pytest.mark.parametrize(
+    "frm",
+    [
+        "x@none.example,",  # a trailing comma is no error
+        '"Alice (ceo@example.org)" <x@none.example>',  # names in a display name are no author
+    ],
+)
+def test_a_trailing_comma_or_an_address_in_a_display_name_is_not_malformed(frm: str) -> None:
+    out = run(frm, extra=["X-Test-SPF: pass none.example"], config={"reject_bad_from": True})
+    assert dmarc(out).result == "pass" and out.verdict == "continue"
+
+
+def test_a_malformed_from_ignores_display_names_and_comments() -> None:
+    out = run('"ceo@example.org" <x@none.example> (ceo@example.org) junk',
+              extra=["X-Test-SPF: pass none.example"])  # fmt: skip
+    assert dmarc(out).prop("header.from") == "none.example" and out.verdict == "continue"
