@@ -339,10 +339,10 @@ def finalize(ctx: Context, message: Message) -> Verdict | None:
     this message. Order: pipeline order, except that a plugin that may change the message
     (``actions`` naming a change other than ``quarantine``, or no ``actions`` declared)
     listed after a signer (``signs = True``: DKIM, ARC) runs just before the first signer,
-    unless it declares ``after`` that signer: so signatures cover every change and their
-    fields are on top whatever order the config lists them in. Plugins that change
-    nothing keep their place (an archive listed after the signers sees the signed
-    message).
+    unless it declares ``after`` a plugin that stays in place (a signer, or one that
+    follows it): so signatures cover every change and their fields are on top whatever
+    order the config lists them in. Plugins that change nothing keep their place (an
+    archive listed after the signers sees the signed message).
     ``message`` has every change recorded so far applied, including earlier ``finalize``
     plugins' changes.
     ``ctx.verdict`` is the merged verdict so far (None: continue; or accept, quarantine).

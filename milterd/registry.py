@@ -400,17 +400,21 @@ def finalize_order(plugins: list[LoadedPlugin]) -> list[LoadedPlugin]:
     declares no ``actions`` may make any) and is listed after a signer (``signs``) runs
     just before the first signer, so that signatures cover every change and their fields
     are on top whatever order the config lists them in. A plugin that declares ``after``
-    a signer stays where it is, and so does every plugin that changes nothing (an archive
-    listed after the signers sees the signed message)."""
+    one that stays in place (a signer, say), directly or through others, stays where it
+    is, and so does every plugin that changes nothing (an archive listed after the
+    signers sees the signed message)."""
     first = next((i for i, p in enumerate(plugins) if p.signs), None)
     if first is None:
         return list(plugins)
-    signers = {p.name for p in plugins if p.signs}
-    moved = [
-        p
-        for p in plugins[first:]
-        if not p.signs and p.actions & CHANGES and not signers & set(p.after)
-    ]
+    # In pipeline order (an ``after`` dependency is always earlier, checked at start-up):
+    # a plugin stays when it signs, changes nothing, or must follow one that stays.
+    stays: set[str] = set()
+    moved: list[LoadedPlugin] = []
+    for p in plugins[first:]:
+        if p.signs or not p.actions & CHANGES or stays & set(p.after):
+            stays.add(p.name)
+        else:
+            moved.append(p)
     rest = [p for p in plugins if p not in moved]
     return rest[:first] + moved + rest[first:]
 

@@ -40,16 +40,22 @@ def _chars(text: str) -> Iterator[str]:
 
 
 def _bare(text: str) -> str | None:
-    """``text`` without its quoted strings and comments (each comment becomes a space), or
-    None when a comment or a quoted string is not closed, or a comment closes one it never
+    """``text`` without its quoted strings and comments (each comment becomes a space)
+    and with each domain literal as ``[]`` (RFC 5322 lets one hold ``(``, ``"``, ``,`` and
+    ``@``); None when one of them is not closed, or a comment closes one it never
     opened."""
     out: list[str] = []
     depth = 0
-    quoted = False
+    quoted = literal = False
     for ch in _chars(text):
         if quoted:
             if ch == '"':
                 quoted = False
+            continue
+        if literal:
+            if ch == "]":
+                literal = False
+                out.append("[]")
             continue
         if ch == "(":
             depth += 1
@@ -63,9 +69,11 @@ def _bare(text: str) -> str | None:
             continue
         elif ch == '"':
             quoted = True
+        elif ch == "[":
+            literal = True
         else:
             out.append(ch)
-    return None if depth or quoted else "".join(out)
+    return None if depth or quoted or literal else "".join(out)
 
 
 # Python 3.11.10+, 3.12.6+ and 3.13 parse strictly by default and answer [("", "")] for a
@@ -84,31 +92,35 @@ def bare(value: str) -> str | None:
 
 
 def getaddresses(values: Iterable[str]) -> list[tuple[str, str]] | None:
-    """``email.utils.getaddresses(values)`` when every value parses as a clean address
-    list; None when one does not (see the module's docstring) or nests too deep to parse.
-    Empty elements (after a trailing comma, in an empty group) come back as ``("", "")``
-    or not at all, as the standard parser has them; a trailing comma is no error."""
-    fields = [str(v) for v in values]
-    expected = 0
-    trailing = 0
-    for v in fields:
-        b = _bare(v)
+    """The addresses of ``values`` as ``email.utils.getaddresses`` gives them, without
+    the empty entries it returns for empty elements (``a,,b``, a trailing comma, an empty
+    group, a blank field); None when a value is not a clean address list (see the
+    module's docstring) or nests too deep to parse.
+
+    Each field is checked on its own: as many entries as non-blank elements between its
+    commas (outside quoted strings, comments and domain literals; a group's name does not
+    count), and as many addresses with an ``@`` as there are ``@`` outside them. The
+    second catches the parser swallowing one address into another's domain, however the
+    commas around them are padded."""
+    out: list[tuple[str, str]] = []
+    for v in values:
+        field = str(v)
+        b = _bare(field)
         if b is None:
             return None
-        body = b.rstrip(", \t\r\n")
-        trailing += b.count(",") - body.count(",")  # empty elements at the end
-        if body.strip():
-            expected += 1 + body.count(",")  # a group's members are separated by commas too
-    try:
-        parsed = email.utils.getaddresses(fields, **_LENIENT)
-    except RecursionError:
-        return None
-    # Empty entries for the trailing empty elements (the parser returns some, all or none
-    # of them, depending on the white space): not counted.
-    end = len(parsed)
-    while trailing and end and parsed[end - 1] == ("", ""):
-        end -= 1
-        trailing -= 1
-    if end != expected or any("[" in addr for _, addr in parsed):
-        return None
-    return parsed[:end]
+        elements = [e.split(":", 1)[1] if ":" in e else e for e in b.split(",")]
+        expected = sum(1 for e in elements if e.replace(";", "").strip())
+        if not expected:
+            continue  # blank, a comment, an empty group: no address
+        try:
+            parsed = [e for e in email.utils.getaddresses([field], **_LENIENT) if e != ("", "")]
+        except RecursionError:
+            return None
+        if (
+            len(parsed) != expected
+            or sum(1 for _, a in parsed if "@" in a) != b.count("@")
+            or any("[" in addr for _, addr in parsed)
+        ):
+            return None
+        out += parsed
+    return out

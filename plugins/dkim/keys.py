@@ -164,6 +164,8 @@ def load_key(path: str, algorithm: str | None = None, *, insecure: bool = False)
                 f"{path}: cannot read: {e.strerror} (the daemon's user must be able to "
                 f"enter every directory on the path)"
             ) from None
+        except OSError as e:  # a link loop, a file where a directory should be, ...
+            raise KeyFileError(f"{path}: {e.strerror or e}") from None
     try:
         data = Path(path).read_bytes()
     except OSError as e:

@@ -236,7 +236,7 @@ def aligned(psl: PublicSuffixList, a: str, b: str, mode: str) -> bool:
 
 
 # "@domain" in a From field that does not parse: every domain it names is evaluated.
-_AT_DOMAIN = re.compile(r"@([^\s<>()\[\]\",;:@\\]+)")
+_AT_DOMAIN = re.compile(r'@\s*([^\s<>()\[\]",;:@\\.]+(?:\s*\.\s*[^\s<>()\[\]",;:@\\.]+)*)')
 
 
 def from_domains(message: Message) -> tuple[list[str], bool]:
@@ -252,8 +252,8 @@ def from_domains(message: Message) -> tuple[list[str], bool]:
         # Display names and comments do not name authors: only what is left without them
         # (unless they are themselves unbalanced, when nothing tells them apart).
         texts = [bare(v) or v for v in values]
-        found = [
-            m.group(1).strip().lower().rstrip(".") for t in texts for m in _AT_DOMAIN.finditer(t)
+        found = [  # white space (and comments, now spaces) may surround "@" and the dots
+            re.sub(r"\s+", "", m.group(1)).lower() for t in texts for m in _AT_DOMAIN.finditer(t)
         ]
         return (found or [""] * len(values)), True
     out: list[str] = []

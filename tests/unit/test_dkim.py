@@ -1413,6 +1413,13 @@ def test_finalize_order_moves_only_changers_listed_after_a_signer() -> None:
     assert [x.name for x in order] == [
         "observer", "authres", "late", "module", "dkim", "archive", "stamp", "arc"
     ]
+    # 'after' one that stays keeps a plugin in place, through a chain too
+    s = p("s", add, signs=True)
+    b, c = p("b", add, after=("s",)), p("c", add, after=("b",))
+    assert [x.name for x in finalize_order([s, b, c])] == ["s", "b", "c"]
+    q = p("q", frozenset({"quarantine"}))
+    c2 = p("c2", add, after=("q",))
+    assert [x.name for x in finalize_order([s, q, c2])] == ["s", "q", "c2"]
 
 
 @pytest.mark.parametrize(
@@ -1442,6 +1449,14 @@ def test_unclosed_quote_and_strict_python_parsers_cannot_hide_an_address(
     from milterd_plugins.addresses import getaddresses
 
     assert getaddresses(['"CEO <ceo@example.org> a@none.example']) is None
+    # leading empty elements padded the count the swallowed address left short
+    assert getaddresses([",,ceo@example.org x@none.example"]) is None
+    assert getaddresses(["x@none.example, a@[(], ceo@example.org, b@[)]"]) is None
+    # blank fields, comments and empty groups hold no address, and are no error
+    for blank in ("", " ", "(none)", "\r\n ", "undisclosed-recipients:;"):
+        assert getaddresses([blank]) == [], blank
+    assert getaddresses(["a@x.example,", "b@y.example"]) == [("", "a@x.example"),
+                                                             ("", "b@y.example")]  # fmt: skip
     # Python 3.11.10+/3.12.6+/3.13 parse strictly by default and answer [("", "")] for a
     # field they refuse: the wrapper must not read that as one clean (empty) entry.
     lenient = email.utils.getaddresses
@@ -1478,3 +1493,14 @@ def test_key_paths_resolve_as_the_kernel_does(keys: dict[str, Any], tmp_path: Pa
     (sticky / "dirlink").symlink_to(real / "ssl")
     with pytest.raises(Exception, match="stk is writable by others"):
         load_key(str(sticky / "dirlink" / "k.key"))  # the link's directory, sticky or not
+
+
+@pytest.mark.parametrize("name", ["loop", "key.pem/", "key.pem/x", "x" * 300])
+def test_a_key_path_the_system_refuses_is_a_key_file_error(tmp_path: Path, name: str) -> None:
+    from milterd_plugins.dkim.keys import KeyFileError
+
+    tmp_path.chmod(0o700)
+    write_key(tmp_path / "key.pem", ed25519.Ed25519PrivateKey.generate())
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(KeyFileError, match=str(tmp_path)):
+        load_key(f"{tmp_path}/{name}")  # (a Path would drop the final "/")

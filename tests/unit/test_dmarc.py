@@ -489,6 +489,10 @@ def test_among_equal_failures_one_no_dns_hiccup_explains_wins() -> None:
         "ceo@example.org  x@none.example",
         "x <x@none.example> ceo@example.org",  # text after the address
         "ceo@example.org (x@none.example",  # an unclosed comment
+        ",,ceo@example.org x@none.example",  # empty elements padding the count
+        "x@none.example, a@[(], ceo@example.org, b@[)]",  # a comment sign in a literal
+        "x@none.example ceo @ example.org",  # white space around @
+        "x@none.example, ceo@(c)example.org, b@[1.2.3.4]",  # a comment after @
     ],
 )
 def test_a_malformed_from_is_judged_by_every_domain_it_names(frm: str) -> None:
