@@ -2,25 +2,39 @@
 
 ``email.utils.getaddresses`` guesses where a field is malformed: ``a@evil.example
 b@bank.example`` (two addresses, no comma) comes back as one address ``@bank.example``
-plus an empty entry, and ``x <a@b.example> y`` as two. A plugin that believed the guess
-could sign or judge the wrong address. CPython's fix for this (CVE-2023-27043, the
-``strict`` parsing of 3.11.10 and 3.12.6) is not in every Python 3.11 we run on, so the
-same checks are made here whatever the version: balanced comments, no ``[`` left over in
-an address (a domain literal that did not parse), and exactly one address per comma (a
-comma inside a quoted display name or a comment does not count). A field that fails them
-does not parse: the caller treats it as malformed.
+plus an empty entry, ``x <a@b.example> y`` as two, ``b@bank.example x`` as
+``b@bank.examplex``. A plugin that believed the guess could sign or judge the wrong
+address. CPython's ``strict`` parsing (CVE-2023-27043, 3.11.10 and 3.12.6) is not in every
+Python we run on and misses some of these, so :func:`getaddresses` makes its own checks,
+the same on every version, and a field that fails them does not parse: the caller treats
+it as malformed. The checks, on each field unfolded: no CR, LF or NUL left; quoted
+strings, comments and domain literals closed; as many addresses as non-blank elements
+between commas outside them (a group's name does not count); as many addresses with an
+``@`` as there are ``@`` outside them; and the domains the parser found are the domains
+that follow those ``@`` (:func:`domains_named`), so that no address was swallowed into
+another or changed. No domain literal is accepted (``user@[192.0.2.1]``: no DNS domain
+for DKIM or DMARC anyway).
 
 The parser also recurses once per nested comment or quoted pair: a few hundred "(" in a
 From field raise RecursionError, and a plugin that let it through would fail, so that
-every such message was tempfailed. Such a field does not parse either.
+every such message was tempfailed. Such a field does not parse either, nor one longer
+than :data:`MAX_FIELD` (the parser's time grows faster than its length).
 """
 
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Iterable, Iterator
 
-__all__ = ["getaddresses"]
+__all__ = ["MAX_FIELD", "bare", "domains_named", "getaddresses"]
+
+#: Longer address fields do not parse (a From is a few hundred characters at most).
+MAX_FIELD = 16384
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+# "@domain", white space (a comment, in bare text) allowed around "@" and the dots
+_AT_DOMAIN = re.compile(r'@\s*([^\s<>()\[\]",;:@\\.]+(?:\s*\.\s*[^\s<>()\[\]",;:@\\.]+)*)')
+_GROUP_NAME = re.compile(r"[^@<>]*:")
 
 
 def _chars(text: str) -> Iterator[str]:
@@ -69,7 +83,7 @@ def _bare(text: str) -> str | None:
             continue
         elif ch == '"':
             quoted = True
-        elif ch == "[":
+        elif ch == "[" and "".join(out).rstrip().endswith("@"):  # a domain literal
             literal = True
         else:
             out.append(ch)
@@ -85,40 +99,48 @@ _LENIENT: dict[str, bool] = (
 
 
 def bare(value: str) -> str | None:
-    """A header value without its quoted strings and comments, or None when they are not
-    balanced (what is left of an address list is its addresses, commas and group
-    syntax)."""
-    return _bare(value)
+    """A header value unfolded and without its quoted strings and comments, or None when
+    they are not balanced (what is left of an address list is its addresses, commas and
+    group syntax)."""
+    return _bare(_FOLD.sub("", value))
+
+
+def domains_named(text: str) -> list[str]:
+    """The domain after each ``@`` in ``text`` (bare text: :func:`bare`), lower case,
+    without white space or a final dot."""
+    return [re.sub(r"\s+", "", m.group(1)).lower() for m in _AT_DOMAIN.finditer(text)]
 
 
 def getaddresses(values: Iterable[str]) -> list[tuple[str, str]] | None:
-    """The addresses of ``values`` as ``email.utils.getaddresses`` gives them, without
-    the empty entries it returns for empty elements (``a,,b``, a trailing comma, an empty
-    group, a blank field); None when a value is not a clean address list (see the
-    module's docstring) or nests too deep to parse.
-
-    Each field is checked on its own: as many entries as non-blank elements between its
-    commas (outside quoted strings, comments and domain literals; a group's name does not
-    count), and as many addresses with an ``@`` as there are ``@`` outside them. The
-    second catches the parser swallowing one address into another's domain, however the
-    commas around them are padded."""
+    """The addresses of ``values`` as ``email.utils.getaddresses`` gives them (each field
+    unfolded), without the empty entries it returns for empty elements (``a,,b``, a
+    trailing comma, an empty group, a blank field); None when a value is not a clean
+    address list (see the module's docstring) or nests too deep to parse."""
     out: list[tuple[str, str]] = []
     for v in values:
-        field = str(v)
+        field = _FOLD.sub("", str(v)).rstrip("\r\n")
+        if len(field) > MAX_FIELD or any(c in field for c in "\r\n\x00"):
+            return None
         b = _bare(field)
         if b is None:
             return None
-        elements = [e.split(":", 1)[1] if ":" in e else e for e in b.split(",")]
+        elements = []
+        for e in b.split(","):
+            group = _GROUP_NAME.match(e)  # "name:" opens a group; an address has no ":"
+            elements.append(e[group.end() :] if group else e)
         expected = sum(1 for e in elements if e.replace(";", "").strip())
-        if not expected:
-            continue  # blank, a comment, an empty group: no address
         try:
             parsed = [e for e in email.utils.getaddresses([field], **_LENIENT) if e != ("", "")]
         except RecursionError:
             return None
+        named = sorted(domains_named(b))
+        found = sorted(
+            a.rpartition("@")[2].strip().lower().rstrip(".") for _, a in parsed if "@" in a
+        )
         if (
             len(parsed) != expected
-            or sum(1 for _, a in parsed if "@" in a) != b.count("@")
+            or b.count("@") != len(found)
+            or named != found
             or any("[" in addr for _, addr in parsed)
         ):
             return None

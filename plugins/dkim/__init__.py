@@ -256,8 +256,10 @@ class DKIMConfig(PluginConfig):
 # meaning to (quotes, comments, groups, several addresses, routes): the common From, whose
 # address getaddresses would return as is. Anything else goes through getaddresses.
 _ATOMS = r"[^\s\"\\(),:;<>@\[\]]+"
+# (No "\s*" in front of the display name, which takes white space itself: the two would
+# split a long run of spaces every way, quadratic in its length.)
 _SIMPLE_FROM = re.compile(
-    rf"\s*(?:[^\"\\(),:;<>@\[\]]*<({_ATOMS}@{_ATOMS})>|({_ATOMS}@{_ATOMS}))\s*"
+    rf"(?:[^\"\\(),:;<>@\[\]]*<({_ATOMS}@{_ATOMS})>|\s*({_ATOMS}@{_ATOMS}))\s*"
 )
 
 

@@ -51,7 +51,7 @@ from milterd import (
     hookimpl,
 )
 
-from ..addresses import bare, getaddresses
+from ..addresses import bare, domains_named, getaddresses
 from ..sqlpool import SQLitePool
 
 if TYPE_CHECKING:
@@ -235,10 +235,6 @@ def aligned(psl: PublicSuffixList, a: str, b: str, mode: str) -> bool:
     return org_domain(psl, a) == org_domain(psl, b)
 
 
-# "@domain" in a From field that does not parse: every domain it names is evaluated.
-_AT_DOMAIN = re.compile(r'@\s*([^\s<>()\[\]",;:@\\.]+(?:\s*\.\s*[^\s<>()\[\]",;:@\\.]+)*)')
-
-
 def from_domains(message: Message) -> tuple[list[str], bool]:
     """Domains of every address in every From field (empty string for an address without
     a domain), and whether the field is malformed. Exactly one well-formed entry is
@@ -251,10 +247,7 @@ def from_domains(message: Message) -> tuple[list[str], bool]:
     if parsed is None:  # malformed, or nested too deep to parse
         # Display names and comments do not name authors: only what is left without them
         # (unless they are themselves unbalanced, when nothing tells them apart).
-        texts = [bare(v) or v for v in values]
-        found = [  # white space (and comments, now spaces) may surround "@" and the dots
-            re.sub(r"\s+", "", m.group(1)).lower() for t in texts for m in _AT_DOMAIN.finditer(t)
-        ]
+        found = [d for v in values for d in domains_named(bare(v) or v)]
         return (found or [""] * len(values)), True
     out: list[str] = []
     for _name, addr in parsed:

@@ -1457,6 +1457,23 @@ def test_unclosed_quote_and_strict_python_parsers_cannot_hide_an_address(
         assert getaddresses([blank]) == [], blank
     assert getaddresses(["a@x.example,", "b@y.example"]) == [("", "a@x.example"),
                                                              ("", "b@y.example")]  # fmt: skip
+    # a third review: folds inside comments and quoted strings, a group name swallowing
+    # an address, a domain the parser changes, brackets outside a domain
+    for hidden in (
+        'Bank (\r\n <a@evil.example>") <b@bank.example>,\r\n undisclosed-recipients:;',
+        '"Bank\r\n <a@evil.example>" <b@bank.example>,\r\n undisclosed-recipients:;',
+    ):
+        got = getaddresses([hidden])
+        assert got is not None and [a for _, a in got] == ["b@bank.example"], got
+    assert getaddresses(["Bank <b@bank.example> :;", "a@evil.example"]) in (
+        None, [("Bank", "b@bank.example"), ("", "a@evil.example")]
+    )
+    for bad in ("b@bank.example x", "b@bank.example\\", "b@bank.example\x00",
+                "b@bank.example a@evil.example, [x@evil.example]", "a@x.example" * 2000):
+        assert getaddresses([bad]) is None, bad  # fmt: skip
+    for good in ('"Doe,\r\n John" <john@example.com>',
+                 "John Doe <john@example.com> (Work,\r\n Office)", "alice@example.com\r\n"):
+        assert getaddresses([good]) is not None, good  # fmt: skip
     # Python 3.11.10+/3.12.6+/3.13 parse strictly by default and answer [("", "")] for a
     # field they refuse: the wrapper must not read that as one clean (empty) entry.
     lenient = email.utils.getaddresses
@@ -1471,6 +1488,17 @@ def test_unclosed_quote_and_strict_python_parsers_cannot_hide_an_address(
     monkeypatch.setattr(addresses, "_LENIENT", {"strict": False})
     assert getaddresses(["ceo@example.org x@none.example"]) is None
     assert getaddresses(["a@none.example (Smith, John)"]) == [("Smith, John", "a@none.example")]
+
+
+def test_from_address_is_linear_in_the_fields_length() -> None:
+    from milterd_plugins.dkim import from_address
+
+    from milterd import Header
+
+    value = " " * 32000 + "!"
+    t = time.perf_counter()
+    got = from_address(Message([Header("From", value, b" " + value.encode())], None))
+    assert got[0] is None and time.perf_counter() - t < 0.5  # quadratic: over 1 s here
 
 
 def test_key_paths_resolve_as_the_kernel_does(keys: dict[str, Any], tmp_path: Path) -> None:
