@@ -61,6 +61,7 @@ def _bare(text: str) -> str | None:
     out: list[str] = []
     depth = 0
     quoted = literal = False
+    last = ""  # the last character kept that is not white space
     for ch in _chars(text):
         if quoted:
             if ch == '"':
@@ -70,6 +71,7 @@ def _bare(text: str) -> str | None:
             if ch == "]":
                 literal = False
                 out.append("[]")
+                last = "]"
             continue
         if ch == "(":
             depth += 1
@@ -83,10 +85,12 @@ def _bare(text: str) -> str | None:
             continue
         elif ch == '"':
             quoted = True
-        elif ch == "[" and "".join(out).rstrip().endswith("@"):  # a domain literal
+        elif ch == "[" and last == "@":  # a domain literal
             literal = True
         else:
             out.append(ch)
+            if not ch.isspace():
+                last = ch
     return None if depth or quoted or literal else "".join(out)
 
 
