@@ -217,7 +217,12 @@ def _content_type(head: bytes, default: str) -> tuple[str, bytes | None]:
     ctype = part.get_content_type()
     if boundary is None or not ctype.startswith("multipart/"):
         return ctype, None
-    return ctype, boundary.encode("ascii", "surrogateescape")
+    try:
+        return ctype, boundary.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        # A byte that is not ASCII in the boundary comes back from the email package as
+        # U+FFFD, which no delimiter line can match: no parts, as the parser finds none.
+        return ctype, None
 
 
 def _after(newline: int) -> int:

@@ -346,3 +346,17 @@ def test_greylist_normalizes_verp_batv_srs() -> None:
     assert normalize_sender("web2@host3.example") == "web2@host3.example"
     keys = {triplet_key(f"bounce-{i}-b=y@list.example", "b@y", "192.0.2.0/24") for i in range(3)}
     assert len(keys) == 1
+
+
+def test_a_boundary_with_a_byte_that_is_not_ascii_is_no_failure() -> None:
+    """Found by the Hypothesis explore profile: the email package hands such a boundary
+    back as U+FFFD, which the walker could not encode: scoring failed at eom (451)."""
+    raw = (
+        b"From: a@example.org\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=\xd8X\r\n\r\n--XX\r\n"
+        b"Content-Type: text/plain\r\n\r\nHello.\r\n--XX--\r\n"
+    )
+    content = extract(raw, 1 << 20)
+    assert isinstance(content, Content)
+    with Harness({"plugins": {"scoring": {}}}, raise_errors=True) as h:
+        assert h.send(raw).verdict == "continue"
