@@ -70,6 +70,10 @@ BACKEND_GROUP = "milterd.archive_backends"
 SLOW_THREADS = 8  # helper threads for the disk work of outcome()
 
 
+class AmbiguousDuration(ValueError):
+    """A duration whose unit could mean two things (``6m``: minutes or months?)."""
+
+
 def parse_duration(text: str) -> float:
     """``"90d"``, ``"12h"``, ``"2w"``, ``"1y"``, ``"30min"``, ``"45s"`` (bare number: days).
 
@@ -80,7 +84,7 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"not a duration: {text!r} (e.g. 90d, 12h, 2w, 1y)")
     number, unit = m.groups()
     if unit in ("m", "mo", "month", "months"):
-        raise ValueError(
+        raise AmbiguousDuration(
             f"ambiguous duration {text!r}: write {number}min for minutes, or days for months "
             f"(e.g. 180d)"
         )

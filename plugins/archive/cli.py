@@ -70,7 +70,7 @@ def parse_when(text: str) -> float:
     """Epoch seconds for an ISO 8601 date or time (``2026-11-22``, ``2026-11-22T10:00``,
     ``2026-11-22 10:00:00``, ``2026-12-03T02:17:50Z``, ``...+01:00``: without a zone,
     UTC) or a duration ago (``7d``, ``12h``). Raises ValueError naming the value."""
-    from . import parse_duration
+    from . import AmbiguousDuration, parse_duration
 
     t = text.strip()
     try:
@@ -83,9 +83,9 @@ def parse_when(text: str) -> float:
         return dt.timestamp()
     try:
         return time.time() - parse_duration(t)
-    except ValueError as e:
-        if "ambiguous" in str(e):  # "6m": say what to write instead
-            raise
+    except AmbiguousDuration:  # "6m": its message says what to write instead
+        raise
+    except ValueError:
         raise ValueError(
             f"not a time: {text!r} (e.g. 2026-11-22, 2026-11-22T10:00:00Z, 7d, 12h)"
         ) from None
