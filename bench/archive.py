@@ -24,7 +24,10 @@ loop-mounted for the run (root and loop devices needed), instead of WORK's own f
 (this one: "mounted filesystem r/w without journal"), ext4's inode allocator skips every
 inode freed in the last 5 minutes (``recently_deleted``), one buffer lookup each, so each
 file created after Postfix's queue churn costs 0.2-1.1 ms of CPU; a journaled filesystem
-never does that. ``--fs tmpfs``: a fresh tmpfs instead, no disk under the archive at
+never does that. ``--fs journal-ram``: the same fresh ext4 with a journal on the
+kernel's RAM block device (zram0) instead of a loop device: the filesystem's own work
+without this VM's storage stack under it (see mount_ram_journal_fs). ``--fs tmpfs``: a
+fresh tmpfs instead, no disk under the archive at
 all (fsync does nothing there): what archiving costs in CPU alone, which splits the
 archive's cost into its CPU and its disk's. Postfix's queue stays on WORK either way.
 
@@ -260,6 +263,11 @@ def _where(a: argparse.Namespace) -> str:
         )
     elif a.fs == "tmpfs":
         where = "archives on a tmpfs (no disk: what is left is CPU, --fs tmpfs)"
+    elif a.fs == "journal-ram":
+        where = (
+            "archives on a fresh ext4 with a journal on a block device in RAM (zram0, "
+            "--fs journal-ram)"
+        )
     return f"{where}; cpu_affinity = {a.cpu_affinity}"
 
 
@@ -307,6 +315,27 @@ def mount_tmpfs(workdir: Path) -> Path:
     return mnt
 
 
+def mount_ram_journal_fs(workdir: Path) -> Path:
+    """A fresh ext4 with a journal (mkfs.ext4's defaults) on the kernel's RAM block
+    device ``/dev/zram0`` (reset, 4 GiB), mounted on WORKDIR/ramfs (unmounted, and the
+    device reset, by :func:`umount_journal_fs`). The filesystem does all its work (inode
+    and block allocation, journal commits, writeback) but the block device under it costs
+    what a physical disk's driver does, a few microseconds an I/O, where the loop device
+    of ``--fs journal`` writes each block again through this VM's own filesystem and
+    virtual disk. A flush is a no-op on it, so it is no model of a disk's latency."""
+    zram = Path("/sys/block/zram0")
+    if not zram.exists():
+        raise SystemExit("--fs journal-ram: no /dev/zram0 here")
+    (zram / "reset").write_text("1")
+    (zram / "disksize").write_text(str(4 << 30))
+    subprocess.run(["mkfs.ext4", "-q", "-F", "/dev/zram0"], check=True)
+    mnt = workdir / "ramfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "/dev/zram0", str(mnt)], check=True)
+    mnt.chmod(0o755)
+    return mnt
+
+
 def umount_journal_fs(mnt: Path) -> None:
     # A daemon just stopped may hold a file there for a moment longer: "target is busy".
     for _ in range(50):
@@ -318,6 +347,9 @@ def umount_journal_fs(mnt: Path) -> None:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
     with contextlib.suppress(FileNotFoundError):
         (mnt.parent / f"{mnt.name}.img").unlink()
+    if mnt.name == "ramfs":
+        with contextlib.suppress(OSError):
+            Path("/sys/block/zram0/reset").write_text("1")
 
 
 def main() -> int:
@@ -332,7 +364,8 @@ def main() -> int:
     ap.add_argument("--postfix", action="store_true", help="end to end through Postfix")
     ap.add_argument("--cpu-affinity", choices=("auto", "none"), default="auto",
                     help="[milterd] cpu_affinity of every variant")  # fmt: skip
-    ap.add_argument("--fs", choices=("work", "journal", "journal-dio", "tmpfs"), default="work",
+    ap.add_argument("--fs", choices=("work", "journal", "journal-dio", "journal-ram", "tmpfs"),
+                    default="work",
                     help="where the archives live (see above)")  # fmt: skip
     a = ap.parse_args()
     names = [v for v in a.variants.split(",") if v]
@@ -343,6 +376,8 @@ def main() -> int:
     a.archive_root = None
     if a.fs in ("journal", "journal-dio"):
         a.archive_root = mount_journal_fs(workdir, direct_io=a.fs == "journal-dio")
+    elif a.fs == "journal-ram":
+        a.archive_root = mount_ram_journal_fs(workdir)
     elif a.fs == "tmpfs":
         a.archive_root = mount_tmpfs(workdir)
     msg = write_message(workdir / "msg.eml", 5000)
