@@ -29,12 +29,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    from milterd.config import ConfigError, check_accounts, load
+    from milterd.config import ConfigError, check_accounts, check_metrics_listen, load
     from milterd.pipeline import Runtime
 
     try:
         config = load(args.config)
         check_accounts(config.milterd)  # before becoming the user: name the key if unknown
+        check_metrics_listen(config.milterd)
         # Root with no user to become: the daemon will likely run as another user (the
         # systemd unit's User=milterd), so the stores (archive, DMARC history, Bayes) must
         # not be created here, owned by root, where that user could not write them:

@@ -161,6 +161,27 @@ class Settings(BaseModel):
         return self.workers or os.cpu_count() or 1
 
 
+def check_metrics_listen(settings: Settings) -> None:
+    """``metrics_listen``'s host is an address this host can listen on (resolved, and a
+    socket bound to it on a free port: the configured port itself is held by a daemon
+    already running, so it is not tried). Raises ConfigError."""
+    if settings.metrics_listen is None:
+        return
+    import socket as so
+
+    host = settings.metrics_listen.rpartition(":")[0].strip("[]")
+    try:
+        infos = so.getaddrinfo(host, None, type=so.SOCK_STREAM, flags=so.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        with so.socket(family, kind, proto) as s:
+            s.bind((addr[0], 0, *addr[2:]))
+    except OSError as e:
+        raise ConfigError(
+            f"[milterd] metrics_listen {settings.metrics_listen!r}: cannot listen on "
+            f"{host!r}: {e.strerror or e}"
+        ) from None
+
+
 def check_accounts(settings: Settings, socket: bool = False) -> None:
     """The accounts ``[milterd]`` names exist here; with ``socket`` (just before opening
     it), an unprivileged process can also give its socket to ``socket_group``. Raises

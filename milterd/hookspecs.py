@@ -145,9 +145,10 @@ def startup(config: Any, services: Services) -> None:
             :func:`config_schema`, or None).
         services: shared services: ``services.resolver`` (the one DNS resolver),
             ``services.settings`` (the validated ``[milterd]`` section),
-            ``services.logger``, ``services.dry_run``: True in a dry run (``milterd
-            check``, ``Harness(dry_run=True)``): compute everything, change no persistent
-            state, create no files, send nothing (DNS lookups are fine). Open what you
+            ``services.logger`` (the plugin's own, ``milterd.NAME``, as ``ctx.log``),
+            ``services.dry_run``: True in a dry run (``milterd check``,
+            ``Harness(dry_run=True)``): compute everything, change no persistent state,
+            create no files, send nothing (DNS lookups are fine). Open what you
             read read-only and only if it exists; skip writes, learning and sending (log
             at INFO ``"dry run: would ..."``). Also ``ctx.dry_run`` at every hook. The
             daemon never runs dry.
@@ -385,8 +386,10 @@ def abort(ctx: Context, event: Abort) -> None:
     one whose verdict ended it, and plugins that returned Accept): the MTA abandoned it
     (RSET, a new MAIL, lost client, another filter's reject), or a verdict before end of
     message (a plugin's Reject/TempFail/Discard at envfrom, data, header, eoh or body, or
-    a core limit) ended it. Not for a single refused recipient.
-    Release per-message resources. The ledger of the message is discarded.
+    a core limit) ended it. Not for a single refused recipient. Every plugin is called
+    whatever an earlier plugin's ``abort`` did (failed, timed out, returned a verdict),
+    while the stage's ``command_timeout`` lasts. Release per-message resources. The
+    ledger of the message is discarded.
     Returns: None (a Verdict is ignored; anything else is a ``bad-return`` failure, logged).
     Changes: may not be recorded.
     Negotiation: always sent by the MTA; costs nothing when unhooked. Since: 0.1.
@@ -396,6 +399,10 @@ def abort(ctx: Context, event: Abort) -> None:
 @hookspec
 def close(ctx: Context, event: Close) -> None:
     """The connection ends. Always the last event of a connection, even after errors.
+
+    Every plugin is called, one that accepted too, whatever an earlier plugin's ``close``
+    did (failed, timed out, returned a verdict), while the stage's ``command_timeout``
+    lasts. Release per-connection resources.
 
     Returns: None (a Verdict is ignored; anything else is a ``bad-return`` failure, logged).
     Changes: may not be recorded.

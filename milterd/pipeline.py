@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from milterd import events as ev
@@ -253,6 +253,9 @@ class Runtime:
                     done.append(p)
                 continue
             given = {**args, "config": p.config}
+            services = args.get("services")
+            if isinstance(services, Services):  # the plugin's own logger, as ctx.log
+                given["services"] = replace(services, logger=self.loggers[p.name])
             try:
                 impl.function(**{a: given[a] for a in impl.argnames})
             except Exception as e:
@@ -526,16 +529,21 @@ class Session:
         self, stage: str, args: dict[str, Any], budget: float, all_plugins: bool = False
     ) -> Verdict | None:
         """Call every plugin hooking ``stage``. Returns the strongest verdict, stopping at
-        the first that ends the stage unless ``all_plugins``."""
+        the first that ends the stage unless ``all_plugins``. At ``abort`` and ``close``
+        every plugin is called whatever the others did (a failure, a verdict, a
+        timeout), while the stage's budget lasts: they are for releasing what a plugin
+        holds."""
         m = self.msg
         accepted = m.accepted if m is not None else self.conn_accepted
         strongest: Verdict | None = None
         end = time.monotonic() + budget
         progress = self.progress if stage in ("eom", "finalize") else None
+        releasing = stage in ("abort", "close")
+        all_plugins = all_plugins or releasing
         for p, impl in self.rt.plan[stage]:
             # Accept means "done with this message (or connection)"; abort and close are
             # for releasing what the plugin holds, so they are always called.
-            if p.name in accepted and stage not in ("abort", "close"):
+            if p.name in accepted and not releasing:
                 continue
             left = end - time.monotonic()
             if left <= 0:

@@ -347,7 +347,7 @@ class ArchivePlugin:
         # again, since an SQLite connection must not cross a fork. Each worker opens its
         # own in worker_start.
         self.cfg = config
-        self.log = services.logger.getChild("archive")
+        self.log = services.logger
         self.dry_run = services.dry_run
         if self.dry_run:  # milterd check: no store opened, created or cleaned
             return

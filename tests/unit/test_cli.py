@@ -46,6 +46,27 @@ def test_config_check_ok_and_broken(config: Path, tmp_path: Path) -> None:
     assert res.returncode == 2 and f"{bad}: [plugins.example_header] greeting:" in res.stderr
 
 
+def test_config_check_refuses_a_metrics_address_this_host_cannot_listen_on(
+    tmp_path: Path,
+) -> None:
+    # README: config check checks metrics_listen "so a file it passes starts"; it only
+    # checked the syntax, and `run` then exited 2 (a review). IP literals only: no DNS.
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[milterd]\nauthserv_id = "mx.cli"\nmetrics_listen = "192.0.2.1:9899"\n')
+    res = milterd("config", "check", config=cfg)
+    assert res.returncode == 2
+    assert "[milterd] metrics_listen '192.0.2.1:9899': cannot listen on '192.0.2.1'" in res.stderr
+    # A local address passes, even with its port taken (a running daemon holds it).
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        cfg.write_text(f'[milterd]\nauthserv_id = "mx.cli"\nmetrics_listen = "127.0.0.1:{port}"\n')
+        assert milterd("config", "check", config=cfg).returncode == 0
+
+
 def test_config_check_names_an_unknown_account_by_its_key(tmp_path: Path) -> None:
     cfg = tmp_path / "u.toml"
     cfg.write_text('[milterd]\nuser = "nosuchuser"\n')

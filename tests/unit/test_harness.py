@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from milterd import Accept, AddHeader, Context, Message, Quarantine, Reject, hookimpl
+from milterd import Accept, AddHeader, Context, Message, Quarantine, Reject, Verdict, hookimpl
 from milterd.events import Connect, EnvFrom, EnvRcpt, Eom, Helo
 from milterd.testing import Harness, PluginFailed
 
@@ -139,6 +139,56 @@ def test_raise_errors_reports_connection_failures_too() -> None:
         h.send(MSG)
     assert [s for _, s, _ in info.value.errors] == ["connect", "helo", "outcome", "close"]
     assert str(info.value.__cause__) == "at connect"
+
+
+class Holder:
+    """Releases at abort and close what it holds, and says so."""
+
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    @hookimpl
+    def abort(self, ctx: Context) -> None:
+        self.released.append("abort")
+
+    @hookimpl
+    def close(self, ctx: Context) -> None:
+        self.released.append("close")
+
+
+class FailsToRelease:
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def _fail(self) -> Verdict | None:
+        if self.how == "raise":
+            raise RuntimeError("cannot release")
+        if self.how == "sleep":
+            time.sleep(0.3)  # past its 0.1 s timeout
+            return None
+        return Reject("550", "5.7.1", "no")  # a verdict there is ignored
+
+    @hookimpl
+    def abort(self, ctx: Context) -> Verdict | None:
+        return self._fail()
+
+    @hookimpl
+    def close(self, ctx: Context) -> Verdict | None:
+        return self._fail()
+
+
+@pytest.mark.parametrize("how", ["raise", "sleep", "reject"])
+def test_abort_and_close_reach_every_plugin_whatever_an_earlier_one_did(how: str) -> None:
+    # The default on_error (tempfail) of the first plugin must not end the stage: every
+    # plugin releases what it holds (found by a review: the later plugins were skipped).
+    holder = Holder()
+    cfg = {"plugins": {"first": {"timeout": 0.1}, "holder": {}}}
+    with (
+        Harness(cfg, plugins={"first": FailsToRelease(how), "holder": holder}) as h,
+        h.session() as s,
+    ):
+        s.abandon(MSG, after="header")
+    assert holder.released == ["abort", "close"]
 
 
 # --- 3. only the negotiated macros ------------------------------------------------------------

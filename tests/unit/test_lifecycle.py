@@ -395,3 +395,22 @@ def test_a_message_ended_before_eom_gets_abort_for_every_plugin(stage: str) -> N
         assert out.verdict == "reject" and held == []  # abort ran, once
         s.send(MSG)  # the session goes on: the next message opens and ends normally
         assert held == []
+
+
+class LogsAtStart:
+    @hookimpl
+    def startup(self, services: Services) -> None:
+        services.logger.warning("starting")
+
+    @hookimpl
+    def worker_start(self, services: Services) -> None:
+        services.logger.warning("worker starting")
+
+
+def test_services_logger_is_the_plugins_own(caplog: pytest.LogCaptureFixture) -> None:
+    # README: services.logger is "your logger", the one ctx.log is (milterd.NAME); it was
+    # the core's ("milterd"), so a plugin's start-up lines were the core's (a review).
+    with caplog.at_level("WARNING"), Harness({"mine": {}}, plugins={"mine": LogsAtStart}):
+        pass
+    got = [(r.name, r.getMessage()) for r in caplog.records if "starting" in r.getMessage()]
+    assert got == [("milterd.mine", "starting"), ("milterd.mine", "worker starting")]
