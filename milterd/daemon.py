@@ -12,16 +12,16 @@ the signals and talks to each worker over a pipe:
   kernel spreads connections). Each worker then runs the other plugins' ``startup`` and
   every plugin's ``worker_start`` (its own connections, sockets, threads);
 * SIGHUP: the supervisor validates the new file once, prefork ``startup`` included, and
-  the other plugins' ``startup`` in a throwaway child; if it is bad, it logs why and keeps
-  the old one; if it is good, it sends its text to every
+  the other plugins' ``startup`` and every ``worker_start`` in a throwaway child; if it
+  is bad, it logs why and keeps the old one; if it is good, it sends its text to every
   worker, which builds a new generation (every ``startup``, then ``worker_start``) for
   new connections while open connections finish on theirs. A worker whose start fails
   keeps its old generation and logs why. A worker forked later (a restart) inherits the
   supervisor's current generation;
 * SIGTERM/SIGINT: every worker stops accepting, lets open sessions finish for up to
   ``shutdown_timeout`` seconds and exits; the supervisor exits 0 when all are gone;
-* a worker that dies is logged and restarted, at most 5 times a minute (more means the
-  configuration itself crashes: the supervisor stops with exit status 1). A worker that
+* a worker that dies is logged and restarted, at most 5 times a minute per worker (more
+  means the configuration itself crashes: the supervisor stops with exit status 1). A worker that
   exits 0 on its own (libmilter stopped it) is restarted without counting as a crash;
 * workers ignore SIGHUP, SIGTERM and SIGINT (libmilter's signal thread would stop them
   at once, cutting open sessions; libmilter's loop runs off the main thread so that they
@@ -306,6 +306,22 @@ class Supervisor:
         os.set_blocking(self.wake_r, False)
         #: The unix socket path this process opened (and may remove at exit), or None.
         self.opened: str | None = None
+        #: The /metrics server (supervisor only): its listening socket is closed in every
+        #: child, so that a worker draining after the supervisor's death holds no port
+        #: that accepts and never answers.
+        self.metrics_server: Any = None
+
+    def _in_child(self) -> None:
+        """In a process just forked from the supervisor: close what only the supervisor
+        may hold. The workers' control pipes (a worker sees the supervisor gone when
+        every write end is closed: a child holding one would keep a worker serving after
+        the supervisor's death), the wake pipe and the /metrics socket."""
+        for fd in (self.wake_r, self.wake_w, *(w.pipe for w in self.workers.values())):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.metrics_server is not None:
+            with contextlib.suppress(OSError):
+                self.metrics_server.socket.close()
 
     def _signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -321,11 +337,7 @@ class Supervisor:
         if pid == 0:  # worker
             try:
                 os.close(w)
-                os.close(self.wake_r)
-                os.close(self.wake_w)
-                for other in self.workers.values():
-                    with contextlib.suppress(OSError):
-                        os.close(other.pipe)
+                self._in_child()
                 # Ignored, so discarded before libmilter's signal thread could take them
                 # (it stops the worker at once on each, cutting open sessions): a worker is
                 # told to reload or drain over its pipe only. ``pkill -HUP milterd`` and
@@ -358,7 +370,8 @@ class Supervisor:
 
     def status(self) -> str:
         """The one-line state systemd shows (``systemctl status``: Status:)."""
-        return f"listening on {self.config.milterd.socket} with {len(self.workers)} worker(s)"
+        # started_with: a reload cannot change the socket (it takes a restart).
+        return f"listening on {self.started_with.socket} with {len(self.workers)} worker(s)"
 
     def _reload(self) -> None:
         # Read once: the bytes validated here are the bytes every worker gets, even if the
@@ -400,14 +413,19 @@ class Supervisor:
         _metrics().reloads.labels("accepted").inc()
 
     def _check_in_child(self, rt: Runtime, timeout: float = 60.0) -> None:
-        """Run ``rt.check_startup()`` in a forked child; raise ConfigError if it fails."""
+        """Start ``rt`` as a worker would (the other plugins' ``startup``, then every
+        plugin's ``worker_start``) in a forked child, which then shuts it down; raise
+        ConfigError if it fails. ``MILTERD_WORKER`` is ``check`` there, so no plugin
+        starts what only worker 0 runs (pruners, report senders)."""
         pid = os.fork()
         if pid == 0:
             status = 3
             try:
+                self._in_child()
                 for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
-                rt.check_startup()
+                os.environ["MILTERD_WORKER"] = "check"
+                rt.check_startup(worker=True)
                 status = 0
             except Exception as e:
                 for line in _why(e).splitlines():
@@ -454,7 +472,9 @@ class Supervisor:
             _metrics().worker_exits.labels("died").inc()
             now = time.monotonic()
             self.restarts = [t for t in self.restarts if now - t < 60] + [now]
-            if len(self.restarts) > RESTARTS_PER_MINUTE:
+            # Per worker: killing every worker of a healthy daemon at once (an OOM kill, an
+            # admin's pkill) is not a crashing configuration.
+            if len(self.restarts) > RESTARTS_PER_MINUTE * self.started_with.worker_count():
                 log.critical("workers died %d times in a minute; giving up", len(self.restarts))
                 self.stopping = True
                 self.failed = True
@@ -509,7 +529,7 @@ class Supervisor:
             from milterd.metrics import serve_metrics
 
             try:
-                serve_metrics(settings.metrics_listen)
+                self.metrics_server = serve_metrics(settings.metrics_listen)
                 _metrics().declare_supervisor()
             except (OSError, OverflowError, ValueError) as e:  # in use, bad host or port
                 log.error("cannot serve metrics on %s: %s", settings.metrics_listen, e)

@@ -7,6 +7,7 @@ supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before any worker imports this modu
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -105,14 +106,16 @@ class _Metrics:
 METRICS = _Metrics()
 
 
-def serve_metrics(listen: str) -> None:
-    """Serve /metrics on ``HOST:PORT`` in a background thread."""
+def serve_metrics(listen: str) -> Any:
+    """Serve /metrics on ``HOST:PORT`` in a background thread. Returns the server (its
+    ``socket`` is the listening one, which a forked process closes)."""
     host, _, port = listen.rpartition(":")
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+        server, _ = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
     else:
-        start_http_server(int(port), addr=host.strip("[]"))
+        server, _ = start_http_server(int(port), addr=host.strip("[]"))
+    return server

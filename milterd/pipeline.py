@@ -224,18 +224,21 @@ class Runtime:
                 f"(it must be a directory writable by the daemon's user)"
             ) from None
 
-    def check_startup(self) -> None:
+    def check_startup(self, worker: bool = False) -> None:
         """After the prefork phase: the ``startup`` of the other plugins, then their
         ``shutdown``, to find what every worker would refuse before any worker gets the
-        configuration. Raises ConfigError. ``worker_start`` is not called (it opens
-        connections and starts threads); meant for a throwaway process or a one-off check."""
+        configuration. Raises ConfigError. Meant for a throwaway process or a one-off
+        check. ``worker``: every plugin's ``worker_start`` too (it opens connections and
+        starts threads: a throwaway process only, as the supervisor's check child), and
+        then every plugin's ``shutdown``."""
         self.check_settings()
         services = Services(self.resolver, self.settings, log, self.dry_run)
-        done: list[LoadedPlugin] = []
+        done: list[LoadedPlugin] = [p for p in self.plugins if p.prefork] if worker else []
+        args: dict[str, object] = {"services": services}
         try:
-            self._call_lifecycle(
-                "startup", [p for p in self.plugins if not p.prefork], {"services": services}, done
-            )
+            self._call_lifecycle("startup", [p for p in self.plugins if not p.prefork], args, done)
+            if worker:
+                self._call_lifecycle("worker_start", self.plugins, args)
         finally:
             self._shutdown(done)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -205,6 +206,111 @@ def test_a_config_whose_workers_cannot_start_does_not_restart_forever() -> None:
     assert "started worker 0" not in log
 
 
+def test_a_config_whose_worker_start_fails_exits_2_before_any_worker_forks() -> None:
+    """The check child runs worker_start too (it ran startup only, so this took twelve
+    worker deaths and exit status 1, which systemd restarts; a review)."""
+    d = Daemon("[plugins.t_mark]\nfail_worker_start = true\n", workers=1)
+    with pytest.raises(RuntimeError, match="milterd exited 2"):
+        d.start(timeout=30)
+    log = d.log_text()
+    assert "t_mark told to fail at worker_start" in log
+    assert "started worker 0" not in log
+
+
+def test_a_reload_every_worker_refuses_is_not_what_a_restarted_worker_gets() -> None:
+    """Issue 8: a bad config is refused by all and the old one kept. One whose worker_start
+    fails passed the supervisor's check, which kept it: the workers refused it and went on
+    with the old one, but the next restarted worker was forked with it, failed, and after
+    six such deaths the daemon gave up (a review)."""
+    with Daemon('[plugins.t_mark]\nvalue = "one"\n', workers=2) as d:
+        d.write('[plugins.t_mark]\nvalue = "two"\nfail_worker_start = true\n')
+        d.signal(signal.SIGHUP)
+        d.wait_log("reload refused")
+        assert "validated and sent" not in d.log_text()
+        mark = len(d.log_text())
+        os.kill(d.worker_pids()[0], signal.SIGKILL)
+        d.wait_log("died: killed by signal 9", after=mark)
+        d.wait_log("started worker", after=mark)
+        time.sleep(1.0)  # the restarted worker would fail its start (and be restarted) here
+        assert Counter(one(d) for _ in range(6)) == {"accept:one": 6}
+        assert d.proc is not None and d.proc.poll() is None
+        assert "giving up" not in d.log_text()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (PID 1 may not reap orphans here)."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_kill_9_of_the_supervisor_during_a_reload_stops_the_workers() -> None:
+    """The reload's check child inherited the write ends of the workers' control pipes,
+    so after kill -9 of the supervisor the workers saw no EOF and kept serving until the
+    check ended (a review). It also inherited the /metrics socket, as the workers did."""
+    port = free_port()
+    d = Daemon(
+        '[plugins.t_mark]\nvalue = "one"\n',
+        workers=2,
+        milterd_extra=f'metrics_listen = "127.0.0.1:{port}"',
+    )
+    with d:
+        workers = d.worker_pids()
+        assert len(workers) == 2
+        for pid in workers:  # only the supervisor listens for /metrics
+            assert str(port) not in _listening_ports_of(pid), pid
+        d.write('[plugins.t_mark]\nvalue = "two"\nstartup_seconds = 20\n')
+        d.signal(signal.SIGHUP)
+        time.sleep(1.0)  # the check child is in its 20 s start-up now
+        check = [p for p in d.worker_pids() if p not in workers]
+        assert len(check) == 1
+        assert str(port) not in _listening_ports_of(check[0])
+        try:
+            os.kill(d.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 8
+            while any(_running(p) for p in workers) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not any(_running(p) for p in workers)
+        finally:
+            for pid in [*workers, *check]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _listening_ports_of(pid: int) -> set[str]:
+    """The TCP ports (decimal) of the listening sockets process ``pid`` holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.add(str(int(cols[1].rsplit(":", 1)[1], 16)))
+    return ports
+
+
+def test_every_worker_killed_at_once_is_no_crashing_config() -> None:
+    """The restart limit is per worker: six healthy workers killed together (an OOM kill,
+    an admin's pkill) made the supervisor give up with exit status 1 (a review)."""
+    with Daemon('[plugins.t_mark]\nvalue = "one"\n', workers=6) as d:
+        mark = len(d.log_text())
+        for pid in d.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while d.log_text()[mark:].count("started worker") < 6:
+            assert time.monotonic() < deadline, d.log_text()[mark:]
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert "giving up" not in d.log_text()
+        assert one(d) == "accept:one"
+
+
 def test_two_workers_write_the_archive_and_the_greylist_store_concurrently() -> None:
     """Every message is greylisted (a catch-all rule over the greylist threshold) and the
     tempfailed copy archived: both SQLite stores and the archive files are written by two
@@ -293,30 +399,34 @@ def test_prefork_startup_runs_once_before_the_fork_and_worker_start_in_each_work
         sup = d.pid
         workers = set(d.worker_pids())
         assert len(workers) == 2
-        # prefork startup once (supervisor); the other plugins' startup once in a throwaway
-        # check child (what every worker would refuse is refused before any forks); per
-        # worker: the other startup, both worker_starts
-        got = _lifecycle_lines(record, 1 + 1 + 2 * 3)
+        # prefork startup once (supervisor); in a throwaway check child the other
+        # plugins' startup and every worker_start (what every worker would refuse is
+        # refused before any forks); per worker: the other startup, both worker_starts
+        got = _lifecycle_lines(record, 1 + 3 + 2 * 3)
         assert got.count(("prefork", "startup", sup)) == 1
         assert [x for x in got if x[2] == sup] == [("prefork", "startup", sup)]
         checks = [x for x in got if x[2] not in workers | {sup}]
-        assert [x[:2] for x in checks] == [("worker", "startup")], got
+        assert [x[:2] for x in checks] == [
+            ("worker", "startup"),
+            ("prefork", "worker_start"),
+            ("worker", "worker_start"),
+        ], got
         for w in workers:
             assert sorted(x[:2] for x in got if x[2] == w) == [
                 ("prefork", "worker_start"),
                 ("worker", "startup"),
                 ("worker", "worker_start"),
             ]
-        assert len(got) == 8, got
+        assert len(got) == 10, got
 
         # A restarted worker inherits the supervisor's generation: no prefork startup again.
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
         d.wait_log("died: killed by signal 9")
-        got = _lifecycle_lines(record, 11)
-        new = {x[2] for x in got[8:]}
+        got = _lifecycle_lines(record, 13)
+        new = {x[2] for x in got[10:]}
         assert len(new) == 1 and new.isdisjoint(workers | {sup}), got
-        assert sorted(x[:2] for x in got[8:]) == [
+        assert sorted(x[:2] for x in got[10:]) == [
             ("prefork", "worker_start"),
             ("worker", "startup"),
             ("worker", "worker_start"),
@@ -327,8 +437,8 @@ def test_prefork_startup_runs_once_before_the_fork_and_worker_start_in_each_work
         mark = len(d.log_text())
         d.signal(signal.SIGHUP)
         d.wait_log("reloaded", after=mark)
-        got = _lifecycle_lines(record, 11 + 1 + 1 + 2 * 4)
-        hup = got[11:]
+        got = _lifecycle_lines(record, 13 + 1 + 3 + 2 * 4)
+        hup = got[13:]
         assert ("prefork", "startup", sup) in hup
         assert len([x for x in hup if x[:2] == ("prefork", "startup")]) == 3, hup
 

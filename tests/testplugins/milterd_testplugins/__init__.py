@@ -13,6 +13,8 @@ class MarkConfig(PluginConfig):
     header: str = "X-Test-Mark"
     value: str = "marked"
     fail_startup: bool = False  # startup raises: a config that validates but cannot start
+    fail_worker_start: bool = False  # worker_start raises: every worker would refuse it
+    startup_seconds: float = 0.0  # startup sleeps this long: a slow generation
 
 
 class Mark:
@@ -29,6 +31,13 @@ class Mark:
     def startup(self, config: MarkConfig) -> None:
         if config.fail_startup:
             raise RuntimeError("t_mark told to fail at startup")
+        time.sleep(config.startup_seconds)
+        self.fail_worker_start = config.fail_worker_start
+
+    @hookimpl
+    def worker_start(self) -> None:
+        if self.fail_worker_start:
+            raise RuntimeError("t_mark told to fail at worker_start")
 
     @hookimpl
     def eom(self, ctx: Context) -> None:
