@@ -417,10 +417,15 @@ class Supervisor:
         plugin's ``worker_start``) in a forked child, which then shuts it down; raise
         ConfigError if it fails. ``MILTERD_WORKER`` is ``check`` there, so no plugin
         starts what only worker 0 runs (pruners, report senders)."""
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             status = 3
             try:
+                # Its answer is for the supervisor alone, and it holds libmilter's listening
+                # socket: a start-up that hangs after the supervisor's death (kill -9) must
+                # not keep it open, where a restarted daemon would refuse to take it over.
+                _die_with(parent)
                 self._in_child()
                 for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
@@ -581,6 +586,17 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.unlink(self.opened)
             self.opened = None
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when ``parent`` (its parent) dies
+    (``PR_SET_PDEATHSIG``, Linux); exit at once if it is already gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PDEATHSIG
+    if os.getppid() != parent:  # died before the prctl took effect: reparented already
+        os._exit(3)
 
 
 def sd_notify(state: str) -> None:
