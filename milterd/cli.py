@@ -46,13 +46,16 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         print(f"milterd: {e}", file=sys.stderr)
         return 2
 
-    # What the supervisor does before forking (load keys, compile rules, check stores) and
-    # the other plugins' startup, so that a config that passes here starts; per-worker
-    # state (worker_start: connections, threads) is not opened by a check.
+    # What the supervisor does before forking (load keys, compile rules, check stores),
+    # the other plugins' startup and every worker_start (then shutdown), so that a config
+    # that passes here starts.
     # As the daemon's user: run as root, a check must not create files root then owns.
     def check() -> None:
         rt.start("prefork")
-        rt.check_startup()
+        # worker_start too, as the daemon's own check does: a file every worker would
+        # refuse must not pass here. "check": nothing meant for worker 0 alone starts.
+        os.environ["MILTERD_WORKER"] = "check"
+        rt.check_startup(worker=True)
 
     if _as_daemon_user(config.milterd.user, config.milterd.group, check):
         return 2

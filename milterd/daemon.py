@@ -296,7 +296,8 @@ class Supervisor:
         #: The current generation after its prefork phase; forked workers inherit it.
         self.runtime: Runtime | None = None
         self.workers: dict[int, _Worker] = {}
-        self.restarts: list[float] = []
+        #: Recent deaths of each worker index (monotonic times), for the restart limit.
+        self.restarts: dict[int, list[float]] = {}
         self.stopping = False
         self.reload_requested = False
         self.wake_r, self.wake_w = os.pipe()
@@ -337,14 +338,15 @@ class Supervisor:
         if pid == 0:  # worker
             try:
                 os.close(w)
-                self._in_child()
                 # Ignored, so discarded before libmilter's signal thread could take them
                 # (it stops the worker at once on each, cutting open sessions): a worker is
                 # told to reload or drain over its pipe only. ``pkill -HUP milterd`` and
                 # ``systemctl kill`` reach the supervisor too, which does the right thing.
                 for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_IGN)
+                # Before the wake pipe closes (the supervisor's handler writes to it).
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                self._in_child()
                 os.environ.pop("NOTIFY_SOCKET", None)  # the supervisor speaks for the service
                 # Out of the terminal's foreground group: a Ctrl-C meant for the daemon
                 # reaches the supervisor only, which drains the workers.
@@ -426,9 +428,12 @@ class Supervisor:
                 # socket: a start-up that hangs after the supervisor's death (kill -9) must
                 # not keep it open, where a restarted daemon would refuse to take it over.
                 _die_with(parent)
-                self._in_child()
-                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                # Before the wake pipe closes: the supervisor's handler writes to its fd,
+                # which a plugin's file may get next (a plugin's subprocess ending would
+                # then write into that file).
+                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
+                self._in_child()
                 os.environ["MILTERD_WORKER"] = "check"
                 rt.check_startup(worker=True)
                 status = 0
@@ -476,11 +481,15 @@ class Supervisor:
             log.error("worker %d (pid %d) died: %s", w.index, pid, _status(status))
             _metrics().worker_exits.labels("died").inc()
             now = time.monotonic()
-            self.restarts = [t for t in self.restarts if now - t < 60] + [now]
-            # Per worker: killing every worker of a healthy daemon at once (an OOM kill, an
-            # admin's pkill) is not a crashing configuration.
-            if len(self.restarts) > RESTARTS_PER_MINUTE * self.started_with.worker_count():
-                log.critical("workers died %d times in a minute; giving up", len(self.restarts))
+            # Per worker index: killing every worker of a healthy daemon at once (an OOM
+            # kill, an admin's pkill) is not a crashing configuration; one worker that
+            # keeps dying is, however many others there are.
+            deaths = [t for t in self.restarts.get(w.index, []) if now - t < 60] + [now]
+            self.restarts[w.index] = deaths
+            if len(deaths) > RESTARTS_PER_MINUTE:
+                log.critical(
+                    "worker %d died %d times in a minute; giving up", w.index, len(deaths)
+                )
                 self.stopping = True
                 self.failed = True
                 continue
@@ -591,7 +600,7 @@ class Supervisor:
 def _die_with(parent: int) -> None:
     """Have the kernel kill this process when ``parent`` (its parent) dies
     (``PR_SET_PDEATHSIG``, Linux); exit at once if it is already gone."""
-    with contextlib.suppress(OSError, AttributeError):
+    with contextlib.suppress(Exception):  # no ctypes, no prctl: the check still runs
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PDEATHSIG

@@ -167,17 +167,25 @@ def worker_start(services: Services) -> None:
     When it fires: in every process that handles mail, after :func:`startup` of the same
     generation and before its first connection: in each worker right after the fork (and
     for each new generation a worker builds at reload), once in the harness and in
-    ``milterd check``. Never in the supervisor. Random state needs nothing here: Python
-    reseeds ``random`` in a forked child, and ``secrets``/``os.urandom`` are per call.
+    ``milterd check``. Also, to find a configuration every worker would refuse before any
+    worker gets it, in a throwaway process that handles no mail and then calls
+    :func:`shutdown`: a child of the supervisor at start and at every reload, and
+    ``milterd config check``; there the environment variable ``MILTERD_WORKER`` is
+    ``check`` (in a worker it is the worker's index), so start nothing meant to run once
+    per daemon (a pruner, a report sender: worker ``0``'s job). Never in the supervisor
+    itself. Random state needs nothing here: Python reseeds ``random`` in a forked child,
+    and ``secrets``/``os.urandom`` are per call.
 
     Arguments:
         services: as for :func:`startup`. In a dry run (``services.dry_run``: ``milterd
             check``) open no connection that writes, create no files, start no thread
             that stores or sends.
 
-    Returns: nothing. An exception refuses the generation in this process, like one from
-    :func:`startup`: a new worker exits (the supervisor restarts it, within its restart
-    limit), a reload keeps the old generation in that worker.
+    Returns: nothing. An exception refuses the generation, like one from
+    :func:`startup`: in the supervisor's check, the daemon does not start (exit status 2)
+    or the reload is refused (the old configuration stays); in a worker that nevertheless
+    fails (a store gone since the check), a new worker exits (the supervisor restarts it,
+    within its restart limit) and a reload keeps the old generation in that worker.
 
     Changes: none. Negotiation: not applicable. Since: 0.2.
     """

@@ -237,6 +237,46 @@ def test_a_reload_every_worker_refuses_is_not_what_a_restarted_worker_gets() -> 
         assert "giving up" not in d.log_text()
 
 
+def test_a_plugin_file_in_the_check_child_is_not_written_by_the_supervisors_handler(
+    tmp_path: Path,
+) -> None:
+    """The check child closed the wake pipe but kept the supervisor's SIGCHLD handler,
+    which writes to it: a plugin file that got the pipe's descriptor received an "x" when
+    a subprocess of the plugin ended (a review)."""
+    tmp_path.chmod(0o777)
+    with Daemon(f'[plugins.t_mark]\nvalue = "one"\nfiles_dir = "{tmp_path}"\n') as d:
+        assert one(d) == "accept:one"
+        assert "changed behind" not in d.log_text()
+
+
+def test_no_ctypes_is_no_reason_to_refuse_a_config(tmp_path: Path) -> None:
+    """The check child asks the kernel to kill it with the supervisor through ctypes; a
+    Python built without it must still start (it exited 2: a review)."""
+    (tmp_path / "_ctypes.py").write_text('raise ImportError("built without _ctypes")\n')
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    with Daemon('[plugins.t_mark]\nvalue = "one"\n', env={"PYTHONPATH": pythonpath}) as d:
+        assert one(d) == "accept:one"
+
+
+def test_one_worker_that_keeps_dying_stops_the_daemon_whatever_the_others_do() -> None:
+    """The restart limit is per worker: with four workers, one crashing worker was
+    restarted twenty times a minute before the supervisor gave up (a review)."""
+    with Daemon('[plugins.t_mark]\nvalue = "one"\n', workers=4) as d:
+        for _ in range(6):
+            mark = len(d.log_text())
+            line = re.findall(r"started worker 0 \(pid (\d+)\)", d.log_text())[-1]
+            os.kill(int(line), signal.SIGKILL)
+            d.wait_log("worker 0 (pid", after=mark)
+            deadline = time.monotonic() + 10
+            while "started worker 0" not in d.log_text()[mark:] and "giving up" not in (
+                d.log_text()[mark:]
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        d.wait_log("worker 0 died 6 times in a minute; giving up")
+        assert d.proc is not None and d.proc.wait(timeout=30) == 1
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (PID 1 may not reap orphans here)."""
     try:

@@ -67,6 +67,18 @@ def test_config_check_refuses_a_metrics_address_this_host_cannot_listen_on(
         assert milterd("config", "check", config=cfg).returncode == 0
 
 
+def test_config_check_runs_worker_start_so_a_file_every_worker_refuses_fails(
+    tmp_path: Path,
+) -> None:
+    # The daemon refuses such a file (exit 2) before any worker forks; config check passed
+    # it, though the README says a file it passes starts (a review).
+    cfg = tmp_path / "w.toml"
+    cfg.write_text('[milterd]\nauthserv_id = "mx.cli"\n[plugins.t_mark]\nfail_worker_start = 1\n')
+    res = milterd("config", "check", config=cfg)
+    assert res.returncode == 2, res.stdout
+    assert "t_mark told to fail at worker_start" in res.stderr
+
+
 def test_config_check_names_an_unknown_account_by_its_key(tmp_path: Path) -> None:
     cfg = tmp_path / "u.toml"
     cfg.write_text('[milterd]\nuser = "nosuchuser"\n')

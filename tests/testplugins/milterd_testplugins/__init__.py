@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from typing import Any
 
@@ -15,6 +17,9 @@ class MarkConfig(PluginConfig):
     fail_startup: bool = False  # startup raises: a config that validates but cannot start
     fail_worker_start: bool = False  # worker_start raises: every worker would refuse it
     startup_seconds: float = 0.0  # startup sleeps this long: a slow generation
+    # worker_start opens two files in this directory, runs a subprocess, and raises if
+    # either file changed meanwhile (a SIGCHLD handler writing to a reused descriptor)
+    files_dir: str = ""
 
 
 class Mark:
@@ -33,11 +38,24 @@ class Mark:
             raise RuntimeError("t_mark told to fail at startup")
         time.sleep(config.startup_seconds)
         self.fail_worker_start = config.fail_worker_start
+        self.files_dir = config.files_dir
 
     @hookimpl
     def worker_start(self) -> None:
         if self.fail_worker_start:
             raise RuntimeError("t_mark told to fail at worker_start")
+        if self.files_dir:
+            files = [open(f"{self.files_dir}/{n}-{os.getpid()}", "wb") for n in "ab"]  # noqa: SIM115
+            for f in files:
+                f.write(b"abc")
+                f.flush()
+            subprocess.run(["true"], check=True)
+            time.sleep(0.2)  # the SIGCHLD handler runs
+            for f in files:
+                f.close()
+                with open(f.name, "rb") as r:
+                    if r.read() != b"abc":
+                        raise RuntimeError(f"{f.name} changed behind the plugin's back")
 
     @hookimpl
     def eom(self, ctx: Context) -> None:
