@@ -377,9 +377,19 @@ class Classifier:
 _FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
+def sources(path: str) -> list[str]:
+    """What ``bayes train`` reads from ``path``, each on its own: a plain directory's files
+    (sorted; each an mbox or a message, so that one bad file is said and the others still
+    learn), else ``path`` itself (a file, a Maildir)."""
+    p = Path(path)
+    if p.is_dir() and not ((p / "cur").is_dir() or (p / "new").is_dir()):
+        return [str(f) for f in sorted(p.iterdir()) if f.is_file()]
+    return [path]
+
+
 def iter_messages(path: str) -> Iterator[bytes]:
-    """Messages of an mbox file, a Maildir (cur/ and new/), a directory of files (one
-    message each), or a file holding one message (its first line a header field). An
+    """Messages of an mbox file, a Maildir (cur/ and new/), a directory of files (each an
+    mbox file or one message), or a file holding one message (its first line a header field). An
     empty file is an empty mbox. Leading blank lines and a UTF-8 byte-order mark are
     skipped when telling these apart. Raises ValueError for a file that is none of these
     (it would teach nothing, or garbage)."""
@@ -402,8 +412,8 @@ def iter_messages(path: str) -> Iterator[bytes]:
                 yield md.get_bytes(key)
             return
         for f in sorted(p.iterdir()):
-            if f.is_file():
-                yield f.read_bytes()
+            if f.is_file():  # an mbox, or one message; anything else is an error
+                yield from iter_messages(str(f))
         return
     box = mailbox.mbox(str(p), create=False)
     try:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import email
-import email.policy
 import mailbox
 import sys
 from typing import Any
 
 from milterd import ConfigError, load_config
+from milterd.testing import split_message
 
 from . import bayes as bayes_mod
 from .config import BayesConfig, ScoringConfig
@@ -53,14 +52,18 @@ def _settings(args: argparse.Namespace) -> BayesConfig:
 
 
 def tokens_of(raw: bytes, max_tokens: int) -> tuple[list[str], str | None]:
-    """The classifier's tokens for one message, and its Message-ID."""
+    """The classifier's tokens for one message, and its Message-ID: the same as the daemon
+    learns from the same bytes (header fields split as an MTA sends them, values decoded
+    as the core decodes them: UTF-8, raw 8-bit text included)."""
     raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    head = email.message_from_bytes(raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n",
-                                     policy=email.policy.compat32)  # fmt: skip
-    headers = MessageData.header_list((k, str(v)) for k, v in head.items())
+    fields = [
+        (name, value.decode("utf-8", "surrogateescape").removeprefix(" "))
+        for name, value in split_message(raw)[0]
+    ]
+    headers = MessageData.header_list(fields)
     content = extract(raw, MAX_PARSE)
-    mid = head.get("Message-ID")
-    return bayes_mod.tokenize(headers, content, max_tokens), str(mid) if mid else None
+    mid = next((v for n, v in fields if n.lower() == "message-id"), None)
+    return bayes_mod.tokenize(headers, content, max_tokens), mid
 
 
 def learn_bytes(classifier: bayes_mod.Classifier, raw: bytes, spam: bool, max_tokens: int) -> bool:
@@ -94,19 +97,30 @@ def _train(args: argparse.Namespace, b: BayesConfig) -> int:
     failed = False
     try:
         for label, paths in (("spam", args.spam), ("ham", args.ham)):
-            learned = seen = 0
-            for path in paths:
+            learned = seen = errors = 0
+            for source in (s for path in paths for s in bayes_mod.sources(path)):
                 try:
-                    for raw in bayes_mod.iter_messages(path):
+                    for n, raw in enumerate(bayes_mod.iter_messages(source), 1):
                         seen += 1
-                        learned += learn_bytes(clf, raw, label == "spam", b.max_tokens)
+                        try:
+                            learned += learn_bytes(clf, raw, label == "spam", b.max_tokens)
+                        except _redis_errors():
+                            raise
+                        except Exception as e:  # this message only: the rest still learn
+                            errors += 1
+                            print(f"milterd bayes train: {source}: message {n}: {e}",
+                                  file=sys.stderr)  # fmt: skip
+                            failed = True
                 except (OSError, mailbox.Error, ValueError) as e:
                     # Said, and the other paths still learned: one bad path in a list
                     # does not leave the rest untrained. Exit 1 at the end.
-                    print(f"milterd bayes train: {path}: {e}", file=sys.stderr)
+                    print(f"milterd bayes train: {source}: {e}", file=sys.stderr)
                     failed = True
             if paths:
-                print(f"{label}: {learned} learned, {seen - learned} already known")
+                print(
+                    f"{label}: {learned} learned, {seen - learned - errors} already known"
+                    + (f", {errors} failed" if errors else "")
+                )
         nspam, nham = store.totals()
         print(f"total: {nspam} spam, {nham} ham")
     finally:

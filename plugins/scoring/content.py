@@ -16,6 +16,7 @@ import email.policy
 import html
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["Attachment", "Content", "extract", "html_to_text", "url_hosts"]
 
@@ -71,6 +72,26 @@ MAX_PARTS = 4 * MAX_DEPTH
 #: 15 microseconds a part (3 s for 200,000 empty ones). Also the most leaf parts whose
 #: headers are read for attachments when the message is read as text.
 MAX_LEAVES = 4 * MAX_PARTS
+#: A field with more ``;`` than this has no parameters here (no charset, boundary or
+#: file name): the email package's parameter parser is quadratic in them (one 90 KB
+#: Content-Type of ``;`` in an open quote took 11 s, and the message was deferred for
+#: ever). Real fields carry a handful.
+MAX_PARAM_SEPARATORS = 64
+
+
+class _Part(email.message.Message):
+    """A message (part) whose parameters are read only from fields with at most
+    MAX_PARAM_SEPARATORS ``;``. Used for every part the email parser builds here, so the
+    parser itself (which reads each multipart's boundary) stays linear too."""
+
+    def _get_params_preserve(self, failobj: Any, header: str) -> Any:
+        value = self.get(header)
+        if value is not None and str(value).count(";") > MAX_PARAM_SEPARATORS:
+            # What the parser gives for the value alone: its first item, no parameters.
+            return [(str(value).split(";", 1)[0].strip(), "")]
+        return super()._get_params_preserve(failobj, header)  # type: ignore[misc]
+
+
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _CT_HEADER = re.compile(rb"(?im)^content-type:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)")
 _FOLD_BREAK = re.compile(rb"\r?\n")
@@ -175,18 +196,20 @@ def _decode(part: email.message.Message) -> str:
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return ""
-    charset = part.get_content_charset() or "utf-8"
     try:
-        return payload.decode(charset, "replace")
-    except LookupError:
+        return payload.decode(part.get_content_charset() or "utf-8", "replace")
+    except Exception:  # unknown (LookupError), or a codec that fails even so: idna, ...
         return payload.decode("utf-8", "replace")
 
 
 def _filename(part: email.message.Message) -> str:
-    name = part.get_filename()
-    if not name:
-        ct_name = part.get_param("name")
-        name = ct_name if isinstance(ct_name, str) else None
+    try:
+        name = part.get_filename()
+        if not name:
+            ct_name = part.get_param("name")
+            name = ct_name if isinstance(ct_name, str) else None
+    except Exception:  # an RFC 2231 name in a charset that cannot decode it (idna...)
+        return ""
     if not name:
         return ""
     try:
@@ -211,7 +234,7 @@ def _content_type(head: bytes, default: str) -> tuple[str, bytes | None]:
     low = value.lower()
     if b"multipart" not in low and b"message" not in low:
         return "text/x-other", None  # only containers matter here
-    part = email.message.Message()
+    part = _Part()
     part["Content-Type"] = value.decode("ascii", "surrogateescape")
     boundary = part.get_boundary()
     ctype = part.get_content_type()
@@ -356,7 +379,7 @@ def _leaves(msg: email.message.Message) -> tuple[list[email.message.Message], bo
 def _fallback_attachments(raw: bytes, walk: _Walk, out: Content) -> None:
     """Attachments and types of the leaf parts ``walk`` found, for a message read as text
     (a MIME bomb must not hide its ``.exe``)."""
-    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+    parser = email.parser.BytesHeaderParser(_Part, policy=email.policy.compat32)
     for start, end in walk.leaves[:MAX_LEAVES]:
         _note_part(parser.parsebytes(raw[start:end] + b"\r\n\r\n"), out)
 
@@ -394,7 +417,7 @@ def extract(raw: bytes, limit: int) -> Content:
     walk = _walk(raw)
     if walk.multiparts <= MAX_PARTS and len(walk.leaves) <= MAX_LEAVES:
         with contextlib.suppress(RecursionError):  # nested deeper than the parser follows
-            msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+            msg = email.message_from_bytes(raw, _Part, policy=email.policy.compat32)
     if msg is None:  # read it as text
         out.too_deep = True
         blank = re.search(rb"\r?\n\r?\n", raw)  # the end of the header block

@@ -36,7 +36,9 @@ def network_of(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None, v4: i
 
 _BATV = re.compile(r"^(?:prvs|msprvs\d*|btv1)=[^=@]*=", re.I)  # prvs=TAG=user
 _SRS = re.compile(r"^srs([01])[=+-]", re.I)
-_NUMBER = re.compile(r"(?<![a-z])\d+(?![a-z])")
+# A number standing alone between non-word characters, as postgrey's s/\b\d+\b/#/g: the
+# digits inside a word (user123, order12345) stay, so two such senders are two triplets.
+_NUMBER = re.compile(r"\b\d+\b")
 
 
 def _unsrs(address: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import re
 import socket
 import time
@@ -48,7 +49,7 @@ def parse_spamd(reply: bytes) -> Scanned:
     m = _SPAM_HEADER.search(head)
     if not m:
         raise ValueError("spamd: no Spam: header in the reply")
-    out = Scanned(float(m.group(2)), float(m.group(3)))
+    out = Scanned(_score(m.group(2)), _score(m.group(3)))
     in_table = False
     for line in body.split("\n"):
         if line.startswith("---- "):
@@ -58,7 +59,7 @@ def parse_spamd(reply: bytes) -> Scanned:
             continue
         rm = _REPORT_LINE.match(line)
         if rm:
-            out.rules.append((rm.group(2), float(rm.group(1)), rm.group(3), ()))
+            out.rules.append((rm.group(2), _score(rm.group(1)), rm.group(3), ()))
     return out
 
 
@@ -117,14 +118,14 @@ def rspamd_check(
     data: Any = json.loads(body)
     if not isinstance(data, dict) or "score" not in data:
         raise ValueError("rspamd: unexpected reply")
-    out = Scanned(float(data["score"]), _float(data.get("required_score")),
+    out = Scanned(_score(data["score"]), _float(data.get("required_score")),
                   action=str(data.get("action", "")))  # fmt: skip
     symbols = data.get("symbols") or {}
     for name, sym in symbols.items():
         if not isinstance(sym, dict):
             continue
         opts = tuple(str(o) for o in (sym.get("options") or ())[:5])
-        out.rules.append((str(name), float(sym.get("score", 0.0)),
+        out.rules.append((str(name), _score(sym.get("score", 0.0)),
                           str(sym.get("description", "")), opts))  # fmt: skip
     if data.get("is_skipped") or data.get("messages", {}).get("smtp_message"):
         # A pre-result (GTUBE, settings): the total is not the sum of the symbols.
@@ -134,8 +135,27 @@ def rspamd_check(
     return out
 
 
+#: A scanner's score (a rule's or the total) beyond this size is nonsense, not a verdict:
+#: SpamAssassin's and rspamd's own scores stay within a few hundred. (Larger ones, and
+#: inf or nan, once turned into an infinite total that made tagging fail.)
+MAX_SCANNER_SCORE = 1e6
+
+
+def _score(v: Any) -> float:
+    """A score from a scanner's reply; ValueError (the reply is nonsense) when it is not
+    a finite number within MAX_SCANNER_SCORE."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"scanner: score {str(v)[:40]!r} is not a number") from None
+    if not math.isfinite(x) or abs(x) > MAX_SCANNER_SCORE:
+        raise ValueError(f"scanner: score {str(v)[:40]!r} out of range")
+    return x
+
+
 def _float(v: Any) -> float | None:
     try:
-        return float(v)
+        x = float(v)
     except (TypeError, ValueError):
         return None
+    return x if math.isfinite(x) and abs(x) <= MAX_SCANNER_SCORE else None

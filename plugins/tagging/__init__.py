@@ -13,6 +13,7 @@ mail.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -182,7 +183,7 @@ class Tagging:
             "flag": "YES" if spam else "NO",
             "yesno": "Yes" if spam else "No",
             "symbols": ",".join(names) or "none",
-            "level": cfg.level_char * max(0, min(50, int(score))),
+            "level": cfg.level_char * _stars(score),
             "queue_id": ctx.message.queue_id if ctx.message else "",
         }
         if spam or cfg.tag_ham:
@@ -236,3 +237,9 @@ class _Vars(dict[str, str]):
 def _sample() -> dict[str, str]:
     keys = ("score", "required", "action", "flag", "yesno", "symbols", "level", "queue_id")
     return dict.fromkeys(keys, "x")
+
+
+def _stars(score: float) -> int:
+    """How many level characters: the score's whole part, 0 to 50. Clamped before int():
+    a plugin may add an infinite score, and int() of that raises."""
+    return 0 if math.isnan(score) else int(max(0.0, min(50.0, score)))

@@ -280,3 +280,71 @@ def test_bayes_cli_bad_input_is_one_line(
     captured = capsys.readouterr()
     assert "junk.bin: not an mbox file, a Maildir or a message" in captured.err
     assert "ham: 2 learned" in captured.out
+
+
+# --- found by a review against issue 5 (2026-12-03) ------------------------------------------
+
+
+def test_train_learns_raw_utf8_header_words_as_the_daemon_does(tmp_path: Path) -> None:
+    # str() of the email package's compat32 header turned raw 8-bit text into U+FFFD, so
+    # the command line learned no Subject word the daemon learns from the same bytes.
+    from milterd_plugins.scoring.cli import tokens_of
+
+    raw = "From: Иван <x@spam.example>\nSubject: Дешёвые таблетки\n\nbody text here\n".encode()
+    tokens, mid = tokens_of(raw, 1000)
+    assert {"su:дешёвые", "su:таблетки"} <= set(tokens)
+    assert mid is None
+    with Harness({"scoring": bayes_section(tmp_path / "b.sqlite")}) as h:
+        h.send(raw)
+    daemon = set(tokenize(
+        [("From", "Иван <x@spam.example>"), ("Subject", "Дешёвые таблетки")],
+        extract(raw.replace(b"\n", b"\r\n"), 1 << 20), 1000,
+    ))  # fmt: skip
+    assert set(tokens) == daemon
+
+
+def test_train_goes_on_after_a_message_it_cannot_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One bad message ended its whole mbox, and was counted as "already known".
+    import milterd_plugins.scoring.cli as bayes_cli
+
+    real = bayes_cli.extract
+
+    def extract_or_fail(raw: bytes, limit: int) -> Any:
+        if b"BROKEN" in raw:
+            raise RuntimeError("cannot parse")
+        return real(raw, limit)
+
+    monkeypatch.setattr(bayes_cli, "extract", extract_or_fail)
+    box = mailbox.mbox(str(tmp_path / "spam.mbox"))
+    for i in range(5):
+        box.add(f"From: s{i}@spam.example\nMessage-ID: <m{i}@x>\nSubject: offer {i}\n\n"
+                f"{'BROKEN' if i == 1 else 'cheap pills'} {i}\n")  # fmt: skip
+    box.close()
+    db = tmp_path / "b.sqlite"
+    rc = milterd_main(["bayes", "train", "--path", str(db), "--spam", str(tmp_path / "spam.mbox")])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert "spam: 4 learned, 0 already known, 1 failed" in out.out
+    assert "spam.mbox: message 2: cannot parse" in out.err
+
+
+def test_train_reads_each_file_of_a_directory_as_mbox_or_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A directory's mbox was learned as one message, and a binary file as a message.
+    d = tmp_path / "corpus"
+    d.mkdir()
+    box = mailbox.mbox(str(d / "a.mbox"))
+    for i in range(5):
+        box.add(f"From: s{i}@spam.example\nMessage-ID: <d{i}@x>\n\ncheap pills {i}\n")
+    box.close()
+    (d / "b.eml").write_bytes(b"From: t@spam.example\nMessage-ID: <e@x>\n\nmore pills\n")
+    (d / "c.bin").write_bytes(bytes(range(256)))
+    db = tmp_path / "b.sqlite"
+    rc = milterd_main(["bayes", "train", "--path", str(db), "--spam", str(d)])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert "spam: 6 learned, 0 already known" in out.out
+    assert f"{d / 'c.bin'}: not an mbox file, a Maildir or a message" in out.err

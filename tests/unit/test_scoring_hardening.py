@@ -23,7 +23,7 @@ from milterd_plugins.scoring.dnsbl import List
 from milterd_plugins.scoring.greylist import normalize_sender, triplet_key
 from milterd_plugins.tagging import Tagging
 
-from milterd import ConfigError
+from milterd import ConfigError, Context, hookimpl
 from milterd.testing import Harness, Outcome
 
 PLAIN = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hello\r\n\r\nHello there.\r\n"
@@ -344,6 +344,11 @@ def test_greylist_normalizes_verp_batv_srs() -> None:
     srs1 = "SRS1=HHH=fwd1.example==HHH=TT=orig.example=alice@fwd2.example"
     assert normalize_sender(srs1) == "alice@orig.example"
     assert normalize_sender("web2@host3.example") == "web2@host3.example"
+    # digits inside a word stay, as with postgrey's \b\d+\b (they became user1#: a review)
+    assert normalize_sender("user123@x.example") == "user123@x.example"
+    assert normalize_sender("order12345@shop.example") != normalize_sender(
+        "order19999@shop.example"
+    )
     keys = {triplet_key(f"bounce-{i}-b=y@list.example", "b@y", "192.0.2.0/24") for i in range(3)}
     assert len(keys) == 1
 
@@ -360,3 +365,75 @@ def test_a_boundary_with_a_byte_that_is_not_ascii_is_no_failure() -> None:
     assert isinstance(content, Content)
     with Harness({"plugins": {"scoring": {}}}, raise_errors=True) as h:
         assert h.send(raw).verdict == "continue"
+
+
+# --- found by a review against issue 5 (2026-12-03) ------------------------------------------
+
+LONG = b";" * 90000
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b'Content-Type: text/plain; name="' + LONG,  # an open quote full of ;
+        b'Content-Type: multipart/mixed; boundary="' + LONG,  # read by the parser itself
+        b"Content-Type: text/plain; charset=" + LONG,
+    ],
+)
+def test_a_field_full_of_semicolons_is_read_in_linear_time(field: bytes) -> None:
+    # The email package's parameter parser is quadratic in the ';': this took 11 s, past
+    # the plugin's timeout, so the message was deferred at every try.
+    raw = b"From: a@example.org\r\nSubject: hi\r\n" + field + b"\r\n\r\nhello\r\n"
+    t0 = time.monotonic()
+    content = extract(raw, 1 << 20)
+    assert time.monotonic() - t0 < 1.0
+    # (a multipart whose boundary cannot be read has no text part, as for the parser)
+    assert "hello" in content.text or content.content_types == ["multipart/mixed"]
+    with Harness({"scoring": {}, "tagging": {}}) as h:
+        out = h.send(raw, client_ip="192.0.2.1")
+    assert out.errors == [] and out.verdict == "continue"
+
+
+def test_sixteen_attachments_with_long_file_names_full_of_semicolons() -> None:
+    part = b'--b\r\nContent-Disposition: attachment; filename="' + b";" * 30000 + b"\r\n\r\nx\r\n"
+    raw = (b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+           + part * 16 + b"--b--\r\n")  # fmt: skip
+    t0 = time.monotonic()
+    content = extract(raw, 1 << 20)
+    assert time.monotonic() - t0 < 1.0
+    assert len(content.attachments) == 16
+
+
+@pytest.mark.parametrize("charset", [b"idna", b"punycode", b"undefined", b"rot13", b"base64"])
+def test_a_charset_whose_codec_fails_is_read_as_utf8(charset: bytes) -> None:
+    raw = (b"From: a@example.org\r\nContent-Type: text/plain; charset=" + charset
+           + b"\r\n\r\nhello \xff there\r\n")  # fmt: skip
+    assert "hello" in extract(raw, 1 << 20).text
+    with Harness({"scoring": {}, "tagging": {}}) as h:
+        out = h.send(raw, client_ip="192.0.2.1")
+    assert out.errors == [] and out.verdict == "continue"
+
+
+def test_a_file_name_in_a_charset_that_cannot_decode_it_is_no_failure() -> None:
+    raw = (b"From: a@example.org\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Disposition: attachment; filename*=idna''abc%FF\r\n\r\nx\r\n")  # fmt: skip
+    content = extract(raw, 1 << 20)
+    assert [a.content_type for a in content.attachments] == ["application/octet-stream"]
+    with Harness({"scoring": {}, "tagging": {}}) as h:
+        assert h.send(raw, client_ip="192.0.2.1").errors == []
+
+
+class InfiniteScore:
+    """A third-party plugin adding a score tagging cannot turn into an int."""
+
+    @hookimpl
+    def eom(self, ctx: Context) -> None:
+        ctx.add_symbol("HUGE", float("inf"))
+
+
+def test_an_infinite_score_is_no_tagging_failure() -> None:
+    # int(inf) raised OverflowError in tagging (a scanner's 1e308 rules summed to inf).
+    cfg: dict[str, Any] = {"huge": {}, "scoring": {}, "tagging": {}}
+    with Harness(cfg, plugins={"huge": InfiniteScore}) as h:
+        out = h.send(PLAIN, client_ip="192.0.2.1")
+    assert [e for e in out.errors if e[0] == "tagging"] == []

@@ -47,6 +47,19 @@ def test_parse_spamd_report() -> None:
         parse_spamd(b"SPAMD/1.0 76 Bad header line: x\r\n\r\n")
 
 
+@pytest.mark.parametrize("score", [b"1" + b"0" * 309 + b".0", b"2000000.0", b"-2000000"])
+def test_a_spamd_score_that_is_no_finite_number_is_nonsense(score: bytes) -> None:
+    # Scores over 1e308 summed to an infinite total, which made tagging fail (a review).
+    table = SPAMD_REPLY.replace(b" 2.5 FREE_MONEY", b" " + score + b" FREE_MONEY")
+    assert table != SPAMD_REPLY
+    with pytest.raises(ValueError, match="scanner: score"):
+        parse_spamd(table)
+    total = SPAMD_REPLY.replace(b"7.5 /", score + b" /")
+    assert total != SPAMD_REPLY
+    with pytest.raises(ValueError, match="scanner: score"):
+        parse_spamd(total)
+
+
 class FakeSpamd:
     """A one-thread TCP server answering every request with ``reply`` after ``delay``."""
 
