@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 from milterd import ConfigError, load_config
-from milterd.testing import split_message
 
 from . import bayes as bayes_mod
 from .config import BayesConfig, ScoringConfig
@@ -55,6 +54,11 @@ def tokens_of(raw: bytes, max_tokens: int) -> tuple[list[str], str | None]:
     """The classifier's tokens for one message, and its Message-ID: the same as the daemon
     learns from the same bytes (header fields split as an MTA sends them, values decoded
     as the core decodes them: UTF-8, raw 8-bit text included)."""
+    # Imported here: milterd.testing imports the core and with it prometheus_client, which
+    # must not be imported before `milterd run` has set its multiprocess directory (this
+    # module is imported for every command, to list the plugin's subcommands).
+    from milterd.testing import split_message
+
     raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     fields = [
         (name, value.decode("utf-8", "surrogateescape").removeprefix(" "))

@@ -344,3 +344,20 @@ def test_a_closed_pipe_is_no_error(config: Path) -> None:
         shell=True, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert "Broken pipe" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_listing_the_commands_imports_no_prometheus_client() -> None:
+    # `milterd run` sets prometheus-client's multiprocess directory before importing it;
+    # a plugin's command module that imported the core at load (scoring's bayes commands
+    # importing milterd.testing) imported it first, and /metrics served nothing.
+    code = (
+        "import sys, contextlib, io\n"
+        "from milterd import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    cli.main(['--help'])\n"
+        "print('prometheus_client' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.stdout.strip() == "False", out.stderr
