@@ -60,12 +60,17 @@ def tokens_of(raw: bytes, max_tokens: int) -> tuple[list[str], str | None]:
     from milterd.testing import split_message
 
     raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    split, body = split_message(raw)
     fields = [
         (name, value.decode("utf-8", "surrogateescape").removeprefix(" "))
-        for name, value in split_message(raw)[0]
+        for name, value in split
     ]
     headers = MessageData.header_list(fields)
-    content = extract(raw, MAX_PARSE)
+    # The message as the plugin reads it in the daemon: the fields as the MTA sent them,
+    # a blank line, the body (where a line is no field, the header block ends there).
+    head = b"".join(name.encode("ascii", "surrogateescape") + b":" + value + b"\r\n"
+                    for name, value in split)  # fmt: skip
+    content = extract(head + b"\r\n" + body, MAX_PARSE)
     mid = next((v for n, v in fields if n.lower() == "message-id"), None)
     return bayes_mod.tokenize(headers, content, max_tokens), mid
 

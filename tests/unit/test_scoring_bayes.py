@@ -348,3 +348,35 @@ def test_train_reads_each_file_of_a_directory_as_mbox_or_message(
     assert rc == 1
     assert "spam: 6 learned, 0 already known" in out.out
     assert f"{d / 'c.bin'}: not an mbox file, a Maildir or a message" in out.err
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Subject : spaced name words\nMessage-ID: <m11@x>\n",  # white space before ':'
+        b"Subject: ok\nFrom nobody words\nMessage-ID: <m12@x>\n",  # a line that is no field
+        b" Xfoo: starts with a continuation\nSubject: ok\n",
+    ],
+)
+def test_train_reads_the_header_block_where_the_daemon_does(
+    tmp_path: Path, head: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command line parsed the bytes itself, and found the end of the header block
+    # elsewhere than the MTA (and so the daemon) does (a review).
+    import milterd_plugins.scoring.bayes as bayes_mod
+    from milterd_plugins.scoring.cli import tokens_of
+
+    raw = b"From: x@spam.example\n" + head + b"\nbody text here\n"
+    daemon: list[list[str]] = []
+    real = bayes_mod.tokenize
+
+    def recording(*args: Any) -> list[str]:
+        daemon.append(real(*args))
+        return daemon[-1]
+
+    monkeypatch.setattr(bayes_mod, "tokenize", recording)
+    with Harness({"scoring": bayes_section(tmp_path / "b.sqlite")}) as h:
+        h.send(raw)
+    assert len(daemon) == 1 and daemon[0]
+    monkeypatch.setattr(bayes_mod, "tokenize", real)
+    assert set(tokens_of(raw, 1000)[0]) == set(daemon[0])
