@@ -112,19 +112,19 @@ def split_message(raw: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
     data = raw.replace(b"\r\n", b"\n")
     head, sep, body = data.partition(b"\n\n")
     lines = head.split(b"\n")
-    fields: list[tuple[str, bytes]] = []
+    # Each field's lines, joined once at the end: linear in a field of many folds.
+    fields: list[tuple[str, list[bytes]]] = []
     for i, line in enumerate(lines if head else []):
         if line[:1] in (b" ", b"\t") and fields:
-            last_name, last_value = fields[-1]
-            fields[-1] = (last_name, last_value + b"\r\n" + line)
+            fields[-1][1].append(line)
             continue
         m = _FIELD.match(line)
         if m is None:  # not a header field: the header block ends here
             rest = b"\n".join(lines[i:])
             body = rest + (sep + body if sep else b"")
             break
-        fields.append((m.group(1).decode("ascii"), line[m.end() :]))
-    return fields, body.replace(b"\n", b"\r\n")
+        fields.append((m.group(1).decode("ascii"), [line[m.end() :]]))
+    return [(n, b"\r\n".join(v)) for n, v in fields], body.replace(b"\n", b"\r\n")
 
 
 class PluginFailed(Exception):

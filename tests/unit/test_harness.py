@@ -11,7 +11,7 @@ import pytest
 
 from milterd import Accept, AddHeader, Context, Message, Quarantine, Reject, Verdict, hookimpl
 from milterd.events import Connect, EnvFrom, EnvRcpt, Eom, Helo
-from milterd.testing import Harness, PluginFailed
+from milterd.testing import Harness, PluginFailed, split_message
 
 MSG = b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
 
@@ -460,3 +460,14 @@ def test_header_is_unfolded() -> None:
     assert b"X-Long: first part\r\n\tsecond part\r\n" in (out.delivered or b"")
     assert out.header("x-long") == "first part\tsecond part"
     assert ("X-Long", "first part\tsecond part") in out.headers()
+
+
+def test_split_message_is_linear_in_the_folds_of_a_field() -> None:
+    # It appended each continuation line to the bytes so far: 150,000 folds took 2.4 s
+    # (bayes train reads messages through it too).
+    raw = b"Subject: x\r\nX-Long: " + b"a\r\n " * 150_000 + b"b\r\n\r\nbody\r\n"
+    t0 = time.monotonic()
+    fields, body = split_message(raw)
+    assert time.monotonic() - t0 < 0.5
+    assert [n for n, _ in fields] == ["Subject", "X-Long"] and body == b"body\r\n"
+    assert fields[1][1] == b" " + b"a\r\n " * 150_000 + b"b"
