@@ -27,7 +27,7 @@ import email.utils
 import re
 from collections.abc import Iterable, Iterator
 
-__all__ = ["MAX_FIELD", "bare", "domains_named", "getaddresses"]
+__all__ = ["MAX_FIELD", "a_label", "bare", "domains_named", "getaddresses"]
 
 #: Longer address fields do not parse (a From is a few hundred characters at most).
 MAX_FIELD = 16384
@@ -150,3 +150,20 @@ def getaddresses(values: Iterable[str]) -> list[tuple[str, str]] | None:
             return None
         out += parsed
     return out
+
+
+def a_label(domain: str) -> str | None:
+    """``domain`` in its ASCII form (A-labels, lower case, no final dot) as DNS and the
+    policies published there know it: IDNA2008 with the UTS 46 mapping, not Python's
+    ``"idna"`` codec (IDNA2003), which maps ``straße.de`` to ``strasse.de`` (another
+    domain, whose policy would be the one applied) and drops joiners. None when it is no
+    valid name that way."""
+    import idna
+
+    name = domain.strip().rstrip(".")
+    if name.isascii():
+        return name.lower()
+    try:
+        return idna.encode(name, uts46=True, transitional=False).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None

@@ -51,7 +51,7 @@ from milterd import (
     hookimpl,
 )
 
-from ..addresses import bare, domains_named, getaddresses
+from ..addresses import a_label, bare, domains_named, getaddresses
 from ..sqlpool import SQLitePool
 
 if TYPE_CHECKING:
@@ -127,11 +127,10 @@ class DMARCConfig(PluginConfig):
         # Compared with the From domain in its ASCII (A-label) form: so must these be.
         out = []
         for d in v:
-            name = d.strip().rstrip(".").lower()
-            try:
-                out.append(name.encode("idna").decode("ascii"))
-            except UnicodeError:
-                raise ValueError(f"not a domain name: {d!r}") from None
+            name = a_label(d)
+            if name is None:
+                raise ValueError(f"not a domain name: {d!r}")
+            out.append(name)
         return out
 
     @model_validator(mode="after")
@@ -227,7 +226,8 @@ def org_domain(psl: PublicSuffixList, domain: str) -> str:
 
 
 def aligned(psl: PublicSuffixList, a: str, b: str, mode: str) -> bool:
-    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    # Both in A-labels: an SPF or DKIM domain may come as U-labels (SMTPUTF8 mail).
+    a, b = a_label(a) or "", a_label(b) or ""
     if not a or not b:
         return False
     if mode == "s":
@@ -279,14 +279,17 @@ def xml_text(value: str) -> str:
     return _NOT_XML.sub("\ufffd", value)
 
 
+#: The longest rua kept in a history row (see _remember).
+MAX_RUA_STORED = 2048
+
+
 def _author_domain(raw: str) -> str:
     """A From address's domain as DMARC looks it up (A-labels, lower case), or ``""`` when
     it cannot be one: empty, a single label, not a host name, over 253 octets."""
     if not raw or "." not in raw:
         return ""
-    try:  # internationalized domains are looked up (and reported) as A-labels
-        domain = raw.encode("idna").decode("ascii").lower()
-    except UnicodeError:
+    domain = a_label(raw)  # internationalized domains are looked up (and reported) as A-labels
+    if domain is None:
         return ""
     if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
         return ""
@@ -802,6 +805,9 @@ class DMARCPlugin:
         rec = ev.record
         client = ctx.connection.client
         ip = str(client.address) if client is not None and client.address is not None else ""
+        if not ip:  # an aggregate report's row needs the source IP (RFC 7489 App. C)
+            ctx.log.debug("dmarc: no client address: not in the aggregate reports")
+            return
         spf = [
             (r.prop("smtp.mailfrom") or "", "mfrom", r.result)
             for r in ctx.results_for("spf")
@@ -842,7 +848,9 @@ class DMARCPlugin:
                     "sp": rec.sp or rec.p,
                     "pct": rec.pct,
                     "fo": rec.fo,
-                    "rua": rec.rua,
+                    # enough for the destinations reports go to (at most five): a 64 KB
+                    # rua in every row made a row 220 times the size the docs give
+                    "rua": rec.rua[:MAX_RUA_STORED],
                     "dkim": json.dumps(dkim),
                     "spf": json.dumps(spf + helo),
                 },

@@ -49,6 +49,7 @@ from publicsuffixlist import PublicSuffixList
 
 from milterd import ConfigError, DNSTempError, NXDomain, Resolver, load_config, make_resolver
 
+from ..addresses import a_label
 from ..cliargs import port_number
 from . import _DOMAIN, _V, DMARCConfig, Store, _psl, org_domain, xml_text
 
@@ -107,9 +108,16 @@ class Destination:
         return self.address.rpartition("@")[2].lower().rstrip(".")
 
 
+#: The most destinations of one rua (or ruf) tag that get reports.
+MAX_DESTINATIONS = 5
+
+
 def parse_rua(rua: str) -> list[Destination]:
     """The ``mailto:`` destinations of a rua (or ruf) tag, in order, without duplicates.
 
+    At most MAX_DESTINATIONS (RFC 7489 6.2 lets a receiver limit them): each external one
+    costs an authorization lookup, and a record listing thousands made one report run
+    take hours.
     Other URI schemes are skipped (RFC 7489 6.2: a receiver uses the schemes it supports).
     ``!size`` takes k, m, g or t (powers of two). A URI is dropped when its size is
     malformed or its address is not a plain ``local@domain``: the local part an RFC 5321
@@ -133,10 +141,10 @@ def parse_rua(rua: str) -> list[Destination]:
         local, at, domain = addr.rpartition("@")
         if not at or not _LOCAL.fullmatch(local) or len(local) > 64:
             continue
-        try:
-            domain = domain.rstrip(".").encode("idna").decode("ascii").lower()
-        except UnicodeError:
+        ascii_domain = a_label(domain)
+        if ascii_domain is None:
             continue
+        domain = ascii_domain
         if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
             continue
         addr = f"{local}@{domain}"
@@ -144,6 +152,8 @@ def parse_rua(rua: str) -> list[Destination]:
             continue
         seen.add(addr.lower())
         out.append(Destination(addr, limit))
+        if len(out) == MAX_DESTINATIONS:
+            break
     return out
 
 

@@ -57,6 +57,8 @@ from milterd import (
     hookimpl,
 )
 
+from ..addresses import a_label
+
 __all__ = [
     "RESULTS",
     "SPFConfig",
@@ -335,6 +337,9 @@ def policy_table(
 
 # --- DNS through milterd's resolver ---------------------------------------------------------
 
+#: The longest term (mechanism or modifier) of an SPF record evaluated; see _lookup.
+MAX_TERM = 1024
+
 _dns = threading.local()
 _original_lookup = spf.DNSLookup
 
@@ -358,6 +363,15 @@ def _lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20) -> l
     key = (name, qtype)
     out: list[Any] = []
     for t in texts:
+        # pyspf expands a domain-spec in time quadratic in its labels (a 60 KB
+        # "exists:%{d}.a.a..." took 35 s of CPU for every message): a term no domain
+        # name can need (a name has at most 253 octets) makes the record a permerror.
+        if (
+            qtype in ("TXT", "SPF")
+            and t[:6].lower() == "v=spf1"
+            and any(len(term) > MAX_TERM for term in t.split())
+        ):
+            raise spf.PermError(f"SPF record of {name} has a term over {MAX_TERM} bytes")
         if qtype in ("TXT", "SPF"):
             out.append((key, (t.encode("utf-8", "surrogateescape"),)))
         elif qtype == "MX":
@@ -551,9 +565,12 @@ class SPFPlugin:
         try:
             with _Using(ctx.resolver, deadline):
                 helo = _strip_dot(helo)
+                helo = a_label(helo) or helo  # (HELO names too, RFC 7208 4.3)
                 q = spf.query(i=ip, s=sender, h=helo, timeout=querytime, querytime=querytime)
                 if sender:  # pyspf's own split is wrong for these (see split_sender)
                     local, domain = split_sender(sender)
+                    # RFC 7208 4.3: internationalized domains are looked up as A-labels
+                    domain = a_label(domain) or domain
                     q.l, q.o, q.d = local or "postmaster", domain, domain
                     # RFC 7208 4.3: an empty local part is "postmaster", and %{s} (7.3)
                     # is that <sender>: not "@example.org" or the bare domain.
@@ -688,7 +705,10 @@ class SPFPlugin:
         helo_res: tuple[str, str] | None = None
         if conf.HELO_reject != "No_Check" and conn.helo:  # no HELO given: nothing to check
             helo_res = self._helo_result(ctx, ip, helo)
-            ctx.add_result(Result("spf", helo_res[0], properties=(("smtp.helo", helo),)))
+            # A-labels: DMARC aligns with them, and an A-R value parses back only in ASCII
+            ctx.add_result(
+                Result("spf", helo_res[0], properties=(("smtp.helo", a_label(helo) or helo),))
+            )
             if not (conf.HELO_reject == "Null" and sender):
                 verdict = self._verdict(ctx, "helo", *helo_res, helo, helo, ip)
 
@@ -705,7 +725,7 @@ class SPFPlugin:
                     "spf",
                     mfrom[0],
                     reason=_reason(*mfrom),
-                    properties=(("smtp.mailfrom", domain),),
+                    properties=(("smtp.mailfrom", a_label(domain) or domain),),
                 )
             )
             if verdict is None:

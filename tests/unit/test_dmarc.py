@@ -522,3 +522,53 @@ def test_a_malformed_from_ignores_display_names_and_comments() -> None:
     out = run('"ceo@example.org" <x@none.example> (ceo@example.org) junk',
               extra=["X-Test-SPF: pass none.example"])  # fmt: skip
     assert dmarc(out).prop("header.from") == "none.example" and out.verdict == "continue"
+
+
+# --- found by a review against issue 4 (2026-12-03) -------------------------------------------
+
+
+def test_an_idna2008_from_domain_gets_its_own_policy_not_the_idna2003_mapping() -> None:
+    # Python's "idna" codec (IDNA2003) maps straße.de to strasse.de: the spoof was judged
+    # by strasse.de's record (none) while straße.de (xn--strae-oqa.de) publishes p=reject.
+    zones = {"_dmarc.xn--strae-oqa.de": {"TXT": ["v=DMARC1; p=reject"]}}
+    msg = "From: ceo@straße.de\r\nSubject: t\r\n\r\nbody\r\n".encode()
+    with Harness({"dmarc": {}}, plugins={"dmarc": DMARCPlugin}, zones=zones) as h:
+        out = h.send(msg, sender="x@strasse.de")
+    assert dmarc(out).prop("header.from") == "xn--strae-oqa.de"
+    assert dmarc(out).result == "fail" and out.verdict == "reject"
+
+
+def test_a_joiner_in_the_from_domain_is_no_other_domain() -> None:
+    out = run("a@a\u200db.example")
+    assert not out.errors and dmarc(out).result == "permerror"
+
+
+def test_spf_of_a_u_label_sender_aligns_with_the_a_label_from(tmp_path: Path) -> None:
+    # SPF recorded smtp.mailfrom=bücher.example, DMARC compared it as text with
+    # xn--bcher-kva.example: legitimate SMTPUTF8 mail failed DMARC and was rejected.
+    from milterd_plugins.spf import SPFPlugin
+
+    zones = {
+        "xn--bcher-kva.example": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]},
+        "_dmarc.xn--bcher-kva.example": {"TXT": ["v=DMARC1; p=reject"]},
+    }
+    msg = "From: a@bücher.example\r\nSubject: t\r\n\r\nbody\r\n".encode()
+    plugins = {"spf": SPFPlugin, "dmarc": DMARCPlugin}
+    with Harness({"spf": {}, "dmarc": {}}, plugins=plugins, zones=zones) as h:
+        out = h.send(msg, sender="a@bücher.example", client_ip="192.0.2.1")
+    spf = [r for r in out.results if r.method == "spf" and r.prop("smtp.mailfrom")]
+    assert [r.prop("smtp.mailfrom") for r in spf] == ["xn--bcher-kva.example"]
+    assert dmarc(out).result == "pass" and out.verdict == "continue"
+
+
+def test_a_client_without_an_address_leaves_no_history_row(tmp_path: Path) -> None:
+    # Its row had source_ip '', and the aggregate report failed the RFC 7489 schema.
+    db = tmp_path / "h.sqlite"
+    zones = {"_dmarc.example.org": {"TXT": ["v=DMARC1; p=none; rua=mailto:r@example.org"]}}
+    msg = b"From: a@example.org\r\nSubject: t\r\n\r\nbody\r\n"
+    cfg = {"dmarc": {"history_db": str(db)}}
+    with Harness(cfg, plugins={"dmarc": DMARCPlugin}, zones=zones) as h:
+        h.send(msg, client_ip="")
+        h.send(msg, client_ip="192.0.2.1")
+    rows = sqlite3.connect(db).execute("SELECT source_ip FROM messages").fetchall()
+    assert rows == [("192.0.2.1",)]

@@ -364,3 +364,25 @@ def test_received_spf_quotes_an_ipv6_client_ip() -> None:
     assert 'client-ip="2001:db8::1";' in (out.header("Received-SPF") or "")
     out = send({"Header_Type": "SPF"}, client_ip="192.0.2.1")
     assert "client-ip=192.0.2.1;" in (out.header("Received-SPF") or "")
+
+
+def test_a_record_with_a_term_no_domain_needs_is_a_quick_permerror() -> None:
+    # pyspf expands a domain-spec in time quadratic in its labels: a 60 KB record took
+    # 35 s of CPU at every message, then a tempfail (a review).
+    import time
+
+    from milterd_plugins.spf import MAX_TERM
+
+    zones = {"e.example": {"TXT": ["v=spf1 exists:%{d}" + ".a" * 30_000 + " -all"]}}
+    t0 = time.monotonic()
+    with Harness({"spf": {}}, plugins={"spf": SPFPlugin}, zones=zones) as h:
+        out = h.send(b"From: a@e.example\r\n\r\nx\r\n", sender="a@e.example")
+    assert time.monotonic() - t0 < 2.0
+    assert mfrom(out).result == "permerror" and not out.errors
+    # a long record of ordinary terms is still evaluated
+    ok = "v=spf1 " + " ".join(f"ip4:198.51.100.{i}" for i in range(200)) + " ip4:192.0.2.1 -all"
+    assert len(ok) > MAX_TERM
+    zones = {"e.example": {"TXT": [ok]}}
+    with Harness({"spf": {}}, plugins={"spf": SPFPlugin}, zones=zones) as h:
+        out = h.send(b"From: a@e.example\r\n\r\nx\r\n", sender="a@e.example", client_ip="192.0.2.1")
+    assert mfrom(out).result == "pass"
