@@ -386,3 +386,17 @@ def test_a_record_with_a_term_no_domain_needs_is_a_quick_permerror() -> None:
     with Harness({"spf": {}}, plugins={"spf": SPFPlugin}, zones=zones) as h:
         out = h.send(b"From: a@e.example\r\n\r\nx\r\n", sender="a@e.example", client_ip="192.0.2.1")
     assert mfrom(out).result == "pass"
+
+
+def test_a_non_ascii_helo_is_recorded_as_a_labels_and_the_header_parses_back() -> None:
+    # smtp.helo="müller.example" made Authentication-Results unparseable (RFC 8601
+    # values are ASCII): the authres library refused it, and ARC left the message unsealed.
+    import authres
+    from milterd_plugins.authres import AuthenticationResults
+
+    plugins = {"spf": SPFPlugin, "authres": AuthenticationResults}
+    with Harness({"spf": {}, "authres": {}}, plugins=plugins, zones=ZONES) as h:
+        out = h.send(MSG, sender="a@example.org", client_ip="192.0.2.1", helo="müller.example")
+    field = out.header("Authentication-Results")
+    assert field is not None and "smtp.helo=xn--mller-kva.example" in field
+    authres.AuthenticationResultsHeader.parse("Authentication-Results: " + field)
