@@ -153,14 +153,14 @@ def getaddresses(values: Iterable[str]) -> list[tuple[str, str]] | None:
 
 
 def a_label(domain: str) -> str | None:
-    """``domain`` in its ASCII form (A-labels, lower case, no final dot) as DNS and the
+    """``domain`` in its ASCII form (A-labels, lower case) as DNS and the
     policies published there know it: IDNA2008 with the UTS 46 mapping, not Python's
     ``"idna"`` codec (IDNA2003), which maps ``straße.de`` to ``strasse.de`` (another
     domain, whose policy would be the one applied) and drops joiners. None when it is no
     valid name that way."""
     import idna
 
-    name = domain.strip().rstrip(".")
+    name = domain.strip()  # trailing dots are the caller's business, as before
     if name.isascii():
         return name.lower()
     try:

@@ -2,13 +2,16 @@
 
 A DKIM domain or selector is a DNS name (RFC 6376 3.1, 3.5), sent to DNS in A-labels
 (RFC 8616 section 4: a U-label ``d=`` is looked up as its A-label form). IDNA conversion
-is Python's built-in ``idna`` codec (IDNA 2003 with nameprep: what dnspython uses without
-the ``idna`` package, so our lookups and the resolver agree).
+is IDNA2008 with the UTS 46 mapping (:func:`milterd_plugins.addresses.a_label`, the
+``idna`` package, which dnspython uses too when it is installed), as for DMARC's From
+domain: both sides of an alignment convert alike.
 """
 
 from __future__ import annotations
 
 import re
+
+from ..addresses import a_label
 
 __all__ = ["MAX_NAME", "dns_name", "host_name", "key_name", "to_ascii"]
 
@@ -25,10 +28,13 @@ def to_ascii(name: str) -> str | None:
     if name.endswith("."):
         name = name[:-1]
     if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
+        # IDNA2008 (UTS 46), as DMARC's alignment does (RFC 8616: keys of a U-label d=
+        # are looked up at its A-labels): Python's IDNA2003 codec read d=straße.de as
+        # strasse.de, so a strasse.de key passed for a From at xn--strae-oqa.de.
+        ascii_name = a_label(name)
+        if ascii_name is None:
             return None
+        name = ascii_name
     return name.lower()
 
 

@@ -127,8 +127,8 @@ class DMARCConfig(PluginConfig):
         # Compared with the From domain in its ASCII (A-label) form: so must these be.
         out = []
         for d in v:
-            name = a_label(d)
-            if name is None:
+            name = a_label(d.strip().rstrip("."))
+            if name is None or not _DOMAIN.fullmatch(name):
                 raise ValueError(f"not a domain name: {d!r}")
             out.append(name)
         return out
@@ -227,7 +227,7 @@ def org_domain(psl: PublicSuffixList, domain: str) -> str:
 
 def aligned(psl: PublicSuffixList, a: str, b: str, mode: str) -> bool:
     # Both in A-labels: an SPF or DKIM domain may come as U-labels (SMTPUTF8 mail).
-    a, b = a_label(a) or "", a_label(b) or ""
+    a, b = a_label(a.rstrip(".")) or "", a_label(b.rstrip(".")) or ""
     if not a or not b:
         return False
     if mode == "s":
@@ -281,6 +281,14 @@ def xml_text(value: str) -> str:
 
 #: The longest rua kept in a history row (see _remember).
 MAX_RUA_STORED = 2048
+
+
+def _kept_rua(rua: str) -> str:
+    """``rua`` cut to MAX_RUA_STORED characters at a comma: never inside a URI, where
+    ``mailto:dmarc@example.com`` could become another address, ``dmarc@example.co``."""
+    if len(rua) <= MAX_RUA_STORED:
+        return rua
+    return rua[: MAX_RUA_STORED + 1].rpartition(",")[0]
 
 
 def _author_domain(raw: str) -> str:
@@ -850,7 +858,7 @@ class DMARCPlugin:
                     "fo": rec.fo,
                     # enough for the destinations reports go to (at most five): a 64 KB
                     # rua in every row made a row 220 times the size the docs give
-                    "rua": rec.rua[:MAX_RUA_STORED],
+                    "rua": _kept_rua(rec.rua),
                     "dkim": json.dumps(dkim),
                     "spf": json.dumps(spf + helo),
                 },

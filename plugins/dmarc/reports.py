@@ -141,7 +141,7 @@ def parse_rua(rua: str) -> list[Destination]:
         local, at, domain = addr.rpartition("@")
         if not at or not _LOCAL.fullmatch(local) or len(local) > 64:
             continue
-        ascii_domain = a_label(domain)
+        ascii_domain = a_label(domain.rstrip("."))
         if ascii_domain is None:
             continue
         domain = ascii_domain

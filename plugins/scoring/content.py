@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..addresses import a_label
+
 __all__ = ["Attachment", "Content", "extract", "html_to_text", "url_hosts"]
 
 # Every pattern here runs on untrusted text before the scan budget starts and holds the GIL,
@@ -188,11 +190,11 @@ def _host(raw: str) -> str | None:
         host = host[: end.start()] if end else host
         host = host.split(":", 1)[0]
     host = host.strip(".").lower()
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
+    if not host.isascii():  # IDNA2008, as the lists publish them (not strasse.de)
+        ascii_host = a_label(host)
+        if ascii_host is None:
             return None
+        host = ascii_host
     if not host or not _HOST_OK.match(host):
         return None
     return host

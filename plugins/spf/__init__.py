@@ -366,12 +366,12 @@ def _lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20) -> l
         # pyspf expands a domain-spec in time quadratic in its labels (a 60 KB
         # "exists:%{d}.a.a..." took 35 s of CPU for every message): a term no domain
         # name can need (a name has at most 253 octets) makes the record a permerror.
-        if (
-            qtype in ("TXT", "SPF")
-            and t[:6].lower() == "v=spf1"
-            and any(len(term) > MAX_TERM for term in t.split())
-        ):
-            raise spf.PermError(f"SPF record of {name} has a term over {MAX_TERM} bytes")
+        # (Split on spaces alone, as pyspf does: a tab is no separator to it.) Another TXT
+        # string that long is dropped: an exp= explanation is expanded the same way.
+        if qtype in ("TXT", "SPF") and any(len(term) > MAX_TERM for term in t.split(" ")):
+            if t[:6].lower() == "v=spf1":
+                raise spf.PermError(f"SPF record of {name} has a term over {MAX_TERM} bytes")
+            continue
         if qtype in ("TXT", "SPF"):
             out.append((key, (t.encode("utf-8", "surrogateescape"),)))
         elif qtype == "MX":
@@ -565,12 +565,19 @@ class SPFPlugin:
         try:
             with _Using(ctx.resolver, deadline):
                 helo = _strip_dot(helo)
-                helo = a_label(helo) or helo  # (HELO names too, RFC 7208 4.3)
+                helo_ascii = a_label(helo)  # (HELO names too, RFC 7208 4.3)
+                if not sender and helo_ascii is None:
+                    return "none", ""  # RFC 7208 4.3: no valid domain, no lookup
+                helo = helo_ascii or helo
                 q = spf.query(i=ip, s=sender, h=helo, timeout=querytime, querytime=querytime)
                 if sender:  # pyspf's own split is wrong for these (see split_sender)
                     local, domain = split_sender(sender)
-                    # RFC 7208 4.3: internationalized domains are looked up as A-labels
-                    domain = a_label(domain) or domain
+                    # RFC 7208 4.3: internationalized domains are looked up as A-labels;
+                    # one IDNA2008 refuses is no valid domain: none, without a lookup
+                    ascii_domain = a_label(domain)
+                    if ascii_domain is None:
+                        return "none", ""
+                    domain = ascii_domain
                     q.l, q.o, q.d = local or "postmaster", domain, domain
                     # RFC 7208 4.3: an empty local part is "postmaster", and %{s} (7.3)
                     # is that <sender>: not "@example.org" or the bare domain.

@@ -1537,3 +1537,13 @@ def test_a_key_path_the_system_refuses_is_a_key_file_error(tmp_path: Path, name:
     (tmp_path / "loop").symlink_to("loop")
     with pytest.raises(KeyFileError, match=str(tmp_path)):
         load_key(f"{tmp_path}/{name}")  # (a Path would drop the final "/")
+
+
+def test_a_u_label_d_is_looked_up_by_idna2008_not_idna2003() -> None:
+    from milterd_plugins.dkim.names import key_name
+
+    # Python's IDNA2003 codec read d=straße.de as strasse.de: a key published there (by
+    # whoever owns strasse.de) passed for a From at straße.de, xn--strae-oqa.de, whose
+    # p=reject DMARC then aligned with it (a review).
+    assert key_name("s", "straße.de") == "s._domainkey.xn--strae-oqa.de"
+    assert key_name("s", "a\u200db.example") is None

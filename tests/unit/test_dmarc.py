@@ -572,3 +572,20 @@ def test_a_client_without_an_address_leaves_no_history_row(tmp_path: Path) -> No
         h.send(msg, client_ip="192.0.2.1")
     rows = sqlite3.connect(db).execute("SELECT source_ip FROM messages").fetchall()
     assert rows == [("192.0.2.1",)]
+
+
+def test_a_long_rua_is_cut_at_a_comma_in_the_history() -> None:
+    from milterd_plugins.dmarc import MAX_RUA_STORED, _kept_rua
+
+    head = "mailto:a@example.com," * (MAX_RUA_STORED // 21)
+    rua = head[: MAX_RUA_STORED - 10] + ",mailto:dmarc@example.com"
+    kept = _kept_rua(rua)
+    assert len(kept) <= MAX_RUA_STORED and not kept.endswith("example.co")
+    assert all(u.endswith("example.com") or not u for u in kept.split(","))
+
+
+def test_config_domains_with_an_empty_label_are_refused() -> None:
+    from milterd_plugins.dmarc import DMARCConfig
+
+    with pytest.raises(ValueError, match="not a domain name"):
+        DMARCConfig.model_validate({"never_reject": ["a..b"]})

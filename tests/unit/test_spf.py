@@ -400,3 +400,40 @@ def test_a_non_ascii_helo_is_recorded_as_a_labels_and_the_header_parses_back() -
     field = out.header("Authentication-Results")
     assert field is not None and "smtp.helo=xn--mller-kva.example" in field
     authres.AuthenticationResultsHeader.parse("Authentication-Results: " + field)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        # a tab is no separator to pyspf: the term is the whole 60 KB
+        "v=spf1 exists:%{d}" + "".join(".a" * 400 + "\t" for _ in range(40)) + " -all",
+        # the explanation is expanded as a record's terms are
+        "v=spf1 -all exp=exp.e.example",
+    ],
+)
+def test_the_term_limit_has_no_way_around(record: str) -> None:
+    import time
+
+    zones = {
+        "e.example": {"TXT": [record]},
+        "exp.e.example": {"TXT": ["%{d}" + ".a" * 30_000]},
+    }
+    t0 = time.monotonic()
+    with Harness({"spf": {}}, plugins={"spf": SPFPlugin}, zones=zones) as h:
+        out = h.send(b"From: a@e.example\r\n\r\nx\r\n", sender="a@e.example")
+    assert time.monotonic() - t0 < 2.0 and not out.errors
+    assert mfrom(out).result in ("permerror", "fail")
+
+
+def test_a_name_idna2008_refuses_is_none_without_a_lookup() -> None:
+    # It went to DNS as it was, where the daemon's resolver gives a temperror (deferred
+    # under TempError_Defer); RFC 7208 4.3: a malformed domain is none.
+    out = send({}, sender="a@☃.example")
+    assert mfrom(out).result == "none" and not out.errors
+
+
+def test_two_trailing_dots_are_still_no_valid_domain() -> None:
+    # a_label dropped every trailing dot: example.org.. was checked as example.org and
+    # passed (a review); before and now, one dot only is dropped.
+    out = send({}, sender="a@example.org..", client_ip="192.0.2.1")
+    assert mfrom(out).result != "pass"
