@@ -158,11 +158,11 @@ def a_label(domain: str) -> str | None:
     ``"idna"`` codec (IDNA2003), which maps ``straße.de`` to ``strasse.de`` (another
     domain, whose policy would be the one applied) and drops joiners. None when it is no
     valid name that way."""
+    name = domain.strip()  # trailing dots are the caller's business, as before
+    if name.isascii():  # the common case: no conversion (and no import)
+        return name.lower()
     import idna
 
-    name = domain.strip()  # trailing dots are the caller's business, as before
-    if name.isascii():
-        return name.lower()
     try:
         return idna.encode(name, uts46=True, transitional=False).decode("ascii").lower()
     except (idna.IDNAError, UnicodeError, ValueError):
