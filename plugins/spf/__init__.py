@@ -601,7 +601,9 @@ class SPFPlugin:
         if _in(addr, self.whitelist):
             return "Whitelist"
         budget = conf.Whitelist_Lookup_Time
-        if conf.HELO_Whitelist and helo.lower() in {h.lower() for h in conf.HELO_Whitelist}:
+        if conf.HELO_Whitelist and (a_label(helo) or helo.lower()) in {
+            a_label(h) or h.lower() for h in conf.HELO_Whitelist
+        }:
             rdtype = "AAAA" if addr.version == 6 else "A"
             try:
                 found = ctx.resolver.lookup(helo, rdtype, timeout=self._timeout(ctx, budget))
@@ -645,7 +647,11 @@ class SPFPlugin:
     ) -> Verdict | None:
         conf = self.conf
         assert conf is not None
-        local = any(spf.domainmatch([d], domain) for d in conf.Reject_Not_Pass_Domains)
+        # in A-labels on both sides: a U-label sender is the same domain as its A-labels
+        ascii_domain = a_label(domain) or domain
+        local = any(
+            spf.domainmatch([a_label(d) or d], ascii_domain) for d in conf.Reject_Not_Pass_Domains
+        )
         action = self.tables[(scope, local)].get(result, "prepend")
         if action == "reject" and conf.No_Mail and not self._no_mail_record(ctx, domain):
             action = "prepend"
@@ -742,10 +748,15 @@ class SPFPlugin:
             result, exp = mfrom or helo_res  # type: ignore[misc]
             ident = "mailfrom" if mfrom else "helo"
             receiver = "" if conf.Hide_Receiver else f" receiver={conn.macros.get('j', '')};"
+            # Domains in A-labels, as in Authentication-Results (_value keeps ASCII only)
+            local_part, at, sender_domain = sender.rpartition("@")
+            envelope_from = (
+                f"{local_part}@{a_label(sender_domain) or sender_domain}" if at else sender
+            )
             value = (
                 f"{result} ({_comment(exp) or 'SPF ' + result}) client-ip={_value(ip)};"
-                f" envelope-from={_value(sender)}; helo={_value(helo)};{receiver}"
-                f" identity={ident}"
+                f" envelope-from={_value(envelope_from)}; helo={_value(a_label(helo) or helo)};"
+                f"{receiver} identity={ident}"
             )
             ctx.add_change(AddHeader("Received-SPF", value))
 

@@ -437,3 +437,25 @@ def test_two_trailing_dots_are_still_no_valid_domain() -> None:
     # passed (a review); before and now, one dot only is dropped.
     out = send({}, sender="a@example.org..", client_ip="192.0.2.1")
     assert mfrom(out).result != "pass"
+
+
+def test_a_u_label_sender_is_its_a_label_domain_everywhere() -> None:
+    # Reject_Not_Pass_Domains listed in A-labels did not match a U-label sender, and
+    # Received-SPF showed the domain with its non-ASCII letters blanked (a review).
+    zones = {"xn--bcher-kva.example": {"TXT": ["v=spf1 ?all"]}}
+    cfg = {
+        "skip_addresses": [],
+        "HELO_reject": "No_Check",
+        "Mail_From_reject": "False",
+        "Reject_Not_Pass_Domains": "xn--bcher-kva.example",
+        "Header_Type": "SPF,AR",
+    }
+    with Harness({"spf": cfg}, plugins={"spf": SPFPlugin}, zones=zones) as h:
+        out = h.send(MSG, sender="j@bücher.example", client_ip="192.0.2.2")
+    assert out.verdict == "reject" and isinstance(out.early, Reject)
+    assert "Receiver policy for SPF Neutral" in out.early.text
+    with Harness({"spf": {**cfg, "Reject_Not_Pass_Domains": ""}}, plugins={"spf": SPFPlugin},
+                 zones=zones) as h:  # fmt: skip
+        out = h.send(MSG, sender="j@bücher.example", client_ip="192.0.2.2")
+    field = out.header("Received-SPF")
+    assert field is not None and 'envelope-from="j@xn--bcher-kva.example"' in field
