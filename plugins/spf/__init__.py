@@ -339,6 +339,8 @@ def policy_table(
 
 #: The longest term (mechanism or modifier) of an SPF record evaluated; see _lookup.
 MAX_TERM = 1024
+#: What pyspf takes for an SPF record (RFC 7208 4.5).
+_SPF_RECORD = re.compile(r"v=spf1(?: |$)", re.I)
 
 _dns = threading.local()
 _original_lookup = spf.DNSLookup
@@ -362,16 +364,18 @@ def _lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20) -> l
         return []
     key = (name, qtype)
     out: list[Any] = []
-    for t in texts:
+    for text in texts:
+        t = text
         # pyspf expands a domain-spec in time quadratic in its labels (a 60 KB
         # "exists:%{d}.a.a..." took 35 s of CPU for every message): a term no domain
         # name can need (a name has at most 253 octets) makes the record a permerror.
         # (Split on spaces alone, as pyspf does: a tab is no separator to it.) Another TXT
-        # string that long is dropped: an exp= explanation is expanded the same way.
+        # string that long becomes an empty one: an exp= explanation is expanded the same
+        # way, and the number of strings must stay (two explanations are none, 6.2).
         if qtype in ("TXT", "SPF") and any(len(term) > MAX_TERM for term in t.split(" ")):
-            if t[:6].lower() == "v=spf1":
+            if _SPF_RECORD.match(t):
                 raise spf.PermError(f"SPF record of {name} has a term over {MAX_TERM} bytes")
-            continue
+            t = ""
         if qtype in ("TXT", "SPF"):
             out.append((key, (t.encode("utf-8", "surrogateescape"),)))
         elif qtype == "MX":

@@ -589,3 +589,10 @@ def test_config_domains_with_an_empty_label_are_refused() -> None:
 
     with pytest.raises(ValueError, match="not a domain name"):
         DMARCConfig.model_validate({"never_reject": ["a..b"]})
+
+
+def test_config_domains_that_loaded_before_still_load() -> None:
+    from milterd_plugins.dmarc import DMARCConfig
+
+    conf = DMARCConfig.model_validate({"never_reject": ["localhost", "corp", "Bücher.example"]})
+    assert conf.never_reject == ["localhost", "corp", "xn--bcher-kva.example"]

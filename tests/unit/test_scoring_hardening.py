@@ -503,3 +503,14 @@ def test_a_punycode_body_is_read_as_utf8_in_linear_time() -> None:
     t0 = time.monotonic()
     extract(raw, 2 << 20)
     assert time.monotonic() - t0 < 1.0
+
+
+def test_link_hosts_idna2008_refuses_are_still_looked_up_as_browsers_reach_them() -> None:
+    # A browser opens http://i❤.ws/ (UTS 46, no IDNA2008 code point check); dropping such
+    # hosts let a link evade the URI lists (a review); straße.de stays IDNA2008's.
+    from milterd_plugins.scoring.content import url_hosts
+
+    text = "http://i❤.ws/ http://☃.net/ http://straße.de/ http://a_b.bücher.example/"
+    assert url_hosts(text, []) == [
+        "xn--i-7iq.ws", "xn--n3h.net", "xn--strae-oqa.de", "a_b.xn--bcher-kva.example"
+    ]  # fmt: skip

@@ -459,3 +459,25 @@ def test_a_u_label_sender_is_its_a_label_domain_everywhere() -> None:
         out = h.send(MSG, sender="j@bücher.example", client_ip="192.0.2.2")
     field = out.header("Received-SPF")
     assert field is not None and 'envelope-from="j@xn--bcher-kva.example"' in field
+
+
+def test_a_long_second_explanation_still_makes_two() -> None:
+    # RFC 7208 6.2: more than one explanation record, no explanation. The long one was
+    # dropped, so the other was used (a review).
+    zones = {
+        "e.example": {"TXT": ["v=spf1 -all exp=exp.e.example"]},
+        "exp.e.example": {"TXT": ["Custom explanation for %{d}", "x" * 1100]},
+    }
+    with Harness({"spf": {}}, plugins={"spf": SPFPlugin}, zones=zones) as h:
+        out = h.send(MSG, sender="a@e.example", client_ip="192.0.2.9")
+    assert out.verdict == "reject" and isinstance(out.early, Reject)
+    assert "Custom explanation" not in out.early.text
+
+
+def test_only_what_pyspf_takes_for_spf_is_an_spf_record() -> None:
+    # "v=spf1-token=..." is no SPF record to pyspf: a long one made the real record's
+    # result a permerror (a review).
+    zones = {"e.example": {"TXT": ["v=spf1 ip4:192.0.2.9 -all", "v=spf1-token=" + "x" * 1100]}}
+    with Harness({"spf": {}}, plugins={"spf": SPFPlugin}, zones=zones) as h:
+        out = h.send(MSG, sender="a@e.example", client_ip="192.0.2.9")
+    assert mfrom(out).result == "pass"
