@@ -32,7 +32,7 @@ from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizatio
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from .keys import canonicalize_body, hash_signed_headers
-from .names import key_name
+from .names import key_name, to_ascii
 
 __all__ = [
     "DNSError",
@@ -182,8 +182,10 @@ def verify_message(
         dom = _text(tags.get(b"d")).lower()
         ident = _text(tags.get(b"i")) or (f"@{dom}" if dom else "")
         base: dict[str, Any] = {
-            "d": dom,
-            "i": ident,
+            # reported in A-labels, as SPF's domains: DMARC aligns with them, and an
+            # Authentication-Results value parses back only in ASCII
+            "d": to_ascii(dom) or dom,
+            "i": _ascii_domain_part(ident),
             "s": _text(tags.get(b"s")),
             "a": _text(tags.get(b"a")).lower(),
             "b": _text(_ws(tags.get(b"b", b""))),
@@ -348,3 +350,9 @@ def _quiet_logger() -> logging.Logger:
 
 
 _QUIET = _quiet_logger()
+
+
+def _ascii_domain_part(identity: str) -> str:
+    """An ``i=`` as reported: its domain in A-labels (as ``header.d``)."""
+    local, at, domain = identity.rpartition("@")
+    return f"{local}@{to_ascii(domain) or domain}" if at else identity

@@ -1547,3 +1547,25 @@ def test_a_u_label_d_is_looked_up_by_idna2008_not_idna2003() -> None:
     # p=reject DMARC then aligned with it (a review).
     assert key_name("s", "straße.de") == "s._domainkey.xn--strae-oqa.de"
     assert key_name("s", "a\u200db.example") is None
+
+
+def test_a_u_label_d_is_reported_in_a_labels(keys: dict[str, Any]) -> None:
+    # header.d="bücher.example" made Authentication-Results unparseable (RFC 8601
+    # values are ASCII), so ARC did not seal; the key is looked up at the A-labels.
+    import authres
+    from milterd_plugins.authres import AuthenticationResults
+
+    pem = Path(keys["rsa"][0]).read_bytes()
+    sig = dkim.sign(MSG, b"r2026", "bücher.example".encode(), pem,
+                    include_headers=[b"from", b"to", b"subject", b"date"])  # fmt: skip
+    data = sig + MSG
+    assert "d=bücher.example" in data.decode()
+    z = {"r2026._domainkey.xn--bcher-kva.example": {"TXT": [keys["rsa"][1]]}}
+    plugins = {"dkim": DKIMPlugin, "authres": AuthenticationResults}
+    with Harness({"dkim": {}, "authres": {}}, plugins=plugins, zones=z) as h:
+        out = h.send(data, client_ip=UNTRUSTED)
+    (r,) = [r for r in out.results if r.method == "dkim"]
+    assert r.result == "pass" and r.prop("header.d") == "xn--bcher-kva.example"
+    field = out.header("Authentication-Results")
+    assert field is not None
+    authres.AuthenticationResultsHeader.parse("Authentication-Results: " + field)
