@@ -20,7 +20,7 @@ from typing import Any
 import regex  # type: ignore[import-untyped]
 
 from .config import RuleConfig
-from .content import Attachment
+from .content import MAX_DECODE, Attachment
 
 __all__ = [
     "GTUBE",
@@ -154,13 +154,9 @@ def required_literal(pattern: str, ignorecase: bool) -> tuple[str, bool] | None:
     return (fold(best) if ignorecase else best), ignorecase
 
 
-#: At most this much of a field is RFC 2047-decoded (``email.header.decode_header`` is
-#: quadratic in the encoded words: an 800 KB Subject of them took 12 s, past the plugin's
-#: timeout); the rest of a longer field is matched as it stands.
-MAX_DECODE = 8192
-
-
 def _decode_header(value: str) -> str:
+    """``value`` with RFC 2047 encoded words decoded, in its first MAX_DECODE characters
+    (the decoder is quadratic in them); the rest of a longer field as it stands."""
     if "=?" not in value:
         return value
     head, rest = value[:MAX_DECODE], value[MAX_DECODE:]
