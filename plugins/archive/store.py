@@ -222,8 +222,9 @@ class _Pending:
         self.row = row
         self.day = day
         self.error: BaseException | None = None
-        # "queued" -> "lead" (commit the queue now) or "done" (committed, or error set);
-        # or "withdrawn" (gave up waiting). Changed only under _GroupCommit.lock, and the
+        # "queued" -> "lead" (commit the queue now), or "taken" (in a batch another
+        # writer commits) -> "done" (committed, or error set); or "withdrawn" (gave up
+        # waiting while still queued). Changed only under _GroupCommit.lock, and the
         # signal is released under it too.
         self.state = "queued"
         # A plain lock as a one-shot signal: cheaper than an Event, and only this writer
@@ -251,7 +252,9 @@ class _GroupCommit:
     def submit(self, row: tuple[Any, ...], day: str, timeout: float = 60.0) -> None:
         """Commit one row; return when it is durable. Raises its error, or StoreError when
         the row was still queued after ``timeout`` seconds (then withdrawn, never
-        committed)."""
+        committed). A row whose batch is already being committed when the timeout ends
+        cannot be withdrawn (it may be in the index a moment later): its writer waits for
+        the commit's outcome, as the leader itself does."""
         p = _Pending(row, day)
         with self.lock:
             if self.busy:
@@ -265,6 +268,9 @@ class _GroupCommit:
                     self.queue.remove(p)
                     p.state = "withdrawn"
                     raise StoreError(f"index commit not done within {timeout:g}s")
+                taken = p.state == "taken"
+            if taken:  # its batch is being committed: the outcome decides
+                p.signal.acquire()
             # Otherwise it was made leader or done just now (under the lock): go on.
         if p.state == "done":
             if p.error is not None:
@@ -273,6 +279,8 @@ class _GroupCommit:
         with self.lock:  # the leader: everything queued so far joins this batch
             batch = [p, *(q for q in self.queue if q is not p)]
             self.queue = []
+            for q in batch[1:]:
+                q.state = "taken"
         try:
             errors = self._commit(batch)
         except BaseException as e:  # not an ordinary failure (KeyboardInterrupt...)

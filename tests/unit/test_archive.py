@@ -686,6 +686,64 @@ def test_group_commit_queued_writer_gives_up_and_leaves_nothing(
     fs.close()
 
 
+def test_group_commit_writer_whose_batch_is_committing_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A follower whose batch another writer has taken and is committing cannot withdraw
+    # any more: its row may go in. It waits for the outcome (here: committed) instead of
+    # failing (it raised ValueError, deleted its file, and the index kept the row).
+    fs = FileStore(tmp_path / "arch")
+    gates = [threading.Event(), threading.Event()]
+    calls: list[int] = []
+    real = fs._insert_rows
+
+    def stalled(rows: list[tuple[Any, ...]]) -> None:
+        calls.append(len(rows))
+        if len(calls) <= 2:
+            gates[len(calls) - 1].wait(10)
+        real(rows)
+
+    monkeypatch.setattr(fs, "_insert_rows", stalled)
+    leader = _lead(fs, b"lead\r\n")
+    committer = fs._committer
+    assert committer is not None
+    real_submit = committer.submit
+
+    def submit(row: tuple[Any, ...], day: str) -> None:  # the second follower: 0.2 s
+        real_submit(row, day, 0.2 if threading.current_thread().name == "f2" else 60.0)
+
+    monkeypatch.setattr(committer, "submit", submit)
+    out: dict[str, object] = {}
+
+    def follower(name: str) -> None:
+        try:
+            out[name] = fs.store(_rec(), {"delivered": [name.encode() + b"\r\n"]})
+        except Exception as e:
+            out[name] = e
+
+    f1 = threading.Thread(target=follower, args=("f1",), name="f1")
+    f1.start()
+    while len(committer.queue) < 1:
+        time.sleep(0.005)
+    f2 = threading.Thread(target=follower, args=("f2",), name="f2")
+    f2.start()
+    while len(committer.queue) < 2:
+        time.sleep(0.005)
+    gates[0].set()  # the leader's commit ends; f1 leads the batch [f1, f2], which stalls
+    while len(calls) < 2:
+        time.sleep(0.005)
+    time.sleep(0.4)  # past f2's timeout while its batch is being committed
+    gates[1].set()
+    for t in (leader, f1, f2):
+        t.join(10)
+    assert not isinstance(out["f2"], Exception), out
+    assert calls == [1, 2]
+    s = store(tmp_path)
+    assert sorted(s.read(r) for r in s.search(Query())) == [b"f1\r\n", b"f2\r\n", b"lead\r\n"]
+    assert s.verify() == [] and committer.queue == [] and not committer.busy
+    fs.close()
+
+
 def test_concurrent_sessions_through_the_pipeline(tmp_path: Path) -> None:
     with rig(tmp_path) as h:
         msgs = [MSG.replace(b"quarterly numbers", b"n%d" % i) for i in range(12)]
