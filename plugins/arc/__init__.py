@@ -53,6 +53,7 @@ __all__ = [
 MAX_INSTANCES = 50
 _INSTANCE = re.compile(rb"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 _ARC_NAMES = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
+_ARC_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,64}")  # RFC 5322 ftext
 _SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")  # as dkim's
 
 
@@ -78,6 +79,19 @@ class ARCConfig(PluginConfig):
         if v is not None and not _SELECTOR.fullmatch(v):
             raise ValueError(f"invalid selector {v!r}")
         return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: list[str]) -> list[str]:
+        out = [h.strip().lower() for h in v]
+        # dkimpy's ARC.sign folds h= itself, at most 72 columns a line: a longer name is
+        # broken in two, and the ARC-Message-Signature never verifies.
+        bad = [h for h in out if not _ARC_FIELD_NAME.fullmatch(h)]
+        if bad:
+            raise ValueError(
+                f"not a header field name of at most 64 characters: {', '.join(map(repr, bad))}"
+            )
+        return out
 
 
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")

@@ -122,6 +122,9 @@ _NEVER_SIGN = frozenset(
     ("return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature")
 )
 
+# RFC 5322 ftext: printable US-ASCII but the colon, at least one.
+_FIELD_NAME_TEXT = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+
 Action = Literal["accept", "tempfail", "reject", "quarantine"]
 RESULTS = ("pass", "fail", "neutral", "policy", "temperror", "permerror", "none")
 
@@ -228,6 +231,12 @@ class DKIMConfig(PluginConfig):
     @classmethod
     def _hdrs(cls, v: list[str]) -> list[str]:
         out = [h.strip().lower() for h in v]
+        invalid = [h for h in out if not _FIELD_NAME_TEXT.fullmatch(h)]
+        if invalid:  # it would go into h= as it is (a space, a colon, 8-bit: 451 for all)
+            raise ValueError(
+                f"not a header field name: {', '.join(map(repr, invalid))} (RFC 5322: "
+                "printable ASCII without spaces or colon)"
+            )
         bad = sorted(set(out) & _NEVER_SIGN)
         if bad:
             raise ValueError(f"these fields must not be signed: {', '.join(bad)}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from milterd import ConfigError, DNSTempError, NXDomain, load_config, make_resolver
 
 from .keys import KeyFileError, load_key, public_txt
+from .verify import check_key_record
 
 __all__ = ["add_commands", "dns_record", "import_opendkim", "keygen", "testkey"]
 
@@ -100,9 +103,12 @@ def keygen(args: argparse.Namespace) -> int:
     algorithm = "rsa-sha256" if args.type == "rsa" else "ed25519-sha256"
     print(f"; private key written to {path} (mode 0600)")
     print(dns_record(domain, selector, public_txt(key)))
-    print(f"; config: [plugins.dkim.keys.{selector}]")
-    print(f';   selector = "{selector}"\n;   file = "{path.resolve()}"')
-    print(f';   algorithm = "{algorithm}"\n;   domain = "{domain}"')
+    # TOML: a dotted name is a nested table and a path may hold '"' or '\\': quoted
+    # (a JSON string is a valid TOML basic string).
+    table = selector if re.fullmatch(r"[A-Za-z0-9_-]+", selector) else json.dumps(selector)
+    print(f"; config: [plugins.dkim.keys.{table}]")
+    print(f";   selector = {json.dumps(selector)}\n;   file = {json.dumps(str(path.resolve()))}")
+    print(f";   algorithm = {json.dumps(algorithm)}\n;   domain = {json.dumps(domain)}")
     return 0
 
 
@@ -161,12 +167,19 @@ def testkey(args: argparse.Namespace) -> int:
                 print(f"FAIL {kname}: {name}: lookup failed: {e}")
                 bad += 1
                 continue
-            found = [_pub(t) for t in recs]
-            if (want_k, want_p) in found:
-                print(f"OK   {kname}: {name} publishes the matching {key.algorithm} key")
-            else:
+            matching = [t for t in recs if _pub(t) == (want_k, want_p)]
+            if not matching:
                 print(f"FAIL {kname}: {name} publishes a different key")
                 bad += 1
+                continue
+            # The key must also be usable, as a verifier reads it (v= first, s= with
+            # email, h= with sha256): otherwise every signature with it fails.
+            why = [check_key_record(t.encode("utf-8", "surrogateescape"))[2] for t in matching]
+            if all(why):
+                print(f"FAIL {kname}: {name} publishes the matching key, unusable: {why[0]}")
+                bad += 1
+            else:
+                print(f"OK   {kname}: {name} publishes the matching {key.algorithm} key")
     return 1 if bad else 0
 
 

@@ -282,11 +282,13 @@ def fold_signature(
     domain still fits the 998-octet limit). Whenever dkimpy's own fold is valid (no
     value over ~70 characters outside ``b=``/``bh=``) the output is byte for byte
     dkimpy's, so signatures stay identical to dkimpy's (tested)."""
-    if all(len(v) <= _SHORT for k, v in fields if k not in _WHOLE_OK):
-        # The common case (domains, selectors shorter than a line): every run without a
-        # space fits in a line, so dkimpy's fold breaks nowhere it should not; and it is
-        # about 7 times faster than the general walk below (measured: 7 against 49 us),
-        # which a signature needs twice.
+    if all(len(v) <= _SHORT for k, v in fields if k not in _WHOLE_OK) and all(
+        len(name) <= _SHORT for k, v in fields if k == b"h" for name in v.split(b":")
+    ):
+        # The common case (domains, selectors and signed field names shorter than a
+        # line): every run without a space fits in a line, so dkimpy's fold breaks
+        # nowhere it should not; and it is about 7 times faster than the general walk
+        # below (measured: 7 against 49 us), which a signature needs twice.
         joined = b"; ".join(b"=".join(x) for x in fields) + end
         return bytes(dkim.fold(joined, namelen=namelen, linesep=linesep))
     text = bytearray()

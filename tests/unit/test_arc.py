@@ -414,3 +414,20 @@ def test_another_plugins_authentication_results_is_never_sealed_as_ours(
         out = h.send(MSG, client_ip=UNTRUSTED)
     assert out.header("ARC-Seal") is None
     assert "set [plugins.arc] authserv_id" in caplog.text
+
+
+@pytest.mark.parametrize("bad", ["x-" + "h" * 70, "x-\u00e9", "", "a b"])
+def test_sealed_field_names_must_be_short_field_names(key: dict[str, Any], bad: str) -> None:
+    """Found by a review: a 72-character name in ``headers`` was broken in two by dkimpy's
+    fold of h=, and no ARC-Message-Signature verified; other non-names were taken too."""
+    with pytest.raises(Exception, match="not a header field name"):
+        Harness(config(key, headers=["from", bad]), plugins={"arc": ARCPlugin})
+
+
+def test_a_64_character_field_name_is_sealed_whole(key: dict[str, Any]) -> None:
+    name = "x-" + "h" * 62
+    data = MSG.replace(b"Subject:", name.encode() + b": v\r\nSubject:", 1)
+    out = run(key, data, headers=["from", name, "subject"])
+    assert name in (out.header("ARC-Message-Signature") or "").replace("\r\n ", " ")
+    cv, _, reason = dkim.arc_verify(out.delivered, dnsfunc=dnsfunc(key))
+    assert cv == dkim.CV_Pass, reason

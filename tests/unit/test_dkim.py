@@ -1569,3 +1569,82 @@ def test_a_u_label_d_is_reported_in_a_labels(keys: dict[str, Any]) -> None:
     field = out.header("Authentication-Results")
     assert field is not None
     authres.AuthenticationResultsHeader.parse("Authentication-Results: " + field)
+
+
+def test_a_long_signed_field_name_is_never_broken_by_the_fold(keys: dict[str, Any]) -> None:
+    """Found by a review: the fast path handed a 72-character name in h= to dkimpy's fold,
+    which broke it in the middle: no verifier found that field, every signature failed."""
+    from milterd_plugins.dkim.keys import fold_signature
+
+    for n in (60, 72, 80, 200):
+        name = "x-" + "h" * (n - 2)
+        fields = [(b"v", b"1"), (b"h", b"from : " + name.encode() + b" : subject"),
+                  (b"bh", b"A" * 44), (b"b", b"B" * 344)]  # fmt: skip
+        folded = fold_signature(fields, 16)
+        assert name.encode() in folded.replace(b"\r\n ", b" ").split(b" "), (n, folded)
+        key = load_key(str(keys["rsa"][0]))
+        hb = f"From: a@example.com\r\n{name}: v\r\nSubject: s\r\n".encode()
+        value = fast_sign(parse_headers(hb), b"x\r\n", key, domain="example.com",
+                          selector="s", include_headers=["from", name, "subject"])  # fmt: skip
+        data = b"DKIM-Signature: " + value.encode() + b"\r\n" + hb + b"\r\nx\r\n"
+        rec = keys["rsa"][1].encode()
+        assert dkim.verify(data, dnsfunc=lambda _n, timeout=5, r=rec: r), (n, value)
+
+
+@pytest.mark.parametrize("bad", ["x-\u00e9", "", "x y", "a:b"])
+def test_signed_field_names_must_be_field_names(keys: dict[str, Any], bad: str) -> None:
+    """Found by a review: oversign = ["x-é"] loaded and then every message to be signed
+    failed at finalize (451); "" and "x y" went into h= as they were."""
+    for key in ("oversign", "headers"):
+        with pytest.raises(Exception, match="not a header field name"):
+            Harness(
+                sign_config(keys, [{"pattern": "*", "keys": ["rsa"]}], **{key: ["from", bad]}),
+                plugins={"dkim": DKIMPlugin},
+            )
+
+
+def test_keygen_snippet_loads_with_a_dotted_selector(tmp_path: Path) -> None:
+    """Found by a review: [plugins.dkim.keys.2026.01] is a nested TOML table; the snippet
+    keygen printed for a selector with a dot did not load."""
+    out_dir = tmp_path / 'k"ey\\s'
+    r = milterd("dkim", "keygen", "--domain", "example.com", "--selector", "2026.01",
+                "--type", "ed25519", "--out", str(out_dir))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    snippet = "\n".join(
+        x[2:] if x.startswith(";   ") else x[len("; config: "):]
+        for x in r.stdout.splitlines() if x.startswith(("; config: ", ";   "))
+    )  # fmt: skip
+    conf = tmp_path / "milterd.toml"
+    conf.write_text(
+        '[plugins.dkim]\nsigning = [{pattern = "example.com", keys = ["2026.01"]}]\n' + snippet
+    )
+    ok = milterd("config", "check", config=conf)
+    assert ok.returncode == 0, ok.stdout + ok.stderr + snippet
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=DKIM1; h=sha1; k=ed25519; p={p}",
+        "v=DKIM1; s=tlsrpt; k=ed25519; p={p}",
+        "k=ed25519; v=DKIM1; p={p}",
+    ],
+)
+def test_testkey_fails_a_matching_key_no_verifier_uses(tmp_path: Path, record: str) -> None:
+    """Found by a review: testkey compared only k= and p=, and said OK for records every
+    verifier (milterd's too) refuses."""
+    out_dir = tmp_path / "keys"
+    r = milterd("dkim", "keygen", "--domain", "example.com", "--selector", "s1",
+                "--type", "ed25519", "--out", str(out_dir))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (path,) = out_dir.iterdir()
+    p = dict(t.strip().split("=", 1) for t in load_key(str(path)).public_record().split(";"))["p"]
+    with ZoneServer({"s1._domainkey.example.com": {"TXT": [record.format(p=p)]}}) as dns_:
+        conf = tmp_path / "milterd.toml"
+        conf.write_text(
+            f'[dns]\nnameservers = ["127.0.0.1:{dns_.port}"]\ntimeout = 2\n\n'
+            f'[plugins.dkim]\nsigning = [{{pattern = "example.com", keys = ["a"]}}]\n'
+            f'[plugins.dkim.keys.a]\nselector = "s1"\nfile = "{path}"\n'
+        )
+        out = milterd("dkim", "testkey", config=conf)
+    assert out.returncode == 1 and "unusable" in out.stdout, out.stdout
