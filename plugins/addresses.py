@@ -27,7 +27,7 @@ import email.utils
 import re
 from collections.abc import Iterable, Iterator
 
-__all__ = ["MAX_FIELD", "a_label", "bare", "domains_named", "getaddresses"]
+__all__ = ["MAX_FIELD", "a_label", "bare", "browser_a_label", "domains_named", "getaddresses"]
 
 #: Longer address fields do not parse (a From is a few hundred characters at most).
 MAX_FIELD = 16384
@@ -167,3 +167,21 @@ def a_label(domain: str) -> str | None:
         return idna.encode(name, uts46=True, transitional=False).decode("ascii").lower()
     except (idna.IDNAError, UnicodeError, ValueError):
         return None
+
+
+def browser_a_label(host: str) -> str | None:
+    """A host IDNA2008 refuses but a browser opens (``i❤.ws``, ``☃.net``): the UTS 46
+    mapping, then Punycode label by label, as browsers do (the WHATWG URL standard skips
+    IDNA2008's code point check). None when even that fails. (The punycode codec is
+    quadratic in a label's length: callers bound what they pass.)"""
+    import idna
+
+    try:
+        mapped = idna.uts46_remap(host, std3_rules=False, transitional=False)
+        labels = [
+            label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+            for label in mapped.split(".")
+        ]
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+    return ".".join(labels).lower()

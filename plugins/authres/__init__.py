@@ -34,6 +34,8 @@ from milterd import (
     hookimpl,
 )
 
+from ..addresses import a_label, browser_a_label
+
 __all__ = [
     "AuthResConfig",
     "AuthenticationResults",
@@ -120,9 +122,29 @@ def _safe(value: str) -> str:
     return _UNSAFE.sub("?", value) if _UNSAFE.search(value) else value
 
 
+def _ascii(value: str) -> str:
+    """``value`` in ASCII. RFC 8601 with RFC 6532 allows UTF-8 in a value, but the parsers
+    that read our field do not: authres (and with it dkimpy's ARC sealing, which then
+    seals nothing) refuses any non-ASCII character, quoted or not. A domain, or an
+    address's domain, becomes A-labels (IDNA2008 with UTS 46; a name IDNA2008 refuses,
+    ``☃.example``, Punycode label by label as browsers do); a non-ASCII local part is left
+    out (``jöe@example.com`` -> ``@example.com``, the form RFC 6376 gives ``i=`` for the
+    domain alone); any other non-ASCII character becomes ``?``."""
+    if value.isascii():
+        return value
+    local, at, domain = value.rpartition("@")
+    if not at:
+        local, domain = "", value
+    if "." in domain and not any(c.isspace() for c in domain):
+        ascii_domain = a_label(domain) or browser_a_label(domain)
+        if ascii_domain is not None and ascii_domain.isascii():
+            return (local if local.isascii() else "") + at + ascii_domain
+    return re.sub(r"[^\x00-\x7f]", "?", value)
+
+
 # RFC 8601 pvalue: a token (RFC 2045) or an address (an optional local part, "@", a
-# domain; UTF-8 allowed, as RFC 6532 does and as authres wrote it) goes as it is; anything
-# else (empty, white space, specials) as a quoted-string.
+# domain) goes as it is; anything else (empty, white space, specials) as a quoted-string.
+# (Values are ASCII by then, see _ascii.)
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
 # The address form: a local part of RFC 5322 atext and dots, "@", a domain-name (RFC 6376:
 # labels of letters, digits, "-" and "_"); non-ASCII letters in either (RFC 6532). A value
@@ -152,7 +174,8 @@ class _PValue(_Value):
 
 def build_header(authserv_id: str, results: list[Result]) -> str:
     """The field body (without ``Authentication-Results:``) for these results. Control
-    characters and undecodable bytes in values and reasons become ``?`` (:func:`_safe`);
+    characters and undecodable bytes in values and reasons become ``?`` (:func:`_safe`),
+    values are made ASCII (:func:`_ascii`);
     values and reasons are quoted where RFC 8601 needs it (:class:`_PValue`, :class:`_Value`);
     properties with an empty value are left out."""
     entries = []
@@ -165,7 +188,7 @@ def build_header(authserv_id: str, results: list[Result]) -> str:
             prop = ar.AuthenticationResultProperty(ptype, name)
             # Set after: the constructor would rewrap it. Capped: a forged signature's d= or
             # s= can be any length, and a field line must stay under 998 octets.
-            prop.value = _PValue(_safe(v)[:MAX_VALUE])
+            prop.value = _PValue(_ascii(_safe(v)[:MAX_VALUE])[:MAX_VALUE])
             props.append(prop)
         entry = ar.AuthenticationResult(
             method=r.method, version=r.version, result=r.result, properties=props

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..addresses import a_label
+from ..addresses import a_label, browser_a_label
 
 __all__ = ["Attachment", "Content", "extract", "html_to_text", "url_hosts"]
 
@@ -191,7 +191,7 @@ def _host(raw: str) -> str | None:
         host = host.split(":", 1)[0]
     host = host.strip(".").lower()
     if not host.isascii():  # IDNA2008, as the lists publish them (not strasse.de)
-        ascii_host = a_label(host) or _browser_a_label(host)
+        ascii_host = a_label(host) or browser_a_label(host)
         if ascii_host is None:
             return None
         host = ascii_host
@@ -204,23 +204,6 @@ def _href_url(value: str) -> str:
     """An attribute value as a browser reads it: entities decoded (``h&#116;tp:``),
     tabs, newlines and other controls dropped (``ht\\ttp:``)."""
     return _CONTROL.sub("", html.unescape(value))
-
-
-def _browser_a_label(host: str) -> str | None:
-    """A host IDNA2008 refuses but a browser opens (``i❤.ws``, ``☃.net``): the UTS 46
-    mapping, then Punycode label by label, as browsers do (the WHATWG URL standard skips
-    IDNA2008's code point check), so the lists are asked about the name the link reaches."""
-    import idna
-
-    try:
-        mapped = idna.uts46_remap(host, std3_rules=False, transitional=False)
-        labels = [
-            label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
-            for label in mapped.split(".")
-        ]
-    except (idna.IDNAError, UnicodeError, ValueError):
-        return None
-    return ".".join(labels).lower()
 
 
 def url_hosts(text: str, extra: list[str] | None = None) -> list[str]:

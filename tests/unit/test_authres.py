@@ -267,3 +267,27 @@ def test_an_address_like_value_that_is_no_address_is_quoted() -> None:
     for bare in ("user@example.com", "@example.com", "a.b+c=d/e@sub.example.org",
                  "ü@bücher.example"):  # fmt: skip
         assert _PValue(bare).quote_if_needed() == bare
+
+
+@pytest.mark.parametrize(
+    ("value", "rendered"),
+    [
+        ("jöe@example.com", "@example.com"),  # a non-ASCII local part is left out
+        ("joe@bücher.example", "joe@xn--bcher-kva.example"),
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("\u2603.example", "xn--n3h.example"),  # IDNA2008 refuses it: Punycode, as browsers
+        ("jöe@\u2603.example", "@xn--n3h.example"),
+        ("rsä", '"rs?"'),  # no domain: the letter becomes "?"
+        ("a\u200db.example", "xn--ab-m1t.example"),
+    ],
+)
+def test_non_ascii_values_are_written_so_that_authres_parses_them(
+    value: str, rendered: str
+) -> None:
+    """Found by a review: authres (and with it dkimpy's ARC sealing) refuses any non-ASCII
+    character in the field; a signature's i=jöe@example.com or a HELO of ☃.example meant
+    no ARC seal for that message."""
+    result = Result("dkim", "pass", properties=(("header.i", value),))
+    text = build_header("mx.example", [result])
+    assert text == f"mx.example; dkim=pass header.i={rendered}"
+    authres.AuthenticationResultsHeader.parse("Authentication-Results: " + text)
