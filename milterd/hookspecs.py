@@ -233,8 +233,11 @@ def connect(ctx: Context, event: Connect) -> Verdict | None:
 
     When it fires: once per connection, first (xxfi_connect).
     Arguments: ``event.client`` (hostname, family, address, port), ``event.macros``.
-    Returns: None to continue; a Reject/TempFail refuses the whole session; Accept: this
-    plugin is not called at HELO (message stages still call it; ``close`` always does).
+    Returns: None to continue; a Reject/TempFail refuses the whole session; Discard
+    discards every message of the session (the MTAs take no DISCARD here: the core answers
+    it at each MAIL FROM, before any plugin's ``envfrom``; the plugins get ``abort``);
+    Accept: this plugin is not called at HELO (message stages still call it; ``close``
+    always does).
     Changes: may not be recorded (no message yet).
     Negotiation: unhooked by every plugin → requested with SMFIP_NR_CONN (no reply).
     Since: 0.1.
@@ -271,7 +274,10 @@ def envrcpt(ctx: Context, event: EnvRcpt) -> Verdict | None:
 
     Arguments: ``event.recipient``, ``event.params``, ``event.macros``.
     Returns: None, or a verdict for *this recipient only*: Reject answers 5xx to that RCPT
-    and the others go on; the recipient is not in ``ctx.message.recipients``.
+    and the others go on; the recipient is not in ``ctx.message.recipients``. Except
+    Discard, which discards the whole message (both MTAs do so; the plugins get
+    ``abort``), and Quarantine, which holds the whole message (only a message can be
+    held) unless that recipient is refused.
     Changes: may be recorded.
     Negotiation: unhooked → SMFIP_NR_RCPT. Since: 0.1.
     """

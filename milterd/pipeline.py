@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from milterd import events as ev
 from milterd import hookspecs
-from milterd.actions import Accept, Reject, Result, TempFail, Verdict
+from milterd.actions import Accept, Discard, Quarantine, Reject, Result, TempFail, Verdict
 from milterd.config import Config, ConfigError
 from milterd.context import (
     ConnectionInfo,
@@ -499,6 +499,11 @@ class Session:
         self.msg: _MessageState | None = None
         self.conn_state: dict[str, dict[str, Any]] = {p.name: {} for p in runtime.plugins}
         self.conn_accepted: set[str] = set()
+        # A Discard at CONNECT or HELO, (plugin, stage, verdict): the MTAs take DISCARD
+        # only for a message (Postfix ignores it there, with a warning), so every message
+        # of the session is discarded at its MAIL FROM instead.
+        self.conn_discard: tuple[str, str, Verdict] | None = None
+        self._decider = ""  # the plugin whose verdict _run returned last
         # Macros the MTA sent for the current transaction (MAIL to EOM): dropped from
         # ctx.connection.macros at the next MAIL, so that none of them (the queue id
         # above all) stands in for the next message's until the MTA sends that.
@@ -574,12 +579,15 @@ class Session:
             )
             if v is None:
                 continue
-            if m is not None and stage != "envrcpt":
+            # At RCPT a verdict concerns that recipient only, but for Discard (the MTAs
+            # discard the whole message) and Quarantine (only a message can be held).
+            if m is not None and (stage != "envrcpt" or isinstance(v, Discard | Quarantine)):
                 m.ledger.entries.append(Entry(p.name, stage, v))
             if isinstance(v, Accept) and stage != "envrcpt":  # at RCPT: this recipient only
                 accepted.add(p.name)
             if strongest is None or v.severity > strongest.severity:
                 strongest = v
+                self._decider = p.name
             if v.ends_stage and not all_plugins:
                 break
         return strongest
@@ -597,18 +605,29 @@ class Session:
         self.conn.client = client
         self.conn.macros.update(macros)
         self.conn.internal = trusted_network(client.address, self.rt.networks)
-        return self._for_mta(
+        return self._session_verdict(
             self._run(
                 "connect", {"event": ev.Connect(client, macros)}, self.rt.settings.command_timeout
-            )
+            ),
+            "connect",
         )
 
     def on_helo(self, name: str, macros: dict[str, str]) -> Verdict | None:
         self.conn.helo = name
         self.conn.macros.update(macros)
-        return self._for_mta(
-            self._run("helo", {"event": ev.Helo(name, macros)}, self.rt.settings.command_timeout)
+        return self._session_verdict(
+            self._run("helo", {"event": ev.Helo(name, macros)}, self.rt.settings.command_timeout),
+            "helo",
         )
+
+    def _session_verdict(self, v: Verdict | None, stage: str) -> Verdict | None:
+        """What the MTA gets at CONNECT or HELO. A Discard is kept for every message of
+        the session (see ``conn_discard``) and not sent."""
+        if isinstance(v, Discard):
+            if self.conn_discard is None:
+                self.conn_discard = (self._decider, stage, v)
+            return None
+        return self._for_mta(v)
 
     def on_envfrom(
         self, sender: str, params: dict[str, str | None], macros: dict[str, str]
@@ -630,6 +649,10 @@ class Session:
         self.msg = _MessageState(info)
         if self.rt.negotiation.needs_body or self.capture:
             self.msg.spool = Spool(self.rt.settings.spool_memory, self.rt.settings.spool_dir)
+        if self.conn_discard is not None:  # decided at CONNECT/HELO: no plugin sees it
+            who, stage, discard = self.conn_discard
+            self.msg.ledger.entries.append(Entry(who, stage, discard))
+            return self._early(discard, "envfrom")
         v = self._run(
             "envfrom",
             {"event": ev.EnvFrom(sender, params, macros)},
@@ -660,6 +683,9 @@ class Session:
             {"event": ev.EnvRcpt(recipient, params, macros)},
             self.rt.settings.command_timeout,
         )
+        if isinstance(v, Discard):  # SMFIS_DISCARD at RCPT: the MTAs drop the message
+            m.info.recipients.append(Recipient(recipient, params))
+            return self._early(v, "envrcpt")
         if v is not None and v.ends_stage:
             m.rcpt_verdicts.append(("", recipient, v))
             del m.ledger.entries[recorded:]  # what was recorded for a recipient refused
@@ -681,12 +707,17 @@ class Session:
         if m is None or m.over:
             return None
         info = m.info
-        info.header_bytes += len(name) + len(raw) + 3
         value = raw.decode("utf-8", "surrogateescape")
         if value[:1] == " ":
             value = value[1:]
         header = ev.Header(name, value, raw)
         info.headers.append(header)
+        if not self.rt.negotiation.needs_headers:
+            # The daemon never gets here (the MTA was told to skip the header fields);
+            # the harness feeds them anyway: kept for its `delivered` copy only, not
+            # counted against the limits (as on_body does with the body).
+            return None
+        info.header_bytes += len(name) + len(raw) + 3
         s = self.rt.settings
         if len(info.headers) > s.max_headers or info.header_bytes > s.max_header_bytes:
             which = "max_headers" if len(info.headers) > s.max_headers else "max_header_bytes"

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from milterd.actions import Result, Symbol, Verdict
+from milterd.actions import Discard, Result, Symbol, Verdict
 from milterd.config import Config, ConfigError, from_dict
 from milterd.context import Context, Ledger
 from milterd.dns import DNSTempError, NXDomain
@@ -422,7 +422,8 @@ class HarnessSession:
             "{client_name}": client_name or ("unknown" if client_ip else "localhost"),
             **(macros or {}),
         }
-        # A verdict at CONNECT or HELO answers every message of the session.
+        # A verdict at CONNECT or HELO answers every message of the session (a Discard
+        # there comes back at each MAIL FROM, from the core, as in the daemon).
         self.early: tuple[Verdict, str] | None = None
         self._early_decision = Decision(None)
         mark = len(self._verdicts)
@@ -547,6 +548,8 @@ class HarnessSession:
             mark = len(self._verdicts)
             rcpt_macros = self._macros("envrcpt", {**values, "{rcpt_addr}": _strip(rcpt)})
             v = session.on_envrcpt(_strip(rcpt), {}, rcpt_macros)
+            if isinstance(v, Discard):  # the whole message, as the MTAs do
+                return self._early(self._decision(v, mark), "envrcpt", refused)
             if v is not None:
                 refused[rcpt] = v
                 refused_by.append((self._decider(v, mark), v))

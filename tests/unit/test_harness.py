@@ -352,11 +352,26 @@ def test_an_early_verdict_from_a_failure_policy_names_the_failing_plugin() -> No
     assert out.verdict == "tempfail" and out.stage == "envfrom" and out.decided_by == "broken"
 
 
+class HeaderReader:
+    @hookimpl
+    def header(self) -> None:
+        return None
+
+
 def test_an_early_verdict_by_the_cores_limits_names_milterd() -> None:
     with Harness({"milterd": {"max_headers": 1}, "plugins": {}},
-                 plugins={"quiet": Refuser("none")}) as h:  # fmt: skip
+                 plugins={"quiet": Refuser("none"), "reader": HeaderReader()}) as h:  # fmt: skip
         out = h.send(MSG)
     assert out.verdict == "reject" and out.stage == "header" and out.decided_by == "milterd"
+
+
+def test_header_limits_apply_only_where_the_mta_sends_the_header() -> None:
+    """Found by a review: with no plugin reading header fields the daemon negotiates them
+    away and never counts them, but the harness rejected the message for max_headers."""
+    with Harness({"milterd": {"max_headers": 1, "max_header_bytes": 10}, "plugins": {}},
+                 plugins={"quiet": Refuser("none")}) as h:  # fmt: skip
+        out = h.send(MSG)
+    assert out.verdict == "continue" and out.delivered == MSG
 
 
 def test_eoh_macros_reach_the_connection_macros() -> None:
@@ -471,3 +486,122 @@ def test_split_message_is_linear_in_the_folds_of_a_field() -> None:
     assert time.monotonic() - t0 < 0.5
     assert [n for n, _ in fields] == ["Subject", "X-Long"] and body == b"body\r\n"
     assert fields[1][1] == b" " + b"a\r\n " * 150_000 + b"b"
+
+
+class DiscardAt:
+    """Discards at one stage (for recipient ``r2`` only at RCPT); records what it sees."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.seen: list[str] = []
+
+    def _at(self, stage: str) -> Verdict | None:
+        self.seen.append(stage)
+        from milterd import Discard
+
+        return Discard(reason=f"at {stage}") if stage == self.stage else None
+
+    @hookimpl
+    def connect(self) -> Verdict | None:
+        return self._at("connect")
+
+    @hookimpl
+    def helo(self) -> Verdict | None:
+        return self._at("helo")
+
+    @hookimpl
+    def envfrom(self) -> Verdict | None:
+        return self._at("envfrom")
+
+    @hookimpl
+    def envrcpt(self, event: EnvRcpt) -> Verdict | None:
+        return self._at("envrcpt") if event.recipient == "r2@example.com" else None
+
+    @hookimpl
+    def eom(self) -> Verdict | None:
+        return self._at("eom")
+
+    @hookimpl
+    def abort(self) -> None:
+        self.seen.append("abort")
+
+
+def test_discard_at_rcpt_discards_the_whole_message() -> None:
+    """Found by a review: the harness kept the message for the other recipients, while
+    both MTAs discard the whole message on SMFIS_DISCARD at RCPT."""
+    plugin = DiscardAt("envrcpt")
+    with Harness(plugins={"d": plugin}) as h:
+        out = h.send(MSG, recipients=["r1@example.com", "r2@example.com", "r3@example.com"])
+    assert out.verdict == "discard" and out.stage == "envrcpt" and out.delivered is None
+    assert out.decided_by == "d" and out.refused == {}
+    assert plugin.seen == ["connect", "helo", "envfrom", "envrcpt", "abort"]
+
+
+@pytest.mark.parametrize("stage", ["connect", "helo"])
+def test_discard_at_connect_or_helo_discards_every_message_at_mail(stage: str) -> None:
+    """Found by a review: Postfix ignores DISCARD at CONNECT and HELO (and delivered every
+    message of the session), while the harness discarded them. The core now keeps it and
+    answers DISCARD at each MAIL FROM, before any plugin sees the message."""
+    import socket
+
+    from milterd import bridge
+    from milterd.config import from_dict
+    from milterd.pipeline import Runtime
+
+    plugin = DiscardAt(stage)
+    with Harness(plugins={"d": plugin}) as h, h.session() as s:
+        first, second = s.send(MSG), s.send(MSG)
+    for out in (first, second):
+        assert out.verdict == "discard" and out.delivered is None and out.decided_by == "d"
+    assert plugin.seen[-2:] == ["abort", "abort"] and "envfrom" not in plugin.seen
+
+    # The bridge, as libmilter drives it: CONTINUE at CONNECT and HELO, DISCARD at MAIL.
+    class Ctx:
+        def __init__(self) -> None:
+            self.conn: object = None
+
+        def getpriv(self) -> object:
+            return self.conn
+
+        def setpriv(self, c: object) -> None:
+            self.conn = c
+
+        def getsymval(self, name: str) -> None:
+            return None
+
+        def setsymlist(self, *args: object) -> None:
+            return None
+
+        def progress(self) -> None:
+            return None
+
+    rt = Runtime(from_dict({"plugins": {"d": {}}}), {"d": DiscardAt(stage)})
+    rt.start()
+    old = bridge.set_runtime(rt)
+    try:
+        ctx = Ctx()
+        assert bridge._negotiate(ctx, [0x1FF, 0x1FFFFF, 0, 0]) == bridge.CONTINUE
+        assert bridge._connect(ctx, "c.example", socket.AF_INET, ("192.0.2.1", 1)) in (
+            bridge.CONTINUE, bridge.NOREPLY)  # fmt: skip
+        assert bridge._helo(ctx, "c.example") in (bridge.CONTINUE, bridge.NOREPLY)
+        for _ in range(2):
+            assert bridge._envfrom(ctx, b"<a@example.org>") == bridge.DISCARD
+        bridge._close(ctx)
+    finally:
+        if old is not None:
+            bridge.set_runtime(old)
+        rt.stop()
+
+
+def test_quarantine_at_rcpt_holds_the_message() -> None:
+    """Found by a review: a Quarantine returned at RCPT was dropped without a word; only a
+    message can be held, so it holds the message (unless that recipient is refused)."""
+
+    class Hold:
+        @hookimpl
+        def envrcpt(self) -> Verdict:
+            return Quarantine(reason="held")
+
+    with Harness(plugins={"hold": Hold()}) as h:
+        out = h.send(MSG)
+    assert out.verdict == "quarantine" and out.decided_by == "hold"
