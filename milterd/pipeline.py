@@ -61,6 +61,9 @@ CORE_MACROS: dict[str, tuple[str, ...]] = {
     "connect": ("j", "{daemon_name}", "{client_addr}"),
     "envfrom": ("i", "{auth_authen}", "{auth_type}"),
     "envrcpt": ("i",),
+    # Postfix makes the queue file (and the id) after the first accepted RCPT: with one
+    # recipient DATA is the first stage that can carry it.
+    "data": ("i",),
     "eom": ("i",),
 }
 
@@ -698,6 +701,8 @@ class Session:
             return None
         self.conn.macros.update(macros)
         self.txn_macros.update(macros)
+        if not self.msg.info.queue_id and macros.get("i"):
+            self.msg.info.queue_id = macros["i"]
         return self._early(
             self._run("data", {"event": ev.Data(macros)}, self.rt.settings.command_timeout), "data"
         )
@@ -733,6 +738,8 @@ class Session:
             return None
         self.conn.macros.update(macros)
         self.txn_macros.update(macros)
+        if not self.msg.info.queue_id and macros.get("i"):
+            self.msg.info.queue_id = macros["i"]
         return self._early(
             self._run("eoh", {"event": ev.Eoh(macros)}, self.rt.settings.command_timeout), "eoh"
         )

@@ -104,11 +104,13 @@ _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 
 
 def split_message(raw: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
-    """Split a message into header fields (name, raw value as an MTA sends it with
-    leading space kept) and the body with CRLF line ends, as an MTA does: a field name is
+    """Split a message into header fields (name, raw value as an MTA sends it: leading
+    space kept, the lines of a folded field joined by a bare LF, as Postfix and sendmail
+    send them) and the body with CRLF line ends, as an MTA does: a field name is
     printable ASCII without ":" (white space may precede the colon), and the first line
     that is neither a field nor a continuation ends the header block (it and what follows
-    are the body). Never raises."""
+    are the body). A body whose last line has no line end gets one (SMTP's DATA ends with
+    CRLF "." CRLF, so what the MTA passes on always ends a line). Never raises."""
     data = raw.replace(b"\r\n", b"\n")
     head, sep, body = data.partition(b"\n\n")
     lines = head.split(b"\n")
@@ -124,7 +126,9 @@ def split_message(raw: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
             body = rest + (sep + body if sep else b"")
             break
         fields.append((m.group(1).decode("ascii"), [line[m.end() :]]))
-    return [(n, b"\r\n".join(v)) for n, v in fields], body.replace(b"\n", b"\r\n")
+    if body and not body.endswith(b"\n"):
+        body += b"\n"
+    return [(n, b"\n".join(v)) for n, v in fields], body.replace(b"\n", b"\r\n")
 
 
 class PluginFailed(Exception):
@@ -210,7 +214,7 @@ class Outcome:
 
 
 def _unfold(value: bytes) -> str:
-    return value.replace(b"\r\n", b"").decode("utf-8", "surrogateescape").strip()
+    return value.replace(b"\n", b"").decode("utf-8", "surrogateescape").strip()
 
 
 def _config(
@@ -412,13 +416,18 @@ class HarnessSession:
         self.count = 0
         self.negotiated = harness.runtime.negotiation.macros
         addr = parse_address(client_ip) if client_ip else None
-        family = "unknown" if addr is None else ("inet6" if addr.version == 6 else "inet")
+        # As the daemon: an address written as IPv6 (::ffff:192.0.2.7 too) came over an
+        # AF_INET6 socket. {client_addr} as both MTAs send it: "IPv6:" before an IPv6 one.
+        v6 = addr is not None and ":" in client_ip
+        family = "unknown" if addr is None else ("inet6" if v6 else "inet")
         name = client_name or (f"[{client_ip}]" if client_ip else "localhost")
         client = Client(name, family, addr, 25000 if addr else None)  # type: ignore[arg-type]
         self.values: dict[str, str] = {
             "j": "mx.test.example",
             "{daemon_name}": "smtpd",
-            "{client_addr}": client_ip,
+            "{client_addr}": (
+                f"IPv6:{client_ip}" if v6 and client_ip[:5].lower() != "ipv6:" else client_ip
+            ),
             "{client_name}": client_name or ("unknown" if client_ip else "localhost"),
             **(macros or {}),
         }

@@ -485,7 +485,7 @@ def test_split_message_is_linear_in_the_folds_of_a_field() -> None:
     fields, body = split_message(raw)
     assert time.monotonic() - t0 < 0.5
     assert [n for n, _ in fields] == ["Subject", "X-Long"] and body == b"body\r\n"
-    assert fields[1][1] == b" " + b"a\r\n " * 150_000 + b"b"
+    assert fields[1][1] == b" " + b"a\n " * 150_000 + b"b"  # folds as the MTAs send them
 
 
 class DiscardAt:
@@ -605,3 +605,36 @@ def test_quarantine_at_rcpt_holds_the_message() -> None:
     with Harness(plugins={"hold": Hold()}) as h:
         out = h.send(MSG)
     assert out.verdict == "quarantine" and out.decided_by == "hold"
+
+
+def test_the_harness_sends_what_the_mtas_send() -> None:
+    """Found by a review (harness against Postfix): folded fields came with CRLF (Postfix
+    and sendmail send a bare LF), a body without a final line end kept it that way, and
+    an IPv6 {client_addr} lacked the "IPv6:" both MTAs write; ::ffff:192.0.2.7 was said to
+    come over inet."""
+    seen: dict[str, Any] = {}
+
+    class Spy:
+        @hookimpl
+        def connect(self, event: Connect) -> None:
+            seen["family"] = event.client.family
+            seen["addr"] = event.macros.get("{client_addr}")
+
+        @hookimpl
+        def header(self, ctx: Context) -> None:
+            return None
+
+        @hookimpl
+        def eom(self, message: Message) -> None:
+            seen["raw"] = [h.raw for h in message.headers]
+            seen["body"] = message.body()
+
+    msg = b"Subject: one\r\n\ttwo\r\n\r\nlast line without its end"
+    for ip, family, addr in (("::1", "inet6", "IPv6:::1"), ("192.0.2.7", "inet", "192.0.2.7"),
+                             ("::ffff:192.0.2.7", "inet6", "IPv6:::ffff:192.0.2.7")):  # fmt: skip
+        with Harness(plugins={"spy": Spy()}) as h:
+            out = h.send(msg, client_ip=ip)
+        assert (seen["family"], seen["addr"]) == (family, addr), ip
+    assert seen["raw"] == [b" one\n\ttwo"]
+    assert seen["body"] == b"last line without its end\r\n"
+    assert out.delivered is not None and out.delivered.endswith(b"its end\r\n")

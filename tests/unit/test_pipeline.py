@@ -239,7 +239,7 @@ def test_header_values_keep_raw_bytes_and_decode_invalid_utf8() -> None:
     msg = b"Subject: caf\xc3\xa9 \xff\xfe\r\nX-Folded: one\r\n\ttwo\r\n\r\nb\r\n"
     with Harness(plugins={"reader": Reader}) as h:
         out = h.send(msg)
-    assert raw_seen == [b" caf\xc3\xa9 \xff\xfe", b" one\r\n\ttwo"]
+    assert raw_seen == [b" caf\xc3\xa9 \xff\xfe", b" one\n\ttwo"]  # folded by LF, as MTAs send
     assert out.verdict == "continue"
     assert out.delivered is not None and out.delivered.startswith(
         b"Subject: caf\xc3\xa9 \xff\xfe\r\nX-Folded: one\r\n\ttwo\r\n\r\n"
@@ -292,12 +292,19 @@ def test_split_message_never_raises_on_odd_input() -> None:
     ("raw", "names", "body"),
     [
         (b"A: 1\r\nB: 2\r\n\r\nbody\r\n", ["A", "B"], b"body\r\n"),
-        (b"A : 1\r\n x\r\n\r\nb", ["A"], b"b"),  # white space before the colon
+        # white space before the colon; a last line without its line end gets one (a
+        # message through SMTP always ends a line before the final ".")
+        (b"A : 1\r\n x\r\n\r\nb", ["A"], b"b\r\n"),
         # the first line that is not a field ends the header block; it starts the body
-        (b"A: 1\r\nnot a field\r\nC: 3\r\n\r\nb", ["A"], b"not a field\r\nC: 3\r\n\r\nb"),
-        (b"\x01X: 1\r\nY: 2\r\n\r\nb", [], b"\x01X: 1\r\nY: 2\r\n\r\nb"),  # not a name
-        (b"Sp ace: 1\r\n\r\nb", [], b"Sp ace: 1\r\n\r\nb"),
-        (b"no header at all", [], b"no header at all"),
+        (
+            b"A: 1\r\nnot a field\r\nC: 3\r\n\r\nb\r\n",
+            ["A"],
+            b"not a field\r\nC: 3\r\n\r\nb\r\n",
+        ),
+        (b"\x01X: 1\r\nY: 2\r\n\r\nb\r\n", [], b"\x01X: 1\r\nY: 2\r\n\r\nb\r\n"),  # not a name
+        (b"Sp ace: 1\r\n\r\nb\r\n", [], b"Sp ace: 1\r\n\r\nb\r\n"),
+        (b"no header at all", [], b"no header at all\r\n"),
+        (b"A: 1\r\n\r\n", ["A"], b""),  # no body: none made up
     ],
 )
 def test_split_message_reads_the_header_block_as_an_mta_does(
@@ -406,3 +413,32 @@ def test_a_body_no_plugin_reads_is_neither_counted_nor_limited() -> None:
     with Harness(cfg, plugins={"h": HeadersOnly}) as h:
         out = h.send(MSG)
     assert out.verdict == "continue" and (out.delivered or b"").endswith(b"Body line\r\n")
+
+
+def test_the_queue_id_is_known_from_data_with_one_recipient() -> None:
+    """Found by a review: Postfix has no queue id at MAIL FROM nor at the first RCPT; with
+    one recipient the core read it only at end of message, so ctx.message.queue_id was
+    empty in data, header and body hooks. DATA carries it (milter_data_macros = i)."""
+    from milterd.config import from_dict
+    from milterd.events import Client
+    from milterd.pipeline import CORE_MACROS, Runtime, Session
+
+    seen: list[str] = []
+
+    class AtData:
+        @hookimpl
+        def data(self, ctx: Context) -> None:
+            seen.append(ctx.message.queue_id if ctx.message else "")
+
+    assert "i" in CORE_MACROS["data"]  # asked for during the handshake
+    rt = Runtime(from_dict({"plugins": {"d": {}}}), {"d": AtData()}, FakeResolver())
+    rt.start()
+    s = Session(rt)
+    s.on_connect("c", Client("c", "inet", None), {})
+    s.on_envfrom("a@example.org", {}, {})
+    s.on_envrcpt("b@example.com", {}, {})
+    s.on_data({"i": "4QID"})
+    assert seen == ["4QID"]
+    s.on_abort()
+    s.on_close()
+    rt.stop()
