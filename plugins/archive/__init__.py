@@ -74,6 +74,9 @@ class AmbiguousDuration(ValueError):
     """A duration whose unit could mean two things (``6m``: minutes or months?)."""
 
 
+MIN_PRUNE_INTERVAL, MAX_PRUNE_INTERVAL = 60.0, 366 * 86400.0
+
+
 def parse_duration(text: str) -> float:
     """``"90d"``, ``"12h"``, ``"2w"``, ``"1y"``, ``"30min"``, ``"45s"`` (bare number: days).
 
@@ -165,6 +168,15 @@ class ArchiveConfig(PluginConfig):
     def _dur(cls, v: str) -> str:
         if v:
             parse_duration(v)
+        return v
+
+    @field_validator("prune_interval")
+    @classmethod
+    def _interval(cls, v: str) -> str:
+        # 0 made retention a busy loop; beyond a year Event.wait overflows (the pruner
+        # thread died). A pass needs no more often than a minute, nor less than yearly.
+        if not MIN_PRUNE_INTERVAL <= parse_duration(v) <= MAX_PRUNE_INTERVAL:
+            raise ValueError(f"prune_interval {v!r}: from 1min to 1y")
         return v
 
 

@@ -140,7 +140,7 @@ def _positive(text: str) -> int:
         n = 0
     if n < 1:
         raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
-    return n
+    return min(n, 2**63 - 1)  # SQLite's largest integer: more means "all" anyway
 
 
 def _query(args: argparse.Namespace) -> Any:
@@ -256,13 +256,15 @@ def _select(store: Any, args: argparse.Namespace) -> list[Any]:
 
 
 _FROM_LINE = re.compile(rb"(?m)^(>*From )")
-_NOT_IN_FROM_LINE = re.compile(r"[\s\x00-\x1f\x7f]")
+# White space, controls and anything not ASCII (mbox readers such as Python's mailbox
+# decode the From_ line as ASCII).
+_NOT_IN_FROM_LINE = re.compile(r"[\s\x00-\x1f\x7f-\U0010ffff]")
 
 
 def mbox_entry(rec: Any, data: bytes) -> bytes:
     """One message as an mboxrd entry: ``From SENDER ASCTIME`` (the envelope sender, or
-    MAILER-DAEMON for the null sender; white space and controls in it as ``_``; the
-    archive time in UTC), the message with CRLF as LF and every line matching
+    MAILER-DAEMON for the null sender; white space, controls and non-ASCII in it as
+    ``_``; the archive time in UTC), the message with CRLF as LF and every line matching
     ``>*From `` quoted with one more ``>``, a final line end, and a blank line. Nothing
     else is changed (bare CR, header spelling, MIME structure stay as stored)."""
     sender = _NOT_IN_FROM_LINE.sub("_", rec.sender) or "MAILER-DAEMON"
@@ -293,7 +295,9 @@ def _output(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _replacing(path: Path, mode: int) -> Iterator[IO[bytes]]:
+def _replacing(
+    path: Path, mode: int, owner: tuple[int, int] | None = None
+) -> Iterator[IO[bytes]]:
     """A new file in ``path``'s directory that replaces ``path`` (rename) only when the
     block ends without an exception; otherwise it is removed and ``path`` untouched.
     Opening it raises CommandError (status 2: a path error), as does a ``path`` that is
@@ -305,6 +309,9 @@ def _replacing(path: Path, mode: int) -> Iterator[IO[bytes]]:
         raise CommandError(f"cannot write {path}: {e}") from None
     try:
         os.fchmod(fd, mode)
+        if owner is not None:  # a user's mailbox stays the user's (root may export to it)
+            with contextlib.suppress(OSError):
+                os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -321,11 +328,12 @@ def _export_mbox(store: Any, records: list[Any], path: Path, kind: str | None) -
     written to a new file (a copy of the old contents first) renamed over ``path`` at the
     end: a failure leaves ``path`` as it was. One message in memory at a time."""
     mode, old_size = OUTPUT_MODE, 0
+    owner: tuple[int, int] | None = None
     path = _output(path)
     with contextlib.suppress(FileNotFoundError):
         st = path.stat()
-        mode, old_size = stat.S_IMODE(st.st_mode), st.st_size
-    with _replacing(path, mode) as out:
+        mode, old_size, owner = stat.S_IMODE(st.st_mode), st.st_size, (st.st_uid, st.st_gid)
+    with _replacing(path, mode, owner) as out:
         if old_size:
             with path.open("rb") as old:
                 shutil.copyfileobj(old, out)
@@ -365,7 +373,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise CommandError(f"cannot create {out}: {e}") from None
             for rec in records:
                 data = store.read(rec, args.copy)
-                with _replacing(out / f"{rec.id}.eml", OUTPUT_MODE) as f:
+                # The received copy as the store names it: both copies can sit side by side.
+                name = f"{rec.id}.received.eml" if args.copy == "received" else f"{rec.id}.eml"
+                with _replacing(out / name, OUTPUT_MODE) as f:
                     f.write(data)
     except OSError as e:  # writing the output (disk full...): the export failed
         raise CommandError(f"export failed: {e}", 1) from None
@@ -424,7 +434,12 @@ def cmd_release(args: argparse.Namespace) -> int:
     data = store.read(rec, args.copy)  # CopyError (exit 1) rather than send other bytes
     host = args.host or cfg.release_host
     port = args.port if args.port is not None else cfg.release_port
-    sender = args.sender if args.sender is not None else (cfg.release_from or rec.sender)
+    # release_from = "" is the null sender, as --from '' is (not "unset").
+    sender = (
+        args.sender
+        if args.sender is not None
+        else (cfg.release_from if cfg.release_from is not None else rec.sender)
+    )
     rcpts = args.to or rec.recipients
     fail = f"{args.id}: release to {host}:{port} failed"
     try:

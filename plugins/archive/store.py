@@ -658,6 +658,8 @@ class FileStore:
         )
 
     def get(self, id: str) -> Record | None:
+        if not _encodable(id):  # a name that was not UTF-8 (a stray file, an argument)
+            return None
         with self._lock:
             row = self.db.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (id,)).fetchone()
         return self._record(row) if row else None
@@ -758,13 +760,14 @@ class FileStore:
         if query.queue_id:
             where.append("queue_id = ?")
             args.append(query.queue_id)
+        args = [_text(a) for a in args]  # a query that was not UTF-8 (as stored: U+FFFD)
         sql = f"SELECT {_COLUMNS} FROM messages"
         if where:
             sql += " WHERE " + " AND ".join(where)
         if query.limit is None:
             sql += " ORDER BY received, id"
         else:  # the newest N, read newest first, then put back in time order
-            sql += f" ORDER BY received DESC, id DESC LIMIT {int(query.limit)}"
+            sql += f" ORDER BY received DESC, id DESC LIMIT {min(int(query.limit), 2**63 - 1)}"
         with self._lock:
             rows = self.db.execute(sql, args).fetchall()
         if query.limit is not None:
@@ -918,6 +921,16 @@ def _casefold(value: Any) -> Any:
 
 def _like(s: str) -> str:
     return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _encodable(text: str) -> bool:
+    """Whether SQLite can take ``text`` (no surrogate escapes of bytes that were not
+    UTF-8; no id has them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

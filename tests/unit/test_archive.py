@@ -1280,3 +1280,92 @@ def test_a_subject_of_many_encoded_words_is_indexed_in_bounded_time() -> None:
     text = _subject("=?utf-8?q?caf=C3=A9?= " * 40_000)
     assert time.monotonic() - t0 < 2.0
     assert text.startswith("café") and len(text) > 100_000
+
+
+# --- found by a review (2026-12-03, evening) ------------------------------------------------
+
+
+def test_verify_reports_a_stray_file_whose_name_is_not_utf8(tmp_path: Path) -> None:
+    """One stray file named b"\\xff\\xfe.eml" made verify exit 2 on an SQLite encoding
+    error, reporting nothing (a corrupt copy beside it went unreported too)."""
+    with rig(tmp_path) as h:
+        h.send(MSG)
+    (rec,) = all_records(tmp_path)
+    day = tmp_path / "arch" / rec.copies["delivered"].path.rsplit("/", 1)[0]
+    stray = os.path.join(os.fsencode(day), b"\xff\xfe.eml")
+    with open(stray, "wb") as f:
+        f.write(b"x")
+    os.utime(stray, (time.time() - 3600, time.time() - 3600))
+    (tmp_path / "arch" / rec.copies["delivered"].path).write_bytes(b"changed")
+    problems = store(tmp_path).verify()
+    assert sorted(p.kind for p in problems) == ["mismatch", "orphan"], problems
+    r = cli(_config(tmp_path), "show", "\udcff")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_export_appending_to_a_users_mbox_keeps_its_owner(tmp_path: Path) -> None:
+    """The mbox was replaced by a new file of the exporting user (root): the owner's own
+    mailbox became root's."""
+    with rig(tmp_path) as h:
+        h.send(MSG, sender="jörg@exämple.org")
+    mbox = tmp_path / "user.mbox"
+    mbox.write_bytes(b"")
+    mbox.write_bytes(b"From a@b Thu Dec  3 00:00:00 2026\nSubject: old\n\nold\n\n")
+    mbox.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(mbox, 1000, 1000)
+    want = mbox.stat()
+    r = cli(_config(tmp_path), "export", "--mbox", str(mbox), "--since", "1d")
+    assert r.returncode == 0, r.stderr
+    st = mbox.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (want.st_uid, want.st_gid, 0o600)
+    # The From_ line is ASCII (Python's mailbox decodes it so): the sender was jörg@exämple
+    boxes = list(mailbox.mbox(str(mbox)))
+    assert len(boxes) == 2 and boxes[1].get_from().startswith("j_rg@ex_mple.org ")
+
+
+def test_prune_interval_is_bounded() -> None:
+    """prune_interval = "0" made retention a busy loop; "300y" killed the pruner thread
+    (Event.wait overflow)."""
+    from milterd_plugins.archive import ArchiveConfig
+
+    for bad in ("0", "0s", "30s", "2y", "300y"):
+        with pytest.raises(ValueError, match="from 1min to 1y"):
+            ArchiveConfig(path="/tmp/x", retention="30d", prune_interval=bad)
+    assert ArchiveConfig(path="/tmp/x", prune_interval="1min").prune_interval == "1min"
+
+
+def test_release_from_empty_is_the_null_sender(tmp_path: Path) -> None:
+    """release_from = "" was taken for "unset": the original sender was used, while
+    --from '' gives <>."""
+    from tests.support.sink import SmtpSink
+
+    body = MSG.replace(b"quarterly numbers", b"quarantine-me")
+    with rig(tmp_path) as h:
+        h.send(body, sender="alice@example.org")
+    (rec,) = all_records(tmp_path)
+    with SmtpSink() as sink:
+        r = cli(_config(tmp_path, 'release_from = ""\n'), "release", rec.id,
+                "--port", str(sink.port))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        (got,) = sink.wait_for(1)
+    assert got.mail_from == "<>"
+
+
+def test_cli_odd_arguments_and_both_copies_as_eml(tmp_path: Path) -> None:
+    """--limit 2**63 gave "datatype mismatch", a --subject that was not UTF-8 an encoding
+    error (exit 2); --copy received and delivered went to the same DIR/<id>.eml."""
+    with rig(tmp_path, store="both") as h:
+        h.send(MSG)
+    (rec,) = all_records(tmp_path)
+    config = _config(tmp_path)
+    r = cli(config, "search", "--limit", str(2**63), "--since", "1d")
+    assert r.returncode == 0 and rec.id in r.stdout, r.stderr
+    r = cli(config, "search", "--subject", "\udcff")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    out = tmp_path / "eml"
+    for copy in ("received", "delivered"):
+        assert cli(config, "export", rec.id, "--eml", str(out), "--copy", copy).returncode == 0
+    s = store(tmp_path)
+    assert (out / f"{rec.id}.received.eml").read_bytes() == s.read(rec, "received")
+    assert (out / f"{rec.id}.eml").read_bytes() == s.read(rec, "delivered")
