@@ -97,6 +97,27 @@ def _check_reply(code: str, xcode: str | None, text: str, first: str) -> None:
         raise ValueError("reply text must be one line")
 
 
+#: libmilter's smfi_setreply refuses a text over 980 bytes (MAXREPLYLEN), with every "%"
+#: doubled; the MTA then sends its own generic reply ("550 5.7.1 Command rejected").
+MAX_REPLY_TEXT = 980
+
+
+def _fit_reply(text: str) -> str:
+    """``text``, cut (ending ``...``) to what libmilter sends, so that the harness shows
+    the reply the client gets."""
+    if len(text) * 3 <= MAX_REPLY_TEXT // 2:  # short: fits whatever its characters
+        return text
+    widths = [len(c.encode("utf-8", "replace")) * (2 if c == "%" else 1) for c in text]
+    if sum(widths) <= MAX_REPLY_TEXT:
+        return text
+    used, n = 0, 0
+    for n, w in enumerate(widths):  # noqa: B007 - n is the cut
+        if used + w > MAX_REPLY_TEXT - 3:
+            break
+        used += w
+    return text[:n] + "..."
+
+
 @dataclass(frozen=True, slots=True)
 class Reject(Verdict):
     """Permanent failure (5xx). At RCPT it rejects that recipient only; elsewhere the message.
@@ -112,6 +133,7 @@ class Reject(Verdict):
 
     def __post_init__(self) -> None:
         _check_reply(self.code, self.xcode, self.text, "5")
+        object.__setattr__(self, "text", _fit_reply(self.text))  # frozen: set once, here
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +147,7 @@ class TempFail(Verdict):
 
     def __post_init__(self) -> None:
         _check_reply(self.code, self.xcode, self.text, "4")
+        object.__setattr__(self, "text", _fit_reply(self.text))  # frozen: set once, here
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,3 +80,17 @@ def test_wrong_argument_types_say_what_is_expected() -> None:
 def test_line_split_fast_path_matches_the_regex(value: str) -> None:
     """_lines (no regex for CRLF-only or CR-free values) splits exactly as _BREAK does."""
     assert _lines(value) == _BREAK.split(value)
+
+
+def test_a_reply_text_is_cut_to_what_libmilter_sends() -> None:
+    """Found by a review: a 1,200-character text showed in the harness, while libmilter
+    refused it and the client got the MTA's generic "550 5.7.1 Command rejected"."""
+    from milterd.actions import MAX_REPLY_TEXT
+
+    for text in ("x" * 1200, "%" * 600, "\u00e9" * 700, "a%\u00e9" * 300):
+        for v in (Reject(text=text), TempFail(text=text)):
+            sent = v.text.replace("%", "%%").encode()
+            assert len(sent) <= MAX_REPLY_TEXT and v.text.endswith("...")
+            assert text.startswith(v.text[:-3])
+    assert Reject(text="x" * 980).text == "x" * 980
+    assert Reject(text="50% off").text == "50% off"
