@@ -579,7 +579,8 @@ class FileStore:
             r.received,
             _text(r.sender),
             _json_list([_text(a) for a in r.recipients]),
-            _text("\n" + "\n".join(a.lower() for a in r.recipients) + "\n"),
+            # casefold, as the sender is searched (rows before 2026-12-03: lower())
+            _text("\n" + "\n".join(a.casefold() for a in r.recipients) + "\n"),
             _text(r.client_address),
             _text(r.client_name),
             _text(r.helo),
@@ -735,13 +736,16 @@ class FileStore:
                 where.append("casefold(sender) LIKE ? ESCAPE '\\'")
                 args.append("%@" + _like(s.lstrip("@")))
         if query.recipient:
-            s = query.recipient.lower()
-            if "@" in s and not s.startswith("@"):
-                where.append("rcpt_search LIKE ? ESCAPE '\\'")
-                args.append("%\n" + _like(s) + "\n%")
-            else:
-                where.append("rcpt_search LIKE ? ESCAPE '\\'")
-                args.append("%@" + _like(s.lstrip("@")) + "\n%")
+            # Rows store casefolded recipients (older ones lower-cased): either form.
+            forms = [query.recipient.casefold(), query.recipient.lower()]
+            pats = [
+                "%\n" + _like(f) + "\n%"
+                if "@" in f and not f.startswith("@")
+                else "%@" + _like(f.lstrip("@")) + "\n%"
+                for f in forms
+            ]
+            where.append("(rcpt_search LIKE ? ESCAPE '\\' OR rcpt_search LIKE ? ESCAPE '\\')")
+            args += pats
         if query.subject:
             where.append("casefold(subject) LIKE ? ESCAPE '\\'")
             args.append("%" + _like(query.subject.casefold()) + "%")

@@ -1369,3 +1369,18 @@ def test_cli_odd_arguments_and_both_copies_as_eml(tmp_path: Path) -> None:
     s = store(tmp_path)
     assert (out / f"{rec.id}.received.eml").read_bytes() == s.read(rec, "received")
     assert (out / f"{rec.id}.eml").read_bytes() == s.read(rec, "delivered")
+
+
+def test_recipient_search_folds_case_as_the_sender_search_does(tmp_path: Path) -> None:
+    """--from STRASSE@example.de found straße@example.de, --to did not (lower() against
+    casefold())."""
+    with rig(tmp_path) as h:
+        h.send(MSG, sender="straße@example.de", recipients=["straße@example.de"])
+    s = store(tmp_path)
+    for q in ("STRASSE@example.de", "straße@example.de", "Straße@EXAMPLE.de", "@example.de"):
+        assert len(s.search(Query(recipient=q))) == 1, q
+        assert len(s.search(Query(sender=q))) == 1, q
+    assert s.search(Query(recipient="strasse@example.com")) == []
+    # A row written before (lower-cased recipients) is still found by what it holds.
+    s.db.execute("UPDATE messages SET rcpt_search = ?", ("\nstraße@example.de\n",))
+    assert len(s.search(Query(recipient="Straße@example.de"))) == 1
