@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from milterd import ConfigError, DNSTempError, NXDomain, load_config, make_resolver
 
-from .keys import KeyFileError, load_key, public_txt
+from .keys import KeyFileError, check_key_directories, load_key, public_txt
 from .verify import check_key_record
 
 __all__ = ["add_commands", "dns_record", "import_opendkim", "keygen", "testkey"]
@@ -92,6 +92,11 @@ def keygen(args: argparse.Namespace) -> int:
         d.mkdir(mode=0o700, exist_ok=True)
         d.chmod(0o700)
     path = out / f"{selector}.{domain}.{args.type}.key"
+    try:  # a key start-up would refuse is no use: say so before writing it there
+        check_key_directories(str(path.absolute()))
+    except KeyFileError as e:
+        print(f"error: not writing the key: {e}", file=sys.stderr)
+        return 2
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

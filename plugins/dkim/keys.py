@@ -98,6 +98,12 @@ def check_key_file(path: str) -> None:
             f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others access the "
             "private key; chmod 600 it (or set insecure_keys = true)"
         )
+    check_key_directories(path)
+
+
+def check_key_directories(path: str) -> None:
+    """Refuse ``path`` (a key file, present or not yet) when a directory others can
+    write could change which file it names (see :func:`check_key_file`)."""
     strict, passed = _directories_on_the_way(path)
     for d in strict:  # holds the key file or a link on the way: even with the sticky bit
         if os.stat(d).st_mode & 0o002:

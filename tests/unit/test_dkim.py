@@ -1648,3 +1648,15 @@ def test_testkey_fails_a_matching_key_no_verifier_uses(tmp_path: Path, record: s
         )
         out = milterd("dkim", "testkey", config=conf)
     assert out.returncode == 1 and "unusable" in out.stdout, out.stdout
+
+
+def test_keygen_refuses_a_directory_start_up_would_refuse(tmp_path: Path) -> None:
+    """Found by a review: keygen wrote into an existing 0777 directory and printed a
+    snippet; start-up then refused the key (a directory others can write)."""
+    ww = tmp_path / "ww"
+    ww.mkdir()
+    ww.chmod(0o777)
+    r = milterd("dkim", "keygen", "--domain", "example.com", "--selector", "s1",
+                "--type", "ed25519", "--out", str(ww))  # fmt: skip
+    assert r.returncode == 2 and "writable by others" in r.stderr, r.stderr
+    assert list(ww.iterdir()) == []
