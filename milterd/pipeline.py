@@ -673,6 +673,8 @@ class Session:
         self.txn_macros.update(macros)
         if not m.info.queue_id and macros.get("i"):
             m.info.queue_id = macros["i"]
+        if m.over:  # decided at a stage without reply (MAIL): end of message answers
+            return None
         limit = self.rt.settings.max_recipients
         if limit and len(m.info.recipients) >= limit:
             v: Verdict | None = TempFail(
@@ -697,7 +699,7 @@ class Session:
         return None
 
     def on_data(self, macros: dict[str, str]) -> Verdict | None:
-        if self.msg is None:
+        if self.msg is None or self.msg.over:
             return None
         self.conn.macros.update(macros)
         self.txn_macros.update(macros)

@@ -310,8 +310,12 @@ def _replacing(
     try:
         os.fchmod(fd, mode)
         if owner is not None:  # a user's mailbox stays the user's (root may export to it)
-            with contextlib.suppress(OSError):
+            try:
                 os.fchown(fd, *owner)
+            except OSError:  # not root: keep what may be kept (the group, say)
+                for ids in ((owner[0], -1), (-1, owner[1])):
+                    with contextlib.suppress(OSError):
+                        os.fchown(fd, *ids)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -12,6 +12,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dkim.util import parse_tag_value
 
 from milterd import ConfigError, DNSTempError, NXDomain, load_config, make_resolver
 
@@ -81,6 +82,13 @@ def keygen(args: argparse.Namespace) -> int:
         serialization.NoEncryption(),
     )
     out = Path(args.out)
+    path = out / f"{selector}.{domain}.{args.type}.key"
+    try:  # a key start-up would refuse is no use: say so before writing anything
+        # (resolved, as the snippet names it and start-up will find it)
+        check_key_directories(str(out.resolve() / path.name))
+    except KeyFileError as e:
+        print(f"error: not writing the key: {e}", file=sys.stderr)
+        return 2
     # Missing directories 0700 whatever the umask (their parents too): start-up refuses a
     # key in a directory others can write.
     missing = []
@@ -91,12 +99,6 @@ def keygen(args: argparse.Namespace) -> int:
     for d in reversed(missing):
         d.mkdir(mode=0o700, exist_ok=True)
         d.chmod(0o700)
-    path = out / f"{selector}.{domain}.{args.type}.key"
-    try:  # a key start-up would refuse is no use: say so before writing it there
-        check_key_directories(str(path.absolute()))
-    except KeyFileError as e:
-        print(f"error: not writing the key: {e}", file=sys.stderr)
-        return 2
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -124,6 +126,18 @@ def _pub(txt: str) -> tuple[str, str]:
             k, v = part.split("=", 1)
             tags[k.strip()] = "".join(v.split())
     return tags.get("k", "rsa"), tags.get("p", "")
+
+
+def _unusable(txt: str) -> str:
+    """Why a verifier cannot use the key record ``txt`` ("" if it can): a record that
+    does not parse as a tag list (dkimpy refuses it: a duplicate tag, a part without
+    "="), or one RFC 6376 3.6.1 rules out (see check_key_record)."""
+    raw = txt.encode("utf-8", "surrogateescape")
+    try:
+        parse_tag_value(raw)
+    except Exception as e:
+        return f"not a tag list ({type(e).__name__}: {e})"
+    return check_key_record(raw)[2]
 
 
 def testkey(args: argparse.Namespace) -> int:
@@ -179,7 +193,7 @@ def testkey(args: argparse.Namespace) -> int:
                 continue
             # The key must also be usable, as a verifier reads it (v= first, s= with
             # email, h= with sha256): otherwise every signature with it fails.
-            why = [check_key_record(t.encode("utf-8", "surrogateescape"))[2] for t in matching]
+            why = [_unusable(t) for t in matching]
             if all(why):
                 print(f"FAIL {kname}: {name} publishes the matching key, unusable: {why[0]}")
                 bad += 1

@@ -103,21 +103,30 @@ def check_key_file(path: str) -> None:
 
 def check_key_directories(path: str) -> None:
     """Refuse ``path`` (a key file, present or not yet) when a directory others can
-    write could change which file it names (see :func:`check_key_file`)."""
+    write could change which file it names (see :func:`check_key_file`). Directories
+    not there yet are skipped (keygen creates them private)."""
     strict, passed = _directories_on_the_way(path)
     for d in strict:  # holds the key file or a link on the way: even with the sticky bit
-        if os.stat(d).st_mode & 0o002:
+        if _mode(d) & 0o002:
             raise KeyFileError(
                 f"{path}: directory {d} is writable by others; move the key "
                 "(or set insecure_keys = true)"
             )
     for d in passed:
-        dst = os.stat(d)
-        if dst.st_mode & 0o002 and not dst.st_mode & stat.S_ISVTX:
+        mode = _mode(d)
+        if mode & 0o002 and not mode & stat.S_ISVTX:
             raise KeyFileError(
                 f"{path}: directory {d} is writable by others; move the key "
                 "(or set insecure_keys = true)"
             )
+
+
+def _mode(d: str) -> int:
+    """``d``'s mode; 0 for a directory not there (yet)."""
+    try:
+        return os.stat(d).st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def _directories_on_the_way(path: str) -> tuple[list[str], list[str]]:

@@ -1156,7 +1156,8 @@ class Converter:
             out = list(default)
             for it in items:
                 if it.startswith("+"):
-                    out.append(it[1:])
+                    if re.fullmatch(r"[\x21-\x39\x3b-\x7e]+", it[1:]):  # a field name only
+                        out.append(it[1:])
                 elif it.startswith("-") and it[1:] in out:
                     out.remove(it[1:])
         else:

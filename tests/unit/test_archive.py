@@ -1384,3 +1384,24 @@ def test_recipient_search_folds_case_as_the_sender_search_does(tmp_path: Path) -
     # A row written before (lower-cased recipients) is still found by what it holds.
     s.db.execute("UPDATE messages SET rcpt_search = ?", ("\nstraße@example.de\n",))
     assert len(s.search(Query(recipient="Straße@example.de"))) == 1
+
+
+def test_an_mbox_keeps_what_of_its_owner_may_be_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a user (not root) exporting into a mailbox of group mail lost the group
+    too, the uid-and-gid fchown failing as a whole."""
+    from milterd_plugins.archive import cli as archive_cli
+
+    calls: list[tuple[int, int]] = []
+
+    def fchown(fd: int, uid: int, gid: int) -> None:
+        calls.append((uid, gid))
+        if uid != -1 and gid != -1:
+            raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(archive_cli.os, "fchown", fchown)
+    with archive_cli._replacing(tmp_path / "box", 0o660, (1000, 8)) as f:
+        f.write(b"x")
+    assert calls == [(1000, 8), (1000, -1), (-1, 8)]
+    assert (tmp_path / "box").read_bytes() == b"x"

@@ -1628,6 +1628,8 @@ def test_keygen_snippet_loads_with_a_dotted_selector(tmp_path: Path) -> None:
         "v=DKIM1; h=sha1; k=ed25519; p={p}",
         "v=DKIM1; s=tlsrpt; k=ed25519; p={p}",
         "k=ed25519; v=DKIM1; p={p}",
+        "v=DKIM1; k=ed25519; p={p}; foo",  # not a tag list: dkimpy refuses it
+        "v=DKIM1; k=ed25519; k=ed25519; p={p}",  # a duplicate tag
     ],
 )
 def test_testkey_fails_a_matching_key_no_verifier_uses(tmp_path: Path, record: str) -> None:
@@ -1660,3 +1662,28 @@ def test_keygen_refuses_a_directory_start_up_would_refuse(tmp_path: Path) -> Non
                 "--type", "ed25519", "--out", str(ww))  # fmt: skip
     assert r.returncode == 2 and "writable by others" in r.stderr, r.stderr
     assert list(ww.iterdir()) == []
+
+
+def test_keygen_checks_the_directory_start_up_sees_before_creating_anything(
+    tmp_path: Path,
+) -> None:
+    """A review of the check above: a missing --out under a world-writable parent was
+    created, then refused (left behind); a link in a sticky directory to a private one
+    was refused although start-up, given the resolved path keygen prints, accepts it."""
+    ww = tmp_path / "ww"
+    ww.mkdir()
+    ww.chmod(0o777)
+    r = milterd("dkim", "keygen", "--domain", "example.com", "--selector", "s1",
+                "--type", "ed25519", "--out", str(ww / "a" / "b"))  # fmt: skip
+    assert r.returncode == 2 and list(ww.iterdir()) == [], r.stderr
+    sticky, private = tmp_path / "sticky", tmp_path / "private"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    private.mkdir(mode=0o700)
+    (sticky / "link").symlink_to(private)
+    r = milterd("dkim", "keygen", "--domain", "example.com", "--selector", "s1",
+                "--type", "ed25519", "--out", str(sticky / "link"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (key,) = private.iterdir()
+    assert f'file = "{key}"' in r.stdout
+    load_key(str(key))  # as start-up loads it: accepted

@@ -408,3 +408,17 @@ def test_command_line_end_to_end(conf: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.conf").write_text("Mode sv\nMinimumKeyBits lots\n")
     bad = cli(str(tmp_path / "bad.conf"))
     assert bad.returncode == 2 and f"{tmp_path}/bad.conf:2: MinimumKeyBits" in bad.stderr
+
+
+def test_a_delta_list_keeps_only_field_names(conf: Path) -> None:
+    """A review: "*,+X Bad" and "*,+" gave 'x bad' and '' in headers/oversign, which the
+    dkim config refuses (not a header field name); a plain list dropped them already."""
+    text = (conf / "single.conf").read_text().replace(
+        "OversignHeaders\t\tFrom", "OversignHeaders\t\t*,+\nSignHeaders\t\t*,+X Bad,+X-Ok"
+    )
+    (conf / "delta.conf").write_text(text)
+    cfg, _, _ = load(conf / "delta.conf")  # loads: the dkim config accepts it
+    dk = cfg.plugin_options("dkim")
+    assert "x-ok" in dk["headers"] and "x bad" not in dk["headers"] and "" not in dk["oversign"]
+    with Harness(cfg, plugins={"dkim": DKIMPlugin}):  # the plugin's own validation too
+        pass

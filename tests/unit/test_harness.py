@@ -638,3 +638,37 @@ def test_the_harness_sends_what_the_mtas_send() -> None:
     assert seen["raw"] == [b" one\n\ttwo"]
     assert seen["body"] == b"last line without its end\r\n"
     assert out.delivered is not None and out.delivered.endswith(b"its end\r\n")
+
+
+def test_a_session_discard_reaches_no_plugin_when_mail_has_no_reply() -> None:
+    """A review of the change above: with no plugin hooking envfrom (MAIL without reply)
+    the message went on to RCPT and DATA; another plugin refused a recipient (550 to a
+    client whose mail was to vanish) and saw data. Now nothing after MAIL reaches one."""
+    seen: list[str] = []
+
+    class Gone:
+        @hookimpl
+        def connect(self) -> Verdict:
+            from milterd import Discard
+
+            return Discard(reason="session")
+
+    class Rcpt:
+        @hookimpl
+        def envrcpt(self, event: EnvRcpt) -> Verdict | None:
+            seen.append("envrcpt")
+            return Reject() if event.recipient.startswith("bad") else None
+
+        @hookimpl
+        def data(self) -> None:
+            seen.append("data")
+
+        @hookimpl
+        def abort(self) -> None:
+            seen.append("abort")
+
+    with Harness(plugins={"gone": Gone(), "rcpt": Rcpt()}) as h:
+        assert "envfrom" in h.runtime.negotiation.noreply
+        out = h.send(MSG, recipients=["ok@example.com", "bad@example.com"])
+    assert out.verdict == "discard" and out.refused == {} and out.delivered is None
+    assert seen == ["abort"]
