@@ -84,6 +84,8 @@ def parse_socket(spec: str) -> tuple[str, str, int]:
     """
     m = _SOCKET_UNIX.fullmatch(spec)
     if m:
+        if len(os.fsencode(m.group(1))) > 107:  # sockaddr_un's sun_path: 108 bytes with NUL
+            raise ValueError(f"unix socket path longer than 107 bytes: {m.group(1)!r}")
         return ("unix", m.group(1), 0)
     m = _SOCKET_INET.fullmatch(spec)
     if m:
@@ -92,6 +94,8 @@ def parse_socket(spec: str) -> tuple[str, str, int]:
         if not 0 < port < 65536:
             raise ValueError(f"port out of range in {spec!r}")
         family = "inet6" if spec.startswith("inet6:") or ":" in host else "inet"
+        if family == "inet6" and spec.startswith("inet:"):  # libmilter cannot open that
+            raise ValueError(f"an IPv6 address needs inet6:, not inet: ({spec!r})")
         return (family, host, port)
     raise ValueError(f"socket must be unix:/PATH, inet:PORT@HOST or inet6:PORT@HOST, got {spec!r}")
 
@@ -121,9 +125,11 @@ class Settings(BaseModel):
     command_timeout: float = Field(default=8.0, gt=0, le=25, description="per stage, seconds")
     eom_timeout: float = Field(default=120.0, gt=0, le=280)
     progress_interval: float = Field(default=5.0, gt=0)
-    shutdown_timeout: float = Field(default=30.0, ge=0)
+    shutdown_timeout: float = Field(default=30.0, ge=0, le=86400)
     metrics_listen: str | None = None
-    milter_timeout: int = Field(default=600, gt=0, description="libmilter I/O timeout")
+    milter_timeout: int = Field(
+        default=600, gt=0, le=86400, description="libmilter I/O timeout"
+    )
 
     @field_validator("socket")
     @classmethod
@@ -240,6 +246,8 @@ def split_hostport(spec: str, default_port: int = 53) -> tuple[str, int]:
     else:
         host, port = spec, default_port
     ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {spec!r}")
     return host, port
 
 
@@ -331,6 +339,8 @@ def load(path: str | os.PathLike[str]) -> Config:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8
+        raise ConfigError(f"{p}: not UTF-8 (byte {e.start}): TOML files are UTF-8") from None
     return loads(text, str(p))
 
 

@@ -167,15 +167,16 @@ def bind_cpu(index: int) -> int | None:
     return cpu
 
 
-def _worker_main(index: int, rt: Runtime, control: int) -> None:
+def _worker_main(index: int, rt: Runtime, control: int, affinity: str | None = None) -> None:
     """Body of one worker process: ``rt`` had its prefork phase in the supervisor. Never
-    returns (os._exit)."""
+    returns (os._exit). ``affinity``: the ``cpu_affinity`` the daemon started with (a
+    restart-only setting: a worker restarted after a reload keeps it); default rt's."""
     from milterd import bridge
     from milterd.pipeline import Runtime
 
     os.environ["MILTERD_WORKER"] = str(index)
     t0 = time.monotonic()
-    if rt.settings.cpu_affinity == "auto":
+    if (affinity or rt.settings.cpu_affinity) == "auto":
         bind_cpu(index)
     try:
         rt.start("worker")
@@ -218,7 +219,9 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
                 return
             if line.startswith(b"reload "):
                 text = _read_exact(control, int(line.split()[1])).decode()
-                path = line.split(maxsplit=2)[2].decode() if line.count(b" ") >= 2 else "<reload>"
+                path = "<reload>"
+                if line.count(b" ") >= 2:
+                    path = os.fsdecode(line.split(maxsplit=2)[2])
                 # Reloads queued behind this one (HUPs in a row while a start-up is slow):
                 # only the newest is built; a stop queued behind them wins.
                 stop = False
@@ -231,7 +234,7 @@ def _worker_main(index: int, rt: Runtime, control: int) -> None:
                         if nxt.startswith(b"reload "):
                             text = _read_exact(control, int(nxt.split()[1])).decode()
                             if nxt.count(b" ") >= 2:
-                                path = nxt.split(maxsplit=2)[2].decode()
+                                path = os.fsdecode(nxt.split(maxsplit=2)[2])
                 except (EOFError, OSError):
                     stop = True
                 if stop:
@@ -353,7 +356,7 @@ class Supervisor:
                 with contextlib.suppress(OSError):
                     os.setpgid(0, 0)
                 assert self.runtime is not None
-                _worker_main(index, self.runtime, r)
+                _worker_main(index, self.runtime, r, self.started_with.cpu_affinity)
             finally:
                 os._exit(5)
         os.close(r)
@@ -408,7 +411,7 @@ class Supervisor:
         # The supervisor never ran worker_start, so there is nothing to shut down in the
         # old generation here: dropping it is enough.
         self.config, self.runtime = new, rt
-        msg = b"reload %d %s\n" % (len(text), self.path.encode()) + text
+        msg = b"reload %d %s\n" % (len(text), os.fsencode(self.path).replace(b"\n", b"?")) + text
         for w in self.workers.values():
             w.post(msg)
         log.info("config %s validated and sent to %d worker(s)", self.path, len(self.workers))

@@ -12,6 +12,7 @@ from typing import Protocol
 import dns.exception
 import dns.message
 import dns.name
+import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
@@ -77,9 +78,12 @@ class StubResolver:
         if r is None:
             if self.settings.nameservers:
                 r = dns.resolver.Resolver(configure=False)
-                servers = [split_hostport(s) for s in self.settings.nameservers]
-                r.nameservers = [h for h, _ in servers]
-                r.nameserver_ports = {h: p for h, p in servers}
+                # Nameserver objects, not nameserver_ports (a dict by address: one
+                # address on two ports was asked on the last port only).
+                r.nameservers = [
+                    dns.nameserver.Do53Nameserver(h, p)
+                    for h, p in (split_hostport(s) for s in self.settings.nameservers)
+                ]
             else:
                 r = dns.resolver.Resolver()
             r.cache = self.cache

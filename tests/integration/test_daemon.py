@@ -377,8 +377,11 @@ def test_start_up_errors_exit_2_with_one_line_and_never_take_a_live_socket(
             port = busy.getsockname()[1]
             sock = tmp_path / "other.sock"
             for spec, extra, needle in [
-                (f"unix:{sock}", 'socket_group = "no-such-group-here"',
-                 "socket_group: no group 'no-such-group-here'"),
+                (
+                    f"unix:{sock}",
+                    'socket_group = "no-such-group-here"',
+                    "socket_group: no group 'no-such-group-here'",
+                ),
                 (f"unix:{sock}", f'metrics_listen = "127.0.0.1:{port}"', "cannot serve metrics"),
                 (f"inet:{port}@127.0.0.1", "", "cannot listen: address already in use"),
             ]:
@@ -510,3 +513,39 @@ def test_systemd_hears_ready_reloading_and_stopping(tmp_path: Path) -> None:
             d.signal(signal.SIGTERM)
             assert sock.recv(4096).decode().startswith("STOPPING=1")
     shutil.rmtree(notify_dir)
+
+
+def test_a_config_path_that_is_not_utf8_reloads() -> None:
+    """Found by a review: SIGHUP killed the supervisor (UnicodeEncodeError sending the
+    path to the workers) when the config file's name was not UTF-8."""
+    d = Daemon("[plugins.t_mark]\n")
+    d.config = d.dir / os.fsdecode(b"milterd-\xff.toml")
+    d.write("[plugins.t_mark]\n")
+    with d:
+        mark = len(d.log_text())
+        d.signal(signal.SIGHUP)
+        d.wait_log("worker 0: reloaded", after=mark)
+        assert d.proc is not None and d.proc.poll() is None
+        t = send(d)
+        assert t.final is not None and t.final.verdict == "accept"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_worker_restarted_after_a_reload_keeps_the_cpu_affinity_the_daemon_started_with() -> None:
+    """Found by a review: cpu_affinity takes a restart, but a worker restarted after a
+    reload that changed it took the new value (one worker bound, the other not)."""
+    with Daemon("[plugins.t_mark]\n", workers=2) as d:
+        before = d.worker_pids()
+        bound = {p: os.sched_getaffinity(p) for p in before}
+        assert all(len(c) == 1 for c in bound.values()), bound
+        text = d.config.read_text()
+        d.config.write_text(text.replace("workers = 2", 'workers = 2\ncpu_affinity = "none"'))
+        mark = len(d.log_text())
+        d.signal(signal.SIGHUP)
+        d.wait_log("cpu_affinity changed: it takes effect at the next restart", after=mark)
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(set(d.worker_pids()) - set(before)) < 1:
+            time.sleep(0.1)
+        (new,) = set(d.worker_pids()) - set(before)
+        assert os.sched_getaffinity(new) == bound[before[0]]

@@ -228,3 +228,34 @@ def test_an_unprivileged_daemon_outside_socket_group_is_told_how_to_fix_it() -> 
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# --- found by a review (2026-12-03, evening) ------------------------------------------------
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """It was a UnicodeDecodeError: `milterd run` died with a traceback and exit 1 (which
+    systemd restarts), the other commands did not name the file."""
+    p = tmp_path / "bad.toml"
+    p.write_bytes(b"\xff\xfe[milterd]\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not UTF-8"):
+        load(p)
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ('[dns]\nnameservers = ["1.2.3.4:99999"]', "port out of range"),
+        ('[dns]\nnameservers = ["[::1]:0"]', "port out of range"),
+        ("[milterd]\nmilter_timeout = 4294967296", "less than or equal"),
+        ("[milterd]\nshutdown_timeout = 1e10", "less than or equal"),
+        ('[milterd]\nsocket = "inet:8895@[::1]"', "needs inet6"),
+        ('[milterd]\nsocket = "unix:/' + "d" * 120 + '/s"', "longer than 107 bytes"),
+    ],
+)
+def test_values_run_could_not_use_are_config_errors(text: str, what: str) -> None:
+    """Found by a review: each passed `config check`, then `run` failed (a traceback, an
+    endless SIGTERM wait, libmilter's bare "cannot opensocket") or every DNS lookup did."""
+    with pytest.raises(ConfigError, match=what):
+        loads(text)
+    assert parse_socket("inet6:8895@[::1]") == ("inet6", "::1", 8895)

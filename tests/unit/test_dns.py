@@ -52,3 +52,12 @@ def test_names_that_are_not_valid_dns_do_not_count_against_the_resolver(
             r.lookup(name, "TXT")
     r._count(None, now=start + 3 * HEALTH_WINDOW)
     assert "lookups failed" not in caplog.text
+
+
+def test_one_address_on_two_ports_is_two_nameservers() -> None:
+    """Found by a review: nameserver_ports is a dict by address, so 127.0.0.1:P1 and
+    127.0.0.1:P2 were both asked on P2."""
+    r = StubResolver(DnsSettings(nameservers=["127.0.0.1:5301", "127.0.0.1:5302"], timeout=1))
+    servers = r._resolver().nameservers
+    got = [(str(n.address), n.port) for n in servers]  # type: ignore[union-attr]
+    assert got == [("127.0.0.1", 5301), ("127.0.0.1", 5302)]
