@@ -4,13 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 CONFIG ?= etc/milterd.toml
-# Debian packages: libmilter-dev to build pymilter; Postfix, OpenDKIM, Redis for the tests.
-APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv postfix opendkim opendkim-tools \
+# Debian packages. To run the daemon: what builds pymilter and the virtual environment
+# (`make run` installs no more: no MTA, which on a sendmail host would replace sendmail
+# with Postfix). For the tests: Postfix, OpenDKIM, Redis, spamd, rspamd... as well.
+RUN_PACKAGES := libmilter-dev gcc python3-dev python3-venv
+APT_PACKAGES := $(RUN_PACKAGES) postfix opendkim opendkim-tools \
                 redis-server swaks sasl2-bin libsasl2-modules systemd m4 sendmail-cf \
                 spamassassin spamd spamc rspamd openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: help run test lint unit integration deps venv bench clean
+.PHONY: help run test lint unit integration deps run-deps apt venv bench clean
 
 help:
 	@echo "make run          install what is missing, start the daemon with $(CONFIG)"
@@ -21,7 +24,7 @@ help:
 	@echo "make bench        the benchmarks; rewrites bench/RESULTS.md"
 	@echo "make clean        remove the virtual environment and caches"
 
-run: deps $(STAMP)
+run: run-deps $(STAMP)
 	$(VENV)/bin/milterd -c $(CONFIG) run
 
 test: deps $(STAMP) lint
@@ -40,7 +43,13 @@ lint: $(STAMP)
 # Installs only what is missing. Postfix is installed unconfigured: tests run private
 # instances, never the system one.
 deps:
-	@missing=$$(for p in $(APT_PACKAGES); do \
+	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_PACKAGES)"
+
+run-deps:
+	@$(MAKE) --no-print-directory apt PACKAGES="$(RUN_PACKAGES)"
+
+apt:
+	@missing=$$(for p in $(PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
@@ -67,4 +76,5 @@ bench: deps $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .hypothesis .pytest_cache \
+		examples/*/src/*.egg-info examples/*/build
