@@ -23,6 +23,7 @@ __all__ = ["DNSTempError", "NXDomain", "Resolver", "StubResolver", "make_resolve
 log = logging.getLogger("milterd.dns")
 HEALTH_WINDOW = 60.0  # seconds: at most one "lookups failing" warning per window
 HEALTH_MIN_FAILED = 5  # ... and only when at least this many, and half or more, failed
+LIFETIME_MARGIN = 0.12  # seconds: dnspython overruns a lifetime by up to ~0.1 s
 
 
 class NXDomain(LookupError):
@@ -87,8 +88,7 @@ class StubResolver:
             else:
                 r = dns.resolver.Resolver()
             r.cache = self.cache
-            r.lifetime = self.settings.timeout
-            r.timeout = self.settings.timeout
+            r.lifetime = r.timeout = self.settings.timeout  # per lookup: see _lookup
             self._local.r = r
         return r
 
@@ -124,16 +124,25 @@ class StubResolver:
         return answer
 
     def _lookup(self, name: str, rdtype: str, timeout: float | None) -> list[str]:
-        r = self._resolver()
+        try:
+            r = self._resolver()
+        except dns.exception.DNSException as e:  # no nameservers in resolv.conf...
+            raise _ServerFailure(f"{name}/{rdtype}: resolver: {e}") from None
         lifetime = self.settings.timeout if timeout is None else min(timeout, self.settings.timeout)
+        # dnspython returns up to ~0.1 s after the lifetime it is given: keep that margin,
+        # so that a lookup never runs past the time its caller has left.
+        lifetime -= LIFETIME_MARGIN
         if lifetime <= 0:
             raise DNSTempError(f"{name}/{rdtype}: no time left")
+        # Per server: a share of this lookup's time, so that a dead first server leaves
+        # time to ask the next (with the whole lifetime each, the first took all of it).
+        r.timeout = lifetime / max(1, min(len(r.nameservers), 3))
         try:
             answer = r.resolve(
                 name, rdtype, lifetime=lifetime, raise_on_no_answer=False, search=False
             )
         except (dns.resolver.NXDOMAIN, dns.name.NameTooLong, dns.name.LabelTooLong,
-                dns.name.EmptyLabel):  # fmt: skip
+                dns.name.EmptyLabel, dns.name.BadEscape, dns.name.IDNAException):  # fmt: skip
             # A name that cannot exist in DNS (over 255 octets with _dmarc. in front, a
             # 64-octet label, an empty label) has no records, for certain: NXDOMAIN, as
             # RFC 7208 4.3 has SPF treat a malformed domain, so that DMARC goes on to the

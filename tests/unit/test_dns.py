@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,70 @@ def test_one_address_on_two_ports_is_two_nameservers() -> None:
     servers = r._resolver().nameservers
     got = [(str(n.address), n.port) for n in servers]  # type: ignore[union-attr]
     assert got == [("127.0.0.1", 5301), ("127.0.0.1", 5302)]
+
+
+def _silent_udp() -> Any:
+    """A UDP socket on loopback that never answers (a dead nameserver)."""
+    import socket as socket_
+
+    s = socket_.socket(socket_.AF_INET, socket_.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def test_a_dead_first_nameserver_leaves_time_for_the_next() -> None:
+    """Found by a review: each server's timeout was the whole lookup's lifetime, so a dead
+    first server took all of it and the healthy second was never asked."""
+    from tests.support.dnsserver import ZoneServer
+
+    dead = _silent_udp()
+    try:
+        with ZoneServer({"example.org": {"TXT": ["v=spf1 -all"]}}) as good:
+            servers = [f"127.0.0.1:{dead.getsockname()[1]}", f"127.0.0.1:{good.port}"]
+            r = StubResolver(DnsSettings(nameservers=servers, timeout=3, cache_size=0))
+            t0 = time.monotonic()
+            assert r.lookup("example.org", "TXT", timeout=1.0) == ["v=spf1 -all"]
+            assert time.monotonic() - t0 < 1.0
+    finally:
+        dead.close()
+
+
+def test_a_lookup_never_outlives_the_time_it_was_given() -> None:
+    """Found by a review: dnspython returned ~0.1 s after the lifetime, so an inline
+    plugin giving a lookup all its time left overran its own deadline (a plugin failure)."""
+    dead = _silent_udp()
+    try:
+        r = StubResolver(DnsSettings(nameservers=[f"127.0.0.1:{dead.getsockname()[1]}"],
+                                     timeout=10, cache_size=0))  # fmt: skip
+        for t in (0.3, 0.8):
+            t0 = time.monotonic()
+            with pytest.raises(DNSTempError):
+                r.lookup("x.example", "TXT", timeout=t)
+            assert time.monotonic() - t0 <= t
+    finally:
+        dead.close()
+
+
+def test_no_resolver_configuration_is_a_temporary_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a review: with no nameserver in resolv.conf (and none in [dns]) dnspython's
+    NoResolverConfiguration escaped lookup(); SPF recorded permerror (and could reject)."""
+    import dns.resolver
+
+    def unconfigured(*args: Any, **kwargs: Any) -> Any:
+        raise dns.resolver.NoResolverConfiguration("no nameservers")  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(dns.resolver, "Resolver", unconfigured)
+    r = StubResolver(DnsSettings(timeout=1))
+    with pytest.raises(DNSTempError, match="resolver"):
+        r.lookup("example.org", "TXT")
+
+
+@pytest.mark.parametrize("name", ["a\\", "a\\256b.example", "a\u2028b.example"])
+def test_names_that_cannot_exist_are_nxdomain(name: str) -> None:
+    """A bad escape or a code point IDNA refuses names nothing: NXDOMAIN, as a 64-octet
+    label is (an SPF include of one is a permerror, not a temperror)."""
+    r = StubResolver(DnsSettings(nameservers=["127.0.0.1:9"], timeout=0.5, cache_size=0))
+    with pytest.raises(NXDomain):
+        r.lookup(name, "TXT")
