@@ -169,11 +169,16 @@ class _Conn:
         "rt", "session",
     )  # fmt: skip
 
-    def __init__(self, ctx: Any, rt: Runtime, refuse: bool = False) -> None:
+    def __init__(self, ctx: Any, rt: Runtime, refuse: bool = False, acquired: bool = False) -> None:
         self.ctx = ctx
         self.rt = rt
         self.refuse = refuse
-        self.session = Session(rt, progress=ctx.progress)
+        try:
+            self.session = Session(rt, progress=ctx.progress, acquired=acquired)
+        except BaseException:
+            if acquired:
+                rt.release()
+            raise
         self.macros = rt.negotiation.macros
         self.actions = 0
         self.proto = 0
@@ -316,9 +321,13 @@ def _negotiate(ctx: Any, opts: list[int]) -> int:
     global _open
     with _runtime_lock:
         rt, (actions, proto) = _runtime, _flags
+        # Counted while it is still the current generation: a reload that replaces and
+        # retires it after this cannot shut it down under this connection.
+        if rt is not None:
+            rt.acquire()
     if rt is None:
         return TEMPFAIL
-    conn = _Conn(ctx, rt, refuse=_draining)
+    conn = _Conn(ctx, rt, refuse=_draining, acquired=True)
     ctx.setpriv(conn)
     offered_actions, offered_proto = opts[0], opts[1]
     proto &= offered_proto

@@ -487,10 +487,17 @@ class Session:
     _serial_lock = threading.Lock()
 
     def __init__(
-        self, runtime: Runtime, progress: Callable[[], None] | None = None, capture: bool = False
+        self,
+        runtime: Runtime,
+        progress: Callable[[], None] | None = None,
+        capture: bool = False,
+        acquired: bool = False,
     ) -> None:
         """``capture``: keep the last message as it would be delivered in ``delivered``
-        (the harness and ``milterd check --output``; the daemon never does)."""
+        (the harness and ``milterd check --output``; the daemon never does).
+        ``acquired``: the caller already counted this connection on ``runtime``
+        (:meth:`Runtime.acquire`, done where the runtime was chosen, so that a reload
+        between the two cannot stop it first)."""
         self.rt = runtime
         self.progress = progress
         self.capture = capture
@@ -513,7 +520,8 @@ class Session:
         self.txn_macros: set[str] = set()
         self.closed = False
         self.last_ledger = Ledger()  # the ledger of the last message that ended
-        runtime.acquire()
+        if not acquired:
+            runtime.acquire()
         METRICS.connections.inc()
 
     # --- plumbing -----------------------------------------------------------------------

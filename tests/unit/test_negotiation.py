@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import Milter
+import pytest
 
 from milterd import Context, EnvRcpt, Message, hookimpl
 from milterd.bridge import protocol_flags
@@ -176,3 +179,56 @@ def test_a_core_error_at_a_no_reply_stage_is_answered_at_end_of_message() -> Non
     ctx, conn = connection(0)  # negotiated with a reply: answered at once, as before
     assert bridge._guard("body")(broken)(ctx, b"chunk") == bridge.TEMPFAIL and not conn.failed
     rt.stop()
+
+
+def test_a_reload_between_choosing_the_runtime_and_using_it_cannot_stop_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a concurrency review: _negotiate read the current runtime, and only later
+    (in Session) counted the connection on it; a reload in between replaced and retired
+    it with no connection counted, so it was stopped (plugins shut down) under the new
+    connection."""
+    from milterd import bridge, pipeline
+
+    class Ctx:
+        conn: object = None
+
+        def getpriv(self) -> object:
+            return self.conn
+
+        def setpriv(self, c: object) -> None:
+            self.conn = c
+
+        def getsymval(self, name: str) -> None:
+            return None
+
+        def setsymlist(self, *args: object) -> None:
+            return None
+
+        def progress(self) -> None:
+            return None
+
+    old_rt = Runtime(from_dict({"plugins": {"e": {}}}), {"e": HeaderAtEom}, FakeResolver())
+    old_rt.start()
+    new_rt = Runtime(from_dict({"plugins": {"e": {}}}), {"e": HeaderAtEom}, FakeResolver())
+    new_rt.start()
+    previous = bridge.set_runtime(old_rt)
+    real_init = pipeline.Session.__init__
+
+    def reload_first(self: Any, *args: Any, **kwargs: Any) -> None:
+        bridge.set_runtime(new_rt)  # the reload lands right here
+        old_rt.retire()
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Session, "__init__", reload_first)
+    try:
+        ctx = Ctx()
+        assert bridge._negotiate(ctx, [0x1FF, 0x1FFFFF, 0, 0]) == bridge.CONTINUE
+        assert old_rt.started, "the connection's runtime was stopped under it"
+        monkeypatch.setattr(pipeline.Session, "__init__", real_init)
+        bridge._close(ctx)
+        assert not old_rt.started  # its last connection closed: now it stops
+    finally:
+        if previous is not None:
+            bridge.set_runtime(previous)
+        new_rt.stop()
