@@ -8,6 +8,7 @@ whatever a plugin must remember lives here (``ctx.connection_state``,
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -155,6 +156,7 @@ class Context:
     __slots__ = (
         "_actions",
         "_dry_run",
+        "_gate",
         "_ledger",
         "_live",
         "_log",
@@ -202,6 +204,10 @@ class Context:
         self._actions = actions
         self._dry_run = dry_run
         self._live = True
+        # Held while a contribution is checked and added, and while the core ends the call
+        # (refuses more, drops what it added): a helper thread still running past its
+        # deadline cannot slip one in between the two.
+        self._gate = threading.Lock()
         #: At ``finalize``: the merged verdict so far (None = continue); at ``outcome``: the
         #: final one. None at every other stage.
         self.verdict: Verdict | None = None
@@ -251,13 +257,14 @@ class Context:
     # --- recording -------------------------------------------------------------------------
 
     def _record(self, value: Change | Result | Symbol) -> None:
-        if not self._live:
-            raise ContributionRefused(f"plugin {self.name}: recorded after its deadline")
         if self._ledger is None or self._stage not in CHANGE_STAGES:
             raise ContributionRefused(
                 f"plugin {self.name}: nothing can be recorded at {self._stage}"
             )
-        self._ledger.entries.append(Entry(self.name, self._stage, value))
+        with self._gate:
+            if not self._live:
+                raise ContributionRefused(f"plugin {self.name}: recorded after its deadline")
+            self._ledger.entries.append(Entry(self.name, self._stage, value))
 
     def add_change(self, change: Change) -> None:
         """Record a change (header, recipient, sender, body); applied once at end of message.

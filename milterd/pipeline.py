@@ -422,9 +422,11 @@ class Runtime:
             return rv  # type: ignore[no-any-return]
         # The call is over for us: anything it records from now on is refused, and what it
         # recorded during the call is dropped, so a failed call contributes nothing.
-        ctx._live = False
+        with ctx._gate:
+            ctx._live = False
+            if ledger is not None:
+                ledger.entries[mark:] = [e for e in ledger.entries[mark:] if e.plugin != p.name]
         if ledger is not None:
-            ledger.entries[mark:] = [e for e in ledger.entries[mark:] if e.plugin != p.name]
             ledger.errors.append((p.name, stage, f"{failure.kind}: {failure.detail}"))
         METRICS.plugin_errors.labels(p.name, stage, failure.kind).inc()
         qid = ctx.message.queue_id if ctx.message is not None else ""

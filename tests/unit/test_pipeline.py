@@ -442,3 +442,29 @@ def test_the_queue_id_is_known_from_data_with_one_recipient() -> None:
     s.on_abort()
     s.on_close()
     rt.stop()
+
+
+def test_a_timed_out_call_on_a_helper_thread_leaves_nothing_behind() -> None:
+    """Found by a concurrency review: the helper thread passed the "still live" check,
+    the core then ended the call and dropped what it had recorded, and the thread's
+    append landed after that: about 4 % of timed-out calls left a symbol on the message.
+    The check and the append now happen under the lock the core ends the call with."""
+    from milterd.context import ContributionRefused
+
+    class Slow:
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            while True:  # records until refused
+                try:
+                    ctx.add_symbol("LATE", 1.0)
+                except ContributionRefused:
+                    return None
+
+    cfg = {"slow": {"timeout": 0.002, "on_error": "continue", "isolation": "thread"}}
+    leaked = 0
+    with Harness(cfg, plugins={"slow": Slow}) as h:
+        for _ in range(300):
+            out = h.send(b"Subject: x\r\n\r\nbody\r\n")
+            assert out.errors and "timeout" in out.errors[0][2], out.errors
+            leaked += any(s.name == "LATE" for s in out.symbols)
+    assert leaked == 0
