@@ -7,6 +7,7 @@ one connection per thread) or in Redis when several milterd hosts share one mode
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -111,6 +112,9 @@ class Store(Protocol):
     def set_seen(
         self, digest: str, label: str | None, tokens: Sequence[str] | None = None
     ) -> None: ...
+    def claim(
+        self, digest: str, label: str, tokens: Sequence[str]
+    ) -> tuple[str | None, list[str] | None]: ...
     def close(self) -> None: ...
 
 
@@ -189,6 +193,31 @@ class SQLiteStore:
             row = db.execute("SELECT tokens FROM seen WHERE digest = ?", (digest,)).fetchone()
         return _unpack(row[0]) if row else None
 
+    def claim(
+        self, digest: str, label: str, tokens: Sequence[str]
+    ) -> tuple[str | None, list[str] | None]:
+        """Atomically (one IMMEDIATE transaction, across threads and processes): mark
+        ``digest`` learned as ``label`` with ``tokens`` unless it already is; return what
+        it was before (label and learned tokens, or None, None)."""
+        with self.pool.conn() as db:
+            if db.in_transaction:  # (a pooled connection is never left in one)
+                db.rollback()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(
+                    "SELECT label, tokens FROM seen WHERE digest = ?", (digest,)
+                ).fetchone()
+                if row is None or row[0] != label:
+                    db.execute(
+                        "INSERT OR REPLACE INTO seen (digest, label, tokens) VALUES (?, ?, ?)",
+                        (digest, label, _pack(tokens)),
+                    )
+                db.commit()
+            except BaseException:
+                db.rollback()
+                raise
+        return (str(row[0]), _unpack(row[1])) if row else (None, None)
+
     def set_seen(self, digest: str, label: str | None, tokens: Sequence[str] | None = None) -> None:
         with self.pool.conn() as db, db:
             if label is None:
@@ -219,6 +248,19 @@ return 0
 """
 
 
+# KEYS: seen hash, seen-tokens hash; ARGV: digest, label, packed tokens. Returns the old
+# label and tokens (nil when none), and sets the new ones unless the label is the same.
+_REDIS_CLAIM = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local oldtok = redis.call('HGET', KEYS[2], ARGV[1])
+if old ~= ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+end
+return {old, oldtok}
+"""
+
+
 class RedisStore:
     """Token counts in Redis hashes ``PREFIX:spam``/``PREFIX:ham``; totals in ``PREFIX:n``."""
 
@@ -230,6 +272,7 @@ class RedisStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._learn: Any = self.r.register_script(_REDIS_LEARN)
+        self._claim: Any = self.r.register_script(_REDIS_CLAIM)
 
     def counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
         toks = list(tokens)
@@ -263,6 +306,16 @@ class RedisStore:
 
     def learned_tokens(self, digest: str) -> list[str] | None:
         return _unpack(self.r.hget(self.prefix + ":seentok", digest))
+
+    def claim(
+        self, digest: str, label: str, tokens: Sequence[str]
+    ) -> tuple[str | None, list[str] | None]:
+        """As SQLiteStore.claim, in one script (atomic in Redis)."""
+        old, old_tokens = self._claim(
+            keys=[self.prefix + ":seen", self.prefix + ":seentok"],
+            args=[digest, label, _pack(tokens)],
+        )
+        return (old.decode() if isinstance(old, bytes) else None), _unpack(old_tokens)
 
     def set_seen(self, digest: str, label: str | None, tokens: Sequence[str] | None = None) -> None:
         pipe = self.r.pipeline(transaction=True)
@@ -363,14 +416,20 @@ class Classifier:
         taken back; the stores never let a count drop below 0.
         """
         label = "spam" if spam else "ham"
-        before = self.store.seen(digest)
+        # Claimed first, atomically: of two deliveries of one message learned at once
+        # (on two connections, in two workers) only one learns it (both did, counts
+        # inflated); a failure below gives the claim back.
+        before, old = self.store.claim(digest, label, tokens)
         if before == label:
             return False
-        if before is not None:
-            old = self.store.learned_tokens(digest)
-            self.store.learn(tokens if old is None else old, before == "spam", -1)
-        self.store.learn(tokens, spam, 1)
-        self.store.set_seen(digest, label, tokens)
+        try:
+            if before is not None:
+                self.store.learn(tokens if old is None else old, before == "spam", -1)
+            self.store.learn(tokens, spam, 1)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.store.set_seen(digest, before, old)
+            raise
         return True
 
 

@@ -378,3 +378,20 @@ def test_reload_compiles_new_rules_and_refuses_broken_ones(rig: Rig) -> None:
     after = uuid.uuid4().hex
     assert rig.send(message(after, "a brand-new-rule here")).ok
     assert "IT_RELOADED" in symbols_of(rig.delivered(after))
+
+
+def test_redis_bayes_learns_one_message_once_when_it_arrives_at_once(redis_port: int) -> None:
+    """The Redis store's claim (one script): as SQLite's, only one of many concurrent
+    learns of one message counts."""
+    from milterd_plugins.scoring.bayes import Classifier, RedisStore
+
+    from tests.unit.test_scoring_bayes import concurrent_learns
+
+    store = RedisStore(f"redis://127.0.0.1:{redis_port}/0", f"it:claim:{uuid.uuid4().hex}", 2.0)
+    clf = Classifier(store, 1, 1)
+    assert sum(concurrent_learns(clf)) == 1
+    assert store.totals() == (1, 0) and store.counts(["casino"]) == {"casino": (1, 0)}
+    assert not clf.learn(["casino", "win"], True, "same-message-id")
+    assert clf.learn(["casino", "win"], False, "same-message-id")  # moved: ham now
+    assert store.totals() == (0, 1) and store.counts(["casino"]) == {"casino": (0, 1)}
+    store.close()

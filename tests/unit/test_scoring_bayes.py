@@ -380,3 +380,50 @@ def test_train_reads_the_header_block_where_the_daemon_does(
     assert len(daemon) == 1 and daemon[0]
     monkeypatch.setattr(bayes_mod, "tokenize", real)
     assert set(tokens_of(raw, 1000)[0]) == set(daemon[0])
+
+
+def concurrent_learns(clf: Any, n: int = 16) -> list[bool]:
+    """n threads learning one message (same digest) at the same moment."""
+    import threading
+
+    barrier = threading.Barrier(n)
+    out: list[bool] = [False] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        out[i] = clf.learn(["casino", "win"], True, "same-message-id")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def test_one_message_learned_at_once_on_many_connections_is_learned_once(
+    tmp_path: Path,
+) -> None:
+    """Found by a concurrency review: learn() read "seen", learned, then wrote "seen", so
+    the same Message-ID autolearned on several connections at once was counted several
+    times (63 for 20 messages)."""
+    store = SQLiteStore(str(tmp_path / "c.sqlite"))
+    assert sum(concurrent_learns(Classifier(store, 1, 1))) == 1
+    assert store.totals() == (1, 0) and store.counts(["casino"]) == {"casino": (1, 0)}
+    store.close()
+
+
+def test_a_failed_learn_gives_its_claim_back(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "f.sqlite"))
+    clf = Classifier(store, 1, 1)
+
+    def broken(*args: Any) -> None:
+        raise OSError("disk full")
+
+    real = store.learn
+    store.learn = broken
+    with pytest.raises(OSError):
+        clf.learn(["a"], True, "d")
+    store.learn = real
+    assert store.seen("d") is None and clf.learn(["a"], True, "d")
+    store.close()
