@@ -77,6 +77,8 @@ _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)|xn--[a-z0-9-]{1,59}"
 _DOMAIN = re.compile(rf"(?:{_LABEL})(?:\.(?:{_LABEL}))+")
 _PSL: PublicSuffixList | None = None
 _PSL_LOCK = threading.Lock()
+#: The history pool's wait for another writer (ms); add() uses its caller's shorter one.
+POOL_BUSY_MS = 5000
 
 
 class DMARCConfig(PluginConfig):
@@ -353,7 +355,7 @@ class Store:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.pool = SQLitePool(path, 5.0)
+        self.pool = SQLitePool(path, POOL_BUSY_MS / 1000)
         with self.pool.conn() as db:
             db.executescript(SCHEMA)
             db.commit()
@@ -364,8 +366,13 @@ class Store:
         marks = ", ".join("?" for _ in row)
         with self.pool.conn() as db:
             db.execute(f"PRAGMA busy_timeout={max(1, int(timeout * 1000))}")
-            with db:
-                db.execute(f"INSERT INTO messages ({cols}) VALUES ({marks})", tuple(row.values()))
+            try:
+                with db:
+                    db.execute(
+                        f"INSERT INTO messages ({cols}) VALUES ({marks})", tuple(row.values())
+                    )
+            finally:  # the connection goes back to the pool: its usual wait, not this one's
+                db.execute(f"PRAGMA busy_timeout={POOL_BUSY_MS}")
 
     def rows(self, since: int, until: int) -> list[dict[str, Any]]:
         with self.pool.conn() as db:

@@ -596,3 +596,28 @@ def test_config_domains_that_loaded_before_still_load() -> None:
 
     conf = DMARCConfig.model_validate({"never_reject": ["localhost", "corp", "Bücher.example"]})
     assert conf.never_reject == ["localhost", "corp", "xn--bcher-kva.example"]
+
+
+def test_a_short_wait_for_one_insert_does_not_stay_on_the_pooled_connection(
+    tmp_path: Path,
+) -> None:
+    """Found by a concurrency review: add() set PRAGMA busy_timeout to the message's time
+    left (0 at worst) and handed the connection back with it; the hourly pruner then
+    failed at once ("database is locked") while another worker wrote."""
+    import threading
+
+    from milterd_plugins.dmarc import POOL_BUSY_MS, Store
+
+    path = tmp_path / "hist.sqlite"
+    store = Store(str(path))
+    cols = [r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(messages)")]
+    row = {c: ("0" if c != "ts" else 1) for c in cols if c != "id"}
+    store.add(row, timeout=0.0)
+    with store.pool.conn() as db:
+        assert db.execute("PRAGMA busy_timeout").fetchone()[0] == POOL_BUSY_MS
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another worker writing for a moment
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    assert store.prune(time.time()) == 1  # waited for it instead of failing
+    other.close()
+    store.close()
