@@ -129,3 +129,24 @@ def test_names_that_cannot_exist_are_nxdomain(name: str) -> None:
     r = StubResolver(DnsSettings(nameservers=["127.0.0.1:9"], timeout=0.5, cache_size=0))
     with pytest.raises(NXDomain):
         r.lookup(name, "TXT")
+
+
+def test_a_cached_answer_is_returned_even_with_almost_no_time_left() -> None:
+    """A review of the margin above: with 0.12 s or less left every lookup failed ("no
+    time left"), a cache hit too (DKIM key fetches late in end of message pass 0.05)."""
+    from tests.support.dnsserver import ZoneServer
+
+    with ZoneServer({"s._domainkey.example.org": {"TXT": ["v=DKIM1; p=abc"]}}) as z:
+        r = StubResolver(DnsSettings(nameservers=[f"127.0.0.1:{z.port}"], timeout=2))
+        assert r.lookup("s._domainkey.example.org", "TXT") == ["v=DKIM1; p=abc"]
+        for t in (0.05, 0.1, 0.12):
+            assert r.lookup("s._domainkey.example.org", "TXT", timeout=t) == ["v=DKIM1; p=abc"]
+        with pytest.raises(DNSTempError, match="no time left"):
+            r.lookup("other.example.org", "TXT", timeout=0.05)
+
+
+def test_a_dns_timeout_too_short_to_ask_anything_is_refused() -> None:
+    from milterd.config import ConfigError, loads
+
+    with pytest.raises(ConfigError, match=r"greater than or equal to 0\.2"):
+        loads("[dns]\ntimeout = 0.1\n")
