@@ -112,9 +112,7 @@ class Store(Protocol):
     def set_seen(
         self, digest: str, label: str | None, tokens: Sequence[str] | None = None
     ) -> None: ...
-    def claim(
-        self, digest: str, label: str, tokens: Sequence[str]
-    ) -> tuple[str | None, list[str] | None]: ...
+    def learn_message(self, digest: str, label: str, tokens: Sequence[str]) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -170,18 +168,24 @@ class SQLiteStore:
         return int(rows.get("spam", 0)), int(rows.get("ham", 0))
 
     def learn(self, tokens: Sequence[str], spam: bool, delta: int) -> None:
-        col = "spam" if spam else "ham"
         with self.pool.conn() as db, db:
-            db.executemany(
-                f"INSERT INTO tokens (token, {col}) VALUES (?, MAX(?, 0)) "
-                f"ON CONFLICT(token) DO UPDATE SET {col} = MAX({col} + ?, 0)",
-                [(t, delta, delta) for t in tokens],
-            )
-            db.execute(
-                "INSERT INTO totals (label, n) VALUES (?, MAX(?, 0)) "
-                "ON CONFLICT(label) DO UPDATE SET n = MAX(n + ?, 0)",
-                (col, delta, delta),
-            )
+            self._add(db, tokens, spam, delta)
+
+    @staticmethod
+    def _add(db: Any, tokens: Sequence[str], spam: bool, delta: int) -> None:
+        """Add ``delta`` to the tokens' and the total's count (never below 0), in the
+        caller's transaction."""
+        col = "spam" if spam else "ham"
+        db.executemany(
+            f"INSERT INTO tokens (token, {col}) VALUES (?, MAX(?, 0)) "
+            f"ON CONFLICT(token) DO UPDATE SET {col} = MAX({col} + ?, 0)",
+            [(t, delta, delta) for t in tokens],
+        )
+        db.execute(
+            "INSERT INTO totals (label, n) VALUES (?, MAX(?, 0)) "
+            "ON CONFLICT(label) DO UPDATE SET n = MAX(n + ?, 0)",
+            (col, delta, delta),
+        )
 
     def seen(self, digest: str) -> str | None:
         with self.pool.conn() as db:
@@ -193,12 +197,10 @@ class SQLiteStore:
             row = db.execute("SELECT tokens FROM seen WHERE digest = ?", (digest,)).fetchone()
         return _unpack(row[0]) if row else None
 
-    def claim(
-        self, digest: str, label: str, tokens: Sequence[str]
-    ) -> tuple[str | None, list[str] | None]:
-        """Atomically (one IMMEDIATE transaction, across threads and processes): mark
-        ``digest`` learned as ``label`` with ``tokens`` unless it already is; return what
-        it was before (label and learned tokens, or None, None)."""
+    def learn_message(self, digest: str, label: str, tokens: Sequence[str]) -> bool:
+        """Learn one message as ``label`` unless it already is (see Classifier.learn),
+        all in one IMMEDIATE transaction: across threads and processes only one of
+        several concurrent learns of it counts, and a failure changes nothing."""
         with self.pool.conn() as db:
             if db.in_transaction:  # (a pooled connection is never left in one)
                 db.rollback()
@@ -207,16 +209,22 @@ class SQLiteStore:
                 row = db.execute(
                     "SELECT label, tokens FROM seen WHERE digest = ?", (digest,)
                 ).fetchone()
-                if row is None or row[0] != label:
-                    db.execute(
-                        "INSERT OR REPLACE INTO seen (digest, label, tokens) VALUES (?, ?, ?)",
-                        (digest, label, _pack(tokens)),
-                    )
+                if row is not None and row[0] == label:
+                    db.rollback()
+                    return False
+                if row is not None:
+                    old = _unpack(row[1])
+                    self._add(db, tokens if old is None else old, row[0] == "spam", -1)
+                self._add(db, tokens, label == "spam", 1)
+                db.execute(
+                    "INSERT OR REPLACE INTO seen (digest, label, tokens) VALUES (?, ?, ?)",
+                    (digest, label, _pack(tokens)),
+                )
                 db.commit()
             except BaseException:
                 db.rollback()
                 raise
-        return (str(row[0]), _unpack(row[1])) if row else (None, None)
+        return True
 
     def set_seen(self, digest: str, label: str | None, tokens: Sequence[str] | None = None) -> None:
         with self.pool.conn() as db, db:
@@ -307,15 +315,27 @@ class RedisStore:
     def learned_tokens(self, digest: str) -> list[str] | None:
         return _unpack(self.r.hget(self.prefix + ":seentok", digest))
 
-    def claim(
-        self, digest: str, label: str, tokens: Sequence[str]
-    ) -> tuple[str | None, list[str] | None]:
-        """As SQLiteStore.claim, in one script (atomic in Redis)."""
-        old, old_tokens = self._claim(
+    def learn_message(self, digest: str, label: str, tokens: Sequence[str]) -> bool:
+        """As SQLiteStore.learn_message. The message is claimed first in one script
+        (atomic in Redis: of concurrent learns only one goes on), then learned; a failure
+        after the claim gives it back as far as Redis still answers."""
+        old, old_blob = self._claim(
             keys=[self.prefix + ":seen", self.prefix + ":seentok"],
             args=[digest, label, _pack(tokens)],
         )
-        return (old.decode() if isinstance(old, bytes) else None), _unpack(old_tokens)
+        before = old.decode() if isinstance(old, bytes) else None
+        if before == label:
+            return False
+        old_tokens = _unpack(old_blob)
+        try:
+            if before is not None:
+                self.learn(tokens if old_tokens is None else old_tokens, before == "spam", -1)
+            self.learn(tokens, label == "spam", 1)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.set_seen(digest, before, old_tokens)
+            raise
+        return True
 
     def set_seen(self, digest: str, label: str | None, tokens: Sequence[str] | None = None) -> None:
         pipe = self.r.pipeline(transaction=True)
@@ -415,22 +435,9 @@ class Classifier:
         the counts. For a message learned before tokens were kept, the current tokens are
         taken back; the stores never let a count drop below 0.
         """
-        label = "spam" if spam else "ham"
-        # Claimed first, atomically: of two deliveries of one message learned at once
-        # (on two connections, in two workers) only one learns it (both did, counts
-        # inflated); a failure below gives the claim back.
-        before, old = self.store.claim(digest, label, tokens)
-        if before == label:
-            return False
-        try:
-            if before is not None:
-                self.store.learn(tokens if old is None else old, before == "spam", -1)
-            self.store.learn(tokens, spam, 1)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.store.set_seen(digest, before, old)
-            raise
-        return True
+        # Atomic in the store: of two deliveries of one message learned at once (on two
+        # connections, in two workers) only one learns it (both did: counts inflated).
+        return self.store.learn_message(digest, "spam" if spam else "ham", tokens)
 
 
 _FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
