@@ -118,13 +118,13 @@ def _as_daemon_user(user: str | None, group: str | None, fn: Callable[[], None])
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from milterd import hookspecs
-    from milterd.config import Config, ConfigError, loads
+    from milterd.config import Config, ConfigError, decode, loads
     from milterd.registry import installed, load_entry_point
 
     # An inventory of what is installed, also wanted before any config exists: a config
     # that cannot be read is a warning (none shown as enabled), one that is invalid an error.
     try:
-        text = Path(args.config).read_text(encoding="utf-8")
+        data = Path(args.config).read_bytes()
     except OSError as e:
         print(
             f"milterd: warning: {args.config}: cannot read: {e.strerror}; "
@@ -134,7 +134,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         config = Config()
     else:
         try:
-            config = loads(text, args.config)
+            config = loads(decode(data, args.config), args.config)
         except ConfigError as e:
             print(f"milterd: {e}", file=sys.stderr)
             return 2

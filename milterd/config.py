@@ -337,12 +337,19 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file. Raises ConfigError naming file, section and key."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
-    except UnicodeDecodeError as e:  # TOML is UTF-8
-        raise ConfigError(f"{p}: not UTF-8 (byte {e.start}): TOML files are UTF-8") from None
-    return loads(text, str(p))
+    return loads(decode(data, str(p)), str(p))
+
+
+def decode(data: bytes, path: str) -> str:
+    """A config file's bytes as text; ConfigError naming ``path`` when they are not UTF-8
+    (TOML is UTF-8)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start}): TOML files are UTF-8") from None
 
 
 def loads(text: str, path: str = "<memory>") -> Config:

@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from milterd.config import Config, ConfigError, check_accounts, load, loads
+from milterd.config import Config, ConfigError, check_accounts, decode, load, loads
 from milterd.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -389,7 +389,7 @@ class Supervisor:
             _metrics().reloads.labels("refused").inc()
             return
         try:
-            new = loads(text.decode("utf-8"), self.path)
+            new = loads(decode(text, self.path), self.path)
             from milterd.pipeline import Runtime
 
             rt = Runtime(new)  # plugins and their config sections

@@ -549,3 +549,13 @@ def test_a_worker_restarted_after_a_reload_keeps_the_cpu_affinity_the_daemon_sta
             time.sleep(0.1)
         (new,) = set(d.worker_pids()) - set(before)
         assert os.sched_getaffinity(new) == bound[before[0]]
+
+
+def test_a_reload_of_a_file_that_is_not_utf8_is_refused_naming_it() -> None:
+    with Daemon("[plugins.t_mark]\n") as d:
+        d.config.write_bytes(b"\xff\xfe" + d.config.read_bytes())
+        mark = len(d.log_text())
+        d.signal(signal.SIGHUP)
+        d.wait_log(f"reload refused, old config kept: {d.config}: not UTF-8", after=mark)
+        t = send(d)
+        assert t.final is not None and t.final.verdict == "accept"

@@ -259,3 +259,17 @@ def test_values_run_could_not_use_are_config_errors(text: str, what: str) -> Non
     with pytest.raises(ConfigError, match=what):
         loads(text)
     assert parse_socket("inet6:8895@[::1]") == ("inet6", "::1", 8895)
+
+
+def test_every_reader_of_a_config_file_names_it_when_it_is_not_utf8(tmp_path: Path) -> None:
+    """A review of the fix above: `milterd plugins` (and a reload) still said only
+    "'utf-8' codec can't decode byte 0xff", without the file."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "bad.toml"
+    p.write_bytes(b"\xff\xfe[milterd]\n")
+    for cmd in (["plugins"], ["config", "check"]):
+        r = subprocess.run([sys.executable, "-m", "milterd.cli", "-c", str(p), *cmd],
+                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert r.returncode == 2 and f"{p}: not UTF-8" in r.stderr, (cmd, r.stderr)
