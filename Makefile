@@ -14,6 +14,9 @@ APT_PACKAGES := $(RUN_PACKAGES) postfix opendkim opendkim-tools \
 STAMP := $(VENV)/.installed
 
 .PHONY: help run test lint unit integration deps run-deps apt venv bench clean
+# The set-up steps depend on each other's effects (the venv needs python3-venv installed
+# first; two apt-get runs would fight over dpkg's lock): never in parallel, even with -j.
+.NOTPARALLEL:
 
 help:
 	@echo "make run          install what is missing, start the daemon with $(CONFIG)"

@@ -532,8 +532,8 @@ class SPFPlugin:
             ("mfrom", True): policy_table("mfrom", "SPF_Not_Pass", pe, td),
         }
         # RFC 7208 4.6.4 limits: pyspf keeps them as module constants (10 DNS-querying
-        # terms is pyspf's MAX_LOOKUP); the void limit is configurable, as in spf-engine.
-        spf.MAX_VOID_LOOKUPS = config.Void_Limit
+        # terms is pyspf's MAX_LOOKUP); the void limit is configurable, as in spf-engine,
+        # and set before each evaluation (_check) from that message's configuration.
         spf.DNSLookup = _lookup  # idempotent; falls back to pyspf's own without a resolver
 
     # --- evaluation --------------------------------------------------------------------------
@@ -586,6 +586,10 @@ class SPFPlugin:
                     # RFC 7208 4.3: an empty local part is "postmaster", and %{s} (7.3)
                     # is that <sender>: not "@example.org" or the bare domain.
                     q.s = f"{q.l}@{domain}"
+                # pyspf reads the void limit from a module constant: set from this
+                # message's config each time (set once at startup, a refused reload's
+                # value stayed for every worker forked after it).
+                spf.MAX_VOID_LOOKUPS = ctx.config.Void_Limit
                 res, _code, exp = q.check()
         except Exception as e:  # pyspf bugs on hostile input must not cost the message
             ctx.log.warning("spf: evaluation of %s failed: %r", sender, e)

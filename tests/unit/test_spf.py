@@ -481,3 +481,16 @@ def test_only_what_pyspf_takes_for_spf_is_an_spf_record() -> None:
     with Harness({"spf": {}}, plugins={"spf": SPFPlugin}, zones=zones) as h:
         out = h.send(MSG, sender="a@e.example", client_ip="192.0.2.9")
     assert mfrom(out).result == "pass"
+
+
+def test_each_configuration_evaluates_with_its_own_void_limit() -> None:
+    """A review: pyspf keeps the void limit in a module constant, set at startup: the
+    generation started last (a reload, even a refused one) set it for every session."""
+    base = {"skip_addresses": [], "HELO_reject": "No_Check", "Mail_From_reject": "False"}
+    old = Harness({"spf": {**base, "Void_Limit": 2}}, plugins={"spf": SPFPlugin}, zones=ZONES)
+    new = Harness({"spf": {**base, "Void_Limit": 3}}, plugins={"spf": SPFPlugin}, zones=ZONES)
+    with old, new:  # new started last
+        assert mfrom(old.send(MSG, sender="a@void.example.org",
+                              client_ip="192.0.2.2")).result == "permerror"  # fmt: skip
+        assert mfrom(new.send(MSG, sender="a@void.example.org",
+                              client_ip="192.0.2.2")).result == "softfail"  # fmt: skip
