@@ -12,6 +12,7 @@ import pytest
 from milterd import Accept, AddHeader, Context, Message, Quarantine, Reject, Verdict, hookimpl
 from milterd.events import Connect, EnvFrom, EnvRcpt, Eom, Helo
 from milterd.testing import Harness, PluginFailed, split_message
+from tests.support.milterctx import FakeMilterCtx
 
 MSG = b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
 
@@ -556,30 +557,12 @@ def test_discard_at_connect_or_helo_discards_every_message_at_mail(stage: str) -
     assert plugin.seen[-2:] == ["abort", "abort"] and "envfrom" not in plugin.seen
 
     # The bridge, as libmilter drives it: CONTINUE at CONNECT and HELO, DISCARD at MAIL.
-    class Ctx:
-        def __init__(self) -> None:
-            self.conn: object = None
-
-        def getpriv(self) -> object:
-            return self.conn
-
-        def setpriv(self, c: object) -> None:
-            self.conn = c
-
-        def getsymval(self, name: str) -> None:
-            return None
-
-        def setsymlist(self, *args: object) -> None:
-            return None
-
-        def progress(self) -> None:
-            return None
 
     rt = Runtime(from_dict({"plugins": {"d": {}}}), {"d": DiscardAt(stage)})
     rt.start()
     old = bridge.set_runtime(rt)
     try:
-        ctx = Ctx()
+        ctx = FakeMilterCtx()
         assert bridge._negotiate(ctx, [0x1FF, 0x1FFFFF, 0, 0]) == bridge.CONTINUE
         assert bridge._connect(ctx, "c.example", socket.AF_INET, ("192.0.2.1", 1)) in (
             bridge.CONTINUE, bridge.NOREPLY)  # fmt: skip

@@ -13,6 +13,7 @@ from milterd.config import from_dict
 from milterd.merge import merge
 from milterd.pipeline import Runtime
 from milterd.testing import FakeResolver
+from tests.support.milterctx import FakeMilterCtx
 
 
 def runtime(**plugins: object) -> Runtime:
@@ -117,36 +118,19 @@ def test_a_core_error_at_a_no_reply_stage_is_answered_at_end_of_message() -> Non
         def abort(self) -> None:
             seen.append("abort")
 
-    class Ctx:
-        def __init__(self) -> None:
-            self.replies: list[tuple[str, ...]] = []
-            self.conn: object = None
-
-        def getpriv(self) -> object:
-            return self.conn
-
-        def setreply(self, *args: str) -> None:
-            self.replies.append(args)
-
-        def getsymval(self, name: str) -> None:
-            return None
-
-        def progress(self) -> None:
-            return None
-
     rt = Runtime(from_dict({"plugins": {"rec": {}}}), {"rec": Rec}, FakeResolver())
     rt.start()
 
     def broken(ctx: object, *args: object) -> int:
         raise RuntimeError("core bug")
 
-    def connection(proto: int) -> tuple[Ctx, bridge._Conn]:
-        ctx = Ctx()
+    def connection(proto: int) -> tuple[FakeMilterCtx, bridge._Conn]:
+        ctx = FakeMilterCtx()
         conn = bridge._Conn(ctx, rt)
         conn.proto, ctx.conn = proto, conn
         return ctx, conn
 
-    def message(ctx: Ctx, conn: bridge._Conn, body: bool = True) -> int:
+    def message(ctx: FakeMilterCtx, conn: bridge._Conn, body: bool = True) -> int:
         assert bridge._guard("envfrom")(lambda c: 0)(ctx) == 0
         conn.session.on_envfrom("a@example.org", {}, {})
         conn.session.on_envrcpt("b@example.com", {}, {})
@@ -190,24 +174,6 @@ def test_a_reload_between_choosing_the_runtime_and_using_it_cannot_stop_it(
     connection."""
     from milterd import bridge, pipeline
 
-    class Ctx:
-        conn: object = None
-
-        def getpriv(self) -> object:
-            return self.conn
-
-        def setpriv(self, c: object) -> None:
-            self.conn = c
-
-        def getsymval(self, name: str) -> None:
-            return None
-
-        def setsymlist(self, *args: object) -> None:
-            return None
-
-        def progress(self) -> None:
-            return None
-
     old_rt = Runtime(from_dict({"plugins": {"e": {}}}), {"e": HeaderAtEom}, FakeResolver())
     old_rt.start()
     new_rt = Runtime(from_dict({"plugins": {"e": {}}}), {"e": HeaderAtEom}, FakeResolver())
@@ -222,7 +188,7 @@ def test_a_reload_between_choosing_the_runtime_and_using_it_cannot_stop_it(
 
     monkeypatch.setattr(pipeline.Session, "__init__", reload_first)
     try:
-        ctx = Ctx()
+        ctx = FakeMilterCtx()
         assert bridge._negotiate(ctx, [0x1FF, 0x1FFFFF, 0, 0]) == bridge.CONTINUE
         assert old_rt.started, "the connection's runtime was stopped under it"
         monkeypatch.setattr(pipeline.Session, "__init__", real_init)
