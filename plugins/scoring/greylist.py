@@ -183,11 +183,7 @@ class RedisGrey(_Policy):
                                            socket_connect_timeout=timeout)  # fmt: skip
 
     def _row(self, k: str) -> tuple[float, int, float] | None:
-        raw = self.r.get(k)
-        if not raw:
-            return None
-        first, passed, expires = json.loads(raw)
-        return float(first), int(passed), float(expires)
+        return self._parse(self.r.get(k))
 
     def peek(self, key: str, now: float) -> tuple[bool, bool]:
         """(passes, known): what :meth:`check` would answer now, recording nothing."""
@@ -195,13 +191,37 @@ class RedisGrey(_Policy):
         return self.decide(row, now)[0], row is not None
 
     def check(self, key: str, now: float) -> bool:
+        """Read, decide and write as one optimistic transaction (WATCH): a row another
+        connection wrote meanwhile (a retry that just passed) is read again, not
+        overwritten with a decision made on the old one."""
+        import redis
+
         k = f"{self.prefix}:{key}"
-        row = self._row(k)
-        ok, new = self.decide(row, now)
-        if new != row:
-            ttl = max(1, int(new[2] - now) + 1)
-            self.r.set(k, json.dumps(list(new)), ex=ttl)
-        return ok
+        with self.r.pipeline() as pipe:
+            for _ in range(5):
+                try:
+                    pipe.watch(k)
+                    raw = pipe.get(k)
+                    row = self._parse(raw)
+                    ok, new = self.decide(row, now)
+                    if new == row:
+                        pipe.unwatch()
+                        return ok
+                    ttl = max(1, int(new[2] - now) + 1)
+                    pipe.multi()
+                    pipe.set(k, json.dumps(list(new)), ex=ttl)
+                    pipe.execute()
+                    return ok
+                except redis.WatchError:
+                    continue
+        return ok  # still contended after 5 tries: the last decision, not written
+
+    @staticmethod
+    def _parse(raw: Any) -> tuple[float, int, float] | None:
+        if not raw:
+            return None
+        first, passed, expires = json.loads(raw)
+        return float(first), int(passed), float(expires)
 
     def close(self) -> None:
         self.r.close()

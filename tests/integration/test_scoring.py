@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -395,3 +396,32 @@ def test_redis_bayes_learns_one_message_once_when_it_arrives_at_once(redis_port:
     assert clf.learn(["casino", "win"], False, "same-message-id")  # moved: ham now
     assert store.totals() == (0, 1) and store.counts(["casino"]) == {"casino": (0, 1)}
     store.close()
+
+
+def test_redis_greylist_does_not_overwrite_a_row_written_meanwhile(redis_port: int) -> None:
+    """A concurrency review: check() read the triplet, decided and wrote without WATCH,
+    so a first-seen delivery could overwrite the row a retry had just passed with a new
+    pending one (the sender greylisted again). Now the write is conditional on the row
+    being unchanged; a changed row is read again."""
+    import redis
+    from milterd_plugins.scoring.greylist import RedisGrey
+
+    prefix = f"it:grey:{uuid.uuid4().hex}"
+    grey = RedisGrey(f"redis://127.0.0.1:{redis_port}/0", prefix, delay=60, expire=86400,
+                     pending_expire=3600)  # fmt: skip
+    other = redis.Redis(port=redis_port)
+    real = grey.decide
+    calls: list[Any] = []
+
+    def decide(row: Any, now: float) -> Any:
+        calls.append(row)
+        if len(calls) == 1:  # another connection passes the triplet meanwhile
+            other.set(f"{prefix}:t", "[1000.0, 1, 999999.0]", ex=600)
+        return real(row, now)
+
+    grey.decide = decide
+    assert grey.check("t", 1100.0)  # read again: passed
+    assert calls[0] is None and calls[1] == (1000.0, 1, 999999.0)
+    assert grey.peek("t", 1100.0) == (True, True)
+    grey.close()
+    other.close()
