@@ -35,20 +35,13 @@ from statistics import median
 
 from archive import mount_journal_fs, umount_journal_fs
 from benchlib import CLK_TCK, WORK, machine_busy, wait_quiet
+from flush_cost import _fsync_dir
 
 DATA = (b"X" * 76 + b"\r\n") * 64  # 5,120 bytes, like the archive bench's message
 SYNC_FILE_RANGE_WRITE = 2
 KINDS = (("per-file", 1), ("fsync-each", 4), ("fsync-each", 8), ("sfr", 4), ("sfr", 8),
          ("syncfs", 2), ("syncfs", 4), ("syncfs", 8))  # fmt: skip
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def one(root: Path, kind: str, group: int, count: int) -> tuple[float, float]:
