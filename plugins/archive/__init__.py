@@ -68,6 +68,7 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
 _UNITS = {"": 86400, "s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 BACKEND_GROUP = "milterd.archive_backends"
 SLOW_THREADS = 8  # helper threads for the disk work of outcome()
+PRUNER_JOIN_S = 10.0  # how long shutdown waits for the deletion under way to end
 
 
 class AmbiguousDuration(ValueError):
@@ -416,6 +417,13 @@ class ArchivePlugin:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)  # let started disk work finish before the store closes
+        # The pruner stops between two deletions (prune() checks _stop); closing the store
+        # under a deletion would leave that message half removed until the next prune.
+        if self._pruner is not None:
+            self._pruner.join(PRUNER_JOIN_S)
+            if self._pruner.is_alive():
+                self.log.warning("retention prune still running at shutdown; store left open")
+                return
         if self.backend is not None:
             self.backend.close()
 
@@ -457,7 +465,7 @@ class ArchivePlugin:
         interval = parse_duration(self.cfg.prune_interval)
         while not self._stop.is_set():
             try:
-                n = prune(backend, parse_duration(self.cfg.retention))
+                n = prune(backend, parse_duration(self.cfg.retention), stop=self._stop)
                 if n:
                     self.log.info("retention: pruned %d message(s)", n)
             except Exception as e:
@@ -581,12 +589,20 @@ class ArchivePlugin:
         add_commands(subparsers)
 
 
-def prune(backend: ArchiveBackend, age: float, now: float | None = None) -> int:
+def prune(
+    backend: ArchiveBackend,
+    age: float,
+    now: float | None = None,
+    stop: threading.Event | None = None,
+) -> int:
     """Delete every message archived more than ``age`` seconds ago. Returns the count.
-    (The ``files`` store's ``delete`` also removes a past day's directory it empties.)"""
+    (The ``files`` store's ``delete`` also removes a past day's directory it empties.)
+    With ``stop``, returns early once it is set, between two deletions."""
     cutoff = (now if now is not None else time.time()) - age
     n = 0
     for id_ in backend.older_than(cutoff):
+        if stop is not None and stop.is_set():
+            break
         if backend.delete(id_):
             n += 1
     return n

@@ -79,6 +79,8 @@ _PSL: PublicSuffixList | None = None
 _PSL_LOCK = threading.Lock()
 #: The history pool's wait for another writer (ms); add() uses its caller's shorter one.
 POOL_BUSY_MS = 5000
+# How long shutdown waits for a prune under way (one DELETE waits at most POOL_BUSY_MS).
+PRUNER_JOIN_S = 2 * POOL_BUSY_MS / 1000
 
 
 class DMARCConfig(PluginConfig):
@@ -452,6 +454,7 @@ class DMARCPlugin:
         self.history_db: str | None = None
         self.history_days = 31
         self._stop = threading.Event()
+        self._pruner: threading.Thread | None = None
         self.services: Services | None = None
         self.config: DMARCConfig | None = None
         self.spool: FailureSpool | None = None
@@ -489,10 +492,11 @@ class DMARCPlugin:
         # One pruner per daemon (worker 0, or the only process): the history would
         # otherwise grow by a row per message for ever.
         if self.store is not None and os.environ.get("MILTERD_WORKER", "0") == "0":
-            threading.Thread(
+            self._pruner = threading.Thread(
                 target=self._prune_loop, args=(self.store, self._stop), name="dmarc-prune",
                 daemon=True,
-            ).start()  # fmt: skip
+            )  # fmt: skip
+            self._pruner.start()
         # One sender of failure reports per daemon (the spool is shared): worker 0's, one
         # per process across reloads (the old generation lives on while its connections
         # finish; two senders would send every report twice). A new generation hands it
@@ -526,6 +530,13 @@ class DMARCPlugin:
 
             release_sender(self)
 
+        # A prune under way finishes first (one DELETE, bounded by the busy timeout): it
+        # would otherwise write the history after shutdown, on a connection the closed
+        # pool no longer tracks.
+        if self._pruner is not None:
+            self._pruner.join(PRUNER_JOIN_S)
+            if self._pruner.is_alive():
+                log.warning("dmarc: history prune still running at shutdown")
         if self.store is not None:
             self.store.close()
 

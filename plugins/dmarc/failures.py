@@ -62,6 +62,7 @@ __all__ = [
 log = logging.getLogger("milterd.dmarc")
 
 INTERVAL = 15.0  # seconds between two passes of the sender
+RELEASE_JOIN_S = 10.0  # how long shutdown waits for a pass under way (one report)
 MAX_AGE = 86400.0  # a report not sent within a day (temporary failures) is dropped
 _POLICY = email.policy.SMTP.clone(max_line_length=998)
 
@@ -585,12 +586,22 @@ def shared_sender(owner: object, settings: SenderSettings) -> FailureSender | No
 
 
 def release_sender(owner: object) -> None:
-    """``owner``'s generation shuts down: pause the sender if no newer generation took it
-    over (a reload's new generation configures it before the old one shuts down)."""
+    """``owner``'s generation shuts down: if no newer generation took the sender over (a
+    reload's new generation configures it before the old one shuts down), stop it and
+    wait up to ``RELEASE_JOIN_S`` for a pass under way, so no spool file changes after
+    shutdown returns; a later generation starts a new one."""
+    global _SHARED
     with _SHARED_LOCK:
-        if _SHARED is not None and _SHARED.owner is owner:
-            _SHARED.configure(replace(_SHARED.settings, spool=None))
-            _SHARED.owner = None
+        if _SHARED is None or _SHARED.owner is not owner:
+            return
+        sender, _SHARED = _SHARED, None
+    sender.configure(replace(sender.settings, spool=None))
+    sender.stop.set()
+    sender.wake.set()
+    if sender.thread is not None:
+        sender.thread.join(RELEASE_JOIN_S)
+        if sender.thread.is_alive():
+            log.warning("dmarc: failure report sender still sending at shutdown")
 
 
 def _addressed(report: bytes, address: str) -> bytes:

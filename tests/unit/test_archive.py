@@ -398,6 +398,43 @@ def test_prune_and_retention(tmp_path: Path) -> None:
     assert FileStore(tmp_path / "arch").search(Query()) == []
 
 
+def test_shutdown_stops_the_pruner_between_deletions_before_closing_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown closed the store under the pruner: the deletion under way failed half done
+    and the next ones ran on a closed store, after the daemon had shut the plugin down."""
+    with rig(tmp_path) as h:
+        for _ in range(3):
+            h.send(MSG)
+    s = FileStore(tmp_path / "arch")
+    s.db.execute("UPDATE messages SET received = received - 400 * 86400")
+    s.close()
+    started, events = threading.Event(), []
+    real_delete, real_close = FileStore.delete, FileStore.close
+
+    def slow_delete(self: FileStore, id: str) -> bool:
+        started.set()
+        time.sleep(0.3)
+        done: bool = real_delete(self, id)
+        events.append("delete")
+        return done
+
+    def close(self: FileStore) -> None:
+        if started.is_set():
+            events.append("close")
+        real_close(self)
+
+    monkeypatch.setattr(FileStore, "delete", slow_delete)
+    monkeypatch.setattr(FileStore, "close", close)
+    with rig(tmp_path, retention="365d"):
+        assert started.wait(5)
+    time.sleep(0.5)  # a pruner left running would delete the next one now
+    assert events == ["delete", "close"]
+    monkeypatch.undo()
+    assert len(all_records(tmp_path)) == 2
+    assert FileStore(tmp_path / "arch", readonly=True).verify() == []
+
+
 def test_search_criteria(tmp_path: Path) -> None:
     with rig(tmp_path, verdicts=["continue", "quarantine", "reject"]) as h:
         h.send(MSG, sender="a@one.example", recipients=["x@two.example", "y@three.example"])

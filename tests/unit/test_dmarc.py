@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -421,6 +422,38 @@ def test_history_older_than_history_days_is_pruned(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
     assert left == [now - 60]
+
+
+def test_shutdown_waits_for_a_history_prune_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown closed the store while the pruner was in its DELETE: the pruner then wrote
+    the history after the plugin had shut down (a dry run that followed saw the file
+    change under it)."""
+    from milterd_plugins.dmarc import Store
+
+    started, events = threading.Event(), []
+    real_prune, real_close = Store.prune, Store.close
+
+    def slow_prune(self: Store, before: float) -> int:
+        started.set()
+        time.sleep(0.3)
+        n: int = real_prune(self, before)
+        events.append("pruned")
+        return n
+
+    def close(self: Store) -> None:
+        if started.is_set():
+            events.append("closed")
+        real_close(self)
+
+    monkeypatch.setattr(Store, "prune", slow_prune)
+    monkeypatch.setattr(Store, "close", close)
+    cfg = {"dmarc": {"history_db": str(tmp_path / "history.sqlite3")}}
+    with Harness(cfg, plugins={"dmarc": DMARCPlugin}):
+        assert started.wait(5)
+    assert events == ["pruned", "closed"]
+    assert not (tmp_path / "history.sqlite3-wal").exists()  # no connection left open
 
 
 def test_a_from_subdomain_too_long_for_its_dmarc_name_uses_the_organizational_domain() -> None:

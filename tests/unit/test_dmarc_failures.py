@@ -311,6 +311,36 @@ def test_failing_mail_is_reported_to_verified_ruf_addresses(tmp_path: Path) -> N
                 assert len(threads) == 1
 
 
+def test_shutdown_waits_for_the_senders_pass_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last generation's shutdown only paused the sender: a pass under way went on
+    rewriting the spool after shutdown returned, and the thread lived on."""
+    started, events = threading.Event(), []
+    real_once = FailureSender.run_once
+
+    def slow_once(self: FailureSender) -> dict[str, int]:
+        if self.settings.spool is not None:
+            started.set()
+            time.sleep(0.3)
+            events.append("pass")
+        counts: dict[str, int] = real_once(self)
+        return counts
+
+    monkeypatch.setattr(FailureSender, "run_once", slow_once)
+    cfg = {"dmarc": {"failure_reports": True, "failure_spool": str(tmp_path / "spool"),
+                     "report_smtp_port": 9}}  # fmt: skip
+    with Harness(cfg, plugins={"dmarc": DMARCPlugin}, zones=ZONES):
+        assert started.wait(5)
+    assert events == ["pass"]
+    assert not [t for t in threading.enumerate() if t.name == "dmarc-failures"]
+    # A later generation starts a sender again.
+    started.clear()
+    with Harness(cfg, plugins={"dmarc": DMARCPlugin}, zones=ZONES):
+        assert started.wait(5)
+        assert [t for t in threading.enumerate() if t.name == "dmarc-failures"]
+
+
 def test_sender_keeps_deferred_reports_and_drops_bad_files(tmp_path: Path) -> None:
     spool = FailureSpool(str(tmp_path), 3)
     assert spool.put("example.org", "mailto:f@example.org", b"Subject: r\r\n\r\nx\r\n")
