@@ -79,8 +79,9 @@ _PSL: PublicSuffixList | None = None
 _PSL_LOCK = threading.Lock()
 #: The history pool's wait for another writer (ms); add() uses its caller's shorter one.
 POOL_BUSY_MS = 5000
-# How long shutdown waits for a prune under way (one DELETE waits at most POOL_BUSY_MS).
-PRUNER_JOIN_S = 2 * POOL_BUSY_MS / 1000
+# How long shutdown waits for a prune under way: one DELETE waits at most POOL_BUSY_MS,
+# and the supervisor allows a worker 5 s past shutdown_timeout.
+PRUNER_JOIN_S = POOL_BUSY_MS / 1000
 
 
 class DMARCConfig(PluginConfig):

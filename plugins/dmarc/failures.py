@@ -62,7 +62,7 @@ __all__ = [
 log = logging.getLogger("milterd.dmarc")
 
 INTERVAL = 15.0  # seconds between two passes of the sender
-RELEASE_JOIN_S = 10.0  # how long shutdown waits for a pass under way (one report)
+RELEASE_JOIN_S = 5.0  # how long shutdown waits for a pass under way (within the stop margin)
 MAX_AGE = 86400.0  # a report not sent within a day (temporary failures) is dropped
 _POLICY = email.policy.SMTP.clone(max_line_length=998)
 
