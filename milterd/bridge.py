@@ -292,7 +292,7 @@ def _guard(stage: str) -> Callable[[Callback], Callback]:
                             raise RuntimeError(f"core error at {failed} (logged above)")
                         c.session.core_failure(failed)
                 return fn(ctx, *args)
-            except Exception:
+            except BaseException:  # on libmilter's thread: nothing may reach pymilter
                 log.exception("internal error at %s; tempfailing", stage)
                 # (The connection looked up here, not before every call: header and body
                 # callbacks come many times a message.)

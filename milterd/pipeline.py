@@ -42,7 +42,7 @@ from milterd.context import (
 from milterd.dns import Resolver, StubResolver
 from milterd.merge import Decision, merge, render
 from milterd.metrics import METRICS
-from milterd.registry import LoadedPlugin, finalize_order, load_plugins
+from milterd.registry import LoadedPlugin, contained, finalize_order, load_plugins
 from milterd.spool import Message, Spool
 
 __all__ = ["Negotiation", "Runtime", "Session"]
@@ -264,7 +264,9 @@ class Runtime:
                 given["services"] = replace(services, logger=self.loggers[p.name])
             try:
                 impl.function(**{a: given[a] for a in impl.argnames})
-            except Exception as e:
+            except BaseException as e:
+                if not contained(e):
+                    raise
                 from milterd.config import ConfigError
 
                 raise ConfigError(
@@ -287,7 +289,9 @@ class Runtime:
             if impl is not None:
                 try:
                     impl.function()
-                except Exception:
+                except BaseException as e:
+                    if not contained(e):
+                        raise
                     log.exception("plugin %s: shutdown failed", p.name)
 
     def acquire(self) -> None:
@@ -376,7 +380,9 @@ class Runtime:
         if p.isolation_for(stage) == "inline":
             try:
                 rv = impl.function(**kwargs)
-            except Exception as e:
+            except BaseException as e:
+                if not contained(e):
+                    raise
                 failure = _Failure("exception", f"{type(e).__name__}: {e}")
                 log.debug("plugin %s failed at %s", p.name, stage, exc_info=True)
             if failure is None and time.perf_counter() - t0 > timeout:
@@ -405,7 +411,9 @@ class Runtime:
                         break
                     if progress is not None:
                         progress()
-                except Exception as e:
+                except BaseException as e:
+                    if not contained(e):
+                        raise
                     failure = _Failure("exception", f"{type(e).__name__}: {e}")
                     log.debug("plugin %s failed at %s", p.name, stage, exc_info=True)
                     break

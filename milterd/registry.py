@@ -30,6 +30,7 @@ import difflib
 import importlib.metadata as md
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,18 @@ HOOK_ARGS: dict[str, tuple[str, ...]] = {
 log = logging.getLogger("milterd")
 
 
+def contained(e: BaseException) -> bool:
+    """Whether ``e``, raised out of plugin code, is that plugin's failure, handled as any
+    other: everything, ``SystemExit`` (a plugin calling ``sys.exit()``) and
+    ``GeneratorExit`` included, but a ``KeyboardInterrupt`` on the main thread, which is
+    a Ctrl-C (the harness, a start-up in the foreground). The daemon runs hooks on
+    libmilter's and helper threads, where only plugin code can raise one; let through
+    there, a ``SystemExit`` silently ended libmilter's thread and left the MTA waiting."""
+    return not (
+        isinstance(e, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Installed:
     """An installed plugin, from package metadata alone (nothing imported)."""
@@ -113,7 +126,9 @@ def load_entry_point(name: str) -> object:
         )
     try:
         return eps[0].load()
-    except Exception as e:  # any import error must name the plugin, not crash start-up
+    except BaseException as e:  # any import error must name the plugin, not crash start-up
+        if not contained(e):
+            raise
         raise ConfigError(
             f"plugin {name!r} failed to load ({eps[0].value}): {type(e).__name__}: {e}"
         ) from e
@@ -151,7 +166,9 @@ def _instantiate(name: str, source: object) -> object:
     if isinstance(source, type):
         try:
             return source()
-        except Exception as e:
+        except BaseException as e:
+            if not contained(e):
+                raise
             raise ConfigError(
                 f"plugin {name!r}: creating {source.__name__}() failed: {type(e).__name__}: {e}"
             ) from e
@@ -225,7 +242,9 @@ def check_disabled(config: Config) -> list[str]:
             pm = new_manager()
             pm.register(obj, name=name)
             _describe(name, obj, config, pm)
-        except Exception as e:  # only warnings: whatever a disabled plugin raises
+        except BaseException as e:  # only warnings: whatever a disabled plugin raises
+            if not contained(e):
+                raise
             what = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
             out.append(f"[plugins.{name}] (disabled): {what}")
     return out
@@ -338,7 +357,9 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
             plugin_config = schema.model_validate(options, context=validation_context(config.path))
         except ValidationError as e:
             raise ConfigError(describe(e, config.path, section)) from None
-        except Exception as e:  # a validator raising something else (re.error, ...)
+        except BaseException as e:  # a validator raising something else (re.error, ...)
+            if not contained(e):
+                raise
             raise ConfigError(f"{config.path}: [{section}]: {type(e).__name__}: {e}") from None
     actions = frozenset(_names(name, "actions", getattr(obj, "actions", ACTIONS)))
     unknown = actions - ACTIONS

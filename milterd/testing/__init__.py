@@ -45,7 +45,7 @@ from milterd.dns import DNSTempError, NXDomain
 from milterd.events import Client, parse_address
 from milterd.merge import Decision, Op, merge
 from milterd.pipeline import CORE, Runtime, Session
-from milterd.registry import LoadedPlugin
+from milterd.registry import LoadedPlugin, contained
 
 __all__ = [
     "FakeResolver",
@@ -262,8 +262,9 @@ class _Traced:
         __tracebackhide__ = True  # pytest: show the plugin's frames, not this one
         try:
             return self._function(**kwargs)
-        except Exception as e:
-            self.exc = e
+        except BaseException as e:
+            if contained(e):
+                self.exc = e
             raise
 
 

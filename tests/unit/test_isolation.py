@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
 import pytest
 
-from milterd import AddHeader, Context, Result, hookimpl
+from milterd import AddHeader, ConfigError, Context, Result, hookimpl
 from milterd.hookspecs import STAGES
 from milterd.pipeline import Runtime, Session
 from milterd.testing import Harness
@@ -47,6 +48,66 @@ def test_exception_in_every_hook_applies_on_error(policy: str, verdict: str) -> 
     else:
         code = getattr(out.early or out.decision.verdict, "code", "")
         assert code == ("451" if policy == "tempfail" else "550")
+
+
+@pytest.mark.parametrize("isolation", ["inline", "thread"])
+@pytest.mark.parametrize("exc", [SystemExit, GeneratorExit])
+def test_what_is_no_exception_is_a_plugin_failure_too(
+    isolation: str, exc: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plugin calling sys.exit() (SystemExit) went past the guard: out of the harness
+    into the test, and in the daemon it ended libmilter's thread for that connection,
+    leaving the MTA waiting for a reply until its milter timeout."""
+
+    class Exits:
+        @hookimpl
+        def startup(self) -> None:
+            self.calls = 0
+
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            self.calls += 1
+            raise exc("leaving")
+
+        @hookimpl
+        def shutdown(self) -> None:
+            raise exc("at shutdown")
+
+    section = {"on_error": "continue", "isolation": isolation}
+    with Harness({"plugins": {"exits": section}}, plugins={"exits": Exits}) as h:
+        out = h.send(MSG)
+        again = h.send(MSG)
+    assert out.verdict == again.verdict == "continue"
+    assert out.errors == [("exits", "eom", f"exception: {exc.__name__}: leaving")]
+    assert "plugin exits: shutdown failed" in caplog.text
+
+    class ExitsAtStartup:
+        @hookimpl
+        def startup(self) -> None:
+            sys.exit("missing dependency")
+
+    with pytest.raises(ConfigError, match="plugin 'bad': startup failed: SystemExit"):
+        Harness({"plugins": {"bad": {}}}, plugins={"bad": ExitsAtStartup}).__enter__()
+
+    class ExitsInInit:
+        def __init__(self) -> None:
+            sys.exit(2)
+
+    with pytest.raises(ConfigError, match=r"plugin 'bad': creating ExitsInInit\(\) failed"):
+        Harness({"plugins": {"bad": {}}}, plugins={"bad": ExitsInInit}).__enter__()
+
+
+def test_a_ctrl_c_in_the_harness_still_interrupts() -> None:
+    """On the main thread a KeyboardInterrupt is the user's Ctrl-C, not a plugin failure."""
+
+    class Interrupted:
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            raise KeyboardInterrupt
+
+    cfg = {"plugins": {"i": {"isolation": "inline"}}}
+    with Harness(cfg, plugins={"i": Interrupted}) as h, pytest.raises(KeyboardInterrupt):
+        h.send(MSG)
 
 
 def test_a_failed_call_contributes_nothing() -> None:

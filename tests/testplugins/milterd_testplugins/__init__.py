@@ -92,13 +92,32 @@ class RejectRcpt:
         return None
 
 
+class RaiseConfig(PluginConfig):
+    # What to raise: RuntimeError, or what is no Exception (SystemExit, as a plugin
+    # calling sys.exit() raises; KeyboardInterrupt; GeneratorExit).
+    exception: str = "RuntimeError"
+
+
 class RaiseEverywhere:
     """Raises in every stage hook."""
 
+    exception: type[BaseException] = RuntimeError
+
+    @hookimpl
+    def config_schema(self) -> type[RaiseConfig]:
+        return RaiseConfig
+
+    @hookimpl
+    def startup(self, config: RaiseConfig) -> None:
+        self.exception = {
+            "RuntimeError": RuntimeError, "SystemExit": SystemExit,
+            "KeyboardInterrupt": KeyboardInterrupt, "GeneratorExit": GeneratorExit,
+        }[config.exception]  # fmt: skip
+
 
 def _raiser(stage: str):  # type: ignore[no-untyped-def]
-    def hook(self: object) -> None:
-        raise RuntimeError(f"t_raise fails at {stage}")
+    def hook(self: RaiseEverywhere) -> None:
+        raise self.exception(f"t_raise fails at {stage}")
 
     hook.__name__ = stage
     return hookimpl(hook)
