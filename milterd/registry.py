@@ -330,7 +330,14 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
     options = config.plugin_options(name)
     schema: type[BaseModel] | None = None
     if "config_schema" in impls:
-        schema = impls.pop("config_schema").function()
+        try:
+            schema = impls.pop("config_schema").function()
+        except BaseException as e:
+            if not contained(e):
+                raise
+            raise ConfigError(
+                f"plugin {name!r}: config_schema failed: {type(e).__name__}: {e}"
+            ) from e
         if schema is not None and not (
             isinstance(schema, type) and issubclass(schema, BaseModel)
         ):

@@ -89,6 +89,14 @@ def test_what_is_no_exception_is_a_plugin_failure_too(
     with pytest.raises(ConfigError, match="plugin 'bad': startup failed: SystemExit"):
         Harness({"plugins": {"bad": {}}}, plugins={"bad": ExitsAtStartup}).__enter__()
 
+    class SchemaFails:
+        @hookimpl
+        def config_schema(self) -> None:
+            raise ImportError("no module named 'x'")
+
+    with pytest.raises(ConfigError, match="plugin 'bad': config_schema failed: ImportError"):
+        Harness({"plugins": {"bad": {}}}, plugins={"bad": SchemaFails}).__enter__()
+
     class ExitsInInit:
         def __init__(self) -> None:
             sys.exit(2)
