@@ -82,14 +82,15 @@ log = logging.getLogger("milterd")
 
 def contained(e: BaseException) -> bool:
     """Whether ``e``, raised out of plugin code, is that plugin's failure, handled as any
-    other: everything, ``SystemExit`` (a plugin calling ``sys.exit()``) and
-    ``GeneratorExit`` included, but a ``KeyboardInterrupt`` on the main thread, which is
-    a Ctrl-C (the harness, a start-up in the foreground). The daemon runs hooks on
-    libmilter's and helper threads, where only plugin code can raise one; let through
-    there, a ``SystemExit`` silently ended libmilter's thread and left the MTA waiting."""
-    return not (
-        isinstance(e, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
-    )
+    other. On the threads the daemon runs hooks on (libmilter's, helpers), everything is:
+    let through there, a ``SystemExit`` (a plugin calling ``sys.exit()``) silently ended
+    libmilter's thread and left the MTA waiting. On the main thread (the harness, start-up)
+    ``Exception``, ``SystemExit`` and ``GeneratorExit`` are, and the other subclasses of
+    ``BaseException`` go through: a ``KeyboardInterrupt`` there is a Ctrl-C, and pytest's
+    ``fail()`` and ``skip()`` in a test plugin's hook must reach pytest."""
+    if isinstance(e, Exception | SystemExit | GeneratorExit):
+        return True
+    return threading.current_thread() is not threading.main_thread()
 
 
 @dataclass(frozen=True, slots=True)

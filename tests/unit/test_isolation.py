@@ -105,16 +105,25 @@ def test_what_is_no_exception_is_a_plugin_failure_too(
         Harness({"plugins": {"bad": {}}}, plugins={"bad": ExitsInInit}).__enter__()
 
 
-def test_a_ctrl_c_in_the_harness_still_interrupts() -> None:
-    """On the main thread a KeyboardInterrupt is the user's Ctrl-C, not a plugin failure."""
+@pytest.mark.parametrize("isolation", ["inline", "thread"])
+def test_a_ctrl_c_or_pytest_fail_in_the_harness_still_goes_through(isolation: str) -> None:
+    """On the main thread a KeyboardInterrupt is the user's Ctrl-C, and pytest.fail() in
+    a test plugin's hook is the test's verdict: neither is a plugin failure."""
 
     class Interrupted:
         @hookimpl
         def eom(self, ctx: Context) -> None:
             raise KeyboardInterrupt
 
-    cfg = {"plugins": {"i": {"isolation": "inline"}}}
+    class Fails:
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            pytest.fail("eom must not be called")
+
+    cfg = {"plugins": {"i": {"isolation": isolation}}}
     with Harness(cfg, plugins={"i": Interrupted}) as h, pytest.raises(KeyboardInterrupt):
+        h.send(MSG)
+    with Harness(cfg, plugins={"i": Fails}) as h, pytest.raises(pytest.fail.Exception):
         h.send(MSG)
 
 
