@@ -397,7 +397,13 @@ def parser() -> tuple[argparse.ArgumentParser, Any]:
 def _plugin_commands(sub: Any) -> None:
     """Let every installed plugin add its subcommands (``commands`` hook)."""
     from milterd.config import ConfigError
-    from milterd.registry import installed, load_entry_point, new_manager
+    from milterd.registry import (
+        contained,
+        exception_text,
+        installed,
+        load_entry_point,
+        new_manager,
+    )
 
     pm = new_manager()
     for p in installed():
@@ -408,15 +414,22 @@ def _plugin_commands(sub: Any) -> None:
         try:
             if callable(getattr(obj, "commands", None)):
                 pm.register(obj() if isinstance(obj, type) else obj, name=p.name)
-        except Exception as e:  # a broken plugin must not break the CLI
-            print(f"milterd: warning: plugin {p.name!r} skipped: {e}", file=sys.stderr)
+        except BaseException as e:  # a broken plugin must not break the CLI (sys.exit too)
+            if not contained(e):
+                raise
+            print(
+                f"milterd: warning: plugin {p.name!r} skipped: {exception_text(e)}",
+                file=sys.stderr,
+            )
     for impl in pm.hook.commands.get_hookimpls():
         try:
             impl.function(subparsers=sub)
-        except Exception as e:  # one plugin's broken command must not break `milterd run`
+        except BaseException as e:  # one plugin's broken command must not break `milterd run`
+            if not contained(e):
+                raise
             print(
                 f"milterd: warning: plugin {impl.plugin_name!r} commands skipped: "
-                f"{type(e).__name__}: {e}",
+                f"{exception_text(e)}",
                 file=sys.stderr,
             )
 

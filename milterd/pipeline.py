@@ -42,7 +42,13 @@ from milterd.context import (
 from milterd.dns import Resolver, StubResolver
 from milterd.merge import Decision, merge, render
 from milterd.metrics import METRICS
-from milterd.registry import LoadedPlugin, contained, finalize_order, load_plugins
+from milterd.registry import (
+    LoadedPlugin,
+    contained,
+    exception_text,
+    finalize_order,
+    load_plugins,
+)
 from milterd.spool import Message, Spool
 
 __all__ = ["Negotiation", "Runtime", "Session"]
@@ -270,7 +276,7 @@ class Runtime:
                 from milterd.config import ConfigError
 
                 raise ConfigError(
-                    f"plugin {p.name!r}: {hook} failed: {type(e).__name__}: {e}"
+                    f"plugin {p.name!r}: {hook} failed: {exception_text(e)}"
                 ) from e
             if done is not None:
                 done.append(p)
@@ -383,7 +389,7 @@ class Runtime:
             except BaseException as e:
                 if not contained(e):
                     raise
-                failure = _Failure("exception", f"{type(e).__name__}: {e}")
+                failure = _Failure("exception", exception_text(e))
                 log.debug("plugin %s failed at %s", p.name, stage, exc_info=True)
             if failure is None and time.perf_counter() - t0 > timeout:
                 failure = _Failure(
@@ -414,7 +420,7 @@ class Runtime:
                 except BaseException as e:
                     if not contained(e):
                         raise
-                    failure = _Failure("exception", f"{type(e).__name__}: {e}")
+                    failure = _Failure("exception", exception_text(e))
                     log.debug("plugin %s failed at %s", p.name, stage, exc_info=True)
                     break
         elapsed = time.perf_counter() - t0

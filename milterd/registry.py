@@ -93,6 +93,23 @@ def contained(e: BaseException) -> bool:
     return threading.current_thread() is not threading.main_thread()
 
 
+#: How much of an exception's text goes into a log line, an error and a ConfigError.
+MAX_EXCEPTION_TEXT = 1000
+
+
+def exception_text(e: BaseException) -> str:
+    """``Type: text`` for an exception out of plugin code, never raising and never long:
+    a ``__str__`` that raises, or megabytes of text, must not turn a contained failure
+    into a core error or flood the log."""
+    try:
+        text = str(e)
+    except BaseException:  # whatever __str__ raises, the failure is e's
+        text = "(its text could not be read)"
+    if len(text) > MAX_EXCEPTION_TEXT:
+        text = text[:MAX_EXCEPTION_TEXT] + f"... ({len(text)} characters)"
+    return f"{type(e).__name__}: {text}"
+
+
 @dataclass(frozen=True, slots=True)
 class Installed:
     """An installed plugin, from package metadata alone (nothing imported)."""
@@ -131,7 +148,7 @@ def load_entry_point(name: str) -> object:
         if not contained(e):
             raise
         raise ConfigError(
-            f"plugin {name!r} failed to load ({eps[0].value}): {type(e).__name__}: {e}"
+            f"plugin {name!r} failed to load ({eps[0].value}): {exception_text(e)}"
         ) from e
 
 
@@ -171,7 +188,7 @@ def _instantiate(name: str, source: object) -> object:
             if not contained(e):
                 raise
             raise ConfigError(
-                f"plugin {name!r}: creating {source.__name__}() failed: {type(e).__name__}: {e}"
+                f"plugin {name!r}: creating {source.__name__}() failed: {exception_text(e)}"
             ) from e
     return source
 
@@ -246,7 +263,7 @@ def check_disabled(config: Config) -> list[str]:
         except BaseException as e:  # only warnings: whatever a disabled plugin raises
             if not contained(e):
                 raise
-            what = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            what = str(e) if isinstance(e, ConfigError) else exception_text(e)
             out.append(f"[plugins.{name}] (disabled): {what}")
     return out
 
@@ -337,7 +354,7 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
             if not contained(e):
                 raise
             raise ConfigError(
-                f"plugin {name!r}: config_schema failed: {type(e).__name__}: {e}"
+                f"plugin {name!r}: config_schema failed: {exception_text(e)}"
             ) from e
         if schema is not None and not (
             isinstance(schema, type) and issubclass(schema, BaseModel)
@@ -368,7 +385,7 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
         except BaseException as e:  # a validator raising something else (re.error, ...)
             if not contained(e):
                 raise
-            raise ConfigError(f"{config.path}: [{section}]: {type(e).__name__}: {e}") from None
+            raise ConfigError(f"{config.path}: [{section}]: {exception_text(e)}") from None
     actions = frozenset(_names(name, "actions", getattr(obj, "actions", ACTIONS)))
     unknown = actions - ACTIONS
     if unknown:

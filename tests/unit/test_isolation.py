@@ -127,6 +127,52 @@ def test_a_ctrl_c_or_pytest_fail_in_the_harness_still_goes_through(isolation: st
         h.send(MSG)
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
+@pytest.mark.parametrize("isolation", ["inline", "thread"])
+def test_an_exception_without_text_or_with_megabytes_of_it_is_contained(
+    isolation: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception whose str() raised escaped the guard (a core error, 451 whatever
+    on_error said); one with 5 MB of text went whole into the log line and the errors."""
+
+    class Odd:
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            assert ctx.message is not None
+            if ctx.message.sender.startswith("u@"):
+                raise Unprintable()
+            raise OSError("x" * 5_000_000)
+
+        @hookimpl
+        def shutdown(self) -> None:
+            raise Unprintable()
+
+    section = {"on_error": "continue", "isolation": isolation}
+    with Harness({"plugins": {"odd": section}}, plugins={"odd": Odd}) as h:
+        unprintable = h.send(MSG, sender="u@example.org")
+        huge = h.send(MSG, sender="h@example.org")
+    assert unprintable.verdict == huge.verdict == "continue"
+    assert unprintable.errors == [
+        ("odd", "eom", "exception: Unprintable: (its text could not be read)")
+    ]
+    (detail,) = [d for _, _, d in huge.errors]
+    assert detail.startswith("exception: OSError: xxx") and detail.endswith("(5000000 characters)")
+    assert len(detail) < 1100
+    assert max(len(r.getMessage()) for r in caplog.records) < 1300
+
+    class StartFails:
+        @hookimpl
+        def startup(self) -> None:
+            raise Unprintable()
+
+    with pytest.raises(ConfigError, match=r"startup failed: Unprintable: \(its text could not"):
+        Harness({"plugins": {"bad": {}}}, plugins={"bad": StartFails}).__enter__()
+
+
 def test_a_failed_call_contributes_nothing() -> None:
     class Half:
         actions = frozenset({"add_header"})
