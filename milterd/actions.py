@@ -8,6 +8,7 @@ context. The core merges everything once at end of message (:mod:`milterd.merge`
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -431,6 +432,10 @@ class Result:
         return None
 
 
+#: The largest score one symbol may carry (either sign): a bound no sum of them can overflow.
+MAX_SYMBOL_SCORE = 1e9
+
+
 @dataclass(frozen=True, slots=True)
 class Symbol:
     """A named score contribution, as in rspamd and SpamAssassin."""
@@ -439,3 +444,13 @@ class Symbol:
     score: float
     description: str = ""
     options: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        # NaN made the total NaN (no threshold ever matched, "nan" in the headers), an
+        # infinity rejected or tagged for nothing, and huge values add up to one.
+        ok = isinstance(self.score, int | float) and not isinstance(self.score, bool)
+        if not ok or not math.isfinite(self.score) or abs(self.score) > MAX_SYMBOL_SCORE:
+            raise ValueError(
+                f"symbol {self.name!r}: score must be a finite number within "
+                f"±{MAX_SYMBOL_SCORE:g}, got {self.score!r}"
+            )

@@ -10,6 +10,13 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from milterd import ConfigPath, PluginConfig
 
+#: A score in the configuration: finite (TOML's inf and nan are refused already) and
+#: within ±1e6, so that no sum of them overflows and a scanner's score times its weight
+#: stays within what one symbol may carry (milterd's MAX_SYMBOL_SCORE, 1e9).
+Score = Annotated[float, Field(ge=-1e6, le=1e6)]
+#: A scanner's weight: every score it reports is multiplied by it.
+Weight = Annotated[float, Field(ge=-1000, le=1000)]
+
 __all__ = [
     "ActionThresholds",
     "BayesConfig",
@@ -74,7 +81,7 @@ class RuleConfig(PluginConfig):
 
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     type: RuleType
-    score: float = 1.0
+    score: Score = 1.0
     description: str = ""
     enabled: bool = True
     pattern: str | None = None  # regex for the pattern types
@@ -111,7 +118,7 @@ class RuleConfig(PluginConfig):
 
 class ReturnCode(PluginConfig):
     symbol: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
-    score: float = 1.0
+    score: Score = 1.0
     description: str = ""
 
 
@@ -124,7 +131,7 @@ class DnsblConfig(PluginConfig):
     zone: str
     type: Literal["ip", "uri"] = "ip"
     symbol: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")  # any listing code
-    score: float = 1.0
+    score: Score = 1.0
     description: str = ""
     #: answer address or CIDR network (``"127.0.0.2"``, ``"127.0.1.0/24"``) -> symbol.
     returncodes: dict[str, ReturnCode] = {}
@@ -200,10 +207,10 @@ class MimeConfig(PluginConfig):
     """Built-in attachment checks."""
 
     enabled: bool = True
-    executable: float = 4.0  # MIME_EXE_ATTACHMENT
-    double_extension: float = 3.0  # MIME_DOUBLE_EXTENSION
-    archive: float = 0.5  # MIME_ARCHIVE_ATTACHMENT
-    too_complex: float = 3.0  # MIME_TOO_COMPLEX: MIME too deep or too large to parse
+    executable: Score = 4.0  # MIME_EXE_ATTACHMENT
+    double_extension: Score = 3.0  # MIME_DOUBLE_EXTENSION
+    archive: Score = 0.5  # MIME_ARCHIVE_ATTACHMENT
+    too_complex: Score = 3.0  # MIME_TOO_COMPLEX: MIME too deep or too large to parse
     executable_extensions: list[str] = [
         "exe", "scr", "com", "pif", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", "wsh",
         "msi", "msp", "hta", "cpl", "jar", "ps1", "lnk", "reg", "dll", "iso", "img",
@@ -221,8 +228,8 @@ class BayesConfig(PluginConfig):
     min_ham: int = Field(default=20, ge=1)
     spam_threshold: float = Field(default=0.9, gt=0.5, le=1)  # probability -> BAYES_SPAM
     ham_threshold: float = Field(default=0.1, ge=0, lt=0.5)  # probability -> BAYES_HAM
-    spam_score: float = 3.0
-    ham_score: float = -2.0
+    spam_score: Score = 3.0
+    ham_score: Score = -2.0
     max_tokens: int = Field(default=2000, ge=10)  # per message, first seen
     autolearn: bool = False
     autolearn_spam: float = 12.0  # final score at or above: learn as spam
@@ -266,7 +273,7 @@ class SpamdConfig(PluginConfig):
     mode: Literal["rules", "total"] = "rules"  # a symbol per rule, or one for the total
     prefix: str = "SA_"  # rules mode: SA_<RULE>
     symbol: str = "SPAMD"  # total mode
-    weight: float = 1.0  # every score is multiplied by this
+    weight: Weight = 1.0  # every score is multiplied by this
     add_received: bool = True  # prepend a Received field naming the client
 
 
@@ -281,19 +288,19 @@ class RspamdConfig(PluginConfig):
     mode: Literal["rules", "total"] = "rules"
     prefix: str = "RSPAMD_"
     symbol: str = "RSPAMD"
-    weight: float = 1.0
+    weight: Weight = 1.0
     keep_zero: bool = False  # also keep rspamd's zero-score symbols
 
 
 class ScoringConfig(PluginConfig):
     rules: list[RuleConfig] = []
-    results: dict[str, float] = {}  # "spf=fail" = 3.0, merged over the defaults
+    results: dict[str, Score] = {}  # "spf=fail" = 3.0, merged over the defaults
     result_names: dict[str, str] = {}  # "spf=fail" = "R_SPF_FAIL"
     result_defaults: bool = True  # start from DEFAULT_RESULT_SCORES
     gtube: Threshold = 1000.0  # GTUBE symbol score; 0, false or "off": not recognised
     scan_bytes: int = Field(default=2 << 20, ge=1024)  # decoded+raw bytes scanned per message
     scan_time: float = Field(default=2.0, gt=0)  # seconds of rule matching per message
-    scan_incomplete: float = 0.0  # SCAN_INCOMPLETE score
+    scan_incomplete: Score = 0.0  # SCAN_INCOMPLETE score
     scan_trusted: bool = False  # also score mail from authenticated/internal clients
     mime: MimeConfig = MimeConfig()
     dnsbl: list[DnsblConfig] = []

@@ -296,11 +296,22 @@ def test_meta_parser() -> None:
         ([rule("X", "body")], "needs 'pattern'"),
         ([rule("X", "client", networks=["300.1.1.1/8"])], "does not appear"),
         ([rule("X", "body", pattern="a"), rule("X", "body", pattern="b")], "twice"),
+        # a score past what one symbol may carry would fail the plugin on every message
+        ([rule("X", "body", 2e6, pattern="a")], "less than or equal to 1000000"),
     ],
 )
 def test_broken_rules_refuse_the_config(rules: list[dict[str, Any]], needle: str) -> None:
     with pytest.raises((ConfigError, ValueError), match=needle):
         run({"rules": rules})
+
+
+def test_scores_and_weights_are_bounded_in_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"results\.spf=fail: Input should be greater"):
+        run({"results": {"spf=fail": -3e6}})
+    with pytest.raises(ConfigError, match=r"spamd\.weight: Input should be less"):
+        run({"spamd": {"weight": 1e4}})
+    with pytest.raises(ConfigError, match=r"bayes\.spam_score: Input should be less"):
+        run({"bayes": {"spam_score": 1e7}})
 
 
 def test_rules_compiled_once_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -424,19 +424,27 @@ def test_a_file_name_in_a_charset_that_cannot_decode_it_is_no_failure() -> None:
 
 
 class InfiniteScore:
-    """A third-party plugin adding a score tagging cannot turn into an int."""
+    """A third-party plugin adding scores tagging cannot turn into an int, or the largest
+    it may add."""
 
     @hookimpl
     def eom(self, ctx: Context) -> None:
-        ctx.add_symbol("HUGE", float("inf"))
+        for i in range(3):
+            ctx.add_symbol(f"LARGE{i}", 1e9)
+        for bad in (float("inf"), float("nan"), -1.1e9):
+            with pytest.raises(ValueError, match="finite number within"):
+                ctx.add_symbol("HUGE", bad)
 
 
 def test_an_infinite_score_is_no_tagging_failure() -> None:
-    # int(inf) raised OverflowError in tagging (a scanner's 1e308 rules summed to inf).
+    # int(inf) raised OverflowError in tagging (a scanner's 1e308 rules summed to inf);
+    # NaN made every threshold miss and wrote "nan" into the headers. Such a symbol is
+    # now refused when it is added, and the largest ones allowed add up to no failure.
     cfg: dict[str, Any] = {"huge": {}, "scoring": {}, "tagging": {}}
     with Harness(cfg, plugins={"huge": InfiniteScore}) as h:
         out = h.send(PLAIN, client_ip="192.0.2.1")
-    assert [e for e in out.errors if e[0] == "tagging"] == []
+    assert out.errors == []
+    assert out.score >= 3e9 and out.verdict == "reject"
 
 
 def test_split_params_is_the_stdlib_parser_in_linear_time() -> None:
