@@ -297,7 +297,8 @@ class ScoringConfig(PluginConfig):
     results: dict[str, Score] = {}  # "spf=fail" = 3.0, merged over the defaults
     result_names: dict[str, str] = {}  # "spf=fail" = "R_SPF_FAIL"
     result_defaults: bool = True  # start from DEFAULT_RESULT_SCORES
-    gtube: Threshold = 1000.0  # GTUBE symbol score; 0, false or "off": not recognised
+    gtube: Annotated[Score | None, BeforeValidator(_off)] = 1000.0  # GTUBE symbol score;
+    # 0, false or "off": not recognised
     scan_bytes: int = Field(default=2 << 20, ge=1024)  # decoded+raw bytes scanned per message
     scan_time: float = Field(default=2.0, gt=0)  # seconds of rule matching per message
     scan_incomplete: Score = 0.0  # SCAN_INCOMPLETE score

@@ -312,6 +312,9 @@ def test_scores_and_weights_are_bounded_in_the_config() -> None:
         run({"spamd": {"weight": 1e4}})
     with pytest.raises(ConfigError, match=r"bayes\.spam_score: Input should be less"):
         run({"bayes": {"spam_score": 1e7}})
+    with pytest.raises(ConfigError, match=r"gtube: Input should be less"):
+        run({"gtube": 1e7})
+    assert run({"gtube": "off"}).errors == []
 
 
 def test_rules_compiled_once_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
