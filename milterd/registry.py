@@ -300,6 +300,12 @@ def _check_hooks(name: str, obj: object) -> None:
         accepted = HOOK_ARGS[hook]
         if getattr(fn, f"{hookspecs.PROJECT}_impl", None) is not None:
             marked += 1
+            if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+                # Called, it would return a coroutine nobody awaits: a failure per call.
+                raise ConfigError(
+                    f"plugin {name!r}: hook {hook} is 'async def'; hooks are plain "
+                    f"functions (blocking I/O is fine in them, within ctx.time_left())"
+                )
             extra = [a for a in params or () if a not in accepted]
             if extra:
                 raise ConfigError(

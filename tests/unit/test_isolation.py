@@ -127,6 +127,19 @@ def test_a_ctrl_c_or_pytest_fail_in_the_harness_still_goes_through(isolation: st
         h.send(MSG)
 
 
+def test_an_async_hook_refuses_the_config() -> None:
+    """async def eom(...) returned a coroutine nobody awaited: a bad return on every
+    message, and a RuntimeWarning."""
+
+    class Async:
+        @hookimpl
+        async def eom(self, ctx: Context) -> None:
+            return None
+
+    with pytest.raises(ConfigError, match="plugin 'a': hook eom is 'async def'"):
+        Harness({"plugins": {"a": {}}}, plugins={"a": Async}).__enter__()
+
+
 class Unprintable(Exception):
     def __str__(self) -> str:
         raise ValueError("no text")
