@@ -345,6 +345,7 @@ def _ip_address(text: str) -> str:
 
 def parser() -> tuple[argparse.ArgumentParser, Any]:
     ap = argparse.ArgumentParser(prog="milterd", description=DESCRIPTION, epilog=EPILOG)
+    ap.add_argument("-V", "--version", action="version", version=_version())
     ap.add_argument(
         "-c",
         "--config",
@@ -392,6 +393,20 @@ def parser() -> tuple[argparse.ArgumentParser, Any]:
     p.add_argument("-v", "--verbose", action="store_true", help="log at debug level to stderr")
     p.set_defaults(fn=_cmd_check)
     return ap, sub
+
+
+def _version() -> str:
+    """``milterd X (pymilter Y, Python Z)``: what a bug report needs first."""
+    import importlib.metadata as md
+    import platform
+
+    from milterd import __version__
+
+    try:
+        pymilter = md.version("pymilter")
+    except md.PackageNotFoundError:
+        pymilter = "not installed"
+    return f"milterd {__version__} (pymilter {pymilter}, Python {platform.python_version()})"
 
 
 def _plugin_commands(sub: Any) -> None:

@@ -37,6 +37,21 @@ def config(tmp_path: Path) -> Path:
     return p
 
 
+def test_version_names_milterd_pymilter_and_python() -> None:
+    import importlib.metadata as md
+    import platform
+
+    import milterd as pkg
+
+    r = milterd("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (
+        f"milterd {pkg.__version__} (pymilter {md.version('pymilter')}, "
+        f"Python {platform.python_version()})"
+    )
+    assert md.version("milterd") == pkg.__version__  # pyproject.toml and the package agree
+
+
 def test_config_check_ok_and_broken(config: Path, tmp_path: Path) -> None:
     ok = milterd("config", "check", config=config)
     assert ok.returncode == 0 and "t_reject_rcpt -> example_header -> authres" in ok.stdout
