@@ -145,6 +145,9 @@ def test_aggregate_report_is_mailed_to_verified_rua_addresses(rig: Rig) -> None:
 
 def test_unreachable_smtp_server_fails_with_status_1(rig: Rig) -> None:
     since = int(time.time()) - 1
+    # The sink held the last test's messages: without this, wait_for(1) returned at once
+    # and this message could reach the sink after the next test had cleared it.
+    rig.sink.clear()
     data = b"From: a@example.org\r\nTo: bob@example.net\r\nSubject: x\r\n\r\nHello.\r\n"
     send("127.0.0.1", rig.mta.smtp_port, "a@example.org", ["bob@example.net"], data)
     rig.sink.wait_for(1, timeout=30)

@@ -342,7 +342,8 @@ def test_sighup_applies_a_new_config_and_keeps_the_old_one_when_broken(rig: Rig)
     assert rig.send().ok
     msgs = rig.delivered(3)
     values = [m.header("X-Test-Mark")[0].split()[0] for m in msgs]
-    assert values == ["old", "new", "new"], values
+    # Counted, not in order: the MTA need not deliver in the order the messages came.
+    assert sorted(values) == ["new", "new", "old"], values
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])

@@ -47,6 +47,7 @@ from milterd import (
     hookimpl,
 )
 from milterd.testing import Harness
+from tests.support.clock import away_from_midnight
 
 MSG = (
     b"From: Alice <alice@example.org>\r\n"
@@ -1008,6 +1009,7 @@ def test_commands_need_an_existing_archive(tmp_path: Path) -> None:
 
 
 def test_prune_removes_emptied_past_days_and_the_writer_recovers(tmp_path: Path) -> None:
+    away_from_midnight()  # delete() reads the date again: today must stay today
     fs = FileStore(tmp_path / "arch")
     root = tmp_path / "arch"
     past = time.time() - 40 * 86400

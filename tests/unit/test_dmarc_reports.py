@@ -35,6 +35,7 @@ from milterd_plugins.dmarc.reports import (
 )
 
 from milterd.testing import FakeResolver
+from tests.support.clock import away_from_midnight
 from tests.support.sink import SmtpSink
 
 XSD = Path(__file__).resolve().parents[1] / "data" / "dmarc" / "rua.xsd"
@@ -420,6 +421,7 @@ def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_send_without_a_period_catches_up_the_last_days_once(tmp_path: Path) -> None:
+    away_from_midnight()  # the CLI reads the date again: today must stay today
     db = tmp_path / "history.sqlite"
     store = Store(str(db))
     midnight = int(time.time()) // 86400 * 86400

@@ -586,9 +586,12 @@ actions = { rewrite_subject = false }
 
 
 def test_milterd_check_shows_every_symbol_and_the_total(
-    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from milterd.cli import main as milterd_main
+
+    # check sets up the daemon's logging (no propagation): not for the rest of this run.
+    monkeypatch.setattr("milterd.logs.setup_logging", lambda *args: None)
 
     conf = tmp_path / "m.toml"
     conf.write_text(
