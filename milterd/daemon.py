@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("milterd")
 RESTARTS_PER_MINUTE = 5
+# A stopping worker is killed this long after shutdown_timeout: its plugins' shutdown
+# (each bounds its waits for background work to 2 s) runs after the sessions drained.
+STOP_MARGIN = 10
 #: [milterd] keys a reload cannot apply (the socket is open, the workers forked, ...).
 RESTART_ONLY = (
     "socket", "socket_mode", "socket_group", "user", "group", "workers", "cpu_affinity",
@@ -578,7 +581,8 @@ class Supervisor:
                 stop_sent = time.monotonic()
             if (
                 stop_sent is not None
-                and time.monotonic() - stop_sent > self.config.milterd.shutdown_timeout + 5
+                and time.monotonic() - stop_sent
+                > self.config.milterd.shutdown_timeout + STOP_MARGIN
             ):
                 for w in list(self.workers.values()):
                     log.warning("worker %d (pid %d) did not stop; killing it", w.index, w.pid)

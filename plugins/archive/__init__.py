@@ -68,7 +68,7 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
 _UNITS = {"": 86400, "s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 BACKEND_GROUP = "milterd.archive_backends"
 SLOW_THREADS = 8  # helper threads for the disk work of outcome()
-PRUNER_JOIN_S = 5.0  # how long shutdown waits for the deletion under way (within the stop margin)
+PRUNER_JOIN_S = 2.0  # how long shutdown waits for the deletion under way (daemon.STOP_MARGIN)
 
 
 class AmbiguousDuration(ValueError):

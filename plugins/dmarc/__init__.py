@@ -79,9 +79,9 @@ _PSL: PublicSuffixList | None = None
 _PSL_LOCK = threading.Lock()
 #: The history pool's wait for another writer (ms); add() uses its caller's shorter one.
 POOL_BUSY_MS = 5000
-# How long shutdown waits for a prune under way: one DELETE waits at most POOL_BUSY_MS,
-# and the supervisor allows a worker 5 s past shutdown_timeout.
-PRUNER_JOIN_S = POOL_BUSY_MS / 1000
+# How long shutdown waits for a prune under way (its DELETE): the supervisor allows a
+# worker's plugins daemon.STOP_MARGIN (10 s) past shutdown_timeout, for all of them.
+PRUNER_JOIN_S = 2.0
 
 
 class DMARCConfig(PluginConfig):
@@ -456,6 +456,7 @@ class DMARCPlugin:
         self.history_days = 31
         self._stop = threading.Event()
         self._pruner: threading.Thread | None = None
+        self._sender_owner = False
         self.services: Services | None = None
         self.config: DMARCConfig | None = None
         self.spool: FailureSpool | None = None
@@ -511,6 +512,7 @@ class DMARCPlugin:
                 self.spool, self.services.resolver, psl, c.report_smtp_host,
                 c.report_smtp_port, c.report_email, c.failure_reports_per_hour,
             ))  # fmt: skip
+            self._sender_owner = True  # released at shutdown, even with no sender now
 
     def _prune_loop(self, store: Store, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -526,9 +528,10 @@ class DMARCPlugin:
     @hookimpl
     def shutdown(self) -> None:
         self._stop.set()
-        if self.sender is not None:
+        if self._sender_owner:
             from .failures import release_sender
 
+            self._sender_owner = False
             release_sender(self)
 
         # A prune under way finishes first (one DELETE, bounded by the busy timeout): it

@@ -62,7 +62,7 @@ __all__ = [
 log = logging.getLogger("milterd.dmarc")
 
 INTERVAL = 15.0  # seconds between two passes of the sender
-RELEASE_JOIN_S = 5.0  # how long shutdown waits for a pass under way (within the stop margin)
+RELEASE_JOIN_S = 2.0  # how long shutdown waits for a pass under way (daemon.STOP_MARGIN)
 MAX_AGE = 86400.0  # a report not sent within a day (temporary failures) is dropped
 _POLICY = email.policy.SMTP.clone(max_line_length=998)
 
@@ -439,14 +439,29 @@ class FailureSender:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
-        self.owner: object = None  # the plugin generation whose settings are in use
+        self._exit_lock = threading.Lock()
+        self.exited = False  # the thread decided to end (under _exit_lock): no revive
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="dmarc-failures", daemon=True)
         self.thread.start()
 
+    def revive(self) -> bool:
+        """Cancel a stop the thread has not acted on yet (a generation starts while the
+        last one's sender is still finishing a pass). False if it has ended or is ending:
+        a new sender is needed then."""
+        with self._exit_lock:
+            if self.exited or self.thread is None:
+                return False
+            self.stop.clear()
+            return True
+
     def _loop(self) -> None:
-        while not self.stop.is_set():
+        while True:
+            with self._exit_lock:
+                if self.stop.is_set():
+                    self.exited = True
+                    return
             try:
                 self.run_once()
             except Exception:  # the sender must outlive any one bad pass
@@ -529,6 +544,9 @@ class FailureSender:
         for d in allowed:
             if d.address.lower() in done:
                 continue
+            if self.stop.is_set():  # shutting down: the rest waits for the next pass
+                pending += 1
+                continue
             now = time.time()
             data = _addressed(report, d.address)  # the limit applies to what is sent
             if d.limit is not None and len(data) > d.limit:
@@ -565,39 +583,51 @@ class FailureSender:
 
 
 _SHARED: FailureSender | None = None
+# The live plugin generations of this process that configured the sender, oldest first,
+# with their settings: the newest one's are in use. A reload's new generation registers
+# before the old one shuts down; a refused one unregisters and the old one's apply again.
+_OWNERS: list[tuple[object, SenderSettings]] = []
 _SHARED_LOCK = threading.Lock()
 
 
 def shared_sender(owner: object, settings: SenderSettings) -> FailureSender | None:
     """This process's one sender, started on first use with a spool and reconfigured by
-    later generations (a ``spool`` of None pauses it); ``owner`` is the generation whose
-    settings it now uses (see :func:`release_sender`). Returns it, or None if unneeded."""
+    later generations (a ``spool`` of None pauses it); ``owner`` (a plugin generation)
+    must call :func:`release_sender` when it shuts down. Returns the sender, or None if
+    none is needed."""
     global _SHARED
     with _SHARED_LOCK:
-        if _SHARED is None:
-            if settings.spool is None:
-                return None
-            _SHARED = FailureSender(settings)
-            _SHARED.start()
-        else:
+        _OWNERS[:] = [(o, st) for o, st in _OWNERS if o is not owner] + [(owner, settings)]
+        if _SHARED is not None:
             _SHARED.configure(settings)
-        _SHARED.owner = owner
+            if _SHARED.revive():
+                return _SHARED
+            _SHARED = None  # it ended: a new one below
+        if settings.spool is None:
+            return None
+        _SHARED = FailureSender(settings)
+        _SHARED.start()
         return _SHARED
 
 
 def release_sender(owner: object) -> None:
-    """``owner``'s generation shuts down: if no newer generation took the sender over (a
-    reload's new generation configures it before the old one shuts down), stop it and
-    wait up to ``RELEASE_JOIN_S`` for a pass under way, so no spool file changes after
-    shutdown returns; a later generation starts a new one."""
-    global _SHARED
+    """``owner``'s generation shuts down (or its start-up was refused): the sender goes
+    back to the newest remaining generation's settings; with none left it is stopped, and
+    shutdown waits up to ``RELEASE_JOIN_S`` for a pass under way, so no spool file changes
+    after it returns. (A pass checks for the stop between reports and addresses; one
+    still sending after the wait ends on its own, and a later generation revives it
+    rather than start a second sender.)"""
     with _SHARED_LOCK:
-        if _SHARED is None or _SHARED.owner is not owner:
+        _OWNERS[:] = [(o, st) for o, st in _OWNERS if o is not owner]
+        sender = _SHARED
+        if sender is None:
             return
-        sender, _SHARED = _SHARED, None
-    sender.configure(replace(sender.settings, spool=None))
-    sender.stop.set()
-    sender.wake.set()
+        if _OWNERS:
+            sender.configure(_OWNERS[-1][1])
+            return
+        sender.configure(replace(sender.settings, spool=None))
+        sender.stop.set()
+        sender.wake.set()
     if sender.thread is not None:
         sender.thread.join(RELEASE_JOIN_S)
         if sender.thread.is_alive():

@@ -410,15 +410,21 @@ def test_shutdown_stops_the_pruner_between_deletions_before_closing_the_store(
     s = FileStore(tmp_path / "arch")
     s.db.execute("UPDATE messages SET received = received - 400 * 86400")
     s.close()
-    started, events = threading.Event(), []
+    started, stopping, events = threading.Event(), threading.Event(), []
     real_delete, real_close = FileStore.delete, FileStore.close
+    real_shutdown = ArchivePlugin.shutdown
 
     def slow_delete(self: FileStore, id: str) -> bool:
         started.set()
-        time.sleep(0.3)
+        stopping.wait(5)  # the first deletion is still under way when shutdown begins
         done: bool = real_delete(self, id)
         events.append("delete")
         return done
+
+    def shutdown(self: ArchivePlugin) -> None:
+        self._stop.set()
+        stopping.set()
+        real_shutdown(self)
 
     def close(self: FileStore) -> None:
         if started.is_set():
@@ -427,6 +433,7 @@ def test_shutdown_stops_the_pruner_between_deletions_before_closing_the_store(
 
     monkeypatch.setattr(FileStore, "delete", slow_delete)
     monkeypatch.setattr(FileStore, "close", close)
+    monkeypatch.setattr(ArchivePlugin, "shutdown", hookimpl(shutdown))
     with rig(tmp_path, retention="365d"):
         assert started.wait(5)
     time.sleep(0.5)  # a pruner left running would delete the next one now

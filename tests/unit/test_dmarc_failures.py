@@ -28,7 +28,16 @@ from milterd_plugins.dmarc.failures import (
     wanted,
 )
 
-from milterd import AddHeader, Context, Message, Result, TempFail, Verdict, hookimpl
+from milterd import (
+    AddHeader,
+    ConfigError,
+    Context,
+    Message,
+    Result,
+    TempFail,
+    Verdict,
+    hookimpl,
+)
 from milterd.testing import FakeResolver, Harness
 from tests.support.sink import SmtpSink
 
@@ -346,6 +355,71 @@ def test_shutdown_waits_for_the_senders_pass_under_way(
     with Harness(cfg, plugins={"dmarc": DMARCPlugin}, zones=ZONES):
         assert started.wait(5)
         assert [t for t in threading.enumerate() if t.name == "dmarc-failures"]
+
+
+class FailsAtWorkerStart:
+    after = ("dmarc",)  # dmarc's worker_start has run (and taken the sender) by then
+
+    @hookimpl
+    def worker_start(self) -> None:
+        raise OSError("redis down")
+
+
+def test_a_refused_reload_leaves_the_running_generations_sender_alone(tmp_path: Path) -> None:
+    """The refused generation's unwinding released the sender it had just taken over:
+    the running generation sent no failure report until the next good reload."""
+    from milterd_plugins.dmarc import failures
+
+    with SmtpSink() as sink:
+        cfg: dict[str, Any] = {"auth": {}, "dmarc": {
+            "failure_reports": True, "failure_spool": str(tmp_path / "spool"),
+            "report_smtp_port": sink.port, "report_email": "dmarc@mx.test"}}  # fmt: skip
+        plugins = {"auth": FakeAuth, "dmarc": DMARCPlugin}
+        with Harness(cfg, plugins=plugins, zones=ZONES) as h:
+            refused = {**cfg, "flaky": {}}
+            with pytest.raises(ConfigError, match="redis down"), Harness(
+                refused, plugins={**plugins, "flaky": FailsAtWorkerStart}, zones=ZONES
+            ):
+                pass
+            sender = failures._SHARED
+            assert sender is not None and sender.settings.spool is not None
+            assert sender.thread is not None and sender.thread.is_alive()
+            h.send(msg("a@example.org"), client_ip="192.0.2.7")
+            assert len(sink.wait_for(2, timeout=20)) == 2
+
+
+def test_a_sender_still_sending_at_shutdown_is_revived_not_doubled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown's wait ended while a pass was still sending; the next generation started a
+    second sender beside it, and a report could go out twice."""
+    from milterd_plugins.dmarc import failures
+
+    monkeypatch.setattr(failures, "RELEASE_JOIN_S", 0.1)
+    busy, release = threading.Event(), threading.Event()
+    real_once = FailureSender.run_once
+
+    def slow_once(self: FailureSender) -> dict[str, int]:
+        if self.settings.spool is not None and not release.is_set():
+            busy.set()
+            release.wait(10)
+        counts: dict[str, int] = real_once(self)
+        return counts
+
+    monkeypatch.setattr(FailureSender, "run_once", slow_once)
+    cfg = {"dmarc": {"failure_reports": True, "failure_spool": str(tmp_path / "spool"),
+                     "report_smtp_port": 9}}  # fmt: skip
+    with Harness(cfg, plugins={"dmarc": DMARCPlugin}, zones=ZONES):
+        assert busy.wait(5)
+    # Shut down, the pass still under way: the next generation takes the same thread.
+    with Harness(cfg, plugins={"dmarc": DMARCPlugin}, zones=ZONES):
+        threads = [t for t in threading.enumerate() if t.name == "dmarc-failures"]
+        assert len(threads) == 1
+        release.set()
+        time.sleep(0.2)
+        assert threads[0].is_alive()  # revived: it goes on after its pass
+    threads[0].join(5)
+    assert not threads[0].is_alive()
 
 
 def test_sender_keeps_deferred_reports_and_drops_bad_files(tmp_path: Path) -> None:

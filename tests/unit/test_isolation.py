@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -125,6 +126,30 @@ def test_a_ctrl_c_or_pytest_fail_in_the_harness_still_goes_through(isolation: st
         h.send(MSG)
     with Harness(cfg, plugins={"i": Fails}) as h, pytest.raises(pytest.fail.Exception):
         h.send(MSG)
+
+
+def test_a_skip_in_a_start_up_hook_still_shuts_down_what_started() -> None:
+    """pytest.skip() in a test plugin's worker_start went through (as it should) but left
+    the plugins started before it running: their threads outlived the test."""
+    shut: list[str] = []
+
+    class Starts:
+        @hookimpl
+        def shutdown(self) -> None:
+            shut.append("starts")
+
+    class Skips:
+        after = ("starts",)
+
+        @hookimpl
+        def worker_start(self) -> None:
+            pytest.skip("redis not running")
+
+    plugins = {"starts": Starts, "skips": Skips}
+    cfg: dict[str, Any] = {"starts": {}, "skips": {}}
+    with pytest.raises(pytest.skip.Exception), Harness(cfg, plugins=plugins):
+        pass
+    assert shut == ["starts"]
 
 
 def test_an_async_hook_refuses_the_config() -> None:
