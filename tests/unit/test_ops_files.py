@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from milterd.config import Settings, loads, parse_socket
+from milterd.daemon import STOP_MARGIN
 from milterd.pipeline import CORE_MACROS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ SENDMAIL_CF = Path(os.environ.get("MILTERD_SENDMAIL_CF", "/usr/share/sendmail/cf
 #: Postfix's queue directory on Debian: its daemons' working directory and chroot.
 POSTFIX_QUEUE = PurePosixPath("/var/spool/postfix")
 #: The supervisor SIGKILLs workers this long after shutdown_timeout (daemon.Supervisor.run).
-KILL_MARGIN = 5.0
+KILL_MARGIN = float(STOP_MARGIN)
 
 # milterd stage -> the MTA setting that lists the macros sent at that stage.
 POSTFIX_MACROS = {
