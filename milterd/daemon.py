@@ -284,9 +284,9 @@ def _worker_main(index: int, rt: Runtime, control: int, affinity: str | None = N
     if failed:
         log.error("worker %d: libmilter main loop failed: %s", index, failed[0])
         os._exit(4)
-    current = bridge.current_runtime()
-    if current is not None:
-        current.retire()
+    from milterd.pipeline import stop_all
+
+    stop_all()  # every generation, also one still holding a session the drain cut
     logging.shutdown()
     os._exit(0)
 

@@ -22,6 +22,7 @@ import logging
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -78,6 +79,9 @@ _executor: cf.ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 _stuck = 0  # helper threads held by calls that ran past their deadline and still run
 _stuck_lock = threading.Lock()
+# Every started generation of this process, oldest first, for stop_all() at exit.
+_started: list[weakref.ref[Runtime]] = []
+_started_lock = threading.Lock()
 
 
 def executor() -> cf.ThreadPoolExecutor:
@@ -213,6 +217,8 @@ class Runtime:
                 self._shutdown(done)
                 raise
             self.started = True
+            with _started_lock:
+                _started.append(weakref.ref(self))
             METRICS.declare(
                 [(p.name, [st for st in p.impls if st in hookspecs.STAGES]) for p in self.plugins]
             )
@@ -283,9 +289,11 @@ class Runtime:
 
     def stop(self) -> None:
         """Call every plugin's ``shutdown`` (errors logged, never raised)."""
-        if not self.started:
-            return
-        self.started = False
+        with _started_lock:  # once: retire/release and stop_all may race at exit
+            if not self.started:
+                return
+            self.started = False
+            _started[:] = [r for r in _started if r() not in (None, self)]
         self._shutdown(self.plugins)
 
     @staticmethod
@@ -1006,3 +1014,14 @@ def trusted_network(
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
 ) -> bool:
     return addr is not None and any(addr in n for n in networks if n.version == addr.version)
+
+
+def stop_all() -> None:
+    """Shut down every generation this process started and has not shut down, oldest
+    first: a worker's exit, where a retired generation whose sessions outlived the drain
+    (or the current one, still holding some) would otherwise never run its plugins'
+    ``shutdown`` (background threads cut wherever they were by the exit)."""
+    with _started_lock:
+        live = [rt for r in _started if (rt := r()) is not None]
+    for rt in live:
+        rt.stop()

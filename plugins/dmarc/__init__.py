@@ -508,11 +508,11 @@ class DMARCPlugin:
 
             c, psl = self.config, self.psl
             assert c is not None and psl is not None and self.services is not None
+            self._sender_owner = True  # released at shutdown, even with no sender now
             self.sender = shared_sender(self, SenderSettings(
                 self.spool, self.services.resolver, psl, c.report_smtp_host,
                 c.report_smtp_port, c.report_email, c.failure_reports_per_hour,
             ))  # fmt: skip
-            self._sender_owner = True  # released at shutdown, even with no sender now
 
     def _prune_loop(self, store: Store, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -469,10 +469,17 @@ class FailureSender:
             self.wake.wait(INTERVAL)
             self.wake.clear()
 
-    def configure(self, settings: SenderSettings) -> None:
-        """New settings (a reload), taken at the next pass."""
+    def configure(self, settings: SenderSettings, wake: bool = True) -> None:
+        """New settings (a reload): a pass under way ends at its next report or address,
+        and the next pass uses them; ``wake``: that pass starts now, not at its interval."""
         self.settings = settings
-        self.wake.set()
+        if wake:
+            self.wake.set()
+
+    def _interrupted(self, settings: SenderSettings) -> bool:
+        """Whether the pass that started with ``settings`` must end now: a stop, or other
+        settings (a reload, or a refused one's taken back)."""
+        return self.stop.is_set() or self.settings is not settings
 
     def _allowed(self, address: str, now: float, per_hour: int) -> bool:
         """Whether ``address`` may get another report this hour (sends are counted by
@@ -503,7 +510,7 @@ class FailureSender:
             return counts
         spool.sweep()
         for path in spool.files():
-            if self.stop.is_set():
+            if self._interrupted(settings):
                 break
             try:
                 self._one(settings, spool, path, counts)
@@ -540,12 +547,14 @@ class FailureSender:
                 counts["refused"] += 1
                 done.add(d.address.lower())
         pending = len(deferred)
+        stopped = False
         counts["deferred"] += len(deferred)
         for d in allowed:
             if d.address.lower() in done:
                 continue
-            if self.stop.is_set():  # shutting down: the rest waits for the next pass
+            if self._interrupted(s):  # the rest waits for the next pass
                 pending += 1
+                stopped = True
                 continue
             now = time.time()
             data = _addressed(report, d.address)  # the limit applies to what is sent
@@ -571,7 +580,8 @@ class FailureSender:
                     self._count(d.address, now)
                     counts["sent"] += 1
             done.add(d.address.lower())
-        if pending and time.time() - created < MAX_AGE:
+        if pending and (stopped or time.time() - created < MAX_AGE):
+            # (An interrupted pass keeps a report even past its age: the next one decides.)
             head["done"] = sorted(done)
             spool.update(path, head, report)
             return
@@ -597,9 +607,13 @@ def shared_sender(owner: object, settings: SenderSettings) -> FailureSender | No
     none is needed."""
     global _SHARED
     with _SHARED_LOCK:
+        others = any(o is not owner for o, _ in _OWNERS)
         _OWNERS[:] = [(o, st) for o, st in _OWNERS if o is not owner] + [(owner, settings)]
         if _SHARED is not None:
-            _SHARED.configure(settings)
+            # A reload's generation may still be refused by a plugin started after this
+            # one: its settings wait for the next pass (INTERVAL) instead of waking the
+            # sender now, and a refusal takes them back before they are used.
+            _SHARED.configure(settings, wake=not others)
             if _SHARED.revive():
                 return _SHARED
             _SHARED = None  # it ended: a new one below

@@ -388,6 +388,37 @@ def test_a_refused_reload_leaves_the_running_generations_sender_alone(tmp_path: 
             assert len(sink.wait_for(2, timeout=20)) == 2
 
 
+class SlowThenFails:
+    after = ("dmarc",)
+
+    @hookimpl
+    def worker_start(self) -> None:
+        time.sleep(1.0)  # a Redis connect timing out
+        raise OSError("redis down")
+
+
+def test_a_refused_reloads_settings_are_never_used_to_send(tmp_path: Path) -> None:
+    """Registering woke the sender with the new generation's settings at once: while a
+    later plugin's worker_start was still failing, a pass sent the spool with the
+    refused configuration's SMTP server."""
+    spool = str(tmp_path / "spool")
+    base: dict[str, Any] = {"failure_reports": True, "failure_spool": spool,
+                            "report_email": "dmarc@mx.test"}  # fmt: skip
+    plugins = {"auth": FakeAuth, "dmarc": DMARCPlugin}
+    with SmtpSink() as sink:
+        running = {"auth": {}, "dmarc": {**base, "report_smtp_port": 9}}  # nothing listens
+        with Harness(running, plugins=plugins, zones=ZONES) as h:
+            h.send(msg("a@example.org"), client_ip="192.0.2.7")  # spooled, deferred
+            refused = {"auth": {}, "dmarc": {**base, "report_smtp_port": sink.port},
+                       "flaky": {}}  # fmt: skip
+            with pytest.raises(ConfigError, match="redis down"), Harness(
+                refused, plugins={**plugins, "flaky": SlowThenFails}, zones=ZONES
+            ):
+                pass
+            time.sleep(0.5)
+            assert sink.messages == []
+
+
 def test_a_sender_still_sending_at_shutdown_is_revived_not_doubled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

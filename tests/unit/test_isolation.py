@@ -152,6 +152,38 @@ def test_a_skip_in_a_start_up_hook_still_shuts_down_what_started() -> None:
     assert shut == ["starts"]
 
 
+def test_stop_all_shuts_down_every_generation_even_one_with_a_session() -> None:
+    """A worker's exit only retired the current generation: one still holding a session
+    the drain cut (or an older one) never ran its plugins' shutdown."""
+    from milterd.config import from_dict
+    from milterd.pipeline import stop_all
+
+    shut: list[str] = []
+
+    def recorder(name: str) -> type:
+        class Recorder:
+            @hookimpl
+            def shutdown(self) -> None:
+                shut.append(name)
+
+        return Recorder
+
+    old = Runtime(from_dict({"plugins": {"r": {}}}), {"r": recorder("old")})
+    old.start()
+    old.acquire()  # a session the drain did not see finish
+    old.retire()
+    new = Runtime(from_dict({"plugins": {"r": {}}}), {"r": recorder("new")})
+    new.start()
+    new.acquire()
+    assert shut == []
+    stop_all()
+    assert shut == ["old", "new"]
+    old.release()  # the session ends after all: no second shutdown
+    new.release()
+    stop_all()
+    assert shut == ["old", "new"]
+
+
 def test_an_async_hook_refuses_the_config() -> None:
     """async def eom(...) returned a coroutine nobody awaited: a bad return on every
     message, and a RuntimeWarning."""
