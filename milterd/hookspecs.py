@@ -89,6 +89,7 @@ LIFECYCLE: tuple[str, ...] = (
     "config_schema",
     "startup",
     "worker_start",
+    "worker_ready",
     "shutdown",
     "commands",
 )
@@ -188,6 +189,27 @@ def worker_start(services: Services) -> None:
     within its restart limit) and a reload keeps the old generation in that worker.
 
     Changes: none. Negotiation: not applicable. Since: 0.2.
+    """
+
+
+@hookspec
+def worker_ready(services: Services) -> None:
+    """The generation is accepted in this process: hand it to what outlives generations.
+
+    When it fires: after every plugin's :func:`worker_start` of the generation succeeded
+    in this process, in pipeline order, before the generation takes its first
+    connection: in each worker at start and for each generation a reload builds, once
+    in the harness and in ``milterd check``. Never in the throwaway check process, nor
+    for a generation a later plugin's ``startup`` or ``worker_start`` refused. So this,
+    not :func:`worker_start`, is where a plugin hands its settings to process-wide state
+    (a sender or a pool the generations share): done in ``worker_start``, a refused
+    reload would have put them in place until its :func:`shutdown` took them back.
+
+    Arguments:
+        services: as for :func:`worker_start`.
+
+    Returns: nothing. Exceptions are logged and ignored: the generation is accepted.
+    Changes: none. Negotiation: not applicable. Since: 0.1.
     """
 
 

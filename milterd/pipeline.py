@@ -219,6 +219,7 @@ class Runtime:
             self.started = True
             with _started_lock:
                 _started.append(weakref.ref(self))
+            self._ready(args)
             METRICS.declare(
                 [(p.name, [st for st in p.impls if st in hookspecs.STAGES]) for p in self.plugins]
             )
@@ -286,6 +287,23 @@ class Runtime:
                 ) from e
             if done is not None:
                 done.append(p)
+
+    def _ready(self, args: dict[str, object]) -> None:
+        """``worker_ready`` of every plugin: errors are logged, the generation stands."""
+        for p in self.plugins:
+            impl = p.impls.get("worker_ready")
+            if impl is None:
+                continue
+            given = {**args}
+            services = args.get("services")
+            if isinstance(services, Services):
+                given["services"] = replace(services, logger=self.loggers[p.name])
+            try:
+                impl.function(**{a: given[a] for a in impl.argnames})
+            except BaseException as e:
+                if not contained(e):
+                    raise
+                log.exception("plugin %s: worker_ready failed", p.name)
 
     def stop(self) -> None:
         """Call every plugin's ``shutdown`` (errors logged, never raised)."""

@@ -430,7 +430,7 @@ def _describe(name: str, obj: object, config: Config, pm: pluggy.PluginManager) 
         impls={
             k: v
             for k, v in impls.items()
-            if k in hookspecs.STAGES or k in ("startup", "worker_start", "shutdown")
+            if k in hookspecs.STAGES or k in ("startup", "worker_start", "worker_ready", "shutdown")
         },
         actions=actions,
         macros=macros,

@@ -499,10 +499,16 @@ class DMARCPlugin:
                 daemon=True,
             )  # fmt: skip
             self._pruner.start()
+
+    @hookimpl
+    def worker_ready(self) -> None:
         # One sender of failure reports per daemon (the spool is shared): worker 0's, one
         # per process across reloads (the old generation lives on while its connections
         # finish; two senders would send every report twice). A new generation hands it
-        # its settings, or pauses it when failure reports are off.
+        # its settings, or pauses it when failure reports are off: here, once the
+        # generation is accepted (a refused one's SMTP settings are never used).
+        if self.dry_run:
+            return
         if os.environ.get("MILTERD_WORKER", "0") == "0":
             from .failures import SenderSettings, shared_sender
 

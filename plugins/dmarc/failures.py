@@ -469,12 +469,11 @@ class FailureSender:
             self.wake.wait(INTERVAL)
             self.wake.clear()
 
-    def configure(self, settings: SenderSettings, wake: bool = True) -> None:
+    def configure(self, settings: SenderSettings) -> None:
         """New settings (a reload): a pass under way ends at its next report or address,
-        and the next pass uses them; ``wake``: that pass starts now, not at its interval."""
+        and the next pass, started now, uses them."""
         self.settings = settings
-        if wake:
-            self.wake.set()
+        self.wake.set()
 
     def _interrupted(self, settings: SenderSettings) -> bool:
         """Whether the pass that started with ``settings`` must end now: a stop, or other
@@ -607,13 +606,9 @@ def shared_sender(owner: object, settings: SenderSettings) -> FailureSender | No
     none is needed."""
     global _SHARED
     with _SHARED_LOCK:
-        others = any(o is not owner for o, _ in _OWNERS)
         _OWNERS[:] = [(o, st) for o, st in _OWNERS if o is not owner] + [(owner, settings)]
         if _SHARED is not None:
-            # A reload's generation may still be refused by a plugin started after this
-            # one: its settings wait for the next pass (INTERVAL) instead of waking the
-            # sender now, and a refusal takes them back before they are used.
-            _SHARED.configure(settings, wake=not others)
+            _SHARED.configure(settings)
             if _SHARED.revive():
                 return _SHARED
             _SHARED = None  # it ended: a new one below

@@ -12,6 +12,7 @@ from milterd import (
     AddHeader,
     Body,
     Close,
+    ConfigError,
     Connect,
     Context,
     Data,
@@ -56,6 +57,10 @@ class Recorder:
     @hookimpl
     def worker_start(self, services: Services) -> None:
         self.calls.append(("worker_start", services.settings.authserv_id))
+
+    @hookimpl
+    def worker_ready(self, services: Services) -> None:
+        self.calls.append(("worker_ready", services.settings.authserv_id))
 
     @hookimpl
     def shutdown(self) -> None:
@@ -136,6 +141,7 @@ def test_every_hook_in_order() -> None:
     assert rec.calls == [
         ("startup", ("x", "mx.t")),
         ("worker_start", "mx.t"),
+        ("worker_ready", "mx.t"),
         ("connect", ("10.1.2.3", False)),
         ("helo", "c.example"),
         ("envfrom", ("a@example.org", "alice")),
@@ -172,6 +178,7 @@ def test_abort_replaces_the_rest_of_an_abandoned_message_and_a_second_one_follow
     assert names == [
         "startup",
         "worker_start",
+        "worker_ready",
         "connect",
         "envfrom",
         "envrcpt",
@@ -414,3 +421,44 @@ def test_services_logger_is_the_plugins_own(caplog: pytest.LogCaptureFixture) ->
         pass
     got = [(r.name, r.getMessage()) for r in caplog.records if "starting" in r.getMessage()]
     assert got == [("milterd.mine", "starting"), ("milterd.mine", "worker starting")]
+
+
+def test_worker_ready_follows_every_worker_start_and_never_a_refused_one() -> None:
+    """A generation a later plugin refuses gets no worker_ready (its shutdown, yes); a
+    failing worker_ready is logged and the generation stands."""
+    seen: list[str] = []
+
+    class Ready:
+        @hookimpl
+        def worker_start(self) -> None:
+            seen.append("start")
+
+        @hookimpl
+        def worker_ready(self) -> None:
+            seen.append("ready")
+
+        @hookimpl
+        def shutdown(self) -> None:
+            seen.append("shutdown")
+
+    class Refuses:
+        after = ("ready",)
+
+        @hookimpl
+        def worker_start(self) -> None:
+            raise OSError("store gone")
+
+    class ReadyFails:
+        @hookimpl
+        def worker_ready(self) -> None:
+            raise RuntimeError("late")
+
+    with pytest.raises(ConfigError, match="store gone"), Harness(
+        {"ready": {}, "refuses": {}}, plugins={"ready": Ready, "refuses": Refuses}
+    ):
+        pass
+    assert seen == ["start", "shutdown"]
+    seen.clear()
+    with Harness({"fails": {}, "ready": {}}, plugins={"fails": ReadyFails, "ready": Ready}) as h:
+        assert h.send(MSG).verdict == "continue"
+    assert seen == ["start", "ready", "shutdown"]
