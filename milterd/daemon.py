@@ -286,7 +286,12 @@ def _worker_main(index: int, rt: Runtime, control: int, affinity: str | None = N
         os._exit(4)
     from milterd.pipeline import stop_all
 
-    stop_all()  # every generation, also one still holding a session the drain cut
+    # Every idle generation (not only the current one: an older one whose last session
+    # just closed, or a current one the drain saw finish). One still holding a session
+    # the drain cut is left to the exit: its hooks may still be running.
+    if stop_all():
+        log.warning("worker %d: a session still open at exit; its plugins not shut down",
+                    index)  # fmt: skip
     logging.shutdown()
     os._exit(0)
 

@@ -186,6 +186,8 @@ class Runtime:
         self._connections = 0
         self._retired = False
         self._lock = threading.Lock()
+        self._stopping = False  # a stop() began (under _started_lock)
+        self._stopped = threading.Event()  # ... and its plugins' shutdown returned
         self.started = False
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -305,14 +307,32 @@ class Runtime:
                     raise
                 log.exception("plugin %s: worker_ready failed", p.name)
 
-    def stop(self) -> None:
-        """Call every plugin's ``shutdown`` (errors logged, never raised)."""
-        with _started_lock:  # once: retire/release and stop_all may race at exit
+    def stop(self, wait: float = 0.0) -> None:
+        """Call every plugin's ``shutdown`` (errors logged, never raised), once. A call
+        that finds another thread's stop under way waits up to ``wait`` seconds for it
+        (a worker's exit must not cut a shutdown a closing session began)."""
+        with _started_lock:
             if not self.started:
-                return
-            self.started = False
-            _started[:] = [r for r in _started if r() not in (None, self)]
-        self._shutdown(self.plugins)
+                stopping = self._stopping
+            else:
+                self.started, self._stopping, stopping = False, True, False
+                wait = -1.0  # this call stops it
+        if wait >= 0:
+            if stopping and wait > 0:
+                self._stopped.wait(wait)
+            return
+        try:
+            self._shutdown(self.plugins)
+        finally:
+            self._stopped.set()
+            with _started_lock:  # (listed until now: stop_all waits for a stop under way)
+                _started[:] = [r for r in _started if r() not in (None, self)]
+
+    @property
+    def connections(self) -> int:
+        """Sessions holding this generation now."""
+        with self._lock:
+            return self._connections
 
     @staticmethod
     def _shutdown(plugins: list[LoadedPlugin]) -> None:
@@ -1034,12 +1054,18 @@ def trusted_network(
     return addr is not None and any(addr in n for n in networks if n.version == addr.version)
 
 
-def stop_all() -> None:
-    """Shut down every generation this process started and has not shut down, oldest
-    first: a worker's exit, where a retired generation whose sessions outlived the drain
-    (or the current one, still holding some) would otherwise never run its plugins'
-    ``shutdown`` (background threads cut wherever they were by the exit)."""
+def stop_all(wait: float = 8.0) -> list[Runtime]:
+    """A worker's exit: shut down every generation this process started that no session
+    holds any more, oldest first, and wait (up to ``wait`` seconds in all) for a
+    shutdown another thread began (the last session of a generation closing just now).
+    Returns the generations left alone: a session the drain cut may still be running
+    their hooks, and shutting their plugins down under it would let it run on closed
+    stores (the exit ends it, and the MTA applies its default action, as before)."""
+    deadline = time.monotonic() + wait
     with _started_lock:
         live = [rt for r in _started if (rt := r()) is not None]
+    busy = [rt for rt in live if rt.connections and not rt._stopping]
     for rt in live:
-        rt.stop()
+        if rt not in busy:
+            rt.stop(wait=max(0.0, deadline - time.monotonic()))
+    return busy

@@ -152,36 +152,43 @@ def test_a_skip_in_a_start_up_hook_still_shuts_down_what_started() -> None:
     assert shut == ["starts"]
 
 
-def test_stop_all_shuts_down_every_generation_even_one_with_a_session() -> None:
-    """A worker's exit only retired the current generation: one still holding a session
-    the drain cut (or an older one) never ran its plugins' shutdown."""
+def test_stop_all_at_exit_shuts_down_idle_generations_and_waits_for_one_under_way() -> None:
+    """A worker's exit only retired the current generation: an idle one was shut down,
+    but a shutdown another thread had begun (a session closing at that moment) was cut
+    by the exit. A generation a session still holds is left alone: its hooks may run."""
     from milterd.config import from_dict
     from milterd.pipeline import stop_all
 
     shut: list[str] = []
 
-    def recorder(name: str) -> type:
+    def recorder(name: str, seconds: float = 0.0) -> type:
         class Recorder:
             @hookimpl
             def shutdown(self) -> None:
+                time.sleep(seconds)
                 shut.append(name)
 
         return Recorder
 
-    old = Runtime(from_dict({"plugins": {"r": {}}}), {"r": recorder("old")})
-    old.start()
-    old.acquire()  # a session the drain did not see finish
-    old.retire()
-    new = Runtime(from_dict({"plugins": {"r": {}}}), {"r": recorder("new")})
-    new.start()
-    new.acquire()
-    assert shut == []
-    stop_all()
-    assert shut == ["old", "new"]
-    old.release()  # the session ends after all: no second shutdown
-    new.release()
-    stop_all()
-    assert shut == ["old", "new"]
+    def runtime(name: str, seconds: float = 0.0) -> Runtime:
+        rt = Runtime(from_dict({"plugins": {"r": {}}}), {"r": recorder(name, seconds)})
+        rt.start()
+        return rt
+
+    held, _idle, closing = runtime("held"), runtime("idle"), runtime("closing", 0.5)
+    held.acquire()  # a session the drain cut
+    closing.acquire()
+    closing.retire()
+    last_session = threading.Thread(target=closing.release)  # its shutdown takes 0.5 s
+    last_session.start()
+    time.sleep(0.1)
+    assert stop_all() == [held]
+    assert sorted(shut) == ["closing", "idle"]  # waited for "closing"'s shutdown
+    last_session.join()
+    held.release()
+    held.retire()
+    assert sorted(shut) == ["closing", "held", "idle"]
+    assert stop_all() == [] and len(shut) == 3
 
 
 def test_an_async_hook_refuses_the_config() -> None:
