@@ -328,6 +328,10 @@ def _negotiate(ctx: Any, opts: list[int]) -> int:
     if rt is None:
         return TEMPFAIL
     conn = _Conn(ctx, rt, refuse=_draining, acquired=True)
+    if conn.refuse:
+        # Refused at CONNECT (draining): it holds no generation, no plugin hears of it,
+        # and the worker's exit need not wait for the MTA to hang up.
+        conn.session.drop()
     ctx.setpriv(conn)
     offered_actions, offered_proto = opts[0], opts[1]
     proto &= offered_proto

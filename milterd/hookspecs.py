@@ -217,8 +217,10 @@ def worker_ready(services: Services) -> None:
 def shutdown() -> None:
     """Release what :func:`startup` and :func:`worker_start` opened.
 
-    When it fires: in each process where :func:`worker_start` ran, when it stops, and for
-    the old generation after a reload once its last connection has closed; also, for the
+    When it fires: in each process where :func:`worker_start` ran, when it stops (at a
+    worker's exit, for every generation no session holds: one a session cut by the drain
+    still uses is left to the exit, since its hooks may still be running), and for the
+    old generation after a reload once its last connection has closed; also, for the
     plugins already started, when a later plugin's ``startup`` or ``worker_start`` refuses
     the generation in that process (a refused reload leaks nothing). Not in the
     supervisor, which never handles mail.

@@ -187,6 +187,7 @@ class Runtime:
         self._retired = False
         self._lock = threading.Lock()
         self._stopping = False  # a stop() began (under _started_lock)
+        self._exiting = False  # stop_all() runs: release() starts no shutdown (under _lock)
         self._stopped = threading.Event()  # ... and its plugins' shutdown returned
         self.started = False
 
@@ -221,7 +222,11 @@ class Runtime:
             self.started = True
             with _started_lock:
                 _started.append(weakref.ref(self))
-            self._ready(args)
+            try:
+                self._ready(args)
+            except BaseException:  # pytest's skip() in worker_ready: nobody else stops it
+                self.stop()
+                raise
             METRICS.declare(
                 [(p.name, [st for st in p.impls if st in hookspecs.STAGES]) for p in self.plugins]
             )
@@ -353,7 +358,8 @@ class Runtime:
     def release(self) -> None:
         with self._lock:
             self._connections -= 1
-            done = self._retired and self._connections == 0
+            # (At a worker's exit stop_all decides: a shutdown begun here would be cut.)
+            done = self._retired and self._connections == 0 and not self._exiting
         if done:
             self.stop()
 
@@ -951,6 +957,13 @@ class Session:
     def on_abort(self) -> None:
         self._end_message("abort")
 
+    def drop(self) -> None:
+        """End a session no plugin saw (refused before CONNECT): no ``close`` hook."""
+        if not self.closed:
+            self.closed = True
+            METRICS.connections.dec()
+            self.rt.release()
+
     def on_close(self) -> None:
         if self.closed:
             return
@@ -1056,16 +1069,27 @@ def trusted_network(
 
 def stop_all(wait: float = 8.0) -> list[Runtime]:
     """A worker's exit: shut down every generation this process started that no session
-    holds any more, oldest first, and wait (up to ``wait`` seconds in all) for a
-    shutdown another thread began (the last session of a generation closing just now).
-    Returns the generations left alone: a session the drain cut may still be running
-    their hooks, and shutting their plugins down under it would let it run on closed
-    stores (the exit ends it, and the MTA applies its default action, as before)."""
+    holds, oldest first, waiting (up to ``wait`` seconds for waits) for a shutdown
+    another thread began (the last session of a generation closing just now). Returns
+    the generations left alone: a session the drain cut may still be running their
+    hooks, and shutting their plugins down under it would let it run on closed stores
+    (the exit ends it, and the MTA applies its default action, as before)."""
     deadline = time.monotonic() + wait
     with _started_lock:
         live = [rt for r in _started if (rt := r()) is not None]
-    busy = [rt for rt in live if rt.connections and not rt._stopping]
+    for rt in live:  # from now on a session closing starts no shutdown the exit would cut
+        with rt._lock:
+            rt._exiting = True
+    busy = []
     for rt in live:
-        if rt not in busy:
+        if rt.connections and not rt._stopping:
+            busy.append(rt)
+        else:
             rt.stop(wait=max(0.0, deadline - time.monotonic()))
-    return busy
+    left = []
+    for rt in busy:  # a session that closed meanwhile: its generation is idle now
+        if rt.connections:
+            left.append(rt)
+        else:
+            rt.stop(wait=max(0.0, deadline - time.monotonic()))
+    return left

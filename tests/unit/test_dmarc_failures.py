@@ -358,7 +358,7 @@ def test_shutdown_waits_for_the_senders_pass_under_way(
 
 
 class FailsAtWorkerStart:
-    after = ("dmarc",)  # dmarc's worker_start has run (and taken the sender) by then
+    after = ("dmarc",)  # dmarc started first: this refusal unwinds it (no worker_ready)
 
     @hookimpl
     def worker_start(self) -> None:

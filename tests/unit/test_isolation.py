@@ -181,7 +181,9 @@ def test_stop_all_at_exit_shuts_down_idle_generations_and_waits_for_one_under_wa
     closing.retire()
     last_session = threading.Thread(target=closing.release)  # its shutdown takes 0.5 s
     last_session.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while not closing._stopping and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert stop_all() == [held]
     assert sorted(shut) == ["closing", "idle"]  # waited for "closing"'s shutdown
     last_session.join()
@@ -426,3 +428,44 @@ def test_isolation_can_be_chosen_per_hook_and_overridden_by_config() -> None:
     with Harness({"plugins": {"mixed": {"isolation": "thread"}}}, plugins={"mixed": Mixed}) as h:
         h.send(MSG)
     assert where["envfrom"].startswith("plugin")
+
+
+def test_a_connection_refused_while_draining_holds_no_generation() -> None:
+    """Refused at CONNECT (the worker draining), a connection still counted on the
+    generation until the MTA hung up, so the exit took it for busy and skipped its
+    shutdown; its close also ran the plugins' close hooks."""
+    import socket
+
+    from milterd import bridge
+    from milterd.config import from_dict
+    from milterd.pipeline import stop_all
+    from tests.support.milterctx import FakeMilterCtx
+
+    seen: list[str] = []
+
+    class Closes:
+        @hookimpl
+        def close(self) -> None:
+            seen.append("close")
+
+        @hookimpl
+        def shutdown(self) -> None:
+            seen.append("shutdown")
+
+    rt = Runtime(from_dict({"plugins": {"c": {}}}), {"c": Closes})
+    rt.start()
+    old = bridge.set_runtime(rt)
+    try:
+        bridge.begin_drain()
+        ctx = FakeMilterCtx()
+        bridge._negotiate(ctx, [0x1FF, 0x1FFFFF, 0, 0])
+        assert bridge._connect(ctx, "c.example", socket.AF_INET, ("192.0.2.1", 1)) == (
+            bridge.TEMPFAIL)  # fmt: skip
+        assert rt.connections == 0
+        assert stop_all() == [] and seen == ["shutdown"]
+        bridge._close(ctx)
+        assert seen == ["shutdown"]
+    finally:
+        bridge._draining = False
+        if old is not None:
+            bridge.set_runtime(old)

@@ -462,3 +462,20 @@ def test_worker_ready_follows_every_worker_start_and_never_a_refused_one() -> No
     with Harness({"fails": {}, "ready": {}}, plugins={"fails": ReadyFails, "ready": Ready}) as h:
         assert h.send(MSG).verdict == "continue"
     assert seen == ["start", "ready", "shutdown"]
+
+
+def test_a_skip_in_worker_ready_still_shuts_the_generation_down() -> None:
+    seen: list[str] = []
+
+    class SkipsWhenReady:
+        @hookimpl
+        def worker_ready(self) -> None:
+            pytest.skip("not here")
+
+        @hookimpl
+        def shutdown(self) -> None:
+            seen.append("shutdown")
+
+    with pytest.raises(pytest.skip.Exception), Harness({"s": {}}, plugins={"s": SkipsWhenReady}):
+        pass
+    assert seen == ["shutdown"]
