@@ -278,10 +278,7 @@ class Runtime:
                 if done is not None:
                     done.append(p)
                 continue
-            given = {**args, "config": p.config}
-            services = args.get("services")
-            if isinstance(services, Services):  # the plugin's own logger, as ctx.log
-                given["services"] = replace(services, logger=self.loggers[p.name])
+            given = self._lifecycle_args(p, args)
             try:
                 impl.function(**{a: given[a] for a in impl.argnames})
             except BaseException as e:
@@ -301,16 +298,22 @@ class Runtime:
             impl = p.impls.get("worker_ready")
             if impl is None:
                 continue
-            given = {**args}
-            services = args.get("services")
-            if isinstance(services, Services):
-                given["services"] = replace(services, logger=self.loggers[p.name])
+            given = self._lifecycle_args(p, args)
             try:
                 impl.function(**{a: given[a] for a in impl.argnames})
             except BaseException as e:
                 if not contained(e):
                     raise
                 log.exception("plugin %s: worker_ready failed", p.name)
+
+    def _lifecycle_args(self, p: LoadedPlugin, args: dict[str, object]) -> dict[str, object]:
+        """What a lifecycle hook of ``p`` may take: ``args``, its config, and the services
+        with the plugin's own logger (as ``ctx.log``)."""
+        given = {**args, "config": p.config}
+        services = args.get("services")
+        if isinstance(services, Services):
+            given["services"] = replace(services, logger=self.loggers[p.name])
+        return given
 
     def stop(self, wait: float = 0.0) -> None:
         """Call every plugin's ``shutdown`` (errors logged, never raised), once. A call
