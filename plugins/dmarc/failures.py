@@ -594,7 +594,7 @@ class FailureSender:
 _SHARED: FailureSender | None = None
 # The live plugin generations of this process that configured the sender, oldest first,
 # with their settings: the newest one's are in use. A reload's new generation registers
-# before the old one shuts down; a refused one unregisters and the old one's apply again.
+# (in worker_ready, once accepted) before the old one shuts down.
 _OWNERS: list[tuple[object, SenderSettings]] = []
 _SHARED_LOCK = threading.Lock()
 
@@ -620,7 +620,7 @@ def shared_sender(owner: object, settings: SenderSettings) -> FailureSender | No
 
 
 def release_sender(owner: object) -> None:
-    """``owner``'s generation shuts down (or its start-up was refused): the sender goes
+    """``owner``'s generation shuts down: the sender goes
     back to the newest remaining generation's settings; with none left it is stopped, and
     shutdown waits up to ``RELEASE_JOIN_S`` for a pass under way, so no spool file changes
     after it returns. (A pass checks for the stop between reports and addresses; one
