@@ -10,12 +10,16 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from milterd import ConfigPath, PluginConfig
 
+from .scanners import MAX_SCANNER_SCORE
+
 #: A score in the configuration: finite (TOML's inf and nan are refused already) and
-#: within ±1e6, so that no sum of them overflows and a scanner's score times its weight
-#: stays within what one symbol may carry (milterd's MAX_SYMBOL_SCORE, 1e9).
-Score = Annotated[float, Field(ge=-1e6, le=1e6)]
+#: within what a scanner may report, so that no sum of them overflows and a scanner's
+#: score times its weight stays within what one symbol may carry (milterd's
+#: MAX_SYMBOL_SCORE, 1e9 = MAX_SCANNER_SCORE x MAX_WEIGHT).
+Score = Annotated[float, Field(ge=-MAX_SCANNER_SCORE, le=MAX_SCANNER_SCORE)]
+MAX_WEIGHT = 1000.0
 #: A scanner's weight: every score it reports is multiplied by it.
-Weight = Annotated[float, Field(ge=-1000, le=1000)]
+Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 
 __all__ = [
     "ActionThresholds",
