@@ -265,6 +265,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         "errors": [{"plugin": p, "stage": s, "error": d} for p, s, d in out.errors],
         "conflicts": out.decision.conflicts,
         "plugin_ms": {k: round(v * 1000, 3) for k, v in out.timings.items()},
+        "notes": out.notes,  # the plugins' ctx.note, as the summary line has them
         "dry_run": [{"plugin": p, "note": n} for p, n in notes],
     }
     if args.json:
@@ -289,6 +290,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"score: {report['score']:g}")
         for s in out.symbols:
             print(f"  {s.name} {s.score:+g} {s.description}".rstrip())
+        for n in out.notes:
+            print(f"note: {n}")
         for err in report["errors"]:
             print(f"error: {err['plugin']} at {err['stage']}: {err['error']}")
         for c in report["conflicts"]:

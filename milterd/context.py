@@ -102,13 +102,24 @@ class MessageInfo:
     started: float = field(default_factory=time.time)
 
 
+#: The most of a note's text kept (:meth:`Context.note`): the summary is one line.
+MAX_NOTE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A fact for the message's summary line (:meth:`Context.note`); nothing acts on it."""
+
+    text: str
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One ledger line: who contributed what, at which stage."""
 
     plugin: str
     stage: str
-    value: Verdict | Change | Result | Symbol
+    value: Verdict | Change | Result | Symbol | Note
 
 
 class Ledger:
@@ -139,6 +150,11 @@ class Ledger:
     @property
     def score(self) -> float:
         return round(sum(s.score for s in self.symbols), 3)
+
+    @property
+    def notes(self) -> list[str]:
+        """The notes (:meth:`Context.note`) as the summary line shows them: ``plugin: text``."""
+        return [f"{e.plugin}: {e.value.text}" for e in self.entries if isinstance(e.value, Note)]
 
 
 class ContributionRefused(RuntimeError):
@@ -256,7 +272,7 @@ class Context:
 
     # --- recording -------------------------------------------------------------------------
 
-    def _record(self, value: Change | Result | Symbol) -> None:
+    def _record(self, value: Change | Result | Symbol | Note) -> None:
         if self._ledger is None or self._stage not in CHANGE_STAGES:
             raise ContributionRefused(
                 f"plugin {self.name}: nothing can be recorded at {self._stage}"
@@ -288,3 +304,14 @@ class Context:
     ) -> None:
         """Record a score symbol."""
         self._record(Symbol(name, float(score), description, tuple(options)))
+
+    def note(self, text: str) -> None:
+        """Say something about this message on its summary line, the one line the core
+        logs at ``info`` for every message (``notes=[dkim: signed d=example.com ...]``;
+        ``notes`` in the JSON format), instead of a log line of the plugin's own: what a
+        signer signed, what a scanner concluded. Nothing acts on a note. Kept like a
+        result: at the stages that may record (not connect/helo/abort/close), dropped
+        with the call's other contributions when the call fails; at most
+        :data:`MAX_NOTE` characters are kept. Costs an append: the line is only
+        formatted when ``info`` is logged."""
+        self._record(Note(str(text)[:MAX_NOTE]))

@@ -1028,6 +1028,7 @@ class Session:
         )
         client = self.conn.client
         rejected = ", ".join(f"{r}={v.word}" for _, r, v in m.rcpt_verdicts)
+        notes = m.ledger.notes
         extra = {
             "queue_id": info.queue_id,
             "client": client.ip if client else "",
@@ -1044,9 +1045,10 @@ class Session:
             "errors": [f"{p}@{s}: {d}" for p, s, d in m.ledger.errors],
             "conflicts": decision.conflicts,
             "size": info.body_size + info.header_bytes,
+            "notes": notes,
         }
         log.info(
-            "%s: client=%s[%s] from=<%s> to=%s%s verdict=%s%s score=%g results=[%s] time=[%s]%s",
+            "%s: client=%s[%s] from=<%s> to=%s%s verdict=%s%s score=%g results=[%s]%s time=[%s]%s",
             info.queue_id or "NOQUEUE",
             extra["client_name"],
             extra["client"],
@@ -1057,6 +1059,7 @@ class Session:
             f" ({reasons})" if reasons else "",
             m.ledger.score,
             results,
+            f" notes=[{'; '.join(notes)}]" if notes else "",
             times,
             f" errors={extra['errors']}" if m.ledger.errors else "",
             extra={"summary": extra},

@@ -172,6 +172,8 @@ class Outcome:
     early: Verdict | None = None  # the verdict given before end of message, if any
     refused: dict[str, Verdict] = field(default_factory=dict)  # per recipient at RCPT
     exceptions: list[tuple[str, str, BaseException]] = field(default_factory=list)
+    #: the plugins' notes (``ctx.note``) as the summary line shows them, ``plugin: text``
+    notes: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -594,6 +596,7 @@ class HarnessSession:
             timings=dict(ledger_view.timings),
             stage="eom",
             refused=refused,
+            notes=ledger_view.notes,
         )
 
     def _decision(self, v: Verdict, mark: int) -> Decision:
@@ -618,6 +621,7 @@ class HarnessSession:
             stage,
             early=decision.verdict,
             refused=refused,
+            notes=ledger.notes,
         )
 
     def abandon(

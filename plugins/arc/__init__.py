@@ -357,7 +357,7 @@ class ARCPlugin:
             return
         for op in ops:
             ctx.add_change(op)
-        ctx.log.info("sealed ARC d=%s s=%s", cfg.domain, cfg.selector)
+        ctx.note(f"sealed d={cfg.domain} s={cfg.selector}")  # on the summary line
 
 
 def seal_ops(fields: list[bytes]) -> list[AddHeader] | None:

@@ -550,7 +550,8 @@ class DKIMPlugin:
             # folded with bare LF: MTAs turn it into CRLF; a CR in a milter header value
             # would reach the wire as CR CR LF (Postfix)
             ctx.add_change(AddHeader("DKIM-Signature", value.replace("\r\n", "\n")))
-            ctx.log.info("signed d=%s s=%s a=%s", domain, entry.selector, key.algorithm)
+            # on the message's summary line, not a second line per message
+            ctx.note(f"signed d={domain} s={entry.selector} a={key.algorithm}")
 
 
 def match_rule(rules: list[SigningRule], address: str) -> SigningRule | None:

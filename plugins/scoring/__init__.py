@@ -454,12 +454,12 @@ class ScoringPlugin:
         )
         opts = (f"action={action}", f"required={required if required is not None else ''}")
         ctx.add_symbol(DECISION_SYMBOL, 0.0, f"action {action}", opts)
-        ctx.log.info(
-            "score=%.2f action=%s symbols=[%s] scan=%.1fms",
-            total,
-            action,
-            " ".join(f"{s.name}({s.score:g})" for s in ctx.symbols if s.name != DECISION_SYMBOL),
-            (time.monotonic() - started) * 1000,
+        symbols = " ".join(
+            f"{s.name}({s.score:g})" for s in ctx.symbols if s.name != DECISION_SYMBOL
+        )
+        ctx.note(  # on the message's summary line
+            f"score={total:.2f} action={action} symbols=[{symbols}] "
+            f"scan={(time.monotonic() - started) * 1000:.1f}ms"
         )
         return self._act(ctx, cfg, message, action, total, eff)
 

@@ -119,6 +119,7 @@ def test_no_chain_is_none_and_first_seal_verifies(key: dict[str, Any]) -> None:
     assert aar.startswith("i=1;") and "mx.example.net" in aar and "arc=none" in aar
     cv, _, reason = dkim.arc_verify(out.delivered, dnsfunc=dnsfunc(key))
     assert cv == dkim.CV_Pass, reason
+    assert out.notes == ["arc: sealed d=example.net s=arc1"]  # on the summary line
 
 
 def test_passing_chain_is_verified_and_extended(key: dict[str, Any]) -> None:

@@ -145,6 +145,10 @@ def test_signs_authenticated_mail_rsa_ed25519_and_dual(
     sigs = [v for n, v in out.headers() if n.lower() == "dkim-signature"]
     assert sorted(sig_tags(s)["a"] for s in sigs) == sorted(algs)
     assert dl(out).startswith(b"DKIM-Signature:")
+    # what was signed, on the summary line (a note), one per signature
+    selectors = {"rsa": "r2026", "ed": "e2026"}
+    pairs = zip(names, algs, strict=True)
+    assert out.notes == [f"dkim: signed d=example.com s={selectors[n]} a={a}" for n, a in pairs]
     assert dkimpy_verify_all(dl(out), keys) == [True] * len(algs)
     # and our own verifier, as a receiving milterd would see it
     with Harness({"dkim": {}}, plugins={"dkim": DKIMPlugin}, zones=zones(keys)) as h2:

@@ -71,6 +71,66 @@ def test_the_summary_line_says_which_identity_each_result_is_about(
     assert "Q1: Q1:" not in summary[0]
 
 
+def test_a_note_goes_on_the_summary_line_and_nowhere_else(text_log: io.StringIO) -> None:
+    class Signer:
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.note("signed d=example.com s=sel")
+
+        @hookimpl
+        def finalize(self, ctx: Context) -> None:
+            ctx.note("second\r\nINFO forged")
+
+    with Harness(plugins={"signer": Signer}) as h:
+        out = h.send(b"Subject: s\r\n\r\nx\r\n", queue_id="Q2")
+    assert out.notes == ["signer: signed d=example.com s=sel", "signer: second\r\nINFO forged"]
+    lines = text_log.getvalue().splitlines()
+    assert len(lines) == 1, lines  # the summary only: no line of the plugin's own
+    assert (
+        " notes=[signer: signed d=example.com s=sel; signer: second\\x0d\\x0aINFO forged] time=["
+        in lines[0]
+    )
+
+
+def test_a_note_is_dropped_with_a_failed_call_and_refused_before_the_message() -> None:
+    refused: list[str] = []
+
+    class Noter:
+        @hookimpl
+        def connect(self, ctx: Context) -> None:
+            try:
+                ctx.note("at connect")
+            except RuntimeError as e:  # ContributionRefused
+                refused.append(str(e))
+
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.note("kept")
+
+        @hookimpl
+        def finalize(self, ctx: Context) -> None:
+            ctx.note("x" * 5000)
+            raise RuntimeError("boom")
+
+    with Harness(plugins={"noter": Noter}, raise_errors=False) as h:
+        out = h.send(b"Subject: s\r\n\r\nx\r\n")
+    assert out.notes == ["noter: kept"]
+    assert refused and "connect" in refused[0]
+
+
+def test_a_long_note_is_cut() -> None:
+    from milterd.context import MAX_NOTE
+
+    class Long:
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.note("y" * 5000)
+
+    with Harness(plugins={"long": Long}) as h:
+        out = h.send(b"Subject: s\r\n\r\nx\r\n")
+    assert out.notes == ["long: " + "y" * MAX_NOTE]
+
+
 def test_under_the_journal_the_text_line_has_no_time_stamp_of_its_own(tmp_path: Path) -> None:
     """systemd sets JOURNAL_STREAM=DEV:INODE of the stream it gave the service as stderr;
     the journal stamps each line, so milterd's own stamp goes. Only when stderr *is*

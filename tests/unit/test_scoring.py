@@ -463,11 +463,14 @@ def test_trusted_clients_are_not_scored_unless_asked() -> None:
     assert run({"scan_trusted": True}, msg, auth="alice").verdict == "reject"
 
 
-def test_symbols_and_total_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+def test_symbols_and_total_on_the_summary_line(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    run(scored(3))
+    out = run(scored(3))
+    assert len(out.notes) == 1
+    assert out.notes[0].startswith("scoring: score=3.00 action=no_action symbols=[SCORE(3)] scan=")
     lines = [r.getMessage() for r in caplog.records if "action=" in r.getMessage()]
-    assert lines and "score=3.00 action=no_action symbols=[SCORE(3)]" in lines[-1]
+    assert len(lines) == 1, lines  # the summary line, no second line of the plugin's own
+    assert "notes=[scoring: score=3.00 action=no_action symbols=[SCORE(3)] scan=" in lines[0]
 
 
 def test_greylist_tempfails_first_attempt_then_passes(tmp_path: Any) -> None:
@@ -610,6 +613,7 @@ def test_milterd_check_shows_every_symbol_and_the_total(
     assert "score: 6.75" in out
     assert "HELLO +5.5 greets" in out and "SUBJ +1.25" in out
     assert "MILTERD_SCORING +0 action add_header" in out
+    assert "note: scoring: score=6.75 action=add_header symbols=[HELLO(5.5) SUBJ(1.25)]" in out
 
 
 def _nested(depth: int) -> bytes:
