@@ -8,8 +8,34 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 
-__all__ = ["JsonFormatter", "TextFormatter", "setup_logging", "to_journal"]
+__all__ = ["JsonFormatter", "LazyFields", "TextFormatter", "setup_logging", "to_journal"]
+
+
+class LazyFields(Mapping[str, object]):
+    """A record's structured fields, built on first read: the per-message summary's dict
+    costs as much as the line itself, and only the JSON format reads it."""
+
+    __slots__ = ("_build", "_data")
+
+    def __init__(self, build: Callable[[], dict[str, object]]) -> None:
+        self._build = build
+        self._data: dict[str, object] | None = None
+
+    def _fields(self) -> dict[str, object]:
+        if self._data is None:
+            self._data = self._build()
+        return self._data
+
+    def __getitem__(self, key: str) -> object:
+        return self._fields()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields())
+
+    def __len__(self) -> int:
+        return len(self._fields())
 
 
 class _Worker(logging.Filter):
@@ -42,7 +68,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         summary = getattr(record, "summary", None)
-        if isinstance(summary, dict):
+        if isinstance(summary, Mapping):
             out.update(summary)
         for key in ("plugin", "queue_id"):
             if hasattr(record, key) and key not in out:
@@ -67,6 +93,24 @@ class TextFormatter(logging.Formatter):
     forge a log line. (JSON escapes them by itself.) A plugin's line (``ctx.log``) starts
     with the message's queue id (``NOQUEUE`` before the MTA has one), as the core's
     summary line and Postfix's own lines do."""
+
+    _second: tuple[int, str] | None = None  # the last second formatted, and its text
+
+    def formatTime(  # noqa: N802 - logging's name
+        self, record: logging.LogRecord, datefmt: str | None = None
+    ) -> str:
+        """logging's own time stamp, with the date and time of a second made once for
+        all the records of that second (strftime per record was a tenth of a line's cost)."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        sec = int(record.created)
+        last = self._second
+        if last is None or last[0] != sec:
+            text = time.strftime(self.default_time_format, self.converter(sec))
+            last = self._second = (sec, text)
+        if self.default_msec_format is None:
+            return last[1]
+        return self.default_msec_format % (last[1], record.msecs)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         if _CONTROL.search(record.message):

@@ -29,7 +29,16 @@ from typing import Any, Literal
 
 from milterd import events as ev
 from milterd import hookspecs
-from milterd.actions import Accept, Discard, Quarantine, Reject, Result, TempFail, Verdict
+from milterd.actions import (
+    Accept,
+    Discard,
+    Quarantine,
+    Reject,
+    Result,
+    Symbol,
+    TempFail,
+    Verdict,
+)
 from milterd.config import Config, ConfigError
 from milterd.context import (
     ConnectionInfo,
@@ -37,10 +46,12 @@ from milterd.context import (
     Entry,
     Ledger,
     MessageInfo,
+    Note,
     Recipient,
     Services,
 )
 from milterd.dns import Resolver, StubResolver
+from milterd.logs import LazyFields
 from milterd.merge import Decision, merge, render
 from milterd.metrics import METRICS
 from milterd.registry import (
@@ -1015,54 +1026,69 @@ class Session:
         METRICS.message(decision.word)
         if decision.plugin and decision.word != "continue":
             METRICS.decided(decision.plugin, decision.word)
-        for r in m.ledger.results:
-            METRICS.result(r.method, r.result)
+        results: list[Result] = []
+        notes: list[str] = []
+        score = 0.0
+        for e in m.ledger.entries:  # one pass for what Ledger's properties each scan for
+            v = e.value
+            if isinstance(v, Result):
+                results.append(v)
+                METRICS.result(v.method, v.result)
+            elif isinstance(v, Symbol):
+                score += v.score
+            elif isinstance(v, Note):
+                notes.append(f"{e.plugin}: {v.text}")
         if not log.isEnabledFor(logging.INFO):
             return
+        score = round(score, 3)  # as Ledger.score
         info = m.info
-        labelled = [_labelled(r) for r in m.ledger.results]
-        results = ", ".join(labelled)
-        times = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in m.ledger.timings.items())
+        labelled = [_labelled(r) for r in results]
+        timings = m.ledger.timings
+        errors = [f"{p}@{s}: {d}" for p, s, d in m.ledger.errors]
         reasons = "; ".join(
             f"{p}: {v.word}" + (f" ({v.reason})" if v.reason else "") for p, v in decision.reasons
         )
         client = self.conn.client
+        helo = self.conn.helo
         rejected = ", ".join(f"{r}={v.word}" for _, r, v in m.rcpt_verdicts)
-        notes = m.ledger.notes
-        extra = {
-            "queue_id": info.queue_id,
-            "client": client.ip if client else "",
-            "client_name": client.hostname if client else "",
-            "helo": self.conn.helo,
-            "sender": info.sender,
-            "recipients": [r.address for r in info.recipients],
-            "verdict": decision.word,
-            "decided_by": decision.plugin,
-            "stage": stage,
-            "score": m.ledger.score,
-            "results": labelled,
-            "plugin_ms": {k: round(v * 1000, 2) for k, v in m.ledger.timings.items()},
-            "errors": [f"{p}@{s}: {d}" for p, s, d in m.ledger.errors],
-            "conflicts": decision.conflicts,
-            "size": info.body_size + info.header_bytes,
-            "notes": notes,
-        }
+
+        def fields() -> dict[str, object]:
+            return {
+                "queue_id": info.queue_id,
+                "client": client.ip if client else "",
+                "client_name": client.hostname if client else "",
+                "helo": helo,
+                "sender": info.sender,
+                "recipients": [r.address for r in info.recipients],
+                "verdict": decision.word,
+                "decided_by": decision.plugin,
+                "stage": stage,
+                "score": score,
+                "results": labelled,
+                "plugin_ms": {k: round(v * 1000, 2) for k, v in timings.items()},
+                "errors": errors,
+                "conflicts": decision.conflicts,
+                "size": info.body_size + info.header_bytes,
+                "notes": notes,
+            }
+
         log.info(
             "%s: client=%s[%s] from=<%s> to=%s%s verdict=%s%s score=%g results=[%s]%s time=[%s]%s",
             info.queue_id or "NOQUEUE",
-            extra["client_name"],
-            extra["client"],
+            client.hostname if client else "",
+            client.ip if client else "",
             info.sender,
             ",".join(f"<{r.address}>" for r in info.recipients),
             f" refused=[{rejected}]" if rejected else "",
             decision.word,
             f" ({reasons})" if reasons else "",
-            m.ledger.score,
-            results,
+            score,
+            ", ".join(labelled),
             f" notes=[{'; '.join(notes)}]" if notes else "",
-            times,
-            f" errors={extra['errors']}" if m.ledger.errors else "",
-            extra={"summary": extra},
+            " ".join(f"{k}={v * 1000:.1f}ms" for k, v in timings.items()),
+            f" errors={errors}" if errors else "",
+            # the JSON format's keys, built only if a formatter reads them (text never does)
+            extra={"summary": LazyFields(fields)},
         )
 
 

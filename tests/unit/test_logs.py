@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -90,6 +91,43 @@ def test_a_note_goes_on_the_summary_line_and_nowhere_else(text_log: io.StringIO)
         " notes=[signer: signed d=example.com s=sel; signer: second\\x0d\\x0aINFO forged] time=["
         in lines[0]
     )
+
+
+def test_the_json_summary_has_every_key_and_the_notes() -> None:
+    from milterd import Result
+    from milterd.logs import JsonFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("milterd")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+
+    class Noter:
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.add_result(Result("spf", "pass", properties=(("smtp.mailfrom", "a.example"),)))
+            ctx.add_symbol("S", 1.5)
+            ctx.note("did a thing")
+
+    try:
+        with Harness(plugins={"noter": Noter}) as h:
+            h.send(b"Subject: s\r\n\r\nx\r\n", queue_id="Q3", sender="a@a.example")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    (line,) = [json.loads(x) for x in out.getvalue().splitlines() if '"Q3' in x]
+    assert set(line) >= {
+        "queue_id", "client", "client_name", "helo", "sender", "recipients", "verdict",
+        "decided_by", "stage", "score", "results", "plugin_ms", "errors", "conflicts",
+        "size", "notes", "time", "level", "logger", "pid", "worker", "message",
+    }  # fmt: skip
+    assert line["queue_id"] == "Q3" and line["sender"] == "a@a.example"
+    assert line["score"] == 1.5 and line["notes"] == ["noter: did a thing"]
+    assert line["results"] == ["spf=pass(smtp.mailfrom=a.example)"]
+    assert "notes=[noter: did a thing]" in line["message"] and "score=1.5" in line["message"]
 
 
 def test_a_note_is_dropped_with_a_failed_call_and_refused_before_the_message() -> None:
