@@ -272,8 +272,8 @@ class Context:
 
     # --- recording -------------------------------------------------------------------------
 
-    def _record(self, value: Change | Result | Symbol | Note) -> None:
-        if self._ledger is None or self._stage not in CHANGE_STAGES:
+    def _record(self, value: Change | Result | Symbol | Note, also: str = "") -> None:
+        if self._ledger is None or (self._stage not in CHANGE_STAGES and self._stage != also):
             raise ContributionRefused(
                 f"plugin {self.name}: nothing can be recorded at {self._stage}"
             )
@@ -309,9 +309,10 @@ class Context:
         """Say something about this message on its summary line, the one line the core
         logs at ``info`` for every message (``notes=[dkim: signed d=example.com ...]``;
         ``notes`` in the JSON format), instead of a log line of the plugin's own: what a
-        signer signed, what a scanner concluded. Nothing acts on a note. Kept like a
-        result: at the stages that may record (not connect/helo/abort/close), dropped
-        with the call's other contributions when the call fails; at most
-        :data:`MAX_NOTE` characters are kept. Costs an append: the line is only
-        formatted when ``info`` is logged."""
-        self._record(Note(str(text)[:MAX_NOTE]))
+        signer signed, what a scanner concluded, what an observer did. Nothing acts on a
+        note. Accepted where results are (envfrom to finalize) and at ``outcome``, whose
+        observers run before the line is written; refused at connect, helo, abort and
+        close and after the deadline (ContributionRefused); dropped with the call's
+        other contributions when the call fails. At most :data:`MAX_NOTE` characters are
+        kept. Costs an append: the line is only formatted when ``info`` is logged."""
+        self._record(Note(str(text)[:MAX_NOTE]), also="outcome")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -36,6 +37,9 @@ class LazyFields(Mapping[str, object]):
 
     def __len__(self) -> int:
         return len(self._fields())
+
+    def __reduce__(self) -> tuple[type[dict[str, object]], tuple[dict[str, object]]]:
+        return (dict, (self._fields(),))  # a pickled record (SocketHandler) gets the dict
 
 
 class _Worker(logging.Filter):
@@ -103,12 +107,12 @@ class TextFormatter(logging.Formatter):
         all the records of that second (strftime per record was a tenth of a line's cost)."""
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        sec = int(record.created)
+        sec = math.floor(record.created)  # as localtime() takes it, before 1970 too
         last = self._second
         if last is None or last[0] != sec:
             text = time.strftime(self.default_time_format, self.converter(sec))
             last = self._second = (sec, text)
-        if self.default_msec_format is None:
+        if not self.default_msec_format:
             return last[1]
         return self.default_msec_format % (last[1], record.msecs)
 

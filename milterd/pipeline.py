@@ -444,7 +444,10 @@ class Runtime:
         """Call one plugin hook under its guard. Returns the verdict to use (the plugin's,
         or its ``on_error`` policy's), never raises."""
         timeout = min(p.settings.timeout, budget)
-        mark = len(ledger.entries) if ledger is not None else 0
+        # What the call records lands on the ledger its ctx records onto (``ledger`` is
+        # where its time and failure go: None at outcome, where a note may still land).
+        book = ctx._ledger
+        mark = len(book.entries) if book is not None else 0
         kwargs = {a: args[a] for a in impl.argnames}
         t0 = time.perf_counter()
         failure: _Failure | None = None
@@ -504,8 +507,8 @@ class Runtime:
         # recorded during the call is dropped, so a failed call contributes nothing.
         with ctx._gate:
             ctx._live = False
-            if ledger is not None:
-                ledger.entries[mark:] = [e for e in ledger.entries[mark:] if e.plugin != p.name]
+            if book is not None:
+                book.entries[mark:] = [e for e in book.entries[mark:] if e.plugin != p.name]
         if ledger is not None:
             ledger.errors.append((p.name, stage, f"{failure.kind}: {failure.detail}"))
         METRICS.plugin_errors.labels(p.name, stage, failure.kind).inc()
@@ -1028,22 +1031,22 @@ class Session:
             METRICS.decided(decision.plugin, decision.word)
         results: list[Result] = []
         notes: list[str] = []
-        score = 0.0
+        scores: list[float] = []
         for e in m.ledger.entries:  # one pass for what Ledger's properties each scan for
             v = e.value
             if isinstance(v, Result):
                 results.append(v)
                 METRICS.result(v.method, v.result)
             elif isinstance(v, Symbol):
-                score += v.score
+                scores.append(v.score)
             elif isinstance(v, Note):
                 notes.append(f"{e.plugin}: {v.text}")
         if not log.isEnabledFor(logging.INFO):
             return
-        score = round(score, 3)  # as Ledger.score
+        score = round(sum(scores), 3)  # exactly Ledger.score (sum() is not a += loop)
         info = m.info
         labelled = [_labelled(r) for r in results]
-        timings = m.ledger.timings
+        timings = dict(m.ledger.timings)  # as now: abort hooks may add to it after the line
         errors = [f"{p}@{s}: {d}" for p, s, d in m.ledger.errors]
         reasons = "; ".join(
             f"{p}: {v.word}" + (f" ({v.reason})" if v.reason else "") for p, v in decision.reasons

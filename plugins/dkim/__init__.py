@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -329,14 +328,26 @@ def sign_order(headers: Iterable[str], oversign: Iterable[str]) -> tuple[tuple[s
     return tuple((h, h in over) for h in dict.fromkeys([*headers, *over]))
 
 
-def signed_names(order: tuple[tuple[str, bool], ...], headers: list[list[bytes]]) -> list[str]:
-    """The ``h=`` list for one message: each name of ``order`` as often as its field
-    occurs, plus once more when oversigned. A field in ``ADDED_BY_MTA`` is oversigned only
-    when present (an MTA may add it after signing)."""
+def field_counts(headers: list[list[bytes]]) -> dict[str, int]:
+    """How often each field name (lower case) occurs in ``headers``."""
     present: dict[str, int] = {}
     for name, _ in headers:
         n = name.decode("ascii", "replace").lower()
         present[n] = present.get(n, 0) + 1
+    return present
+
+
+def signed_names(
+    order: tuple[tuple[str, bool], ...],
+    headers: list[list[bytes]],
+    present: dict[str, int] | None = None,
+) -> list[str]:
+    """The ``h=`` list for one message: each name of ``order`` as often as its field
+    occurs, plus once more when oversigned. A field in ``ADDED_BY_MTA`` is oversigned only
+    when present (an MTA may add it after signing). ``present``: ``field_counts(headers)``
+    when the caller has it already."""
+    if present is None:
+        present = field_counts(headers)
     include: list[str] = []
     for h, oversigned in order:
         seen = present.get(h, 0)
@@ -521,9 +532,9 @@ class DKIMPlugin:
             # signature over it would not verify with dkimpy either. Deliver it unsigned.
             ctx.log.warning("not signing: header block not parseable: %s", e)
             return
-        include = signed_names(self.sign_order, headers)
-        seen = Counter(h[0].lower().decode("ascii", "replace") for h in headers)
-        twice = sorted(n for n in ONCE_ONLY if seen[n] > 1)
+        seen = field_counts(headers)
+        include = signed_names(self.sign_order, headers, seen)
+        twice = sorted(n for n in ONCE_ONLY if seen.get(n, 0) > 1)
         if twice:
             # Signed all the same (dkimpy and OpenDKIM verify it), but rspamd fails every
             # signature over such a message on purpose, and so may others.

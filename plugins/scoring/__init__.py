@@ -620,6 +620,5 @@ class ScoringPlugin:
                          "spam" if spam else "ham", score)  # fmt: skip
             return
         digest = bayes_mod.digest_of(message_id, tokens)
-        if self.classifier.learn(tokens, spam, digest):
-            ctx.log.info("bayes: auto-learned as %s (score %.2f)", "spam" if spam else "ham",
-                         score)  # fmt: skip
+        if self.classifier.learn(tokens, spam, digest):  # on the summary line
+            ctx.note(f"bayes: auto-learned as {'spam' if spam else 'ham'} (score {score:.2f})")

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,6 +155,81 @@ def test_a_note_is_dropped_with_a_failed_call_and_refused_before_the_message() -
         out = h.send(b"Subject: s\r\n\r\nx\r\n")
     assert out.notes == ["noter: kept"]
     assert refused and "connect" in refused[0]
+
+
+def test_a_note_at_outcome_is_kept_and_dropped_when_that_call_fails() -> None:
+    class Observer:
+        @hookimpl
+        def outcome(self, ctx: Context) -> None:
+            ctx.note(f"saw {ctx.verdict}")
+            if ctx.message is not None and ctx.message.queue_id == "BAD":
+                raise RuntimeError("observer broke")
+
+    with Harness(plugins={"observer": Observer}, raise_errors=False) as h:
+        good = h.send(b"Subject: s\r\n\r\nx\r\n", queue_id="OK")
+        bad = h.send(b"Subject: s\r\n\r\nx\r\n", queue_id="BAD")
+    assert good.notes == ["observer: saw None"]
+    assert bad.notes == [] and bad.errors and bad.errors[0][:2] == ("observer", "outcome")
+
+
+def test_the_json_fields_are_those_of_the_line_when_read_later_or_pickled() -> None:
+    """A handler may keep a record and format it later (caplog, MemoryHandler, a queue),
+    or pickle it (SocketHandler): the JSON's plugin_ms are the line's, not what the abort
+    hooks that run after the line add, and the fields pickle as a dict."""
+    import pickle
+    import time as _time
+
+    from milterd import Reject
+    from milterd.logs import JsonFormatter
+
+    kept: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record)
+
+    class Early:
+        @hookimpl
+        def envfrom(self, ctx: Context) -> Reject:
+            return Reject("550", "5.7.1", "no")
+
+        @hookimpl
+        def abort(self, ctx: Context) -> None:
+            _time.sleep(0.2)
+
+    logger = logging.getLogger("milterd")
+    handler = Keep()
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with Harness(plugins={"early": Early}) as h:
+            h.send(b"Subject: s\r\n\r\nx\r\n", queue_id="Q4")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    (record,) = [r for r in kept if "Q4: client=" in r.getMessage()]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["plugin_ms"]["early"] < 100  # the abort's 200 ms came after the line
+    again = pickle.loads(pickle.dumps(record))
+    assert again.summary == dict(record.summary)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("created", [-0.5, -1.25, 0.0, 0.999, 1764817966.5, 1764817967.0])
+@pytest.mark.parametrize("msec_format", ["%s,%03d", "%s.%03d", "", None])
+def test_the_text_time_stamp_is_loggings_own(created: float, msec_format: str | None) -> None:
+    """TextFormatter makes a second's date and time once; the stamp stays logging's."""
+    ours = TextFormatter("%(asctime)s %(message)s")
+    theirs = logging.Formatter("%(asctime)s %(message)s")
+    for f in (ours, theirs):
+        f.default_msec_format = msec_format
+        f.converter = time.gmtime  # the same on every machine
+    for when in (created, created + 0.3, created):  # cached, then a new second, then back
+        record = logging.LogRecord("milterd", logging.INFO, "", 0, "m", (), None)
+        record.created = when
+        record.msecs = (when - int(when)) * 1000 // 1
+        assert ours.formatTime(record) == theirs.formatTime(record)
+        assert ours.formatTime(record, "%H:%M") == theirs.formatTime(record, "%H:%M")
 
 
 def test_a_long_note_is_cut() -> None:

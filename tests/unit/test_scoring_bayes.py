@@ -183,9 +183,13 @@ def test_autolearn_at_score_margins(tmp_path: Path) -> None:
     section = bayes_section(db, autolearn=True, autolearn_spam=100.0, autolearn_ham=0.0)
     section["rules"] = [{"name": "CASINO", "type": "body", "pattern": "casino", "score": 200}]
     with Harness({"scoring": section}, plugins={"scoring": ScoringPlugin}) as h:
-        h.send(b"Subject: t\r\nMessage-ID: <g@x>\r\n\r\nbig casino\r\n")
-        h.send(b"Subject: lunch\r\nMessage-ID: <h@x>\r\n\r\nmeeting tomorrow\r\n")
-        h.send(b"Subject: lunch\r\nMessage-ID: <h@x>\r\n\r\nmeeting tomorrow\r\n")  # once
+        spam = h.send(b"Subject: t\r\nMessage-ID: <g@x>\r\n\r\nbig casino\r\n")
+        ham = h.send(b"Subject: lunch\r\nMessage-ID: <h@x>\r\n\r\nmeeting tomorrow\r\n")
+        again = h.send(b"Subject: lunch\r\nMessage-ID: <h@x>\r\n\r\nmeeting tomorrow\r\n")
+    # what was learned is on the summary line (a note from the outcome hook), once
+    assert "scoring: bayes: auto-learned as spam (score 200.00)" in spam.notes
+    assert "scoring: bayes: auto-learned as ham (score 0.00)" in ham.notes
+    assert not [n for n in again.notes if "auto-learned" in n]
     store = SQLiteStore(str(db))
     assert store.totals() == (1, 1)
     assert store.counts(["casino"]) == {"casino": (1, 0)}
