@@ -73,6 +73,8 @@ MACRO_STAGES: dict[str, int] = {
 
 _runtime: Runtime | None = None
 _flags: tuple[int, int] = (0, 0)  # (actions, protocol) for _runtime, before the MTA's offer
+# smfi_setsymlist's arguments for _runtime: (stage code, "names"), made once a generation
+_symlists: tuple[tuple[int, str], ...] = ()
 _runtime_lock = threading.Lock()
 _open = 0  # connections being served (refused ones not counted)
 _open_cond = threading.Condition()
@@ -82,10 +84,13 @@ _reply_data = False  # TCP socket: see protocol_flags
 
 def set_runtime(rt: Runtime) -> Runtime | None:
     """Make ``rt`` the generation new connections get. Returns the previous one."""
-    global _runtime, _flags
+    global _runtime, _flags, _symlists
     flags = protocol_flags(rt.negotiation, 0x1FFFFF, _reply_data)  # once per generation
+    symlists = tuple(
+        (MACRO_STAGES[stage], " ".join(names)) for stage, names in rt.negotiation.macros.items()
+    )
     with _runtime_lock:
-        old, _runtime, _flags = _runtime, rt, flags
+        old, _runtime, _flags, _symlists = _runtime, rt, flags, symlists
     return old
 
 
@@ -320,7 +325,7 @@ def _guard(stage: str) -> Callable[[Callback], Callback]:
 def _negotiate(ctx: Any, opts: list[int]) -> int:
     global _open
     with _runtime_lock:
-        rt, (actions, proto) = _runtime, _flags
+        rt, (actions, proto), symlists = _runtime, _flags, _symlists
         # Counted while it is still the current generation: a reload that replaces and
         # retires it after this cannot shut it down under this connection.
         if rt is not None:
@@ -345,8 +350,8 @@ def _negotiate(ctx: Any, opts: list[int]) -> int:
     conn.proto = proto
     conn.leadspc = bool(proto & Milter.P_HDR_LEADSPC)
     if conn.actions & Milter.SETSYMLIST:
-        for stage, names in rt.negotiation.macros.items():
-            ctx.setsymlist(MACRO_STAGES[stage], " ".join(names))
+        for code, names in symlists:
+            ctx.setsymlist(code, names)
     opts[0], opts[1], opts[2], opts[3] = conn.actions, proto, 0, 0
     return CONTINUE
 

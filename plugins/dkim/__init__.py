@@ -456,7 +456,9 @@ class DKIMPlugin:
     @hookimpl
     def eom(self, ctx: Context, message: Message) -> Verdict | None:
         cfg: DKIMConfig = ctx.config
-        if not cfg.verify or (is_trusted_sender(ctx, cfg) and self._signs(cfg, message)):
+        if not cfg.verify or (
+            is_trusted_sender(ctx, cfg) and self._signs(cfg, message, ctx.message_state)
+        ):
             # Mail we sign is ours: not verified. Trusted mail we do not sign (a relay of
             # another domain's mail, fetchmail on loopback, sign = false) is verified, as
             # OpenDKIM does, so that DMARC and the log have its result.
@@ -478,17 +480,41 @@ class DKIMPlugin:
                 ctx.add_symbol("DKIM_INVALID", 0.0, f"dkim={r.result} d={r.d}: {r.reason}")
         return self._action(cfg, overall(results))
 
-    @staticmethod
-    def _signs(cfg: DKIMConfig, message: Message) -> bool:
+    def _signs(self, cfg: DKIMConfig, message: Message, state: dict[str, Any]) -> bool:
         """Whether finalize will sign this message (for a trusted sender)."""
         if not cfg.sign or not cfg.signing:
             return False
-        addr, _ = from_address(message)
+        return self._target(cfg, message, state)[2] is not None
+
+    @staticmethod
+    def _target(
+        cfg: DKIMConfig, message: Message, state: dict[str, Any]
+    ) -> tuple[str, str, SigningRule | None, str]:
+        """(address, From domain in A-labels, signing rule or None, why not) for the
+        message's From. Worked out once a message: finalize, which sees the message as
+        delivered, reuses eom's unless a plugin changed the From fields in between."""
+        froms = tuple(message.get_all("From"))
+        cached = state.get("dkim_target")
+        if cached is not None and cached[0] == froms:
+            return cached[1]  # type: ignore[no-any-return]
+        target: tuple[str, str, SigningRule | None, str]
+        addr, why = from_address(message)
         if addr is None:
-            return False
-        local, _, raw_domain = addr.rpartition("@")
-        domain = host_name(raw_domain)
-        return domain is not None and match_rule(cfg.signing, f"{local}@{domain}") is not None
+            target = ("", "", None, f"not signing: {why}")
+        else:
+            local, _, raw_domain = addr.rpartition("@")
+            from_domain = host_name(raw_domain)
+            if from_domain is None:
+                # an address literal, an empty label, a U-label IDNA refuses...: no valid
+                # d= exists for it (a UTF-8 domain used to raise and defer the message)
+                why = f"not signing: From domain {raw_domain!r} is not a host name"
+                target = ("", "", None, why)
+            else:
+                addr = f"{local}@{from_domain}"  # matched and signed in A-labels
+                rule = match_rule(cfg.signing, addr)
+                target = (addr, from_domain, rule, "" if rule else f"no signing rule for {addr}")
+        state["dkim_target"] = (froms, target)
+        return target
 
     @staticmethod
     def _action(cfg: DKIMConfig, result: str) -> Verdict | None:
@@ -509,21 +535,12 @@ class DKIMPlugin:
         if not cfg.sign or not cfg.signing or not is_trusted_sender(ctx, cfg):
             return
         keys = self.keys  # this generation's table (a reload makes a new object)
-        addr, why = from_address(message)
-        if addr is None:
-            ctx.log.warning("not signing: %s", why)
+        addr, from_domain, rule, why = self._target(cfg, message, ctx.message_state)
+        if not addr:
+            ctx.log.warning("%s", why)
             return
-        local, _, raw_domain = addr.rpartition("@")
-        from_domain = host_name(raw_domain)
-        if from_domain is None:
-            # an address literal, an empty label, a U-label IDNA refuses...: no valid d=
-            # exists for it (a UTF-8 domain used to raise and defer the message)
-            ctx.log.warning("not signing: From domain %r is not a host name", raw_domain)
-            return
-        addr = f"{local}@{from_domain}"  # matched and signed in A-labels
-        rule = match_rule(cfg.signing, addr)
         if rule is None:
-            ctx.log.debug("not signing: no signing rule for %s", addr)
+            ctx.log.debug("not signing: %s", why)
             return
         try:
             headers = signing_headers(message)

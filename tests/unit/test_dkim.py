@@ -383,6 +383,38 @@ def test_default_headers_cover_rfc6376_list() -> None:
     assert "resent-sender" in signed_names(order, [[b"Resent-Sender", b" a@b.example\r\n"]])
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "signed"),
+    [
+        ("Alice <alice@example.com>", "Mallory <m@elsewhere.example>", False),
+        ("Alice <alice@elsewhere.example>", "Alice <alice@example.com>", True),
+    ],
+)
+def test_a_from_another_plugin_changed_is_the_one_signed_for(
+    keys: dict[str, Any], before: str, after: str, signed: bool
+) -> None:
+    """eom works out the From's signing rule (to skip verifying what will be signed) and
+    finalize reuses it; a From another plugin changed in between is worked out again."""
+
+    class FromEditor:
+        actions = frozenset({"change_header"})
+
+        @hookimpl
+        def eom(self, ctx: Context) -> None:
+            ctx.add_change(ChangeHeader("From", after))
+
+    cfg = sign_config(keys, [{"pattern": "example.com", "keys": ["rsa"]}])
+    with Harness(
+        {"plugins": {"dkim": cfg["dkim"], "editor": {}}},
+        plugins={"dkim": DKIMPlugin, "editor": FromEditor},
+    ) as h:
+        out = h.send(MSG.replace(b"Alice <alice@example.com>", before.encode()), auth="alice")
+    assert not out.errors
+    assert out.header("From") == after
+    assert (out.header("DKIM-Signature") is not None) == signed
+    assert out.notes == (["dkim: signed d=example.com s=r2026 a=rsa-sha256"] if signed else [])
+
+
 def test_signature_covers_other_plugins_changes(keys: dict[str, Any]) -> None:
     class Editor:
         actions = frozenset({"add_header", "change_header"})

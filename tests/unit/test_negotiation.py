@@ -198,3 +198,42 @@ def test_a_reload_between_choosing_the_runtime_and_using_it_cannot_stop_it(
         if previous is not None:
             bridge.set_runtime(previous)
         new_rt.stop()
+
+
+def test_negotiate_asks_for_each_stages_macros_of_the_current_generation() -> None:
+    """smfi_setsymlist per stage with the names the core and the plugins read, made once
+    a generation (set_runtime) and always the generation the connection got."""
+    from milterd import bridge
+
+    calls: list[tuple[object, ...]] = []
+
+    class Recording(FakeMilterCtx):
+        def setsymlist(self, *args: object) -> None:
+            calls.append(args)
+
+    rts = [
+        Runtime(from_dict({"plugins": {"r": {}}}), {"r": RcptAndBody}, FakeResolver()),
+        Runtime(from_dict({"plugins": {"e": {}}}), {"e": HeaderAtEom}, FakeResolver()),
+    ]
+    previous = bridge.current_runtime()
+    try:
+        for rt in rts:
+            rt.start()
+            bridge.set_runtime(rt)
+            calls.clear()
+            ctx = Recording()
+            assert bridge._negotiate(ctx, [0x1FF, 0x1FFFFF, 0, 0]) == bridge.CONTINUE
+            want = [
+                (bridge.MACRO_STAGES[stage], " ".join(names))
+                for stage, names in rt.negotiation.macros.items()
+            ]
+            assert calls == want
+            bridge._close(ctx)
+        first = dict(rts[0].negotiation.macros)
+        assert "{rcpt_mailer}" in first["envrcpt"] and "{client_ptr}" in first["connect"]
+        assert rts[0].negotiation.macros != rts[1].negotiation.macros
+    finally:
+        if previous is not None:
+            bridge.set_runtime(previous)
+        for rt in rts:
+            rt.stop()
