@@ -236,6 +236,12 @@ class DKIMConfig(PluginConfig):
                 f"not a header field name: {', '.join(map(repr, invalid))} (RFC 5322: "
                 "printable ASCII without spaces or colon)"
             )
+        semi = [h for h in out if ";" in h]
+        if semi:  # RFC 6376 3.2: a tag value has no ";", which ends the tag: h= would break
+            raise ValueError(
+                f"a field name with ';' cannot be listed in a DKIM-Signature's h= tag: "
+                f"{', '.join(map(repr, semi))}"
+            )
         bad = sorted(set(out) & _NEVER_SIGN)
         if bad:
             raise ValueError(f"these fields must not be signed: {', '.join(bad)}")

@@ -1671,6 +1671,53 @@ def test_signed_field_names_must_be_field_names(keys: dict[str, Any], bad: str) 
             )
 
 
+def test_a_field_name_with_a_semicolon_cannot_be_signed(keys: dict[str, Any]) -> None:
+    """A ';' ends a tag: "x;b=abc" in h= turned the rest into tags of their own, and no
+    verifier (dkimpy included) read the signature as written."""
+    for key in ("oversign", "headers"):
+        with pytest.raises(Exception, match="';' cannot be listed"):
+            Harness(
+                sign_config(keys, [{"pattern": "*", "keys": ["rsa"]}], **{key: ["from", "x;b=a"]}),
+                plugins={"dkim": DKIMPlugin},
+            )
+
+
+@pytest.mark.parametrize("name", ["b=x", "b==", "x-b=1"])
+def test_a_field_name_holding_b_equals_is_signed_as_dkimpy_signs(
+    keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Found by a review: the b= placeholder was cut after the last b= only, while dkimpy
+    empties every b= after a separator, a field name "b=x" in h= included: with such a
+    name oversigned every signature failed, ours and dkimpy's verifier alike."""
+    monkeypatch.setattr(dkim.time, "time", lambda: 1763780000)
+    hb, body = MSG.split(b"\r\n\r\n", 1)
+    incl = ["from", "subject", name]
+    for kname in ("rsa", "ed"):
+        key = load_key(str(keys[kname][0]))
+        ours = fast_sign(parse_headers(hb + b"\r\n"), body, key, domain="example.com",
+                         selector="s", include_headers=incl, timestamp=1763780000)  # fmt: skip
+        if kname == "rsa":
+            priv = key.pkcs1_pem()
+        else:
+            priv = base64.b64encode(key.key.private_bytes(
+                serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                serialization.NoEncryption()))  # fmt: skip
+        theirs = dkim.sign(MSG, b"s", b"example.com", priv,
+                           include_headers=[h.encode() for h in incl],
+                           canonicalize=(b"relaxed", b"relaxed"),
+                           signature_algorithm=key.algorithm.encode())  # fmt: skip
+        assert ("DKIM-Signature: " + ours + "\r\n").encode() == theirs
+    # and through the plugin, oversigned: verifies with dkimpy and with our verifier
+    cfg = sign_config(keys, [{"pattern": "example.com", "keys": ["rsa"]}], oversign=["from", name])
+    with Harness(cfg, plugins={"dkim": DKIMPlugin}) as h:
+        out = h.send(MSG, auth="alice")
+    assert name in sig_tags(out.header("DKIM-Signature") or "")["h"]
+    assert dkimpy_verify_all(dl(out), keys) == [True]
+    with Harness({"dkim": {}}, plugins={"dkim": DKIMPlugin}, zones=zones(keys)) as h2:
+        out2 = h2.send(dl(out), client_ip=UNTRUSTED)
+    assert [r.result for r in out2.results] == ["pass"]
+
+
 def test_keygen_snippet_loads_with_a_dotted_selector(tmp_path: Path) -> None:
     """Found by a review: [plugins.dkim.keys.2026.01] is a nested TOML table; the snippet
     keygen printed for a selector with a dot did not load."""
