@@ -608,8 +608,8 @@ def report(rows: list[dict[str, Any]]) -> str:
         "",
         "OpenDKIM and dkimpy-milter run with `Syslog no` (nothing logged per message); "
         '`milterd-sign-rsa-quiet` is milterd at `log_level = "warning"`, the same work; the '
-        "other milterd rows log the default one-line summary per message at info (plus the "
-        "dkim plugin's `signed` line).",
+        "other milterd rows log the default one-line summary per message at info (the "
+        "signature's d=, s= and a= are a note on it).",
         "",
         "CPU columns, ms per message (medians): the milter's processes; Postfix's (master and "
         "its children); *all*: the whole machine, whose two cores set the rate.",
