@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -367,19 +368,27 @@ def fold_signature(
 _PLACEHOLDER = b"0" * 60  # the b= value folded in first, as dkimpy's gen_header does
 
 
+_B_WSP_EQ = re.compile(rb"b[ \t\r\n]+=")
+
+
 def remove_b_placeholder(value: bytes) -> bytes:
     """``RE_BTAG.sub(rb"\\1", value)`` for a folded signature whose last tag is ``b=``
     with :data:`_PLACEHOLDER` as its value and no other ``b=`` anywhere: everything after
     that ``b=`` goes. The regex takes ~8 us for a signature (it tries every separator for
     a b= tag); the cut, checked to be what the regex would cut, well under 1. Anything
-    else (another ``b=``: a field name ``b=x`` in h=, a bh= value ending in ``b=``) goes
-    through the regex, which empties every b= tag it finds, as dkimpy does."""
+    else (another ``b=``: a field name ``b=x`` in h=; a ``b`` tag with white space before
+    its ``=``; a fold at the very end) goes through the regex, which empties every b= tag
+    it finds, as dkimpy does."""
     i = value.rfind(b"b=")
     if (
         i > 0
         and value.find(b"b=") == i  # no other b= (a field name "b=x" in h=, a bh= value)
         and value[i - 1 : i] in (b";", b" ", b"\t", b"\r", b"\n")
         and value[i + 2 :].replace(b"\r\n ", b"") == _PLACEHOLDER
+        # the regex keeps a fold at the very end (no base64 after it): not cut here
+        and not value.endswith((b"\r\n ", b"\n "))
+        # nor "b<FWS>=" elsewhere, which the regex empties too
+        and _B_WSP_EQ.search(value) is None
     ):
         return value[: i + 2]
     return bytes(dkim.RE_BTAG.sub(b"\\1", value))

@@ -20,6 +20,8 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from hypothesis import given
+from hypothesis import strategies as st
 from milterd_plugins.dkim import (
     DEFAULT_HEADERS,
     DKIMPlugin,
@@ -1243,6 +1245,56 @@ def test_removing_the_b_placeholder_cuts_what_dkimpys_regex_cuts() -> None:
     odds = (b"v=1; b=123", b"v=1; b=", b"v=1;b=" + _PLACEHOLDER + b"\r\n", b"b=" + _PLACEHOLDER)
     for odd in odds:
         assert remove_b_placeholder(odd) == dkim.RE_BTAG.sub(b"\\1", odd)
+
+
+_WSP = st.sampled_from([b"", b" ", b"\t", b"\r\n ", b"\r\n\t", b"\n ", b"  "])
+_TAG_VALUE = st.one_of(
+    st.binary(max_size=12).map(lambda b: bytes(c for c in b if 32 < c < 127 and c != 59)),
+    st.sampled_from([b"b=", b"b =", b" b=", b"x b\r\n =y", b"B=", b"bh=", b"b", b"=b="]),
+)
+
+
+@st.composite
+def _signature_values(draw: st.DrawFn) -> bytes:
+    """Tag lists like a DKIM-Signature's, with white space and folds anywhere, b= tags
+    in other tags' values, and a last b= tag holding the (folded) placeholder."""
+    from milterd_plugins.dkim.keys import _PLACEHOLDER
+
+    names = draw(st.lists(st.sampled_from([b"v", b"a", b"h", b"bh", b"s", b"b", b"B"]), max_size=5))
+    tags = [
+        draw(_WSP) + name + draw(_WSP) + b"=" + draw(_WSP) + draw(_TAG_VALUE) + draw(_WSP)
+        for name in names
+    ]
+    ph = bytearray(_PLACEHOLDER)
+    for at, fold in draw(st.lists(st.tuples(st.integers(0, 60), _WSP), max_size=3)):
+        ph[at:at] = fold
+    last = (
+        draw(_WSP)
+        + draw(st.sampled_from([b"b", b"B"]))
+        + draw(st.sampled_from([b"=", b" =", b"\r\n ="]))
+        + bytes(ph)
+        + draw(st.sampled_from([b"", b"\r\n ", b"\r\n", b";", b" "]))
+    )
+    return draw(st.sampled_from([b";", b"; "])).join([*tags, last])
+
+
+@given(_signature_values())
+def test_removing_the_b_placeholder_equals_the_regex_on_any_tag_list(value: bytes) -> None:
+    """Whatever the tag list, the cut gives what dkimpy's regex gives: a fold at the very
+    end or a ``b <FWS>=`` elsewhere (both found by review) go through the regex."""
+    from milterd_plugins.dkim.keys import remove_b_placeholder
+
+    assert remove_b_placeholder(value) == dkim.RE_BTAG.sub(b"\\1", value)
+
+
+def test_removing_the_b_placeholder_found_by_review() -> None:
+    from milterd_plugins.dkim.keys import _PLACEHOLDER, remove_b_placeholder
+
+    for value in (
+        b" b=" + _PLACEHOLDER + b"\r\n ",  # the regex keeps the final fold
+        b"\tb =\tb\r\n ; \tb=" + _PLACEHOLDER,  # "b =" is a b tag to the regex too
+    ):
+        assert remove_b_placeholder(value) == dkim.RE_BTAG.sub(b"\\1", value)
 
 
 def test_revoked_key_fails(keys: dict[str, Any]) -> None:
