@@ -386,7 +386,7 @@ def remove_b_placeholder(value: bytes) -> bytes:
         and value[i - 1 : i] in (b";", b" ", b"\t", b"\r", b"\n")
         and value[i + 2 :].replace(b"\r\n ", b"") == _PLACEHOLDER
         # the regex keeps a fold at the very end (no base64 after it): not cut here
-        and not value.endswith((b"\r\n ", b"\n "))
+        and not value.endswith(b"\n ")
         # nor "b<FWS>=" elsewhere, which the regex empties too
         and _B_WSP_EQ.search(value) is None
     ):
