@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What one durable write costs on a filesystem: wall time and the whole machine's CPU.
 
-  flush_cost.py [--count 2000] [--rounds 3] [--fs work,journal,nojournal]
+  flush_cost.py [--count 2000] [--rounds 3] [--fs work,journal,nojournal] [--kinds a,b,...]
 
 The archive plugin (issue 6) keeps each message as a file written the atomic way
 (temporary file, fsync, rename, fsync of the directory) and commits an index row to an
@@ -18,7 +18,13 @@ COUNT operations of each kind on each filesystem:
   unnamed file (O_TMPFILE) in the target directory, fsync, linked into place, fsync of
   the directory (no directory entry to create and rename away; a crash frees it);
 - ``overwrite+fdatasync``: rewrite 4 KB of an existing, allocated file and fdatasync it
-  (what a steady-state SQLite WAL commit asks of the filesystem).
+  (what a steady-state SQLite WAL commit asks of the filesystem);
+- ``store``: the archive's own ``FileStore.store()`` as shipped (one delivered copy, its
+  index row committed with ``synchronous = FULL``), one writer, so no group commit;
+  ``store-index-normal`` the same with the index at ``synchronous = NORMAL`` (no WAL
+  flush a commit), ``store-nofsync`` with ``fsync = false`` (the copy and its directory
+  not flushed), ``store-noflush`` with neither flush: what each flush of a message costs
+  (not in the default ``--kinds``).
 
 Filesystems (``--fs``): ``work`` = WORK's own (on this VM the root filesystem, ext4
 without a journal, on the virtual disk directly); ``journal`` = a fresh ext4 with a
@@ -51,6 +57,13 @@ OUT = BENCH_DIR / "out" / "flush_cost.jsonl"
 DATA = (b"X" * 76 + b"\r\n") * 64  # 5,120 bytes, like the archive bench's message
 PAGE = b"Y" * 4096
 KINDS = ("write", "write+fsync", "atomic", "atomic-tmpfile", "overwrite+fdatasync")
+# FileStore(fsync=..., synchronous=...) for the store kinds.
+STORE_KINDS = {
+    "store": (True, "full"),
+    "store-index-normal": (True, "normal"),
+    "store-nofsync": (False, "full"),
+    "store-noflush": (False, "normal"),
+}
 
 
 def _new_file(path: str, sync: bool) -> None:
@@ -71,12 +84,36 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _store(
+    root: Path, fsync: bool, synchronous: str
+) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """A fresh FileStore at ROOT: a function storing message I in it as the plugin does,
+    and its close."""
+    from milterd_plugins.archive.store import FileStore, Record, new_id
+
+    fs = FileStore(root, fsync=fsync, synchronous=synchronous)
+
+    def store(i: int) -> None:
+        now = time.time()
+        rec = Record(
+            id=new_id(now), received=now, sender="sender@example.org",
+            recipients=["to@example.net", "bcc@example.net"], client_address="192.0.2.1",
+            client_name="mail.example.org", helo="mail.example.org", queue_id=f"Q{i}",
+            message_id=f"<{i}@example.org>", subject="bench", date="Fri, 4 Dec 2026",
+            results=["spf=pass"],
+        )  # fmt: skip
+        fs.store(rec, {"delivered": (DATA,)})
+
+    return store, fs.close
+
+
 def one_kind(root: Path, kind: str, count: int) -> dict[str, float]:
     """COUNT operations of KIND in a fresh directory under ROOT; per-operation costs."""
     d = Path(tempfile.mkdtemp(prefix=f"flush-{kind.replace('+', '-')}-", dir=root))
     (d / "tmp").mkdir()
     (d / "day").mkdir()
     ops: Callable[[int], None]
+    close: Callable[[], None] | None = None
     fd = -1
     if kind in ("write", "write+fsync"):
         sync = kind == "write+fsync"
@@ -106,6 +143,13 @@ def one_kind(root: Path, kind: str, count: int) -> dict[str, float]:
                 os.close(f)
             _fsync_dir(f"{d}/day")
 
+    elif kind in STORE_KINDS:
+        store, close = _store(d / "archive", *STORE_KINDS[kind])
+        for i in range(-50, 0):  # the index's first pages and the day directory exist
+            store(i)
+        os.sync()
+        ops = store
+
     else:
         fd = os.open(d / "wal", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         for _ in range(64):  # allocated and durable first, as a WAL is after its first use
@@ -120,12 +164,16 @@ def one_kind(root: Path, kind: str, count: int) -> dict[str, float]:
         busy0, p0, t0 = machine_busy()[0], time.process_time(), time.monotonic()
         for i in range(count):
             ops(i)
+        if kind in STORE_KINDS:  # what the store left to write back is its cost too
+            os.sync()
         wall = time.monotonic() - t0
         proc = time.process_time() - p0
         machine = (machine_busy()[0] - busy0) / CLK_TCK
     finally:
         if fd >= 0:
             os.close(fd)
+        if close is not None:
+            close()
         shutil.rmtree(d, ignore_errors=True)
     return {
         "wall_ms": 1000 * wall / count,
@@ -139,7 +187,11 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fs", default="work,journal,nojournal")
+    ap.add_argument("--kinds", default=",".join(KINDS))
     a = ap.parse_args()
+    kinds = [k for k in a.kinds.split(",") if k]
+    if not kinds or any(k not in (*KINDS, *STORE_KINDS) for k in kinds):
+        ap.error("--kinds: " + ", ".join((*KINDS, *STORE_KINDS)))
     names = [f for f in a.fs.split(",") if f]
     if any(f not in ("work", "journal", "nojournal") for f in names):
         ap.error("--fs: work, journal, nojournal")
@@ -156,7 +208,7 @@ def main() -> int:
                 mounts[f] = mount_journal_fs(workdir, journal=f == "journal", name=f)
         for _ in range(a.rounds):  # rounds alternate, so drift hits every cell alike
             for f in names:
-                for kind in KINDS:
+                for kind in kinds:
                     wait_quiet()
                     results.setdefault((f, kind), []).append(one_kind(mounts[f], kind, a.count))
     finally:
@@ -175,13 +227,13 @@ def main() -> int:
         f"{os.cpu_count()} CPUs; median round. Per operation: wall ms, the whole machine's "
         "CPU ms (kernel threads included), this process's CPU ms.\n"
     )
-    print("| filesystem | " + " | ".join(KINDS) + " |")
-    print("| --- |" + " --- |" * len(KINDS))
+    print("| filesystem | " + " | ".join(kinds) + " |")
+    print("| --- |" + " --- |" * len(kinds))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with OUT.open("a") as jf:
         for f in names:
             cells = []
-            for kind in KINDS:
+            for kind in kinds:
                 rs = results[(f, kind)]
                 m = {k: round(median(r[k] for r in rs), 3) for k in rs[0]}
                 jf.write(json.dumps({"stamp": stamp, "fs": f, "kind": kind, **m}) + "\n")
@@ -189,7 +241,10 @@ def main() -> int:
                     f"{m['wall_ms']:.3f} / {m['machine_cpu_ms']:.3f} / {m['process_cpu_ms']:.3f}"
                 )
             print(f"| {where[f]} | " + " | ".join(cells) + " |")
-    print(f"\nReproduce: `cd bench && ../.venv/bin/python flush_cost.py --fs {a.fs}` (root).")
+    print(
+        f"\nReproduce: `cd bench && ../.venv/bin/python flush_cost.py --fs {a.fs} "
+        f"--kinds {','.join(kinds)}` (root)."
+    )
     return 0
 
 
