@@ -24,6 +24,7 @@ import email.policy
 import ipaddress
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,7 +44,7 @@ from milterd import (
     hookimpl,
 )
 
-from .store import ArchiveBackend, FileStore, Record, message_id_key, new_id
+from .store import ArchiveBackend, FileStore, Record, StoreError, message_id_key, new_id
 
 __all__ = [
     "ArchiveConfig",
@@ -169,6 +170,15 @@ class ArchiveConfig(PluginConfig):
     def _dur(cls, v: str) -> str:
         if v:
             parse_duration(v)
+        return v
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, v: str) -> str:
+        # "0" would prune every message as soon as it is stored, on every pass: surely
+        # meant as "keep for ever", which is "" (the default).
+        if v and parse_duration(v) <= 0:
+            raise ValueError(f"retention {v!r} would delete every message; \"\" keeps all")
         return v
 
     @field_validator("prune_interval")
@@ -468,6 +478,8 @@ class ArchivePlugin:
                 n = prune(backend, parse_duration(self.cfg.retention), stop=self._stop)
                 if n:
                     self.log.info("retention: pruned %d message(s)", n)
+            except PruneError as e:
+                self.log.error("retention: pruned %d message(s); %s", e.pruned, e)
             except Exception as e:
                 self.log.error("retention prune failed: %s", e)
             self._stop.wait(interval)
@@ -597,12 +609,31 @@ def prune(
 ) -> int:
     """Delete every message archived more than ``age`` seconds ago. Returns the count.
     (The ``files`` store's ``delete`` also removes a past day's directory it empties.)
-    With ``stop``, returns early once it is set, between two deletions."""
+    With ``stop``, returns early once it is set, between two deletions. A message that
+    cannot be deleted does not stop the others: at the end :class:`PruneError` carries
+    the count deleted and each failure."""
     cutoff = (now if now is not None else time.time()) - age
     n = 0
+    failed: list[str] = []
     for id_ in backend.older_than(cutoff):
         if stop is not None and stop.is_set():
             break
-        if backend.delete(id_):
-            n += 1
+        try:
+            if backend.delete(id_):
+                n += 1
+        except (StoreError, OSError, sqlite3.Error) as e:
+            failed.append(str(e) or f"{id_}: {type(e).__name__}")
+    if failed:
+        raise PruneError(n, failed)
     return n
+
+
+class PruneError(StoreError):
+    """Some messages could not be pruned: ``pruned`` were, ``failures`` says why not the
+    others (one line each)."""
+
+    def __init__(self, pruned: int, failures: list[str]) -> None:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        super().__init__(f"{len(failures)} message(s) not pruned: {failures[0]}{more}")
+        self.pruned = pruned
+        self.failures = failures

@@ -58,6 +58,8 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             status, msg = e.status, str(e)
         except CopyError as e:
             status, msg = 1, str(e)
+        except BrokenPipeError:  # `... | head`: milterd's main ends quietly (141)
+            raise
         except (ConfigError, StoreError, ValueError, OSError, sqlite3.Error) as e:
             status, msg = 2, str(e) or type(e).__name__
         print(f"{where}: {_safe(msg)}", file=sys.stderr)
@@ -175,6 +177,24 @@ def _given(text: str) -> str:
     return text
 
 
+def _message_id(text: str) -> str:
+    """``--message-id``: a value whose id is empty (``<>``, ``< >``) would match every
+    message without a Message-ID, not the one meant."""
+    from .store import message_id_key
+
+    if not message_id_key(_given(text)):
+        raise argparse.ArgumentTypeError(f"no id in {text!r}")
+    return text
+
+
+def _archive_id(text: str) -> str:
+    """An archive ID argument: an empty one (a script's unset variable) is refused, not
+    taken as "no ID" (``export ""`` would otherwise write the whole archive)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty ID")
+    return text
+
+
 def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--from", dest="sender", type=_given,
@@ -184,12 +204,17 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
         "--to", dest="recipient", type=_given, help="any envelope recipient address, or @domain"
     )
     p.add_argument("--subject", type=_given, help="substring of the (decoded) Subject")
-    p.add_argument("--message-id", type=_given, help="exact Message-ID (with or without <>)")
+    p.add_argument(
+        "--message-id", type=_message_id, help="exact Message-ID (with or without <>)"
+    )
     p.add_argument(
         "--since", type=_given,
         help="ISO 8601 date/time (UTC unless it has a zone), or a duration ago (7d)",
     )  # fmt: skip
-    p.add_argument("--until", type=_given, help="idem, exclusive")
+    p.add_argument(
+        "--until", type=_given,
+        help="idem, exclusive: --until 2026-11-23 ends with 2026-11-22 (UTC)",
+    )  # fmt: skip
     p.add_argument(
         "--verdict",
         choices=["continue", "accept", "quarantine", "tempfail", "reject", "discard"],
@@ -249,7 +274,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _select(store: Any, args: argparse.Namespace) -> list[Any]:
-    if args.id:
+    if args.id is not None:
         rec = store.get(args.id)
         return [rec] if rec is not None else []
     return list(store.search(_query(args)))
@@ -358,7 +383,7 @@ _QUERY_OPTIONS = ("sender", "recipient", "subject", "message_id", "since", "unti
 
 def cmd_export(args: argparse.Namespace) -> int:
     given = [o for o in _QUERY_OPTIONS if getattr(args, o) is not None]
-    if args.id and given:
+    if args.id is not None and given:
         names = ", ".join("--" + ("from" if o == "sender" else "to" if o == "recipient"
                                   else o.replace("_", "-")) for o in given)  # fmt: skip
         raise CommandError(f"give an ID or query options, not both ({names})")
@@ -401,7 +426,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from . import parse_duration, prune
+    from . import PruneError, parse_duration, prune
 
     cfg = _config(args)
     age_text = args.older_than or cfg.retention
@@ -419,7 +444,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(i)
         print(f"would prune {len(ids)} message(s)", file=sys.stderr)
         return 0
-    n = prune(store, age)
+    try:
+        n = prune(store, age)
+    except PruneError as e:  # the others are pruned: say so, and each failure
+        for f in e.failures:
+            print(f"milterd archive prune: {_safe(f)}", file=sys.stderr)
+        print(f"pruned {e.pruned} message(s), {len(e.failures)} not", file=sys.stderr)
+        return 1
     print(f"pruned {n} message(s)", file=sys.stderr)
     return 0
 
@@ -467,7 +498,9 @@ def cmd_release(args: argparse.Namespace) -> int:
         print(f"{_safe(r)}: refused {code} {_safe(text.decode(errors='replace'))}", file=sys.stderr)
     ok = [r for r in rcpts if r not in refused]
     print(f"{args.id}: released to {_safe(', '.join(ok))} via {host}:{port}")
-    return 0 if ok else 1
+    # Some recipients refused: not done (1), so that a script sees it; the message went
+    # to the others (listed above), so running it again with only the refused --to is safe.
+    return 1 if refused else 0
 
 
 def add_commands(subparsers: Any) -> None:
@@ -487,14 +520,16 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--json", action="store_true", help="one JSON object a line")
 
     s = add("show", cmd_show, "one message's metadata (or --raw bytes)")
-    s.add_argument("id")
+    s.add_argument("id", type=_archive_id)
     g = s.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true")
     g.add_argument("--raw", action="store_true", help="write the stored bytes to stdout")
     s.add_argument("--copy", choices=["delivered", "received"])
 
     s = add("export", cmd_export, "write messages to an mbox file or .eml files")
-    s.add_argument("id", nargs="?", help="one message; or select with the query options")
+    s.add_argument(
+        "id", nargs="?", type=_archive_id, help="one message; or select with the query options"
+    )
     _add_query_args(s)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--mbox", metavar="FILE")
@@ -509,7 +544,7 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--dry-run", action="store_true")
 
     s = add("release", cmd_release, "re-inject a quarantined or rejected copy through SMTP")
-    s.add_argument("id")
+    s.add_argument("id", type=_archive_id)
     s.add_argument("--to", action="append", metavar="ADDRESS", help="default: the recipients")
     s.add_argument("--from", dest="sender", help="envelope sender (default: the original)")
     s.add_argument("--host", help="SMTP host (default: release_host)")

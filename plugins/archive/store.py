@@ -27,7 +27,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from json.encoder import encode_basestring_ascii as _encode_str
 from pathlib import Path
@@ -49,7 +49,11 @@ KINDS = ("delivered", "received")
 _TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
 # verify: a file without an index row modified less than this many seconds before the
 # run started may be a message being stored right now; it is not reported as an orphan.
+# (Plus the longest a writer may wait for its row's commit: COMMIT_TIMEOUT and the
+# index's busy timeout; past them it gives up and removes its copy.)
 ORPHAN_SLACK = 2.0
+# The longest a writer waits in the group commit before it withdraws its row.
+COMMIT_TIMEOUT = 60.0
 
 
 class StoreError(Exception):
@@ -125,7 +129,7 @@ class Query:
 class Problem:
     """One thing ``verify`` found wrong."""
 
-    kind: str  # missing, mismatch, unreadable, orphan, stale-temp
+    kind: str  # missing, mismatch, unreadable, orphan, stale-temp, bad-row
     id: str
     path: str
     detail: str = ""
@@ -249,7 +253,7 @@ class _GroupCommit:
         self.queue: list[_Pending] = []
         self.busy = False
 
-    def submit(self, row: tuple[Any, ...], day: str, timeout: float = 60.0) -> None:
+    def submit(self, row: tuple[Any, ...], day: str, timeout: float = COMMIT_TIMEOUT) -> None:
         """Commit one row; return when it is durable. Raises its error, or StoreError when
         the row was still queued after ``timeout`` seconds (then withdrawn, never
         committed). A row whose batch is already being committed when the timeout ends
@@ -356,6 +360,7 @@ class FileStore:
         self.compress = compress
         self.level = level
         self.fsync = fsync
+        self.busy_timeout = busy_timeout
         self._lock = threading.Lock()
         # Day directories known to exist. A day directory may still disappear (prune
         # removes a past day's directory it emptied): _write recreates it then.
@@ -640,7 +645,7 @@ class FileStore:
             id=id_,
             received=received,
             sender=sender,
-            recipients=json.loads(recipients),
+            recipients=_json_items(recipients),
             client_address=client_address or "",
             client_name=client_name or "",
             helo=helo or "",
@@ -651,7 +656,7 @@ class FileStore:
             date=date or "",
             verdict=verdict,
             score=score or 0.0,
-            results=json.loads(results or "[]"),
+            results=_json_items(results or "[]"),
             direction=direction or "",
             size=size or 0,
             sha256=sha256 or "",
@@ -788,11 +793,25 @@ class FileStore:
         rec = self.get(id)
         if rec is None:
             return False
+        # The row goes first (a crash in between leaves an orphan file, which verify
+        # reports, never a row without its file); so check first that the files can go
+        # too, or a permission problem would leave files no tool deletes any more.
+        for c in rec.copies.values():
+            d = (self.root / c.path).parent
+            if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+                raise StoreError(f"{id}: cannot remove {c.path}: {d} is not writable")
         with self._lock:
             self.db.execute("DELETE FROM messages WHERE id = ?", (id,))
         for c in rec.copies.values():
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(self.root / c.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise StoreError(
+                    f"{id}: index row removed, but not {c.path} ({e.strerror}): "
+                    "verify reports it as an orphan; remove it by hand"
+                ) from e
         today = time.strftime("%Y/%m/%d", time.gmtime())
         for day in {c.path.rsplit("/", 1)[0] for c in rec.copies.values()}:
             parts = day.split("/")
@@ -816,12 +835,13 @@ class FileStore:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def files(self) -> Iterator[str]:
-        """Every copy file under the date layout, relative to the root."""
+    def files(self, onerror: Callable[[OSError], object] | None = None) -> Iterator[str]:
+        """Every copy file under the date layout, relative to the root. ``onerror`` is
+        given each directory that cannot be listed (else it is skipped silently)."""
         for year in sorted(self.root.iterdir()):
             if not (year.is_dir() and year.name.isdigit()):
                 continue
-            for dirpath, _dirs, names in os.walk(year):
+            for dirpath, _dirs, names in os.walk(year, onerror=onerror):
                 for n in names:
                     yield str((Path(dirpath) / n).relative_to(self.root))
 
@@ -847,6 +867,9 @@ class FileStore:
             rows = self.db.execute(f"SELECT {_COLUMNS} FROM messages ORDER BY received").fetchall()
         for row in rows:
             rec = self._record(row)
+            damage = _row_damage(row)
+            if damage:
+                problems.append(Problem("bad-row", rec.id, "", damage))
             for kind, c in rec.copies.items():
                 known.add(c.path)
                 try:
@@ -857,19 +880,26 @@ class FileStore:
                     problems.append(Problem(e.kind, rec.id, c.path, f"{kind} copy: {e.detail}"))
                 except Exception as e:  # anything else that stops the copy being read
                     problems.append(Problem("unreadable", rec.id, c.path, f"{kind} copy: {e}"))
-        for rel in self.files():
+        # A copy is in place before its row is committed, and a writer may wait for that
+        # commit up to COMMIT_TIMEOUT and the index's busy timeout (then it removes it).
+        in_flight = start - ORPHAN_SLACK - COMMIT_TIMEOUT - self.busy_timeout
+        unlistable: list[OSError] = []
+        for rel in self.files(unlistable.append):
             if rel in known:
                 continue
             try:
                 # Written during this run, or just before it (file times come from a
-                # coarse clock; and a copy is renamed in before its row is committed).
-                if os.stat(self.root / rel).st_mtime >= start - ORPHAN_SLACK:
+                # coarse clock), by a writer that may still commit its row.
+                if os.stat(self.root / rel).st_mtime >= in_flight:
                     continue
             except FileNotFoundError:
                 continue  # pruned meanwhile
             if self._indexed(rel.rsplit("/", 1)[-1].split(".", 1)[0], rel):
                 continue  # its row was committed after the rows were read
             problems.append(Problem("orphan", "", rel, "file not in the index"))
+        for err in unlistable:  # files in it could not be checked: not a clean bill
+            rel = str(Path(err.filename or "?")).removeprefix(f"{self._root}/")
+            problems.append(Problem("unreadable", "", rel, f"directory not listed: {err.strerror}"))
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.tmp):
                 pid = entry.name.split(".", 1)[0]
@@ -904,6 +934,32 @@ def _text(s: Any) -> Any:
             return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         except UnicodeEncodeError:  # a surrogate that is not an escaped byte
             return s.encode("utf-8", "replace").decode("utf-8")
+
+
+def _json_items(text: Any) -> list[str]:
+    """A JSON list column as written by :func:`_json_list`; a damaged value (edited by
+    hand, another program's) is kept whole as the only item, so that search, show and
+    prune go on (``verify`` reports the row as ``bad-row``)."""
+    try:
+        v = json.loads(text)
+    except (TypeError, ValueError):
+        return [str(text)]
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return v
+    return [str(text)]
+
+
+def _row_damage(row: tuple[Any, ...]) -> str:
+    """What is wrong with an index row's JSON columns (recipients, results), or ''."""
+    bad = []
+    for name, text in (("recipients", row[3]), ("results", row[14] or "[]")):
+        try:
+            v = json.loads(text)
+        except (TypeError, ValueError):
+            v = None
+        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            bad.append(f"{name} is not a JSON list of strings: {str(text)[:60]!r}")
+    return "; ".join(bad)
 
 
 def _json_list(items: list[str]) -> str:
