@@ -49,9 +49,11 @@ from .store import ArchiveBackend, FileStore, Record, StoreError, message_id_key
 __all__ = [
     "ArchiveConfig",
     "ArchivePlugin",
+    "PruneError",
     "Rule",
     "open_backend",
     "parse_duration",
+    "prune",
     "selected",
 ]
 
@@ -178,7 +180,7 @@ class ArchiveConfig(PluginConfig):
         # "0" would prune every message as soon as it is stored, on every pass: surely
         # meant as "keep for ever", which is "" (the default).
         if v and parse_duration(v) <= 0:
-            raise ValueError(f"retention {v!r} would delete every message; \"\" keeps all")
+            raise ValueError(f'retention {v!r} would delete every message; "" keeps all')
         return v
 
     @field_validator("prune_interval")
@@ -611,7 +613,8 @@ def prune(
     (The ``files`` store's ``delete`` also removes a past day's directory it empties.)
     With ``stop``, returns early once it is set, between two deletions. A message that
     cannot be deleted does not stop the others: at the end :class:`PruneError` carries
-    the count deleted and each failure."""
+    the count deleted and each failure. An index error (locked, read-only, damaged) is
+    not one message's: it stops the run there, with the same PruneError."""
     cutoff = (now if now is not None else time.time()) - age
     n = 0
     failed: list[str] = []
@@ -622,7 +625,10 @@ def prune(
             if backend.delete(id_):
                 n += 1
         except (StoreError, OSError, sqlite3.Error) as e:
-            failed.append(str(e) or f"{id_}: {type(e).__name__}")
+            text = str(e) or type(e).__name__
+            failed.append(text if text.startswith(id_) else f"{id_}: {text}")
+            if isinstance(e, sqlite3.Error):  # every other message would fail the same way
+                break
     if failed:
         raise PruneError(n, failed)
     return n

@@ -419,7 +419,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"kind": p.kind, "id": p.id, "path": p.path, "detail": p.detail}))
         else:
-            print(f"{p.kind}: {p.id or '-'} {_safe(p.path)}: {_safe(p.detail)}")
+            where = f"{p.id or '-'} {_safe(p.path)}" if p.path else p.id or "-"
+            print(f"{p.kind}: {where}: {_safe(p.detail)}")
     if not args.json:
         print(f"{len(problems)} problem(s)", file=sys.stderr)
     return 1 if problems else 0
@@ -466,6 +467,10 @@ def cmd_release(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.id}: not in the archive", 1)
     if rec.verdict not in ("quarantine", "reject", "discard", "tempfail") and not args.force:
         raise CommandError(f"{args.id}: verdict {rec.verdict}: nothing to release (--force)", 1)
+    damage = getattr(store, "damage", None)  # the files store's; another may not have it
+    if not args.to and damage is not None and (why := damage(rec.id)):
+        # A damaged recipients column would be sent as one address: say so instead.
+        raise CommandError(f"{args.id}: the index row is damaged ({why}); give --to", 1)
     data = store.read(rec, args.copy)  # CopyError (exit 1) rather than send other bytes
     host = args.host or cfg.release_host
     port = args.port if args.port is not None else cfg.release_port

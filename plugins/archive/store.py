@@ -828,6 +828,12 @@ class FileStore:
                 self._dirs.discard(day)
         return True
 
+    def damage(self, id: str) -> str:
+        """What is wrong with the index row ``id`` (see :func:`_row_damage`), or ''."""
+        with self._lock:
+            row = self.db.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (id,)).fetchone()
+        return _row_damage(row) if row is not None else ""
+
     def older_than(self, cutoff: float) -> list[str]:
         with self._lock:
             rows = self.db.execute(

@@ -1582,8 +1582,32 @@ def test_a_damaged_row_is_reported_and_does_not_stop_search_show_or_prune(
     r = cli(config, "search", "--json")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
     r = cli(config, "verify")
-    assert r.returncode == 1 and f"bad-row: {a.id}" in r.stdout, r.stderr
+    assert r.returncode == 1 and f"bad-row: {a.id}: recipients is not" in r.stdout, r.stdout
+    # release would send the damaged text as an address: refused unless --to is given.
+    with fs._lock:
+        fs.db.execute("UPDATE messages SET verdict = 'quarantine'")
+    r = cli(config, "release", a.id, "--port", "9")
+    assert r.returncode == 1 and "index row is damaged" in r.stderr, r.stderr
     assert prune(fs, 86400) == 2 and all_records(tmp_path) == []
+    fs.close()
+
+
+def test_an_index_error_stops_prune_at_once(tmp_path: Path) -> None:
+    fs, a, _ = _two_stored(tmp_path, age=3 * 86400)
+    fs.close()
+    fs = FileStore(tmp_path / "arch", busy_timeout=0.2)
+    other = sqlite3.connect(tmp_path / "arch" / "index.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the index
+    try:
+        with pytest.raises(PruneError) as e:
+            prune(fs, 86400)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # Not one failure (and one busy timeout) per message: the first stops the run.
+    assert e.value.pruned == 0 and len(e.value.failures) == 1, e.value.failures
+    assert e.value.failures[0].startswith(f"{a.id}: ") and "locked" in e.value.failures[0]
+    assert len(all_records(tmp_path)) == 2
     fs.close()
 
 
@@ -1651,8 +1675,8 @@ def test_release_with_a_refused_recipient_exits_1(tmp_path: Path) -> None:
 
 
 def test_search_into_a_closed_pipe_is_not_a_path_error(tmp_path: Path) -> None:
-    fs = FileStore(tmp_path / "arch")
-    for i in range(300):  # more than a pipe buffer of table lines
+    fs = FileStore(tmp_path / "arch", fsync=False)
+    for i in range(1000):  # about 100 KB of table: more than a pipe buffer holds
         fs.store(_rec(), {"delivered": [b"m%d\r\n" % i]})
     fs.close()
     r = subprocess.run(
