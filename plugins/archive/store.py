@@ -942,30 +942,30 @@ def _text(s: Any) -> Any:
             return s.encode("utf-8", "replace").decode("utf-8")
 
 
-def _json_items(text: Any) -> list[str]:
-    """A JSON list column as written by :func:`_json_list`; a damaged value (edited by
-    hand, another program's) is kept whole as the only item, so that search, show and
-    prune go on (``verify`` reports the row as ``bad-row``)."""
+def _string_list(text: Any) -> list[str] | None:
+    """A JSON list column as written by :func:`_json_list`, or None if it is not one."""
     try:
         v = json.loads(text)
     except (TypeError, ValueError):
-        return [str(text)]
-    if isinstance(v, list) and all(isinstance(x, str) for x in v):
-        return v
-    return [str(text)]
+        return None
+    return v if isinstance(v, list) and all(isinstance(x, str) for x in v) else None
+
+
+def _json_items(text: Any) -> list[str]:
+    """A JSON list column; a damaged value (edited by hand, another program's) is kept
+    whole as the only item, so that search, show and prune go on (``verify`` reports the
+    row as ``bad-row``)."""
+    v = _string_list(text)
+    return v if v is not None else [str(text)]
 
 
 def _row_damage(row: tuple[Any, ...]) -> str:
     """What is wrong with an index row's JSON columns (recipients, results), or ''."""
-    bad = []
-    for name, text in (("recipients", row[3]), ("results", row[14] or "[]")):
-        try:
-            v = json.loads(text)
-        except (TypeError, ValueError):
-            v = None
-        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-            bad.append(f"{name} is not a JSON list of strings: {str(text)[:60]!r}")
-    return "; ".join(bad)
+    return "; ".join(
+        f"{name} is not a JSON list of strings: {str(text)[:60]!r}"
+        for name, text in (("recipients", row[3]), ("results", row[14] or "[]"))
+        if _string_list(text) is None
+    )
 
 
 def _json_list(items: list[str]) -> str:
