@@ -30,7 +30,7 @@ from typing import IO, Any
 from milterd import ConfigError, load_config
 
 from ..cliargs import port_number
-from .store import CopyError, StoreError
+from .store import CopyError, StoreError, message_id_key
 
 __all__ = ["CommandError", "add_commands", "parse_when"]
 
@@ -180,8 +180,6 @@ def _given(text: str) -> str:
 def _message_id(text: str) -> str:
     """``--message-id``: a value whose id is empty (``<>``, ``< >``) would match every
     message without a Message-ID, not the one meant."""
-    from .store import message_id_key
-
     if not message_id_key(_given(text)):
         raise argparse.ArgumentTypeError(f"no id in {text!r}")
     return text
